@@ -1,0 +1,30 @@
+//! Subcommand definitions and dispatch. Each subcommand lives in its own file; every error is
+//! reported by `main` with exit status 2.
+
+mod convert;
+
+use clap::{Parser, Subcommand};
+
+/// graft — parameter-efficient fine-tuning for ONNX transformers.
+///
+/// graft reads a model that a standard exporter produced, finds its transformer structure,
+/// grafts PEFT methods (LoRA, IA3, BitFit, ...) onto the graph through plugins, trains only the
+/// new parameters through ONNX Runtime, and merges or exports the result.
+#[derive(Parser, Debug)]
+#[command(name = "graft", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Convert(convert::Args),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Convert(args) => convert::run(args),
+    }
+}

@@ -1,0 +1,13 @@
+//! The intermediate representation graft edits: [`Model`], [`Graph`], [`Node`], [`Tensor`], and
+//! [`GraphIndex`], the petgraph view used by analyses.
+
+mod dtype;
+mod graph;
+mod index;
+mod tensor;
+
+pub use dtype::DataType;
+pub use graph::{Dim, Graph, Model, Node, ValueInfo, ValueType};
+pub(crate) use graph::{entries_from_proto, entries_to_proto};
+pub use index::{GraphIndex, Wire};
+pub use tensor::{MappedFile, Tensor, TensorData};

@@ -1,0 +1,178 @@
+//! Tensors of the IR: metadata plus a reference to where the bytes live (inline, a mapped external
+//! file, or data a plugin or the trainer produced). Bytes are never copied until someone asks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use onnx_protobuf::TensorProto;
+
+use super::DataType;
+use crate::{Error, Result};
+
+/// A read-only memory map of an external-data file, shared by every tensor stored in it.
+#[derive(Debug)]
+pub struct MappedFile {
+    /// The file's path as resolved on load (inside the model's folder).
+    pub path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only. The pages are read from disk only when a tensor's bytes are touched.
+    pub fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: the map is read-only; graft never writes to a file it has mapped (outputs are
+        // written to a temporary file and renamed over the destination, leaving the mapped inode intact).
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedFile { path, map })
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Clone, Debug)]
+pub enum TensorData {
+    /// Raw little-endian bytes held in memory (ONNX `raw_data`, or typed fields converted on load).
+    Raw(Arc<[u8]>),
+    /// A byte range of a mapped external-data file.
+    External {
+        /// The mapped file.
+        file: Arc<MappedFile>,
+        /// The location string as written in the model (kept for diagnostics).
+        location: String,
+        /// Byte offset of the tensor in the file.
+        offset: usize,
+        /// Byte length of the tensor.
+        length: usize,
+    },
+    /// A form the IR does not interpret (string tensors, typed fields of packed types); the
+    /// original message is kept and written back unchanged.
+    Opaque(Box<TensorProto>),
+}
+
+/// A named constant tensor (an initializer, or a new parameter from a plugin).
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// The tensor's name; unique among the graph's values.
+    pub name: String,
+    /// The element type.
+    pub dtype: DataType,
+    /// The dimensions.
+    pub dims: Vec<i64>,
+    /// The bytes.
+    pub data: TensorData,
+    /// `doc_string` from the model, kept for the round trip.
+    pub doc_string: String,
+}
+
+impl Tensor {
+    /// A tensor holding `bytes` in raw little-endian form.
+    pub fn from_raw(name: impl Into<String>, dtype: DataType, dims: Vec<i64>, bytes: Vec<u8>) -> Self {
+        Tensor {
+            name: name.into(),
+            dtype,
+            dims,
+            data: TensorData::Raw(bytes.into()),
+            doc_string: String::new(),
+        }
+    }
+
+    /// An f32 tensor.
+    pub fn from_f32(name: impl Into<String>, dims: Vec<i64>, values: &[f32]) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::from_raw(name, DataType::Float, dims, bytes)
+    }
+
+    /// An i64 tensor.
+    pub fn from_i64(name: impl Into<String>, dims: Vec<i64>, values: &[i64]) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::from_raw(name, DataType::Int64, dims, bytes)
+    }
+
+    /// The number of elements (product of the dimensions; 1 for a scalar).
+    pub fn n_elements(&self) -> usize {
+        self.dims.iter().map(|&d| d.max(0) as usize).product()
+    }
+
+    /// Bytes of storage, known without reading the data.
+    pub fn byte_len(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(bytes) => bytes.len(),
+            TensorData::External { length, .. } => *length,
+            TensorData::Opaque(_) => self.dtype.storage_bytes(self.n_elements()).unwrap_or(0),
+        }
+    }
+
+    /// The raw little-endian bytes, borrowed from memory or from the mapped file.
+    /// Fails for [`TensorData::Opaque`] tensors, whose bytes the IR does not interpret.
+    pub fn raw_bytes(&self) -> Result<&[u8]> {
+        match &self.data {
+            TensorData::Raw(bytes) => Ok(bytes),
+            TensorData::External {
+                file,
+                offset,
+                length,
+                ..
+            } => Ok(&file.map[*offset..*offset + *length]),
+            TensorData::Opaque(_) => Err(Error::Tensor {
+                name: self.name.clone(),
+                reason: format!("{} data is not stored as raw bytes", self.dtype),
+            }),
+        }
+    }
+
+    /// The values of an f32 tensor (copied out, since mapped bytes need not be aligned).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        self.expect_dtype(DataType::Float)?;
+        Ok(self
+            .raw_bytes()?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// The values of an integer tensor (int64 or int32) widened to i64.
+    pub fn to_i64(&self) -> Result<Vec<i64>> {
+        let bytes = self.raw_bytes()?;
+        match self.dtype {
+            DataType::Int64 => Ok(bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()),
+            DataType::Int32 => Ok(bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect()),
+            other => Err(Error::Tensor {
+                name: self.name.clone(),
+                reason: format!("expected an integer tensor, found {other}"),
+            }),
+        }
+    }
+
+    /// Fails with a message naming the tensor unless its element type is `dtype`.
+    pub fn expect_dtype(&self, dtype: DataType) -> Result<()> {
+        if self.dtype == dtype {
+            Ok(())
+        } else {
+            Err(Error::Tensor {
+                name: self.name.clone(),
+                reason: format!("expected {dtype}, found {}", self.dtype),
+            })
+        }
+    }
+
+    /// Whether the bytes live in an external file.
+    pub fn is_external(&self) -> bool {
+        matches!(self.data, TensorData::External { .. })
+    }
+}

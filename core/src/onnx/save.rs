@@ -1,0 +1,256 @@
+//! Writing the IR back to ONNX files, atomically, with tensor data inline or external.
+
+use std::path::{Path, PathBuf};
+
+use onnx_protobuf::tensor_proto::DataLocation;
+use onnx_protobuf::{GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+
+use crate::atomic_file::AtomicFile;
+use crate::ir::{entries_to_proto, Graph, Model, Node, Tensor, TensorData};
+use crate::{Error, Result};
+
+/// Protobuf cannot encode a message of 2 GiB or more; above this many bytes of tensor data graft
+/// moves tensors to an external file on its own.
+const INLINE_LIMIT_BYTES: usize = 1 << 30;
+
+/// Tensors smaller than this stay inline when data goes external (as the `onnx` package does).
+const EXTERNAL_THRESHOLD_BYTES: usize = 1024;
+
+/// Where tensor bytes go when a model is saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DataPlacement {
+    /// Keep tensors that already live in an external file in the output's folder where they are
+    /// (nothing is read or copied); write everything else inline, unless that would exceed what
+    /// protobuf can hold, in which case large tensors go to `<output file name>.data`.
+    #[default]
+    Auto,
+    /// Every tensor inline; fails if the model would exceed protobuf's 2 GiB limit.
+    Inline,
+    /// Every tensor of at least 1 KiB in this file (a plain file name, written beside the model).
+    External(String),
+}
+
+/// Options for [`save`].
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    /// Where tensor bytes go.
+    pub placement: DataPlacement,
+}
+
+/// Writes `model` to `path`. Each file is written to a temporary name in the destination folder
+/// and renamed into place, so a failure never leaves a half-written output.
+pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
+    let out_dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let default_data_name = format!(
+        "{}.data",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx")
+    );
+    let total_bytes: usize = model.graph.initializers.iter().map(Tensor::byte_len).sum();
+    let out_dir_canonical = out_dir.canonicalize().ok();
+    let in_out_dir = |tensor: &Tensor| match &tensor.data {
+        TensorData::External { file, .. } => {
+            out_dir_canonical.as_deref() == file.path.parent()
+        }
+        _ => false,
+    };
+    let mut writer = match &options.placement {
+        DataPlacement::Inline => {
+            if total_bytes >= INLINE_LIMIT_BYTES * 2 - (64 << 20) {
+                return Err(Error::Config(format!(
+                    "{}: {total_bytes} bytes of tensors do not fit in one protobuf message; use external data",
+                    path.display()
+                )));
+            }
+            DataWriter::inline()
+        }
+        DataPlacement::External(name) => DataWriter::external(&out_dir, name, false)?,
+        DataPlacement::Auto => {
+            let inline_bytes: usize = model
+                .graph
+                .initializers
+                .iter()
+                .filter(|t| !in_out_dir(t))
+                .map(Tensor::byte_len)
+                .sum();
+            if inline_bytes > INLINE_LIMIT_BYTES {
+                DataWriter::external(&out_dir, &default_data_name, true)?
+            } else {
+                DataWriter {
+                    keep_existing: true,
+                    ..DataWriter::inline()
+                }
+            }
+        }
+    };
+    writer.out_dir_canonical = out_dir_canonical.clone();
+    let proto = model_to_proto(model, &mut writer)?;
+    let bytes = proto
+        .write_to_bytes()
+        .map_err(|e| Error::Config(format!("{}: cannot encode the model: {e}", path.display())))?;
+    if let Some(data) = writer.finish()? {
+        data.commit()?;
+    }
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(&bytes)?;
+    file.commit()
+}
+
+/// Decides, tensor by tensor, whether bytes go inline, stay where they are, or go to the
+/// external file being written.
+struct DataWriter {
+    keep_existing: bool,
+    external: Option<(String, AtomicFile, usize)>,
+    out_dir_canonical: Option<PathBuf>,
+}
+
+impl DataWriter {
+    fn inline() -> Self {
+        DataWriter {
+            keep_existing: false,
+            external: None,
+            out_dir_canonical: None,
+        }
+    }
+
+    fn external(out_dir: &Path, name: &str, keep_existing: bool) -> Result<Self> {
+        if name.is_empty() || Path::new(name).file_name().and_then(|n| n.to_str()) != Some(name) {
+            return Err(Error::Config(format!(
+                "external data file {name:?} must be a plain file name (it is written beside the model)"
+            )));
+        }
+        let file = AtomicFile::create(&out_dir.join(name))?;
+        Ok(DataWriter {
+            keep_existing,
+            external: Some((name.to_owned(), file, 0)),
+            out_dir_canonical: None,
+        })
+    }
+
+    fn place(&mut self, tensor: &Tensor, proto: &mut TensorProto) -> Result<()> {
+        if let TensorData::External {
+            file,
+            location,
+            offset,
+            length,
+        } = &tensor.data
+        {
+            let same_dir = self.out_dir_canonical.as_deref() == file.path.parent();
+            if self.keep_existing && same_dir {
+                set_external(proto, location, *offset, *length);
+                return Ok(());
+            }
+        }
+        let bytes = tensor.raw_bytes()?;
+        match &mut self.external {
+            Some((name, file, position)) if bytes.len() >= EXTERNAL_THRESHOLD_BYTES => {
+                let alignment = if bytes.len() >= 1 << 20 { 4096 } else { 64 };
+                let padding = position.next_multiple_of(alignment) - *position;
+                file.write_all(&vec![0; padding])?;
+                *position += padding;
+                file.write_all(bytes)?;
+                set_external(proto, name, *position, bytes.len());
+                *position += bytes.len();
+            }
+            _ => proto.raw_data = bytes.to_vec(),
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<AtomicFile>> {
+        Ok(self.external.map(|(_, file, _)| file))
+    }
+}
+
+fn set_external(proto: &mut TensorProto, location: &str, offset: usize, length: usize) {
+    proto.data_location = DataLocation::EXTERNAL.into();
+    proto.external_data = entries_to_proto(&[
+        ("location".into(), location.into()),
+        ("offset".into(), offset.to_string()),
+        ("length".into(), length.to_string()),
+    ]);
+}
+
+fn model_to_proto(model: &Model, writer: &mut DataWriter) -> Result<ModelProto> {
+    let mut proto = ModelProto::new();
+    proto.ir_version = model.ir_version;
+    proto.opset_import = model
+        .opset_imports
+        .iter()
+        .map(|(domain, version)| {
+            let mut opset = OperatorSetIdProto::new();
+            opset.domain = domain.clone();
+            opset.version = *version;
+            opset
+        })
+        .collect();
+    proto.producer_name = model.producer_name.clone();
+    proto.producer_version = model.producer_version.clone();
+    proto.domain = model.domain.clone();
+    proto.model_version = model.model_version;
+    proto.doc_string = model.doc_string.clone();
+    proto.metadata_props = entries_to_proto(&model.metadata);
+    proto.graph = Some(graph_to_proto(&model.graph, writer)?).into();
+    proto.functions = model.functions.clone();
+    proto.training_info = model.training_info.clone();
+    Ok(proto)
+}
+
+fn graph_to_proto(graph: &Graph, writer: &mut DataWriter) -> Result<GraphProto> {
+    let mut proto = GraphProto::new();
+    proto.name = graph.name.clone();
+    proto.doc_string = graph.doc_string.clone();
+    proto.node = graph.nodes.iter().map(node_to_proto).collect();
+    proto.input = graph.inputs.iter().map(|v| v.proto.clone()).collect();
+    proto.output = graph.outputs.iter().map(|v| v.proto.clone()).collect();
+    proto.value_info = graph.value_infos.iter().map(|v| v.proto.clone()).collect();
+    proto.initializer = graph
+        .initializers
+        .iter()
+        .map(|t| tensor_to_proto(t, writer))
+        .collect::<Result<_>>()?;
+    proto.sparse_initializer = graph.sparse_initializers.clone();
+    proto.quantization_annotation = graph.quantization_annotations.clone();
+    proto.metadata_props = entries_to_proto(&graph.metadata);
+    Ok(proto)
+}
+
+fn node_to_proto(node: &Node) -> NodeProto {
+    let mut proto = NodeProto::new();
+    proto.name = node.name.clone();
+    proto.op_type = node.op_type.clone();
+    proto.domain = node.domain.clone();
+    proto.overload = node.overload.clone();
+    proto.input = node.inputs.clone();
+    proto.output = node.outputs.clone();
+    proto.attribute = node.attributes.clone();
+    proto.doc_string = node.doc_string.clone();
+    proto.metadata_props = entries_to_proto(&node.metadata);
+    proto
+}
+
+/// The ONNX message for one tensor, with its bytes placed by `writer`.
+fn tensor_to_proto(tensor: &Tensor, writer: &mut DataWriter) -> Result<TensorProto> {
+    if let TensorData::Opaque(proto) = &tensor.data {
+        return Ok((**proto).clone());
+    }
+    let mut proto = TensorProto::new();
+    proto.name = tensor.name.clone();
+    proto.data_type = tensor.dtype.code();
+    proto.dims = tensor.dims.clone();
+    proto.doc_string = tensor.doc_string.clone();
+    writer.place(tensor, &mut proto)?;
+    Ok(proto)
+}
+
+/// The model serialized with every tensor inline (for in-memory sessions and tests; fails above
+/// protobuf's 2 GiB limit).
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
+    let proto = model_to_proto(model, &mut DataWriter::inline())?;
+    proto
+        .write_to_bytes()
+        .map_err(|e| Error::Config(format!("cannot encode the model: {e}")))
+}

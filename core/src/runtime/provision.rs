@@ -1,0 +1,104 @@
+//! Finding the ONNX Runtime shared library, and fetching it from the Python package index when a
+//! machine has none, so that nothing needs installing by hand.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Error, Result};
+
+/// The ONNX Runtime release graft is built against (the `ort` crate's `api-31`).
+pub const ORT_VERSION: &str = "1.31.1";
+
+/// The library's file name inside the `onnxruntime` wheel.
+fn library_file_name() -> String {
+    if cfg!(target_os = "macos") {
+        format!("libonnxruntime.{ORT_VERSION}.dylib")
+    } else if cfg!(target_os = "windows") {
+        "onnxruntime.dll".to_owned()
+    } else {
+        format!("libonnxruntime.so.{ORT_VERSION}")
+    }
+}
+
+/// The folder graft caches downloaded runtimes in: `$GRAFT_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("graft");
+    }
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    home.join(".cache").join("graft")
+}
+
+/// The ONNX Runtime library to load: `$ORT_DYLIB_PATH` if set, else the cached copy, else one
+/// fetched now from the `onnxruntime` wheel on the Python package index (`python3 -m pip
+/// download`, no install) and cached.
+pub fn library_path() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            return Err(Error::Runtime(format!(
+                "ORT_DYLIB_PATH={} is not a file",
+                path.display()
+            )));
+        }
+        return Ok(path);
+    }
+    let dir = cache_dir().join(format!("onnxruntime-{ORT_VERSION}"));
+    let library = dir.join(library_file_name());
+    if library.is_file() {
+        return Ok(library);
+    }
+    fetch_from_wheel(&dir, &library)?;
+    Ok(library)
+}
+
+fn fetch_from_wheel(dir: &Path, library: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let download_dir = dir.join(format!("download-{}", std::process::id()));
+    eprintln!(
+        "graft: fetching ONNX Runtime {ORT_VERSION} from the Python package index into {}",
+        dir.display()
+    );
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"])
+        .arg(format!("onnxruntime=={ORT_VERSION}"))
+        .arg("-d")
+        .arg(&download_dir)
+        .status()
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "cannot run `{python} -m pip` to fetch ONNX Runtime ({e}); install Python 3 with pip, \
+                 or set ORT_DYLIB_PATH to libonnxruntime {ORT_VERSION}"
+            ))
+        })?;
+    if !status.success() {
+        return Err(Error::Runtime(format!(
+            "`{python} -m pip download onnxruntime=={ORT_VERSION}` failed ({status}); \
+             set ORT_DYLIB_PATH to libonnxruntime {ORT_VERSION} instead"
+        )));
+    }
+    let wheel = std::fs::read_dir(&download_dir)
+        .map_err(|e| Error::io(&download_dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|ext| ext == "whl"))
+        .ok_or_else(|| Error::Runtime(format!("no wheel found in {}", download_dir.display())))?;
+    let wheel_file = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
+    let mut archive = zip::ZipArchive::new(wheel_file)
+        .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
+    let member = format!("onnxruntime/capi/{}", library_file_name());
+    let mut entry = archive
+        .by_name(&member)
+        .map_err(|e| Error::Runtime(format!("{}: no {member}: {e}", wheel.display())))?;
+    let temp = library.with_extension(format!("partial{}", std::process::id()));
+    let mut out = std::fs::File::create(&temp).map_err(|e| Error::io(&temp, e))?;
+    std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&temp, e))?;
+    drop(out);
+    std::fs::rename(&temp, library).map_err(|e| Error::io(library, e))?;
+    let _ = std::fs::remove_dir_all(&download_dir);
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! ONNX Runtime sessions: one process-wide environment, sessions on a chosen execution provider,
+//! and runs that take and return [`HostTensor`]s by name.
+
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
+
+use super::{library_path, HostTensor};
+use crate::{Error, Result};
+
+/// Where a session runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider; fails clearly where it cannot be used.
+    Cuda,
+}
+
+/// Options for a session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// The execution provider.
+    pub device: Device,
+    /// Intra-op threads; 0 lets ONNX Runtime decide.
+    pub threads: usize,
+}
+
+static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the provisioned library on first use.
+pub fn environment() -> Result<&'static Environment> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let path = library_path().map_err(|e| e.to_string())?;
+            let builder = ort::init_from(&path)
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            builder
+                .with_name("graft")
+                .build()
+                .map_err(|e| format!("cannot create the environment: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| Error::Runtime(e.clone()))
+}
+
+fn runtime_error(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
+    move |e| Error::Runtime(format!("{context}: {e}"))
+}
+
+/// A loaded model, ready to run.
+pub struct OrtSession {
+    session: Session,
+    /// The graph's input names, in order.
+    pub input_names: Vec<String>,
+    /// The graph's output names, in order.
+    pub output_names: Vec<String>,
+}
+
+impl OrtSession {
+    /// Builds a session from a serialized model (all tensor data inline).
+    pub fn from_bytes(model_bytes: &[u8], options: SessionOptions) -> Result<Self> {
+        Self::build(options, |builder| builder.commit_from_memory(model_bytes))
+    }
+
+    /// Builds a session from a model file (external data is resolved next to it).
+    pub fn from_file(path: &std::path::Path, options: SessionOptions) -> Result<Self> {
+        Self::build(options, |builder| builder.commit_from_file(path))
+    }
+
+    fn build(
+        options: SessionOptions,
+        commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
+    ) -> Result<Self> {
+        let environment = environment()?;
+        let mut builder = Session::builder(environment).map_err(runtime_error("session options"))?;
+        if options.threads > 0 {
+            builder = builder
+                .with_intra_threads(options.threads)
+                .map_err(|e| Error::Runtime(format!("thread count: {e}")))?;
+        }
+        if options.device == Device::Cuda {
+            let cuda = ort::ep::CUDA::default().build().error_on_failure();
+            builder = builder.with_execution_providers([cuda]).map_err(|e| {
+                Error::Runtime(format!(
+                    "the CUDA execution provider is not available ({e}); graft needs the \
+                     onnxruntime-gpu build of ONNX Runtime (set ORT_DYLIB_PATH to it), CUDA and \
+                     cuDNN libraries, and a GPU. Use --device cpu to run on the CPU."
+                ))
+            })?;
+        }
+        let session = commit(&mut builder).map_err(runtime_error("cannot load the model"))?;
+        let input_names = session.inputs().iter().map(|i| i.name().to_owned()).collect();
+        let output_names = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+        Ok(OrtSession {
+            session,
+            input_names,
+            output_names,
+        })
+    }
+
+    /// Runs the model on named inputs and returns every output, in graph order.
+    pub fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            values.push((name.clone(), to_ort_value(tensor)?));
+        }
+        let outputs = self
+            .session
+            .run(values)
+            .map_err(runtime_error("run failed"))?;
+        let mut results = Vec::with_capacity(self.output_names.len());
+        for (name, value) in outputs.iter() {
+            results.push((name.to_owned(), from_ort_value(name, &value)?));
+        }
+        Ok(results)
+    }
+}
+
+fn to_ort_value(tensor: &HostTensor) -> Result<DynValue> {
+    let err = runtime_error("input tensor");
+    Ok(match tensor {
+        HostTensor::F32(a) => OrtTensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        HostTensor::F64(a) => OrtTensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        HostTensor::I64(a) => OrtTensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        HostTensor::I32(a) => OrtTensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+        HostTensor::Bool(a) => OrtTensor::from_array(a.clone()).map_err(err)?.into_dyn(),
+    })
+}
+
+fn from_ort_value(name: &str, value: &ort::value::DynValueRef<'_>) -> Result<HostTensor> {
+    use ort::value::TensorElementType as T;
+    let fail = |e: ort::Error| Error::Runtime(format!("output {name:?}: {e}"));
+    let ValueType::Tensor { ty, .. } = value.dtype() else {
+        return Err(Error::Runtime(format!("output {name:?} is not a tensor")));
+    };
+    Ok(match ty {
+        T::Float32 => HostTensor::F32(value.try_extract_array::<f32>().map_err(fail)?.to_owned()),
+        T::Float64 => HostTensor::F64(value.try_extract_array::<f64>().map_err(fail)?.to_owned()),
+        T::Int64 => HostTensor::I64(value.try_extract_array::<i64>().map_err(fail)?.to_owned()),
+        T::Int32 => HostTensor::I32(value.try_extract_array::<i32>().map_err(fail)?.to_owned()),
+        T::Bool => HostTensor::Bool(value.try_extract_array::<bool>().map_err(fail)?.to_owned()),
+        other => {
+            return Err(Error::Runtime(format!(
+                "output {name:?} has element type {other:?}, which graft does not read back"
+            )))
+        }
+    })
+}
