@@ -1,13 +1,19 @@
 //! graft: parameter-efficient fine-tuning for ONNX transformers.
 //!
-//! The library follows one data path: [`onnx::load`] parses a model into the [`ir`], analyses
-//! find its transformer structure, plugins describe patches that the core applies, and the result
-//! is saved, trained, merged or exported. See ARCHITECTURE.md at the repository root.
+//! The library follows one data path: [`onnx::load`] parses a model into the [`ir`],
+//! [`analysis`] finds its transformer structure, [`plugins`] ask method plugins for patches that
+//! [`patch`] validates and applies, and the result is saved ([`onnx::save`]), merged
+//! ([`merge`]) or exported. See ARCHITECTURE.md at the repository root.
 
+pub mod adapter;
+pub mod analysis;
 pub mod atomic_file;
 pub mod error;
 pub mod ir;
+pub mod merge;
 pub mod onnx;
+pub mod patch;
+pub mod plugins;
 pub mod runtime;
 
 pub use error::{Error, Result};

@@ -1,7 +1,10 @@
 //! Subcommand definitions and dispatch. Each subcommand lives in its own file; every error is
 //! reported by `main` with exit status 2.
 
+mod apply;
 mod convert;
+mod merge;
+mod plugins;
 
 use clap::{Parser, Subcommand};
 
@@ -19,12 +22,18 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Apply(apply::Args),
+    Merge(merge::Args),
+    Plugins(plugins::Args),
     Convert(convert::Args),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Apply(args) => apply::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Plugins(args) => plugins::run(args),
         Command::Convert(args) => convert::run(args),
     }
 }

@@ -1,0 +1,54 @@
+//! Adapter tensor files (safetensors): the trainable tensors of a patched model, saved after
+//! training and loaded back for merge or export.
+
+use std::path::Path;
+
+use safetensors::SafeTensors;
+
+use crate::ir::{Model, Tensor, TensorData};
+use crate::patch::GraftRecord;
+use crate::{Error, Result};
+
+/// Replaces the values of `model`'s trainable tensors with those in the safetensors file at
+/// `path`, matched by tensor name. Every tensor in the file must name a trainable tensor of the
+/// model with the same element type and shape. Returns how many tensors were loaded.
+pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let record = GraftRecord::read(model)?;
+    let trainable: Vec<&str> = record.trainable().collect();
+    let mut loaded = 0;
+    for (name, view) in file.tensors() {
+        if !trainable.contains(&name.as_str()) {
+            let mut valid = trainable.clone();
+            valid.truncate(8);
+            return Err(fail(format!(
+                "tensor {name:?} is not a trainable tensor of this model (they are named like {})",
+                valid.join(", ")
+            )));
+        }
+        let Some(target) = model.graph.initializers.iter_mut().find(|t| t.name == name) else {
+            return Err(fail(format!("the model has no tensor {name:?}")));
+        };
+        let dims: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let dtype_matches = safetensors_dtype(target).is_some_and(|d| d == view.dtype());
+        if dims != target.dims || !dtype_matches {
+            return Err(fail(format!(
+                "tensor {name:?} is {:?} {:?}, the model's is {} {:?}",
+                view.dtype(),
+                dims,
+                target.dtype,
+                target.dims
+            )));
+        }
+        target.data = TensorData::Raw(view.data().to_vec().into());
+        loaded += 1;
+    }
+    Ok(loaded)
+}
+
+/// The safetensors element type of a tensor, when there is one.
+pub fn safetensors_dtype(tensor: &Tensor) -> Option<safetensors::Dtype> {
+    graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code())?.to_safetensors()
+}

@@ -1,0 +1,148 @@
+//! `graft apply`: graft one or more PEFT methods onto a model through their plugins.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use graft::onnx::{self, SaveOptions};
+use graft::plugins::{apply_method, PluginRegistry};
+use graft::patch::GraftRecord;
+use serde_json::{Map, Value};
+
+/// Graft PEFT methods onto a model.
+///
+/// Each method comes from a plugin (see `graft plugins`). The new parameters start at values that
+/// leave the model's outputs unchanged (LoRA's B = 0, IA3's scales = 1), are stored as named
+/// initializers that a runtime can override as inputs, and the model's metadata records which
+/// tensors are trainable and which method and config made them.
+///
+/// Settings come from `--config FILE.toml` (top-level keys for a single method, or one table per
+/// method such as `[lora]`) and `--set key=value` (or `--set method.key=value` when several
+/// methods are applied); `--set` wins.
+///
+/// Example: graft apply model.onnx -m lora --set r=8 --set alpha=16 --set targets=q,v -o out.onnx
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The ONNX model to patch.
+    model: PathBuf,
+    /// A method to apply (repeat to stack methods, applied in order), e.g. lora, bitfit, ia3.
+    #[arg(short, long = "method", value_name = "METHOD", required = true)]
+    methods: Vec<String>,
+    /// A TOML file of settings.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
+    /// A setting, `key=value` or `method.key=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Load a plugin library (repeatable); plugins are also found through GRAFT_PLUGIN_PATH and
+    /// beside the graft binary.
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
+    /// Where to write the patched model.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let registry = PluginRegistry::discover(&args.plugins)?;
+    let mut model = onnx::load(&args.model)?;
+    let configs = method_configs(&args, &registry)?;
+    for (method, config) in args.methods.iter().zip(&configs) {
+        apply_method(&registry, &mut model, method, config)?;
+    }
+    onnx::save(&model, &args.output, &SaveOptions::default())
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let record = GraftRecord::read(&model)?;
+    let n_trainable: usize = record
+        .trainable()
+        .filter_map(|name| model.graph.initializer(name))
+        .map(|t| t.n_elements())
+        .sum();
+    let n_params = model.n_params();
+    for applied in &record.methods {
+        println!(
+            "{}: {} trainable tensors ({} from plugin {} {})",
+            applied.method,
+            applied.trainable.len(),
+            applied.config,
+            applied.plugin,
+            applied.plugin_version
+        );
+    }
+    println!(
+        "trainable parameters: {n_trainable} of {n_params} ({:.3}%)",
+        100.0 * n_trainable as f64 / n_params.max(1) as f64
+    );
+    println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// One JSON config object per method, from the TOML file and the `--set` flags.
+fn method_configs(args: &Args, registry: &PluginRegistry) -> anyhow::Result<Vec<Value>> {
+    let mut configs: Vec<Map<String, Value>> = vec![Map::new(); args.methods.len()];
+    let single = args.methods.len() == 1;
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{}: invalid TOML", path.display()))?;
+        for (key, value) in table {
+            let json = serde_json::to_value(&value)?;
+            match args.methods.iter().position(|m| *m == key) {
+                Some(index) if value.is_table() => {
+                    if let Value::Object(entries) = json {
+                        configs[index].extend(entries);
+                    }
+                }
+                _ if single => {
+                    configs[0].insert(key, json);
+                }
+                _ => bail!(
+                    "{}: key {key:?} is outside a method table; with several methods put settings under [{}]",
+                    path.display(),
+                    args.methods.join("], [")
+                ),
+            }
+        }
+    }
+    for setting in &args.settings {
+        let Some((key, value)) = setting.split_once('=') else {
+            bail!("--set {setting:?}: expected key=value");
+        };
+        let (target, key) = match key.split_once('.') {
+            Some((method, key)) if args.methods.iter().any(|m| m == method) => {
+                (args.methods.iter().position(|m| m == method), key)
+            }
+            _ => (None, key),
+        };
+        let index = match target {
+            Some(index) => index,
+            None if single => 0,
+            None => {
+                let owners: Vec<usize> = args
+                    .methods
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, method)| {
+                        registry
+                            .find_method(method)
+                            .map(|(_, d)| d.config.iter().any(|k| k.key == key))
+                            .unwrap_or(false)
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                match owners.as_slice() {
+                    [index] => *index,
+                    [] => bail!(
+                        "--set {setting:?}: none of the methods {} has a setting {key:?}",
+                        args.methods.join(", ")
+                    ),
+                    _ => bail!(
+                        "--set {setting:?}: several methods have a setting {key:?}; write method.{key}=…"
+                    ),
+                }
+            }
+        };
+        configs[index].insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    Ok(configs.into_iter().map(Value::Object).collect())
+}

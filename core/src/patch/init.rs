@@ -1,0 +1,97 @@
+//! Filling new parameters: the SDK's [`Init`] specifications turned into tensor bytes.
+
+use graft_plugin_sdk::{DType, Init, NewParameter, TensorPayload};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::ir::{DataType, Tensor};
+use crate::{Error, Result};
+
+/// The IR element type for an SDK element type.
+pub fn data_type(dtype: DType) -> Result<DataType> {
+    DataType::from_code(dtype.onnx_code())
+        .ok_or_else(|| Error::Config(format!("element type {} has no ONNX code", dtype.name())))
+}
+
+/// Builds the tensor for `parameter`, drawing random inits from a generator seeded by the init's
+/// seed (the same seed always gives the same values), and taking `Init::Data` bytes from
+/// `payloads`.
+pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Result<Tensor> {
+    let dtype = data_type(parameter.dtype)?;
+    let dims: Vec<i64> = parameter.shape.iter().map(|&d| d as i64).collect();
+    let n_elements: usize = parameter.shape.iter().product();
+    let fail = |reason: String| Error::Tensor {
+        name: parameter.name.clone(),
+        reason,
+    };
+    if let Init::Data { key } = &parameter.init {
+        let payload = payloads
+            .iter()
+            .find(|p| &p.key == key)
+            .ok_or_else(|| fail(format!("no payload {key:?} in the plugin's reply")))?;
+        if payload.dtype != parameter.dtype || payload.shape != parameter.shape {
+            return Err(fail(format!(
+                "payload {key:?} is {} {:?}, the parameter is {} {:?}",
+                payload.dtype.name(),
+                payload.shape,
+                parameter.dtype.name(),
+                parameter.shape
+            )));
+        }
+        return Ok(Tensor::from_raw(&parameter.name, dtype, dims, payload.data.clone()));
+    }
+    let values: Vec<f64> = match &parameter.init {
+        Init::Zeros => vec![0.0; n_elements],
+        Init::Ones => vec![1.0; n_elements],
+        Init::Constant { value } => vec![*value; n_elements],
+        Init::Uniform { low, high, seed } => uniform(*seed, *low, *high, n_elements),
+        Init::KaimingUniform { fan_in, a, seed } => {
+            let bound = Init::kaiming_uniform_bound(*fan_in, *a);
+            uniform(*seed, -bound, bound, n_elements)
+        }
+        Init::Normal { mean, std, seed } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+            (0..n_elements)
+                .map(|_| {
+                    // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
+                    let u1: f64 = 1.0 - rng.gen::<f64>();
+                    let u2: f64 = rng.gen::<f64>();
+                    mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+                })
+                .collect()
+        }
+        Init::Data { .. } => unreachable!("handled above"),
+    };
+    let bytes = encode(dtype, &values).ok_or_else(|| {
+        fail(format!("graft cannot fill a {dtype} parameter with {:?}", parameter.init))
+    })?;
+    Ok(Tensor::from_raw(&parameter.name, dtype, dims, bytes))
+}
+
+fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n_elements)
+        .map(|_| low + (high - low) * rng.gen::<f64>())
+        .collect()
+}
+
+/// Encodes f64 values as raw little-endian bytes of `dtype` (floats rounded, integers truncated).
+fn encode(dtype: DataType, values: &[f64]) -> Option<Vec<u8>> {
+    Some(match dtype {
+        DataType::Float => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+        DataType::Double => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        DataType::Float16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+            .collect(),
+        DataType::Bfloat16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+            .collect(),
+        DataType::Int64 => values.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect(),
+        DataType::Int32 => values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
+        DataType::Int8 => values.iter().map(|&v| v as i8 as u8).collect(),
+        DataType::Uint8 | DataType::Bool => values.iter().map(|&v| v as u8).collect(),
+        _ => return None,
+    })
+}

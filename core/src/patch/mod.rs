@@ -1,0 +1,11 @@
+//! Applying plugin patches to the IR: validation, atomic application, and the metadata that
+//! records what was grafted (trainable tensors, methods and their configs, merge folds) inside
+//! the model itself, so that later stages need no side files.
+
+mod apply;
+mod init;
+mod record;
+
+pub use apply::{apply_patch, topological_sort};
+pub use init::{data_type, materialize};
+pub use record::{AppliedMethod, GraftRecord};

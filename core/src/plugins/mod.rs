@@ -1,0 +1,78 @@
+//! The plugin host: finds method plugins (cdylibs speaking the SDK's C ABI), checks their ABI
+//! version, asks them for patches, and hands the patches to [`crate::patch`] for validation and
+//! application. Libraries are never unloaded.
+
+mod discovery;
+mod view;
+
+pub use discovery::{LoadedPlugin, PluginRegistry};
+pub use view::graph_view;
+
+use graft_plugin_sdk::{MethodConfig, PatchReply, TensorSource};
+
+use crate::ir::Model;
+use crate::patch::{apply_patch, AppliedMethod};
+use crate::{Error, Result};
+
+/// Lends the model's initializer bytes to a plugin (mapped external data included; no copies).
+struct ModelTensors<'m>(std::collections::HashMap<&'m str, &'m crate::ir::Tensor>);
+
+impl TensorSource for ModelTensors<'_> {
+    fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.0.get(name).and_then(|t| t.raw_bytes().ok())
+    }
+}
+
+/// Asks the plugin providing `method` for a patch with `config` (a JSON object of user settings;
+/// unknown keys are refused with the list of valid ones), and applies it to `model`. On any
+/// failure the model is left as it was and the error names the plugin.
+pub fn apply_method(
+    registry: &PluginRegistry,
+    model: &mut Model,
+    method: &str,
+    config: &serde_json::Value,
+) -> Result<()> {
+    let (plugin, description) = registry.find_method(method)?;
+    MethodConfig::new(description, config).map_err(|e| Error::Config(e.to_string()))?;
+    let view = graph_view(model)?;
+    let tensors = ModelTensors(
+        model
+            .graph
+            .initializers
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect(),
+    );
+    let reply: PatchReply = plugin
+        .client()
+        .patch(&tensors, method, config, &view)
+        .map_err(|e| Error::Plugin {
+            plugin: plugin.display_name(),
+            reason: e.to_string(),
+        })?;
+    let applied = AppliedMethod {
+        method: method.to_owned(),
+        plugin: plugin.description.name.clone(),
+        plugin_version: plugin.description.version.clone(),
+        config: effective_config(description, config),
+        trainable: Vec::new(),
+        parameters: Vec::new(),
+    };
+    apply_patch(model, &reply, applied).map_err(|e| Error::Plugin {
+        plugin: plugin.display_name(),
+        reason: format!("method {method} returned a patch graft cannot apply: {e}"),
+    })
+}
+
+/// The configuration as applied: every key of the method, given values over defaults.
+fn effective_config(
+    description: &graft_plugin_sdk::MethodDescription,
+    given: &serde_json::Value,
+) -> serde_json::Value {
+    let mut effective = serde_json::Map::new();
+    for key in &description.config {
+        let value = given.get(&key.key).cloned().unwrap_or_else(|| key.default.clone());
+        effective.insert(key.key.clone(), value);
+    }
+    serde_json::Value::Object(effective)
+}

@@ -1,0 +1,61 @@
+//! The read-only [`GraphView`] a plugin receives: detected structure, tensor metadata and the
+//! inferred type of every value.
+
+use graft_plugin_sdk::{DType, GraphView, TensorInfo, ValueInfo};
+
+use crate::analysis::{shapes::infer_shapes, sites::detect};
+use crate::ir::{Dim, Model};
+use crate::{Error, Result};
+
+/// Describes `model` for a plugin: the structure `graft inspect` reports, every initializer's
+/// type and shape, and every value's inferred type and shape.
+pub fn graph_view(model: &Model) -> Result<GraphView> {
+    let structure = detect(model)?;
+    let shapes = infer_shapes(model)?;
+    let tensors = model
+        .graph
+        .initializers
+        .iter()
+        .filter_map(|t| {
+            Some(TensorInfo {
+                name: t.name.clone(),
+                dtype: DType::from_onnx_code(t.dtype.code())?,
+                shape: t.dims.clone(),
+            })
+        })
+        .collect();
+    let values = shapes
+        .iter()
+        .map(|(name, fact)| ValueInfo {
+            name: name.to_owned(),
+            dtype: fact.value_type.dtype.and_then(|d| DType::from_onnx_code(d.code())),
+            shape: fact.value_type.shape.as_ref().map(|dims| dims.iter().map(sdk_dim).collect()),
+        })
+        .collect();
+    Ok(GraphView {
+        opset: model.opset(),
+        producer: model.producer_name.clone(),
+        stacks: bridge(&structure.stacks)?,
+        embeddings: bridge(&structure.embeddings)?,
+        heads: bridge(&structure.heads)?,
+        tensors,
+        values,
+        inputs: model.graph.inputs.iter().map(|v| v.name.clone()).collect(),
+        outputs: model.graph.outputs.iter().map(|v| v.name.clone()).collect(),
+    })
+}
+
+fn sdk_dim(dim: &Dim) -> graft_plugin_sdk::Dim {
+    match dim {
+        Dim::Fixed(n) => graft_plugin_sdk::Dim::Fixed(*n),
+        Dim::Symbol(s) => graft_plugin_sdk::Dim::Symbolic(s.clone()),
+        Dim::Unknown => graft_plugin_sdk::Dim::Unknown,
+    }
+}
+
+/// Converts the analysis types to the SDK's message types, which share their JSON schema.
+fn bridge<T: serde::Serialize, U: serde::de::DeserializeOwned>(value: &T) -> Result<U> {
+    serde_json::to_value(value)
+        .and_then(serde_json::from_value)
+        .map_err(|e| Error::InvalidGraph(format!("structure view: {e}")))
+}

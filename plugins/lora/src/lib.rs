@@ -1,0 +1,145 @@
+//! The `lora` method plugin: low-rank branches `y + (α/r)·(x·A)·B` on selected linear sites
+//! (Hu et al., 2021), configured like HF PEFT's `LoraConfig`.
+
+use graft_plugin_sdk::{
+    export_plugin, ConfigKey, ConfigKind, GraphView, Host, Init, MethodConfig, MethodDescription,
+    PatchBuilder, PatchReply, Plugin, SiteSelector,
+};
+use serde_json::json;
+
+/// LoRA, with HF PEFT's defaults: A Kaiming-uniform (a = √5), B zero, scale α/r (α/√r with
+/// rsLoRA).
+pub struct Lora;
+
+impl Plugin for Lora {
+    const NAME: &'static str = "lora";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn methods() -> Vec<MethodDescription> {
+        vec![MethodDescription::new(
+            "lora",
+            "low-rank adaptation: y + (alpha/r)·(x·A)·B on the selected linear sites",
+            vec![
+                ConfigKey::new("targets", ConfigKind::List, json!("q,v"), "site kinds (q k v o qkv ffn_up ffn_gate ffn_down ffn_gate_up), all-linear, or label patterns"),
+                ConfigKey::new("target_regex", ConfigKind::String, json!(""), "regular expression on site labels, added to targets"),
+                ConfigKey::new("layers", ConfigKind::List, json!(""), "layer indices to transform (empty: all)"),
+                ConfigKey::new("r", ConfigKind::Int, json!(8), "rank"),
+                ConfigKey::new("alpha", ConfigKind::Float, json!(8.0), "scaling numerator: scale = alpha/r (alpha/sqrt(r) with rslora)"),
+                ConfigKey::new("rslora", ConfigKind::Bool, json!(false), "rank-stabilised scaling alpha/sqrt(r)"),
+                ConfigKey::new("dropout", ConfigKind::Float, json!(0.0), "dropout on the branch input, active in training graphs only"),
+                ConfigKey::new("rank_pattern", ConfigKind::Map, json!({}), "per-site rank overrides: label regex → r"),
+                ConfigKey::new("alpha_pattern", ConfigKind::Map, json!({}), "per-site alpha overrides: label regex → alpha"),
+                ConfigKey::new("init", ConfigKind::String, json!("kaiming"), "A's init: kaiming (HF PEFT's default) or gaussian (std 1/r); B starts at zero"),
+                ConfigKey::new("seed", ConfigKind::Int, json!(0), "seed of A's random init"),
+            ],
+        )]
+    }
+
+    fn patch(
+        _host: &Host<'_>,
+        _method: &str,
+        config: &MethodConfig,
+        graph: &GraphView,
+    ) -> Result<PatchReply, String> {
+        let error = |e: graft_plugin_sdk::Error| e.to_string();
+        let mut targets = config.get_list("targets").map_err(error)?;
+        if targets.iter().any(|t| t == "all-linear") {
+            targets.retain(|t| t != "all-linear");
+            targets.push("all".into());
+        }
+        let regex = config.get_string("target_regex").map_err(error)?;
+        if !regex.is_empty() {
+            targets.push(regex);
+        }
+        let selector = SiteSelector::parse(&targets).map_err(|e| format!("targets {e}"))?;
+        let layers = parse_layers(&config.get_list("layers").map_err(error)?)?;
+        let r = config.get_usize("r").map_err(error)?;
+        let alpha = config.get_f64("alpha").map_err(error)?;
+        let rslora = config.get_bool("rslora").map_err(error)?;
+        let dropout = config.get_f32("dropout").map_err(error)?;
+        let rank_pattern = config.get_patterns::<usize>("rank_pattern").map_err(error)?;
+        let alpha_pattern = config.get_patterns::<f64>("alpha_pattern").map_err(error)?;
+        let gaussian = match config.get_string("init").map_err(error)?.as_str() {
+            "kaiming" | "default" | "true" => false,
+            "gaussian" => true,
+            other => return Err(format!("init \"{other}\" is not one of: kaiming, gaussian")),
+        };
+        let seed = config.get_usize("seed").map_err(error)? as u64;
+
+        let mut builder = PatchBuilder::new(graph, "lora").with_seed(seed);
+        let selected: Vec<_> = selector
+            .select(graph)
+            .into_iter()
+            .filter(|s| s.site.kind.is_linear())
+            .filter(|s| layers.as_ref().is_none_or(|l| l.contains(&s.layer.index)))
+            .collect();
+        if selected.is_empty() {
+            return Err(no_match_message(graph, &targets));
+        }
+        for site_ref in selected {
+            let site = site_ref.site;
+            let rank = rank_pattern.for_site(site).copied().unwrap_or(r);
+            let site_alpha = alpha_pattern.for_site(site).copied().unwrap_or(alpha);
+            let scale = if rslora {
+                site_alpha / (rank as f64).sqrt()
+            } else {
+                site_alpha / rank as f64
+            };
+            let seed = builder.next_seed();
+            let init_a = if gaussian {
+                Init::Normal { mean: 0.0, std: 1.0 / rank as f64, seed }
+            } else {
+                Init::linear_default(site.in_features, seed)
+            };
+            let dropout = (dropout > 0.0).then_some(dropout);
+            builder
+                .low_rank_branch(site, rank, scale as f32, init_a, Init::Zeros, dropout)
+                .map_err(error)?;
+        }
+        Ok(builder.finish())
+    }
+}
+
+/// Parses `layers` entries (`"0"`, `"2-5"`); an empty list means every layer.
+fn parse_layers(entries: &[String]) -> Result<Option<Vec<usize>>, String> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let mut layers = Vec::new();
+    for entry in entries {
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("layers: \"{entry}\" is not a layer index or a range like 2-5"))
+        };
+        match entry.split_once('-') {
+            Some((start, end)) => layers.extend(parse(start)?..=parse(end)?),
+            None => layers.push(parse(entry)?),
+        }
+    }
+    Ok(Some(layers))
+}
+
+/// The message for targets that select nothing: the site kinds and a few labels this model has.
+fn no_match_message(graph: &GraphView, targets: &[String]) -> String {
+    let mut kinds: Vec<&str> = graph
+        .sites()
+        .filter(|s| s.site.kind.is_linear())
+        .map(|s| s.site.kind.name())
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let labels: Vec<&str> = graph
+        .sites()
+        .filter_map(|s| s.site.label.as_deref())
+        .take(4)
+        .collect();
+    format!(
+        "targets [{}] match no site of this model; valid choices: {}, all-linear, or a regex on labels such as {}",
+        targets.join(", "),
+        kinds.join(", "),
+        labels.join(", ")
+    )
+}
+
+export_plugin!(Lora);

@@ -1,0 +1,167 @@
+//! The graft plugin SDK: everything needed to write a fine-tuning method as a plugin, and
+//! the types the core uses to talk to one.
+//!
+//! # Plugins describe, the core applies
+//!
+//! A method plugin (LoRA, IA³, adapters, prompt tuning, ...) never edits a model. It receives
+//! a [`GraphView`] — the transformer stacks, their adaptable [`Site`]s, the embeddings, heads,
+//! initializers and value types the core found — and answers with a [`Patch`]: new
+//! parameters, new nodes, [`Rewire`]s of existing consumers, parameters to train in place,
+//! and [`Fold`]s saying how `graft merge` folds each branch back into base weights. The core
+//! validates the patch against the real graph (names, types, shapes, cycles, opset), applies
+//! it atomically — all of it or nothing — and builds training, inference and merged graphs
+//! from it. Because merge reads only folds, it is generic: a plugin that records folds is
+//! mergeable without the core knowing the method.
+//!
+//! # The ABI in a paragraph
+//!
+//! A plugin is a shared library (a Rust `cdylib`) exporting one C symbol,
+//! `graft_plugin_entry`, which returns a static [`abi::GraftPluginTable`]: ABI version
+//! ([`abi::GRAFT_PLUGIN_ABI_VERSION`]), table size, NUL-terminated name and version, and two
+//! functions. `call(host, request, request_len, reply)` takes a UTF-8 JSON request and
+//! stores a plugin-allocated buffer in `*reply`: on 0 a response frame, otherwise a UTF-8
+//! error message. `free(reply)` gives that buffer back to the plugin. During a call the
+//! plugin may borrow the bytes of existing initializers through the [`abi::GraftHost`]
+//! callback `tensor_view` (wrapped as [`Host`]); the view lives until `call` returns. The C
+//! header is `include/graft_plugin.h`; [`abi`] mirrors it.
+//!
+//! # Requests and responses
+//!
+//! The core first sends `{"op":"describe"}`; the plugin answers with a
+//! [`PluginDescription`]: its methods and, for each, every config key with its kind, default
+//! and help. To adapt a model the core sends
+//! `{"op":"patch","method":"lora","config":{...},"graph":{...}}` ([`Request`]). Every
+//! successful answer is a response frame ([`encode_frame`], [`decode_frame`]): an 8-byte
+//! little-endian length `N`, `N` bytes of JSON, then a safetensors blob, empty unless the
+//! patch has [`Init::Data`] parameters whose bytes it carries ([`PatchReply`]). The core's
+//! side of this exchange is [`PluginClient`].
+//!
+//! # A complete plugin
+//!
+//! Implement [`Plugin`] on a unit struct and export it with [`export_plugin!`]; build the
+//! crate with `crate-type = ["cdylib"]` under `[lib]`. Helpers on [`PatchBuilder`] emit the
+//! usual insertions; this plugin adds LoRA branches to the sites the user targets:
+//!
+//! ```
+//! use graft_plugin_sdk::{
+//!     export_plugin, ConfigKey, GraphView, Host, Init, MethodConfig, MethodDescription,
+//!     PatchBuilder, PatchReply, Plugin,
+//! };
+//!
+//! pub struct TinyLora;
+//!
+//! impl Plugin for TinyLora {
+//!     const NAME: &'static str = "tiny-lora";
+//!     const VERSION: &'static str = "0.1.0"; // usually env!("CARGO_PKG_VERSION")
+//!
+//!     fn methods() -> Vec<MethodDescription> {
+//!         vec![MethodDescription::new(
+//!             "tiny_lora",
+//!             "low-rank updates on the targeted linear sites",
+//!             vec![
+//!                 ConfigKey::int("r", 8, "rank of the update"),
+//!                 ConfigKey::float("alpha", 16.0, "the update is scaled by alpha / r"),
+//!                 ConfigKey::list("targets", &["q", "v"], "site kinds, groups or label patterns"),
+//!                 ConfigKey::int("seed", 0, "seed for the A matrices"),
+//!             ],
+//!         )]
+//!     }
+//!
+//!     fn patch(
+//!         _host: &Host<'_>,
+//!         method: &str,
+//!         config: &MethodConfig,
+//!         graph: &GraphView,
+//!     ) -> Result<PatchReply, String> {
+//!         let r = config.get_usize("r")?;
+//!         if r == 0 {
+//!             return Err(format!("{method}: r must be at least 1"));
+//!         }
+//!         let scale = config.get_f32("alpha")? / r as f32;
+//!         let mut b = PatchBuilder::new(graph, "lora").with_seed(config.get_usize("seed")? as u64);
+//!         for s in config.get_sites("targets")?.select(graph) {
+//!             let init_a = Init::linear_default(s.site.in_features, b.next_seed());
+//!             b.low_rank_branch(s.site, r, scale, init_a, Init::Zeros, None)?;
+//!         }
+//!         Ok(b.finish())
+//!     }
+//! }
+//!
+//! export_plugin!(TinyLora);
+//!
+//! # fn main() {
+//! // What the core does after loading the library and resolving `graft_plugin_entry`:
+//! let client = unsafe { graft_plugin_sdk::PluginClient::from_raw(graft_plugin_entry()) }.unwrap();
+//! assert_eq!(client.describe().unwrap().methods[0].name, "tiny_lora");
+//! let config = serde_json::json!({ "rr": 4 });
+//! let error = client
+//!     .patch(&graft_plugin_sdk::NoTensors, "tiny_lora", &config, &GraphView::default())
+//!     .unwrap_err();
+//! assert_eq!(
+//!     error.to_string(),
+//!     "unknown config key \"rr\" for method tiny_lora; valid keys: r, alpha, targets, seed"
+//! );
+//! # }
+//! ```
+//!
+//! # Configs and errors
+//!
+//! Config values reach the plugin as JSON, typed when they come from a TOML recipe
+//! (`r = 8`) and as strings when they come from the command line (`--set r=8`).
+//! [`MethodConfig`] checks them against the method's declared [`ConfigKey`]s before
+//! [`Plugin::patch`] runs — an undeclared key or a value of the wrong kind never reaches the
+//! plugin — and its getters (`get_usize`, `get_f32`, `get_bool`, `get_string`, `get_list`,
+//! `get_map`, ...) accept both forms, fall back to declared defaults, and fail with messages
+//! written for users. `?` turns any SDK [`Error`] into the `String` a plugin returns. An
+//! `Err` from [`Plugin::patch`] reaches the user verbatim; a panic is caught at the
+//! boundary and reported as `plugin <name> panicked: <message>`. A plugin must not print,
+//! exit, or keep state between calls.
+//!
+//! # Writing patches
+//!
+//! New names must not clash with existing ones; [`PatchBuilder`] derives them from the
+//! method prefix and the site label and checks them. Helpers compose in call order (a value
+//! rewired by one helper is what the next reads), only standard ONNX ops are emitted, and
+//! every random [`Init`] carries a seed so patches are reproducible. Record a [`Fold`] for
+//! every branch that can be folded into base weights; [`Patch::check`] verifies the names a
+//! patch uses, which makes it a good assertion in plugin tests.
+
+#![warn(missing_docs)]
+
+pub mod abi;
+mod builder;
+mod client;
+mod config;
+mod describe;
+mod dtype;
+mod error;
+mod export;
+mod graph;
+mod host;
+mod patch;
+mod protocol;
+pub mod quant;
+mod select;
+
+pub use builder::{
+    Activation, DequantNames, GateNames, LowRankNames, MaskNames, PatchBuilder, Placement,
+    PrefixNames, PromptNames, ResidualNames, ScaleNames,
+};
+pub use client::PluginClient;
+pub use config::MethodConfig;
+pub use describe::{ConfigKey, ConfigKind, MethodDescription, PluginDescription};
+pub use dtype::{
+    bytes_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_bytes, f32_to_f16_bits, DType,
+};
+pub use error::{Error, Result};
+#[doc(hidden)]
+pub use export::__private;
+pub use export::Plugin;
+pub use graph::{
+    AttentionKind, Dim, Embedding, EmbeddingKind, GraphView, Head, Layer, Site, SiteKind, SiteRef,
+    Stack, TensorInfo, ValueInfo, WeightLayout,
+};
+pub use host::{raw_host, Host, NoTensors, TensorSource};
+pub use patch::{AttributeValue, Fold, Init, NewNode, NewParameter, NewValue, Patch, Rewire};
+pub use protocol::{decode_frame, encode_frame, PatchReply, Request, TensorPayload};
+pub use select::{PatternMap, SiteSelector};
