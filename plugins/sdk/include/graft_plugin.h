@@ -32,7 +32,7 @@ typedef struct graft_bytes {
 typedef struct graft_host {
   const void *ctx;
   /* Lends a read-only view of an existing initializer's raw little-endian bytes. Returns 0 and
-     sets *data/*len on success, non-zero if the tensor is unknown. The view is valid until
+     sets *data and *len on success, non-zero if the tensor is unknown. The view is valid until
      `call` returns. May be NULL when the core lends no tensors. */
   int32_t (*tensor_view)(const void *ctx, const uint8_t *name, size_t name_len,
                          const uint8_t **data, size_t *len);

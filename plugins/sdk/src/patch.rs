@@ -5,10 +5,10 @@ use crate::graph::{Dim, GraphView, WeightLayout};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Graph edits, applied by the core atomically (all or nothing) after validation, in this
-/// order: add `parameters`, add `nodes`, apply `rewires` in list order, add `graph_inputs` and
-/// `graph_outputs`, mark `mark_trainable`. `folds` are not applied: they tell `graft merge`
-/// how to fold the added branches back into the base weights.
+/// Graph edits, applied by the core atomically (all or nothing) after validation, with this
+/// meaning: add `parameters`, `graph_inputs` and `nodes`; then apply `rewires` in list order;
+/// then expose `graph_outputs` and make `mark_trainable` trainable. `folds` are not applied:
+/// they tell `graft merge` how to fold the added branches back into the base weights.
 ///
 /// Every missing list deserializes as empty.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
