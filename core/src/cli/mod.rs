@@ -3,8 +3,10 @@
 
 mod apply;
 mod convert;
+mod inspect;
 mod merge;
 mod plugins;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -22,18 +24,22 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    Inspect(inspect::Args),
     Apply(apply::Args),
     Merge(merge::Args),
     Plugins(plugins::Args),
+    Run(run::Args),
     Convert(convert::Args),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Inspect(args) => inspect::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Plugins(args) => plugins::run(args),
+        Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),
     }
 }

@@ -79,3 +79,83 @@ pub fn max_diff(a: &[(String, HostTensor)], b: &[(String, HostTensor)]) -> f64 {
     }
     worst
 }
+
+/// Builds the workspace's plugin libraries (cargo test does not produce cdylibs) once per test
+/// process and returns the folder holding them.
+pub fn plugin_dir() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(&workspace)
+                .args(["build", "--quiet"])
+                .args(PLUGIN_PACKAGES.iter().flat_map(|p| ["-p", p]))
+                .status()
+                .expect("run cargo build for the plugins");
+            assert!(status.success(), "building the plugins failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"));
+            target.join("debug")
+        })
+        .clone()
+}
+
+/// The plugin crates the tests load.
+pub const PLUGIN_PACKAGES: &[&str] = &[
+    "graft-plugin-lora",
+    "graft-plugin-bitfit",
+    "graft-plugin-ia3",
+    "graft-test-plugin-wrong-abi",
+    "graft-test-plugin-panics",
+    "graft-test-plugin-invalid-patch",
+];
+
+/// The path of a plugin library built by [`plugin_dir`], e.g. `plugin_library("graft_plugin_lora")`.
+pub fn plugin_library(lib_name: &str) -> PathBuf {
+    plugin_dir().join(format!("lib{lib_name}.so"))
+}
+
+/// The `graft` binary under test, with the plugins built beside it.
+pub fn graft_command() -> std::process::Command {
+    plugin_dir();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_graft"));
+    command.env_remove("GRAFT_PLUGIN_PATH");
+    command
+}
+
+/// Runs `graft` with `args` and returns (exit code, stdout, stderr).
+pub fn run_graft(args: &[&str]) -> (i32, String, String) {
+    let output = graft_command().args(args).output().expect("run graft");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Fills every trainable tensor of a patched model with small deterministic non-zero values
+/// (around 1 for tensors that start at one, such as IA3 scales), so that a branch changes
+/// the outputs.
+pub fn randomize_trainable(model: &mut Model) {
+    let record = graft::patch::GraftRecord::read(model).unwrap();
+    let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    for tensor in model.graph.initializers.iter_mut() {
+        if !trainable.contains(&tensor.name) {
+            continue;
+        }
+        let old = tensor.to_f32().expect("float32 trainable tensor");
+        let values: Vec<f32> = old
+            .iter()
+            .map(|&v| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let noise = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
+                if v == 1.0 { 1.0 + noise } else { v + noise }
+            })
+            .collect();
+        *tensor = graft::ir::Tensor::from_f32(&tensor.name, tensor.dims.clone(), &values);
+    }
+}
