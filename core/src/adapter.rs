@@ -15,7 +15,8 @@ use crate::{Error, Result};
 pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
     let record = GraftRecord::read(model)?;
     let trainable: Vec<&str> = record.trainable().collect();
     let mut loaded = 0;

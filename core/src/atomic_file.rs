@@ -32,7 +32,10 @@ impl AtomicFile {
 
     /// Appends bytes.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("an AtomicFile is writable until committed");
+        let file = self
+            .file
+            .as_mut()
+            .expect("an AtomicFile is writable until committed");
         file.write_all(bytes).map_err(|e| Error::io(&self.temp, e))
     }
 
@@ -54,7 +57,6 @@ impl Drop for AtomicFile {
         }
     }
 }
-
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -8,11 +8,13 @@
 pub mod adapter;
 pub mod analysis;
 pub mod atomic_file;
+pub mod autodiff;
 pub mod error;
 pub mod ir;
 pub mod merge;
 pub mod onnx;
 pub mod patch;
+pub mod peft;
 pub mod plugins;
 pub mod runtime;
 

@@ -28,7 +28,8 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
     let record = GraftRecord::read(model)?;
     if record.methods.is_empty() {
         return Err(Error::Config(
-            "the model has no grafted methods to merge (it was not written by `graft apply`)".into(),
+            "the model has no grafted methods to merge (it was not written by `graft apply`)"
+                .into(),
         ));
     }
     let mut report = MergeReport::default();
@@ -63,21 +64,35 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         reason: format!("rank {rank_b} does not match {a:?}'s rank {rank}"),
                     });
                 }
-                update_weight(&mut model.graph, weight, *layout, n_in, n_out, &mut report, |w, stride_in, stride_out| {
-                    for i in 0..n_in {
-                        for k in 0..rank {
-                            let coefficient = scale * a_values[i * rank + k];
-                            if coefficient == 0.0 {
-                                continue;
-                            }
-                            let b_row = &b_values[k * n_out..(k + 1) * n_out];
-                            for (j, &b_value) in b_row.iter().enumerate() {
-                                w[i * stride_in + j * stride_out] += coefficient * b_value;
+                update_weight(
+                    &mut model.graph,
+                    weight,
+                    *layout,
+                    n_in,
+                    n_out,
+                    &mut report,
+                    |w, stride_in, stride_out| {
+                        for i in 0..n_in {
+                            for k in 0..rank {
+                                let coefficient = scale * a_values[i * rank + k];
+                                if coefficient == 0.0 {
+                                    continue;
+                                }
+                                let b_row = &b_values[k * n_out..(k + 1) * n_out];
+                                for (j, &b_value) in b_row.iter().enumerate() {
+                                    w[i * stride_in + j * stride_out] += coefficient * b_value;
+                                }
                             }
                         }
-                    }
-                })?;
-                remove_branch(&mut model.graph, branch_nodes, &resolve(&redirects, branch_output), &resolve(&redirects, base_output), &mut report);
+                    },
+                )?;
+                remove_branch(
+                    &mut model.graph,
+                    branch_nodes,
+                    &resolve(&redirects, branch_output),
+                    &resolve(&redirects, base_output),
+                    &mut report,
+                );
                 redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::ScaleOutput {
@@ -92,21 +107,43 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 let scale = parameter_f32(&model.graph, vector)?;
                 let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
                 check_len(vector, &scale, n_out)?;
-                update_weight(&mut model.graph, weight, *layout, n_in, n_out, &mut report, |w, stride_in, stride_out| {
-                    for i in 0..n_in {
-                        for (j, s) in scale.iter().enumerate() {
-                            w[i * stride_in + j * stride_out] *= s;
+                update_weight(
+                    &mut model.graph,
+                    weight,
+                    *layout,
+                    n_in,
+                    n_out,
+                    &mut report,
+                    |w, stride_in, stride_out| {
+                        for i in 0..n_in {
+                            for (j, s) in scale.iter().enumerate() {
+                                w[i * stride_in + j * stride_out] *= s;
+                            }
                         }
-                    }
-                })?;
+                    },
+                )?;
                 if let Some(bias) = bias {
-                    update_weight(&mut model.graph, bias, WeightLayout::InOut, 1, n_out, &mut report, |w, _, _| {
-                        for (value, s) in w.iter_mut().zip(&scale) {
-                            *value *= s;
-                        }
-                    })?;
+                    update_weight(
+                        &mut model.graph,
+                        bias,
+                        WeightLayout::InOut,
+                        1,
+                        n_out,
+                        &mut report,
+                        |w, _, _| {
+                            for (value, s) in w.iter_mut().zip(&scale) {
+                                *value *= s;
+                            }
+                        },
+                    )?;
                 }
-                remove_branch(&mut model.graph, branch_nodes, &resolve(&redirects, branch_output), &resolve(&redirects, base_output), &mut report);
+                remove_branch(
+                    &mut model.graph,
+                    branch_nodes,
+                    &resolve(&redirects, branch_output),
+                    &resolve(&redirects, base_output),
+                    &mut report,
+                );
                 redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::ScaleInput {
@@ -120,14 +157,28 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 let scale = parameter_f32(&model.graph, vector)?;
                 let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
                 check_len(vector, &scale, n_in)?;
-                update_weight(&mut model.graph, weight, *layout, n_in, n_out, &mut report, |w, stride_in, stride_out| {
-                    for (i, s) in scale.iter().enumerate() {
-                        for j in 0..n_out {
-                            w[i * stride_in + j * stride_out] *= s;
+                update_weight(
+                    &mut model.graph,
+                    weight,
+                    *layout,
+                    n_in,
+                    n_out,
+                    &mut report,
+                    |w, stride_in, stride_out| {
+                        for (i, s) in scale.iter().enumerate() {
+                            for j in 0..n_out {
+                                w[i * stride_in + j * stride_out] *= s;
+                            }
                         }
-                    }
-                })?;
-                remove_branch(&mut model.graph, branch_nodes, &resolve(&redirects, branch_output), &resolve(&redirects, base_output), &mut report);
+                    },
+                )?;
+                remove_branch(
+                    &mut model.graph,
+                    branch_nodes,
+                    &resolve(&redirects, branch_output),
+                    &resolve(&redirects, base_output),
+                    &mut report,
+                );
                 redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::InPlace { .. } => {}
@@ -193,7 +244,10 @@ pub fn tensor_f32(tensor: &Tensor) -> Result<Vec<f32>> {
     let dtype = sdk_dtype(tensor)?;
     graft_plugin_sdk::bytes_to_f32(dtype, tensor.raw_bytes()?).ok_or_else(|| Error::Tensor {
         name: tensor.name.clone(),
-        reason: format!("{} is not a floating-point type graft can merge", tensor.dtype),
+        reason: format!(
+            "{} is not a floating-point type graft can merge",
+            tensor.dtype
+        ),
     })
 }
 

@@ -17,6 +17,7 @@ fn round_trip_is_exact_in_onnx_runtime() {
                 &original_bytes,
                 graft::runtime::SessionOptions {
                     threads: 1,
+                    exact: true,
                     ..Default::default()
                 },
             )
@@ -66,8 +67,16 @@ fn external_data_round_trip_is_exact() {
         let reloaded_again = onnx::load(&again).unwrap();
         let inputs = fixture_inputs(name);
         let expected = run_model(&model, &inputs);
-        assert_eq!(max_diff(&expected, &run_model(&reloaded, &inputs)), 0.0, "{name}");
-        assert_eq!(max_diff(&expected, &run_model(&reloaded_again, &inputs)), 0.0, "{name}");
+        assert_eq!(
+            max_diff(&expected, &run_model(&reloaded, &inputs)),
+            0.0,
+            "{name}"
+        );
+        assert_eq!(
+            max_diff(&expected, &run_model(&reloaded_again, &inputs)),
+            0.0,
+            "{name}"
+        );
         // Back to inline.
         let inline = dir.path().join(format!("{name}-inline.onnx"));
         onnx::save(
@@ -79,8 +88,16 @@ fn external_data_round_trip_is_exact() {
         )
         .unwrap();
         let inline_model = onnx::load(&inline).unwrap();
-        assert!(inline_model.graph.initializers.iter().all(|t| !t.is_external()));
-        assert_eq!(max_diff(&expected, &run_model(&inline_model, &inputs)), 0.0, "{name}");
+        assert!(inline_model
+            .graph
+            .initializers
+            .iter()
+            .all(|t| !t.is_external()));
+        assert_eq!(
+            max_diff(&expected, &run_model(&inline_model, &inputs)),
+            0.0,
+            "{name}"
+        );
     }
 }
 
@@ -98,8 +115,24 @@ fn everything_the_file_carries_survives() {
         assert_eq!(model.graph.nodes.len(), again.graph.nodes.len(), "{name}");
         for (a, b) in model.graph.nodes.iter().zip(&again.graph.nodes) {
             assert_eq!(
-                (&a.name, &a.op_type, &a.domain, &a.inputs, &a.outputs, &a.attributes, &a.metadata),
-                (&b.name, &b.op_type, &b.domain, &b.inputs, &b.outputs, &b.attributes, &b.metadata),
+                (
+                    &a.name,
+                    &a.op_type,
+                    &a.domain,
+                    &a.inputs,
+                    &a.outputs,
+                    &a.attributes,
+                    &a.metadata
+                ),
+                (
+                    &b.name,
+                    &b.op_type,
+                    &b.domain,
+                    &b.inputs,
+                    &b.outputs,
+                    &b.attributes,
+                    &b.metadata
+                ),
                 "{name}"
             );
         }
@@ -112,7 +145,11 @@ fn everything_the_file_carries_survives() {
         };
         assert_eq!(names(&model), names(&again), "{name}");
         let value_infos = |m: &graft::ir::Model| -> Vec<String> {
-            m.graph.value_infos.iter().map(|v| format!("{:?}", v.proto)).collect()
+            m.graph
+                .value_infos
+                .iter()
+                .map(|v| format!("{:?}", v.proto))
+                .collect()
         };
         assert_eq!(value_infos(&model), value_infos(&again), "{name}");
     }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use graft::onnx::{self, SaveOptions};
-use graft::plugins::{apply_method, PluginRegistry};
 use graft::patch::GraftRecord;
+use graft::plugins::{apply_method, PluginRegistry};
 use serde_json::{Map, Value};
 
 /// Graft PEFT methods onto a model.
@@ -81,7 +81,8 @@ fn method_configs(args: &Args, registry: &PluginRegistry) -> anyhow::Result<Vec<
     let mut configs: Vec<Map<String, Value>> = vec![Map::new(); args.methods.len()];
     let single = args.methods.len() == 1;
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("{}: invalid TOML", path.display()))?;

@@ -44,7 +44,11 @@ fn print_table(path: &std::path::Path, structure: &Structure) {
         "{}: opset {}, producer {}, {} parameters",
         path.display(),
         structure.opset,
-        if structure.producer.is_empty() { "?" } else { &structure.producer },
+        if structure.producer.is_empty() {
+            "?"
+        } else {
+            &structure.producer
+        },
         structure.n_params
     );
     for stack in &structure.stacks {
@@ -53,36 +57,56 @@ fn print_table(path: &std::path::Path, structure: &Structure) {
             stack.name, stack.n_layers, stack.hidden_size, stack.n_heads, stack.n_kv_heads
         );
         println!(
-            "  {:<5} {:<12} {:<6} {:>6} {:>6}  {:<7} {:<48} weight",
+            "  {:<5} {:<11} {:<5} {:>6} {:>6}  {:<6} {:<52} weight",
             "layer", "site", "attn", "in", "out", "layout", "label"
         );
         for layer in &stack.layers {
             for site in &layer.sites {
-                let json = serde_json::to_value(site).unwrap_or_default();
-                let text = |key: &str| json[key].as_str().unwrap_or("-").to_owned();
                 println!(
-                    "  {:<5} {:<12} {:<6} {:>6} {:>6}  {:<7} {:<48} {}",
+                    "  {:<5} {:<11} {:<5} {:>6} {:>6}  {:<6} {:<52} {}",
                     layer.index,
-                    text("kind"),
-                    text("attention"),
-                    json["in_features"],
-                    json["out_features"],
-                    text("layout"),
-                    text("label"),
-                    text("weight"),
+                    schema_name(&site.kind),
+                    site.attention.as_ref().map_or("-".into(), schema_name),
+                    site.in_features,
+                    site.out_features,
+                    schema_name(&site.layout),
+                    site.label.as_deref().unwrap_or("-"),
+                    site.weight,
                 );
             }
         }
     }
-    for (title, items) in [("embeddings", &structure.embeddings), ("heads", &structure.heads)] {
-        let items = serde_json::to_value(items).unwrap_or_default();
-        let Some(items) = items.as_array().filter(|a| !a.is_empty()) else { continue };
-        println!("\n{title}:");
-        for item in items {
-            let label = item["label"].as_str().unwrap_or("-");
-            let kind = item["kind"].as_str().unwrap_or("head");
-            let weight = item["weight"].as_str().unwrap_or("-");
-            println!("  {kind:<12} {label:<48} {weight}");
+    if !structure.embeddings.is_empty() {
+        println!("\nembeddings:");
+        for embedding in &structure.embeddings {
+            println!(
+                "  {:<11} {:>6} × {:<5} {:<52} {}",
+                schema_name(&embedding.kind),
+                embedding.n_embeddings,
+                embedding.dim,
+                embedding.label.as_deref().unwrap_or("-"),
+                embedding.weight
+            );
         }
     }
+    if !structure.heads.is_empty() {
+        println!("\nheads:");
+        for head in &structure.heads {
+            println!(
+                "  {:>6} → {:<6} {:<52} {}",
+                head.in_features,
+                head.out_features,
+                head.label.as_deref().unwrap_or("-"),
+                head.weight
+            );
+        }
+    }
+}
+
+/// The name a value has in the JSON schema (`ffn_up`, `self`, `in_out`, ...).
+fn schema_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

@@ -3,6 +3,7 @@
 
 mod apply;
 mod convert;
+mod export;
 mod inspect;
 mod merge;
 mod plugins;
@@ -27,6 +28,7 @@ enum Command {
     Inspect(inspect::Args),
     Apply(apply::Args),
     Merge(merge::Args),
+    Export(export::Args),
     Plugins(plugins::Args),
     Run(run::Args),
     Convert(convert::Args),
@@ -38,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Apply(args) => apply::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => export::run(args),
         Command::Plugins(args) => plugins::run(args),
         Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),

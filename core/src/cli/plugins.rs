@@ -35,19 +35,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })
             .collect();
         let rejected: Vec<String> = registry.rejected.iter().map(|e| e.to_string()).collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "plugins": plugins, "rejected": rejected }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "plugins": plugins, "rejected": rejected }))?
+        );
         return Ok(());
     }
     if registry.plugins.is_empty() {
         println!("no plugins found (use --plugin PATH or GRAFT_PLUGIN_PATH)");
     }
     for plugin in &registry.plugins {
-        println!("{} {}  {}", plugin.description.name, plugin.description.version, plugin.path.display());
+        println!(
+            "{} {}  {}",
+            plugin.description.name,
+            plugin.description.version,
+            plugin.path.display()
+        );
         for method in &plugin.description.methods {
             println!("  method {}: {}", method.name, method.summary);
             for key in &method.config {
-                let default = if key.default.is_null() { "(required)".to_owned() } else { key.default.to_string() };
-                println!("    {:<14} {:<8} default {:<16} {}", key.key, format!("{:?}", key.kind).to_lowercase(), default, key.help);
+                let default = if key.default.is_null() {
+                    "(required)".to_owned()
+                } else {
+                    key.default.to_string()
+                };
+                println!(
+                    "    {:<14} {:<8} default {:<16} {}",
+                    key.key,
+                    format!("{:?}", key.kind).to_lowercase(),
+                    default,
+                    key.help
+                );
             }
         }
     }

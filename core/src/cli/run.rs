@@ -41,6 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         SessionOptions {
             device: args.device,
             threads: args.threads,
+            exact: false,
         },
     )
     .with_context(|| format!("{}", args.model.display()))?;
@@ -67,9 +68,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             worst = worst.max(tensor.max_abs_diff(other));
         }
-        println!("max |difference| versus {}: {worst:.3e}", reference.display());
+        println!(
+            "max |difference| versus {}: {worst:.3e}",
+            reference.display()
+        );
         if worst > args.tolerance {
-            bail!("outputs differ from {} by {worst:.3e} (tolerance {:.1e})", reference.display(), args.tolerance);
+            bail!(
+                "outputs differ from {} by {worst:.3e} (tolerance {:.1e})",
+                reference.display(),
+                args.tolerance
+            );
         }
     }
     Ok(())

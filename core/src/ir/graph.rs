@@ -238,7 +238,12 @@ impl Graph {
         let mut defined: HashSet<&str> = self.inputs.iter().map(|v| v.name.as_str()).collect();
         defined.extend(self.initializers.iter().map(|t| t.name.as_str()));
         for node in &self.nodes {
-            defined.extend(node.outputs.iter().filter(|o| !o.is_empty()).map(String::as_str));
+            defined.extend(
+                node.outputs
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .map(String::as_str),
+            );
         }
         defined
     }

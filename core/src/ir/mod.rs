@@ -7,7 +7,7 @@ mod index;
 mod tensor;
 
 pub use dtype::DataType;
-pub use graph::{Dim, Graph, Model, Node, ValueInfo, ValueType};
 pub(crate) use graph::{entries_from_proto, entries_to_proto};
+pub use graph::{Dim, Graph, Model, Node, ValueInfo, ValueType};
 pub use index::{GraphIndex, Wire};
 pub use tensor::{MappedFile, Tensor, TensorData};

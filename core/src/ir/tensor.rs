@@ -76,7 +76,12 @@ pub struct Tensor {
 
 impl Tensor {
     /// A tensor holding `bytes` in raw little-endian form.
-    pub fn from_raw(name: impl Into<String>, dtype: DataType, dims: Vec<i64>, bytes: Vec<u8>) -> Self {
+    pub fn from_raw(
+        name: impl Into<String>,
+        dtype: DataType,
+        dims: Vec<i64>,
+        bytes: Vec<u8>,
+    ) -> Self {
         Tensor {
             name: name.into(),
             dtype,

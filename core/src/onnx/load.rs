@@ -20,7 +20,13 @@ pub fn load(path: &Path) -> Result<Model> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let base_dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."));
     load_from_bytes(&bytes, Some(base_dir), path)
 }
@@ -35,10 +41,16 @@ pub fn load_from_bytes(bytes: &[u8], base_dir: Option<&Path>, path: &Path) -> Re
     if bytes.is_empty() {
         return Err(invalid("the file is empty".into()));
     }
-    let proto = ModelProto::parse_from_bytes(bytes)
-        .map_err(|e| invalid(format!("protobuf decoding failed ({e}); the file is truncated or not ONNX")))?;
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| {
+        invalid(format!(
+            "protobuf decoding failed ({e}); the file is truncated or not ONNX"
+        ))
+    })?;
     if proto.ir_version <= 0 {
-        return Err(invalid(format!("ir_version is {}, expected ≥ 1", proto.ir_version)));
+        return Err(invalid(format!(
+            "ir_version is {}, expected ≥ 1",
+            proto.ir_version
+        )));
     }
     let Some(graph_proto) = proto.graph.into_option() else {
         return Err(invalid("the model has no graph".into()));
@@ -117,7 +129,17 @@ impl TensorLoader {
             n_elements = usize::try_from(dim)
                 .ok()
                 .and_then(|d| n_elements.checked_mul(d))
-                .ok_or_else(|| self.invalid(format!("initializer {name:?} has invalid dims {:?}", proto.dims)))?;
+                .filter(|&n| {
+                    dtype
+                        .size_bits()
+                        .is_none_or(|bits| n.checked_mul(bits).is_some())
+                })
+                .ok_or_else(|| {
+                    self.invalid(format!(
+                        "initializer {name:?} has invalid dims {:?}",
+                        proto.dims
+                    ))
+                })?;
         }
         let expected_bytes = dtype.storage_bytes(n_elements);
         let external = proto.data_location.enum_value() == Ok(DataLocation::EXTERNAL);
@@ -157,7 +179,11 @@ impl TensorLoader {
         })
     }
 
-    fn external(&mut self, proto: &TensorProto, expected_bytes: Option<usize>) -> Result<TensorData> {
+    fn external(
+        &mut self,
+        proto: &TensorProto,
+        expected_bytes: Option<usize>,
+    ) -> Result<TensorData> {
         let entry = |key: &str| {
             proto
                 .external_data
@@ -174,20 +200,31 @@ impl TensorLoader {
         };
         let parse_number = |key: &str| -> Result<Option<usize>> {
             entry(key)
-                .map(|v| v.parse::<usize>().map_err(|_| fail(format!("{key} {v:?} is not a number"))))
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| fail(format!("{key} {v:?} is not a number")))
+                })
                 .transpose()
         };
         let offset = parse_number("offset")?.unwrap_or(0);
         let length = parse_number("length")?;
         let Some(base_dir) = &self.base_dir else {
-            return Err(fail("the model was not loaded from a file, so external data cannot be resolved".into()));
+            return Err(fail(
+                "the model was not loaded from a file, so external data cannot be resolved".into(),
+            ));
         };
         let relative = Path::new(&location);
         if location.is_empty() {
             return Err(fail("the location is empty".into()));
         }
-        if relative.is_absolute() || relative.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-            return Err(fail("the location must be a relative path inside the model's folder".into()));
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(fail(
+                "the location must be a relative path inside the model's folder".into(),
+            ));
         }
         let joined = base_dir.join(relative);
         let resolved = joined
@@ -206,7 +243,8 @@ impl TensorLoader {
             Some(file) => file.clone(),
             None => {
                 let file = Arc::new(
-                    MappedFile::open(resolved.clone()).map_err(|e| fail(format!("cannot map: {e}")))?,
+                    MappedFile::open(resolved.clone())
+                        .map_err(|e| fail(format!("cannot map: {e}")))?,
                 );
                 self.mapped.insert(resolved, file.clone());
                 file
@@ -223,7 +261,10 @@ impl TensorLoader {
                 )));
             }
         }
-        if offset.checked_add(length).is_none_or(|end| end > file.len()) {
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > file.len())
+        {
             return Err(fail(format!(
                 "bytes {offset}..{} lie beyond the end of the {}-byte file",
                 offset.saturating_add(length),

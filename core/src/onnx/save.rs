@@ -47,14 +47,14 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
         .to_path_buf();
     let default_data_name = format!(
         "{}.data",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model.onnx")
     );
     let total_bytes: usize = model.graph.initializers.iter().map(Tensor::byte_len).sum();
     let out_dir_canonical = out_dir.canonicalize().ok();
     let in_out_dir = |tensor: &Tensor| match &tensor.data {
-        TensorData::External { file, .. } => {
-            out_dir_canonical.as_deref() == file.path.parent()
-        }
+        TensorData::External { file, .. } => out_dir_canonical.as_deref() == file.path.parent(),
         _ => false,
     };
     let mut writer = match &options.placement {

@@ -34,14 +34,26 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
         .map_err(|e| invalid(format!("tensor payloads: {e}")))?;
     let graph = &mut model.graph;
 
-    let mut taken: HashSet<String> = graph.defined_values().into_iter().map(str::to_owned).collect();
-    taken.extend(graph.nodes.iter().map(|n| n.name.clone()).filter(|n| !n.is_empty()));
+    let mut taken: HashSet<String> = graph
+        .defined_values()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    taken.extend(
+        graph
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| !n.is_empty()),
+    );
     let mut claim = |name: &str, what: &str| -> Result<()> {
         if name.is_empty() {
             return Err(invalid(format!("a new {what} has an empty name")));
         }
         if !taken.insert(name.to_owned()) {
-            return Err(invalid(format!("new {what} {name:?} clashes with an existing name")));
+            return Err(invalid(format!(
+                "new {what} {name:?} clashes with an existing name"
+            )));
         }
         Ok(())
     };
@@ -66,7 +78,11 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
             graph.inputs.push(ValueInfo::tensor(
                 &parameter.name,
                 tensor.dtype,
-                &tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>(),
+                &tensor
+                    .dims
+                    .iter()
+                    .map(|&d| Dim::Fixed(d))
+                    .collect::<Vec<_>>(),
             ));
         }
         graph.initializers.push(tensor);
@@ -91,9 +107,14 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
             let fresh = unique_name(graph, &format!("{}.base", rewire.value));
             rename_definition(graph, &rewire.value, &fresh)?;
             for node in graph.nodes.iter_mut() {
-                let moves = !new_node_names.contains(node.name.as_str()) && !rewire.keep.contains(&node.name);
+                let moves = !new_node_names.contains(node.name.as_str())
+                    && !rewire.keep.contains(&node.name);
                 for input in node.inputs.iter_mut().filter(|i| **i == rewire.value) {
-                    *input = if moves { rewire.replacement.clone() } else { fresh.clone() };
+                    *input = if moves {
+                        rewire.replacement.clone()
+                    } else {
+                        fresh.clone()
+                    };
                 }
             }
             let mut identity = Node::new(
@@ -130,10 +151,15 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     }
     for name in &patch.mark_trainable {
         let Some(tensor) = graph.initializer(name) else {
-            return Err(invalid(format!("cannot mark {name:?} trainable: no initializer has that name")));
+            return Err(invalid(format!(
+                "cannot mark {name:?} trainable: no initializer has that name"
+            )));
         };
         if !tensor.dtype.is_float() {
-            return Err(invalid(format!("cannot mark {name:?} trainable: it is {}", tensor.dtype)));
+            return Err(invalid(format!(
+                "cannot mark {name:?} trainable: it is {}",
+                tensor.dtype
+            )));
         }
         if !graph.inputs.iter().any(|i| &i.name == name) {
             let dims: Vec<Dim> = tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect();
@@ -150,15 +176,20 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     let mut record = GraftRecord::read(model)?;
     for existing in record.trainable() {
         if trainable.iter().any(|t| t == existing) {
-            return Err(invalid(format!("{existing:?} is already trainable by an earlier method")));
+            return Err(invalid(format!(
+                "{existing:?} is already trainable by an earlier method"
+            )));
         }
     }
     method.trainable = trainable;
     method.parameters = patch.parameters.iter().map(|p| p.name.clone()).collect();
     record.methods.push(method);
-    record
-        .folds
-        .extend(patch.folds.iter().map(|fold| rename_in_fold(fold, &renamed)));
+    record.folds.extend(
+        patch
+            .folds
+            .iter()
+            .map(|fold| rename_in_fold(fold, &renamed)),
+    );
     record.write(model);
     Ok(())
 }
@@ -174,7 +205,13 @@ fn sdk_dim(dim: &graft_plugin_sdk::Dim) -> Dim {
 fn unique_name(graph: &Graph, stem: &str) -> String {
     let defined = graph.defined_values();
     (0..)
-        .map(|i| if i == 0 { stem.to_owned() } else { format!("{stem}.{i}") })
+        .map(|i| {
+            if i == 0 {
+                stem.to_owned()
+            } else {
+                format!("{stem}.{i}")
+            }
+        })
         .find(|name| !defined.contains(name.as_str()))
         .unwrap_or_else(|| stem.to_owned())
 }
@@ -268,7 +305,12 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
         .nodes
         .iter()
         .enumerate()
-        .flat_map(|(i, n)| n.outputs.iter().filter(|o| !o.is_empty()).map(move |o| (o.as_str(), i)))
+        .flat_map(|(i, n)| {
+            n.outputs
+                .iter()
+                .filter(|o| !o.is_empty())
+                .map(move |o| (o.as_str(), i))
+        })
         .collect();
     let n_nodes = graph.nodes.len();
     let mut waiting_on: Vec<usize> = vec![0; n_nodes];
@@ -311,7 +353,10 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
             node.name, node.op_type
         )));
     }
-    let mut nodes: Vec<Option<Node>> = std::mem::take(&mut graph.nodes).into_iter().map(Some).collect();
+    let mut nodes: Vec<Option<Node>> = std::mem::take(&mut graph.nodes)
+        .into_iter()
+        .map(Some)
+        .collect();
     graph.nodes = order.into_iter().filter_map(|i| nodes[i].take()).collect();
     Ok(())
 }
@@ -322,7 +367,11 @@ fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> 
     let types = crate::analysis::shapes::infer_shapes(model)?;
     let graph = &model.graph;
     const SAME_TYPE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "MatMul", "Concat", "Gemm"];
-    for node in graph.nodes.iter().filter(|n| new_nodes.contains(n.name.as_str())) {
+    for node in graph
+        .nodes
+        .iter()
+        .filter(|n| new_nodes.contains(n.name.as_str()))
+    {
         if !SAME_TYPE_OPS.contains(&node.op_type.as_str()) {
             continue;
         }

@@ -38,7 +38,12 @@ pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Resu
                 parameter.shape
             )));
         }
-        return Ok(Tensor::from_raw(&parameter.name, dtype, dims, payload.data.clone()));
+        return Ok(Tensor::from_raw(
+            &parameter.name,
+            dtype,
+            dims,
+            payload.data.clone(),
+        ));
     }
     let values: Vec<f64> = match &parameter.init {
         Init::Zeros => vec![0.0; n_elements],
@@ -63,7 +68,10 @@ pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Resu
         Init::Data { .. } => unreachable!("handled above"),
     };
     let bytes = encode(dtype, &values).ok_or_else(|| {
-        fail(format!("graft cannot fill a {dtype} parameter with {:?}", parameter.init))
+        fail(format!(
+            "graft cannot fill a {dtype} parameter with {:?}",
+            parameter.init
+        ))
     })?;
     Ok(Tensor::from_raw(&parameter.name, dtype, dims, bytes))
 }
@@ -78,7 +86,10 @@ fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> Vec<f64> {
 /// Encodes f64 values as raw little-endian bytes of `dtype` (floats rounded, integers truncated).
 fn encode(dtype: DataType, values: &[f64]) -> Option<Vec<u8>> {
     Some(match dtype {
-        DataType::Float => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+        DataType::Float => values
+            .iter()
+            .flat_map(|&v| (v as f32).to_le_bytes())
+            .collect(),
         DataType::Double => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
         DataType::Float16 => values
             .iter()
@@ -88,8 +99,14 @@ fn encode(dtype: DataType, values: &[f64]) -> Option<Vec<u8>> {
             .iter()
             .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
             .collect(),
-        DataType::Int64 => values.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect(),
-        DataType::Int32 => values.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
+        DataType::Int64 => values
+            .iter()
+            .flat_map(|&v| (v as i64).to_le_bytes())
+            .collect(),
+        DataType::Int32 => values
+            .iter()
+            .flat_map(|&v| (v as i32).to_le_bytes())
+            .collect(),
         DataType::Int8 => values.iter().map(|&v| v as i8 as u8).collect(),
         DataType::Uint8 | DataType::Bool => values.iter().map(|&v| v as u8).collect(),
         _ => return None,

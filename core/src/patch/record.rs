@@ -34,6 +34,10 @@ pub struct GraftRecord {
     pub methods: Vec<AppliedMethod>,
     /// How `graft merge` folds the branches back, in order.
     pub folds: Vec<Fold>,
+    /// The label (HF module path) of each base weight a fold touches, where the site had one;
+    /// adapter files in HF PEFT's format are keyed by these.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl GraftRecord {
@@ -42,14 +46,16 @@ impl GraftRecord {
         match model.metadata_value(RECORD_KEY) {
             None => Ok(GraftRecord::default()),
             Some(json) => serde_json::from_str(json).map_err(|e| {
-                Error::Config(format!("model metadata {RECORD_KEY:?} is not a valid graft record: {e}"))
+                Error::Config(format!(
+                    "model metadata {RECORD_KEY:?} is not a valid graft record: {e}"
+                ))
             }),
         }
     }
 
     /// Stores the record in `model`'s metadata (removing the entry when the record is empty).
     pub fn write(&self, model: &mut Model) {
-        if self.methods.is_empty() && self.folds.is_empty() {
+        if self.methods.is_empty() && self.folds.is_empty() && self.labels.is_empty() {
             model.metadata.retain(|(key, _)| key != RECORD_KEY);
         } else {
             let json = serde_json::to_string(self).unwrap_or_default();

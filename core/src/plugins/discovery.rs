@@ -40,14 +40,19 @@ impl LoadedPlugin {
         let library = unsafe { libloading::Library::new(path) }
             .map_err(|e| fail(format!("cannot load the library: {e}")))?;
         let entry: libloading::Symbol<unsafe extern "C" fn() -> *const GraftPluginTable> =
-            unsafe { library.get(b"graft_plugin_entry\0") }
-                .map_err(|e| fail(format!("not a graft plugin (no graft_plugin_entry symbol): {e}")))?;
+            unsafe { library.get(b"graft_plugin_entry\0") }.map_err(|e| {
+                fail(format!(
+                    "not a graft plugin (no graft_plugin_entry symbol): {e}"
+                ))
+            })?;
         // SAFETY: the symbol has the ABI's signature; the table it returns lives as long as the
         // library, which is never unloaded (forgotten below).
         let table = unsafe { entry() };
         let client = unsafe { PluginClient::from_raw(table) }.map_err(|e| fail(e.to_string()))?;
         std::mem::forget(library);
-        let description = client.describe().map_err(|e| fail(format!("describe failed: {e}")))?;
+        let description = client
+            .describe()
+            .map_err(|e| fail(format!("describe failed: {e}")))?;
         Ok(LoadedPlugin {
             path: path.to_path_buf(),
             description,
@@ -86,9 +91,14 @@ impl PluginRegistry {
                 }
             }
         }
-        if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        if let Some(exe_dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
             candidates.extend(libraries_in(&exe_dir.join("plugins"), |_| true));
-            candidates.extend(libraries_in(&exe_dir, |name| name.starts_with("libgraft_plugin_") || name.starts_with("graft_plugin_")));
+            candidates.extend(libraries_in(&exe_dir, |name| {
+                name.starts_with("libgraft_plugin_") || name.starts_with("graft_plugin_")
+            }));
         }
         for path in candidates {
             if registry.plugins.iter().any(|p| same_file(&p.path, &path)) {
@@ -123,7 +133,10 @@ impl PluginRegistry {
         let mut message = if available.is_empty() {
             format!("unknown method {method:?}: no plugins were found (use --plugin PATH or GRAFT_PLUGIN_PATH)")
         } else {
-            format!("unknown method {method:?}; available methods: {}", available.join(", "))
+            format!(
+                "unknown method {method:?}; available methods: {}",
+                available.join(", ")
+            )
         };
         for rejected in &self.rejected {
             message.push_str(&format!("\n  skipped {rejected}"));
@@ -148,7 +161,9 @@ fn libraries_in(dir: &Path, wanted: impl Fn(&str) -> bool) -> Vec<PathBuf> {
         .filter(|p| p.is_file())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let is_library = [".so", ".dylib", ".dll"].iter().any(|ext| name.ends_with(ext));
+            let is_library = [".so", ".dylib", ".dll"]
+                .iter()
+                .any(|ext| name.ends_with(ext));
             is_library && wanted(name)
         })
         .collect();

@@ -61,7 +61,36 @@ pub fn apply_method(
     apply_patch(model, &reply, applied).map_err(|e| Error::Plugin {
         plugin: plugin.display_name(),
         reason: format!("method {method} returned a patch graft cannot apply: {e}"),
-    })
+    })?;
+    record_labels(model, &view)
+}
+
+/// Stores the label of every base weight the recorded folds touch.
+fn record_labels(model: &mut Model, view: &graft_plugin_sdk::GraphView) -> Result<()> {
+    let mut record = crate::patch::GraftRecord::read(model)?;
+    for site in view.sites().map(|s| s.site) {
+        let Some(label) = &site.label else { continue };
+        let touched = record
+            .folds
+            .iter()
+            .any(|fold| fold_weight(fold) == Some(site.weight.as_str()));
+        if touched {
+            record.labels.insert(site.weight.clone(), label.clone());
+        }
+    }
+    record.write(model);
+    Ok(())
+}
+
+/// The base weight a fold updates.
+pub fn fold_weight(fold: &graft_plugin_sdk::Fold) -> Option<&str> {
+    use graft_plugin_sdk::Fold;
+    match fold {
+        Fold::LowRank { weight, .. }
+        | Fold::ScaleOutput { weight, .. }
+        | Fold::ScaleInput { weight, .. } => Some(weight),
+        Fold::InPlace { tensor } => Some(tensor),
+    }
 }
 
 /// The configuration as applied: every key of the method, given values over defaults.
@@ -71,7 +100,10 @@ fn effective_config(
 ) -> serde_json::Value {
     let mut effective = serde_json::Map::new();
     for key in &description.config {
-        let value = given.get(&key.key).cloned().unwrap_or_else(|| key.default.clone());
+        let value = given
+            .get(&key.key)
+            .cloned()
+            .unwrap_or_else(|| key.default.clone());
         effective.insert(key.key.clone(), value);
     }
     serde_json::Value::Object(effective)

@@ -28,8 +28,15 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
         .iter()
         .map(|(name, fact)| ValueInfo {
             name: name.to_owned(),
-            dtype: fact.value_type.dtype.and_then(|d| DType::from_onnx_code(d.code())),
-            shape: fact.value_type.shape.as_ref().map(|dims| dims.iter().map(sdk_dim).collect()),
+            dtype: fact
+                .value_type
+                .dtype
+                .and_then(|d| DType::from_onnx_code(d.code())),
+            shape: fact
+                .value_type
+                .shape
+                .as_ref()
+                .map(|dims| dims.iter().map(sdk_dim).collect()),
         })
         .collect();
     Ok(GraphView {

@@ -60,14 +60,14 @@ impl HostTensor {
         self.to_f64()
             .iter()
             .zip(other.to_f64())
-            .map(|(a, b)| {
-                if a == &b {
-                    0.0
+            .map(|(a, b)| if a == &b { 0.0 } else { (a - b).abs() })
+            .fold(0.0, |acc: f64, d| {
+                if d.is_nan() {
+                    f64::INFINITY
                 } else {
-                    (a - b).abs()
+                    acc.max(d)
                 }
             })
-            .fold(0.0, |acc: f64, d| if d.is_nan() { f64::INFINITY } else { acc.max(d) })
     }
 }
 
@@ -109,7 +109,9 @@ pub fn write_npz(path: &Path, arrays: &[(String, HostTensor)]) -> Result<()> {
         .unwrap_or(Path::new("."));
     let temp = dir.join(format!(
         ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out.npz"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("out.npz"),
         std::process::id()
     ));
     let file = std::fs::File::create(&temp).map_err(|e| Error::io(&temp, e))?;

@@ -27,6 +27,9 @@ pub struct SessionOptions {
     pub device: Device,
     /// Intra-op threads; 0 lets ONNX Runtime decide.
     pub threads: usize,
+    /// Run the graph exactly as written, without ONNX Runtime's graph rewrites (fusions change
+    /// float rounding, so bit-for-bit comparisons between two graphs need this).
+    pub exact: bool,
 }
 
 static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
@@ -76,11 +79,17 @@ impl OrtSession {
         commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
     ) -> Result<Self> {
         let environment = environment()?;
-        let mut builder = Session::builder(environment).map_err(runtime_error("session options"))?;
+        let mut builder =
+            Session::builder(environment).map_err(runtime_error("session options"))?;
         if options.threads > 0 {
             builder = builder
                 .with_intra_threads(options.threads)
                 .map_err(|e| Error::Runtime(format!("thread count: {e}")))?;
+        }
+        if options.exact {
+            builder = builder
+                .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+                .map_err(|e| Error::Runtime(format!("optimization level: {e}")))?;
         }
         if options.device == Device::Cuda {
             let cuda = ort::ep::CUDA::default().build().error_on_failure();
@@ -93,8 +102,16 @@ impl OrtSession {
             })?;
         }
         let session = commit(&mut builder).map_err(runtime_error("cannot load the model"))?;
-        let input_names = session.inputs().iter().map(|i| i.name().to_owned()).collect();
-        let output_names = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+        let input_names = session
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_owned())
+            .collect();
+        let output_names = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_owned())
+            .collect();
         Ok(OrtSession {
             session,
             input_names,

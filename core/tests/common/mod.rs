@@ -48,13 +48,15 @@ pub fn fixture_outputs(name: &str) -> Vec<(String, HostTensor)> {
     read_npz(&fixture_dir(name).join("outputs.npz")).expect("fixture outputs")
 }
 
-/// Runs a model held in memory through ONNX Runtime on the CPU (one thread, for determinism).
+/// Runs a model held in memory through ONNX Runtime on the CPU: one thread and no graph
+/// rewrites, so that two graphs computing the same arithmetic give bit-identical outputs.
 pub fn run_model(model: &Model, inputs: &[(String, HostTensor)]) -> Vec<(String, HostTensor)> {
     let bytes = graft::onnx::to_bytes(model).expect("serialize model");
     let mut session = OrtSession::from_bytes(
         &bytes,
         SessionOptions {
             threads: 1,
+            exact: true,
             ..Default::default()
         },
     )
@@ -151,9 +153,15 @@ pub fn randomize_trainable(model: &mut Model) {
         let values: Vec<f32> = old
             .iter()
             .map(|&v| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let noise = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2;
-                if v == 1.0 { 1.0 + noise } else { v + noise }
+                if v == 1.0 {
+                    1.0 + noise
+                } else {
+                    v + noise
+                }
             })
             .collect();
         *tensor = graft::ir::Tensor::from_f32(&tensor.name, tensor.dims.clone(), &values);

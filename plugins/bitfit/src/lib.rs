@@ -49,7 +49,9 @@ impl Plugin for BitFit {
             }
         }
         if marked.is_empty() {
-            return Err(format!("the model has no bias terms in the {subset} subset (LLaMA-style models have none)"));
+            return Err(format!(
+                "the model has no bias terms in the {subset} subset (LLaMA-style models have none)"
+            ));
         }
         Ok(builder.finish())
     }

@@ -38,7 +38,9 @@ impl Plugin for Ia3 {
         let mut kinds = Vec::new();
         for target in &targets {
             match SiteKind::from_name(target) {
-                Some(kind @ (SiteKind::K | SiteKind::V | SiteKind::Qkv | SiteKind::FfnDown)) => kinds.push(kind),
+                Some(kind @ (SiteKind::K | SiteKind::V | SiteKind::Qkv | SiteKind::FfnDown)) => {
+                    kinds.push(kind)
+                }
                 _ => {
                     return Err(format!(
                         "targets: \"{target}\" is not one of: k, v, qkv, ffn_down"

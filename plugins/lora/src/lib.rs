@@ -57,7 +57,9 @@ impl Plugin for Lora {
         let alpha = config.get_f64("alpha").map_err(error)?;
         let rslora = config.get_bool("rslora").map_err(error)?;
         let dropout = config.get_f32("dropout").map_err(error)?;
-        let rank_pattern = config.get_patterns::<usize>("rank_pattern").map_err(error)?;
+        let rank_pattern = config
+            .get_patterns::<usize>("rank_pattern")
+            .map_err(error)?;
         let alpha_pattern = config.get_patterns::<f64>("alpha_pattern").map_err(error)?;
         let gaussian = match config.get_string("init").map_err(error)?.as_str() {
             "kaiming" | "default" | "true" => false,
@@ -87,7 +89,11 @@ impl Plugin for Lora {
             };
             let seed = builder.next_seed();
             let init_a = if gaussian {
-                Init::Normal { mean: 0.0, std: 1.0 / rank as f64, seed }
+                Init::Normal {
+                    mean: 0.0,
+                    std: 1.0 / rank as f64,
+                    seed,
+                }
             } else {
                 Init::linear_default(site.in_features, seed)
             };
@@ -108,9 +114,9 @@ fn parse_layers(entries: &[String]) -> Result<Option<Vec<usize>>, String> {
     let mut layers = Vec::new();
     for entry in entries {
         let parse = |s: &str| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|_| format!("layers: \"{entry}\" is not a layer index or a range like 2-5"))
+            s.trim().parse::<usize>().map_err(|_| {
+                format!("layers: \"{entry}\" is not a layer index or a range like 2-5")
+            })
         };
         match entry.split_once('-') {
             Some((start, end)) => layers.extend(parse(start)?..=parse(end)?),

@@ -262,7 +262,7 @@ pub struct Embedding {
     pub label: Option<String>,
     /// Rows of the table: vocabulary size, number of positions or of token types; for
     /// patch embeddings the number of patches per image, 0 when not static.
-    pub num_embeddings: usize,
+    pub n_embeddings: usize,
     /// Width of each embedding vector.
     pub dim: usize,
 }

@@ -166,7 +166,7 @@ pub fn view(dtype: DType) -> GraphView {
             weight: "tok.weight".into(),
             output: "embeddings".into(),
             label: Some("embeddings.word".into()),
-            num_embeddings: 50,
+            n_embeddings: 50,
             dim: HIDDEN,
         }],
         heads: vec![],

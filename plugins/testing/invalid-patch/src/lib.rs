@@ -14,10 +14,19 @@ impl Plugin for InvalidPatch {
     const VERSION: &'static str = "0.0.0";
 
     fn methods() -> Vec<MethodDescription> {
-        vec![MethodDescription::new("invalid-patch", "returns a dangling patch", vec![])]
+        vec![MethodDescription::new(
+            "invalid-patch",
+            "returns a dangling patch",
+            vec![],
+        )]
     }
 
-    fn patch(_: &Host<'_>, _: &str, _: &MethodConfig, graph: &GraphView) -> Result<PatchReply, String> {
+    fn patch(
+        _: &Host<'_>,
+        _: &str,
+        _: &MethodConfig,
+        graph: &GraphView,
+    ) -> Result<PatchReply, String> {
         let output = graph.outputs.first().cloned().unwrap_or_default();
         let patch = Patch {
             nodes: vec![NewNode {

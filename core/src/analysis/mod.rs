@@ -1,0 +1,13 @@
+//! Analyses of a loaded model: shape and type inference ([`shapes`]), structural detection of
+//! transformer stacks, layers and adaptable sites ([`sites`]), and module-path labels recovered
+//! from exporter names ([`labels`]).
+
+pub mod labels;
+pub mod shapes;
+pub mod sites;
+
+pub use shapes::{infer_shapes, ShapeMap};
+pub use sites::{
+    detect, AttentionKind, Embedding, EmbeddingKind, Head, Layer, Site, SiteKind, Stack, Structure,
+    WeightLayout,
+};

@@ -1,0 +1,197 @@
+//! Training data: pre-tokenized JSONL, one example per line, batched with padding.
+//!
+//! Each line is a JSON object of integer lists keyed by model input name (`input_ids`,
+//! `attention_mask`, `token_type_ids`, ...) plus the target: `"label"` (an integer class or a
+//! number for regression) or `"labels"` (a list, for causal LM and token classification).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::runtime::HostTensor;
+use crate::{Error, Result};
+
+/// The label padding that losses ignore (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// One example: integer sequences by input name, and its target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    /// Sequences by model input name.
+    pub sequences: BTreeMap<String, Vec<i64>>,
+    /// The target.
+    pub target: Target,
+}
+
+/// What an example should predict.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// A class index.
+    Class(i64),
+    /// A real value (regression).
+    Value(f32),
+    /// One label per token (`IGNORE_INDEX` where no loss applies).
+    Tokens(Vec<i64>),
+}
+
+/// Reads a JSONL file of examples. A malformed line is an error naming its line number, unless
+/// `skip_bad_lines` is set, in which case it is counted and skipped. Returns the examples and the
+/// number of skipped lines.
+pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, usize)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut examples = Vec::new();
+    let mut skipped = 0;
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_example(line) {
+            Ok(example) => examples.push(example),
+            Err(reason) if skip_bad_lines => {
+                let _ = reason;
+                skipped += 1;
+            }
+            Err(reason) => {
+                return Err(Error::Config(format!(
+                    "{}:{}: {reason} (use --skip-bad-lines to skip such lines)",
+                    path.display(),
+                    index + 1
+                )))
+            }
+        }
+    }
+    if examples.is_empty() {
+        return Err(Error::Config(format!("{}: no examples", path.display())));
+    }
+    Ok((examples, skipped))
+}
+
+fn parse_example(line: &str) -> std::result::Result<Example, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let object = value.as_object().ok_or("expected a JSON object")?;
+    let mut sequences = BTreeMap::new();
+    let mut target = None;
+    for (key, value) in object {
+        match key.as_str() {
+            "label" => {
+                target = Some(match value.as_i64() {
+                    Some(class) => Target::Class(class),
+                    None => Target::Value(
+                        value.as_f64().ok_or("\"label\" must be a number")? as f32,
+                    ),
+                })
+            }
+            "labels" => target = Some(Target::Tokens(int_list(key, value)?)),
+            _ => {
+                sequences.insert(key.clone(), int_list(key, value)?);
+            }
+        }
+    }
+    let input_ids = sequences.get("input_ids").ok_or("missing \"input_ids\"")?;
+    if input_ids.is_empty() {
+        return Err("\"input_ids\" is empty".into());
+    }
+    for (key, sequence) in &sequences {
+        if sequence.len() != input_ids.len() {
+            return Err(format!(
+                "\"{key}\" has {} entries, \"input_ids\" has {}",
+                sequence.len(),
+                input_ids.len()
+            ));
+        }
+    }
+    let target = target.ok_or("missing \"label\" or \"labels\"")?;
+    if let Target::Tokens(labels) = &target {
+        if labels.len() != input_ids.len() {
+            return Err(format!(
+                "\"labels\" has {} entries, \"input_ids\" has {}",
+                labels.len(),
+                input_ids.len()
+            ));
+        }
+    }
+    Ok(Example { sequences, target })
+}
+
+fn int_list(key: &str, value: &serde_json::Value) -> std::result::Result<Vec<i64>, String> {
+    value
+        .as_array()
+        .ok_or_else(|| format!("\"{key}\" must be a list of integers"))?
+        .iter()
+        .map(|v| v.as_i64().ok_or_else(|| format!("\"{key}\" must be a list of integers")))
+        .collect()
+}
+
+/// Stacks examples into a batch padded on the right to the longest sequence: ids and other
+/// sequences with 0, `attention_mask` with 0, token labels with [`IGNORE_INDEX`]. The target
+/// comes back as `labels` (int64 classes or tokens, or float32 values).
+pub fn collate(examples: &[&Example]) -> Vec<(String, HostTensor)> {
+    let length = examples
+        .iter()
+        .map(|e| e.sequences["input_ids"].len())
+        .max()
+        .unwrap_or(0);
+    let batch = examples.len();
+    let mut tensors = Vec::new();
+    let names: Vec<&String> = examples[0].sequences.keys().collect();
+    for name in names {
+        let mut data = vec![0i64; batch * length];
+        for (row, example) in examples.iter().enumerate() {
+            if let Some(sequence) = example.sequences.get(name) {
+                data[row * length..row * length + sequence.len()].copy_from_slice(sequence);
+            }
+        }
+        tensors.push((name.clone(), int_tensor(vec![batch, length], data)));
+    }
+    if !tensors.iter().any(|(name, _)| name == "attention_mask") {
+        let mut mask = vec![0i64; batch * length];
+        for (row, example) in examples.iter().enumerate() {
+            let n = example.sequences["input_ids"].len();
+            mask[row * length..row * length + n].fill(1);
+        }
+        tensors.push(("attention_mask".into(), int_tensor(vec![batch, length], mask)));
+    }
+    let labels = match &examples[0].target {
+        Target::Class(_) => int_tensor(
+            vec![batch],
+            examples
+                .iter()
+                .map(|e| match e.target {
+                    Target::Class(c) => c,
+                    _ => IGNORE_INDEX,
+                })
+                .collect(),
+        ),
+        Target::Value(_) => HostTensor::F32(
+            ArrayD::from_shape_vec(
+                IxDyn(&[batch]),
+                examples
+                    .iter()
+                    .map(|e| match e.target {
+                        Target::Value(v) => v,
+                        Target::Class(c) => c as f32,
+                        Target::Tokens(_) => 0.0,
+                    })
+                    .collect(),
+            )
+            .expect("batch-sized vector"),
+        ),
+        Target::Tokens(_) => {
+            let mut data = vec![IGNORE_INDEX; batch * length];
+            for (row, example) in examples.iter().enumerate() {
+                if let Target::Tokens(labels) = &example.target {
+                    data[row * length..row * length + labels.len()].copy_from_slice(labels);
+                }
+            }
+            int_tensor(vec![batch, length], data)
+        }
+    };
+    tensors.push(("labels".into(), labels));
+    tensors
+}
+
+fn int_tensor(shape: Vec<usize>, data: Vec<i64>) -> HostTensor {
+    HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&shape), data).expect("shape matches data"))
+}

@@ -1,0 +1,567 @@
+//! Shape inference and structural site detection on the committed fixtures: inferred types
+//! match what the exporters declared, and the detected stacks, layers, sites and labels match
+//! each fixture's `expected.json` (written from the HF config by the fixture generator), also
+//! after every name and all metadata are stripped.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{fixture_dir, fixture_model, FIXTURES};
+use graft::analysis::{
+    detect, infer_shapes, AttentionKind, EmbeddingKind, Site, SiteKind, Stack, Structure,
+};
+use graft::ir::{Dim, Model};
+use serde_json::Value;
+
+/// Symbols the fixtures' graph inputs declare for batch and sequence axes.
+const INPUT_SYMBOLS: &[&str] = &["batch", "sequence", "decoder_sequence", "image_batch"];
+
+fn load(name: &str) -> Model {
+    graft::onnx::load(&fixture_model(name)).expect("fixture loads")
+}
+
+fn expected(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(fixture_dir(name).join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+/// Whether an inferred dimension is consistent with a declared one: fixed sizes equal, declared
+/// symbols inferred as symbols (with `same_input_symbols`, the input symbols by the same name),
+/// unknowns unconstrained.
+fn dim_matches(inferred: &Dim, declared: &Dim, same_input_symbols: bool) -> bool {
+    match declared {
+        Dim::Fixed(_) => inferred == declared,
+        Dim::Symbol(symbol) if same_input_symbols && INPUT_SYMBOLS.contains(&symbol.as_str()) => {
+            inferred == declared
+        }
+        Dim::Symbol(symbol) if symbol.starts_with("unk__") => true,
+        Dim::Symbol(_) => matches!(inferred, Dim::Symbol(_)),
+        Dim::Unknown => true,
+    }
+}
+
+#[test]
+fn inferred_outputs_match_declared_types_with_symbols_kept() {
+    for name in FIXTURES {
+        let mut model = load(name);
+        model.graph.value_infos.clear();
+        let shapes = infer_shapes(&model).unwrap();
+        for output in &model.graph.outputs {
+            let declared = output.value_type().expect("outputs are typed tensors");
+            let inferred = shapes
+                .value_type(&output.name)
+                .unwrap_or_else(|| panic!("{name}: no type for output {}", output.name));
+            assert_eq!(
+                inferred.dtype, declared.dtype,
+                "{name}: dtype of {}",
+                output.name
+            );
+            let (Some(inferred_shape), Some(declared_shape)) = (&inferred.shape, &declared.shape)
+            else {
+                panic!("{name}: no shape for output {}", output.name);
+            };
+            assert_eq!(
+                inferred_shape.len(),
+                declared_shape.len(),
+                "{name}: rank of {}",
+                output.name
+            );
+            for (got, want) in inferred_shape.iter().zip(declared_shape) {
+                assert!(
+                    dim_matches(got, want, true),
+                    "{name}: output {} inferred {inferred_shape:?}, declared {declared_shape:?}",
+                    output.name
+                );
+            }
+        }
+    }
+}
+
+/// Dynamo knows bounds the graph does not show (a sequence no longer than the position table),
+/// so where it simplifies `min(16, sequence)` to `sequence` only the kind of dimension is compared.
+#[test]
+fn inferred_intermediates_match_dynamo_value_infos() {
+    for name in FIXTURES.iter().filter(|n| n.ends_with("-dynamo")) {
+        let mut model = load(name);
+        let declared = std::mem::take(&mut model.graph.value_infos);
+        assert!(
+            !declared.is_empty(),
+            "{name}: dynamo exports declare intermediate types"
+        );
+        let shapes = infer_shapes(&model).unwrap();
+        for info in &declared {
+            let Some(want) = info.value_type() else {
+                continue;
+            };
+            let got = shapes
+                .value_type(&info.name)
+                .unwrap_or_else(|| panic!("{name}: no type for {}", info.name));
+            assert_eq!(got.dtype, want.dtype, "{name}: dtype of {}", info.name);
+            if let (Some(got_shape), Some(want_shape)) = (&got.shape, &want.shape) {
+                assert_eq!(
+                    got_shape.len(),
+                    want_shape.len(),
+                    "{name}: rank of {}",
+                    info.name
+                );
+                for (g, w) in got_shape.iter().zip(want_shape) {
+                    assert!(
+                        dim_matches(g, w, false),
+                        "{name}: {} inferred {got_shape:?}, declared {want_shape:?}",
+                        info.name
+                    );
+                }
+            } else {
+                assert!(
+                    want.shape.is_none(),
+                    "{name}: no shape inferred for {}",
+                    info.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn reshape_targets_are_folded_from_shape_arithmetic() {
+    let model = load("bert-legacy");
+    let shapes = infer_shapes(&model).unwrap();
+    let heads = shapes
+        .shape("/bert/encoder/layer.0/attention/self/Reshape_output_0")
+        .expect("the query reshape has a shape");
+    let symbol = |s: &str| Dim::Symbol(s.to_owned());
+    assert_eq!(
+        heads,
+        [
+            symbol("batch"),
+            symbol("sequence"),
+            Dim::Fixed(4),
+            Dim::Fixed(8)
+        ]
+    );
+}
+
+/// The intermediate (FFN) width of a stack from the HF config.
+fn intermediate_size(config: &Value, stack: &str) -> u64 {
+    let sub_config = match stack {
+        "text" => &config["text_config"],
+        "vision" => &config["vision_config"],
+        _ => config,
+    };
+    ["intermediate_size", "d_ff", "n_inner"]
+        .iter()
+        .find_map(|key| sub_config[key].as_u64())
+        .expect("the config gives an intermediate size")
+}
+
+/// The per-head width from the HF config (`d_kv`, `head_dim`) or hidden / heads.
+fn head_dim(config: &Value, stack: &Value) -> u64 {
+    config["d_kv"]
+        .as_u64()
+        .or_else(|| config["head_dim"].as_u64())
+        .unwrap_or_else(|| {
+            stack["hidden_size"].as_u64().unwrap() / stack["n_heads"].as_u64().unwrap()
+        })
+}
+
+fn sites_of(
+    stack: &Stack,
+    layer: usize,
+    kind: SiteKind,
+    attention: Option<AttentionKind>,
+) -> Vec<&Site> {
+    stack.layers[layer]
+        .sites
+        .iter()
+        .filter(|s| s.kind == kind && s.attention == attention)
+        .collect()
+}
+
+fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
+    let stack_name = want["name"].as_str().unwrap();
+    let context = format!("{name}: stack {stack_name}");
+    assert_eq!(
+        stack.n_layers as u64,
+        want["n_layers"].as_u64().unwrap(),
+        "{context}: n_layers"
+    );
+    assert_eq!(stack.layers.len(), stack.n_layers, "{context}: layers");
+    assert_eq!(
+        stack.hidden_size as u64,
+        want["hidden_size"].as_u64().unwrap(),
+        "{context}: hidden"
+    );
+    assert_eq!(
+        stack.n_heads as u64,
+        want["n_heads"].as_u64().unwrap(),
+        "{context}: n_heads"
+    );
+    assert_eq!(
+        stack.n_kv_heads as u64,
+        want["n_kv_heads"].as_u64().unwrap(),
+        "{context}: n_kv_heads"
+    );
+    let hidden = stack.hidden_size;
+    let head_width = head_dim(config, want) as usize;
+    assert_eq!(stack.head_dim, Some(head_width), "{context}: head_dim");
+    let query_width = stack.n_heads * head_width;
+    let key_width = stack.n_kv_heads * head_width;
+    let intermediate = intermediate_size(config, stack_name) as usize;
+    let fused = want["fused_qkv"].as_bool().unwrap();
+    let gated = want["ffn"].as_str() == Some("gate_up_down");
+    let cross = want["cross_attention"].as_bool().unwrap();
+    let self_attention = Some(AttentionKind::SelfAttention);
+    for (index, layer) in stack.layers.iter().enumerate() {
+        let context = format!("{context} layer {index}");
+        assert_eq!(layer.index, index, "{context}: index");
+        let one = |kind, attention| {
+            let found = sites_of(stack, index, kind, attention);
+            assert_eq!(
+                found.len(),
+                1,
+                "{context}: {kind:?} {attention:?} sites: {found:?}"
+            );
+            found[0]
+        };
+        let mut attentions = vec![self_attention];
+        if cross {
+            attentions.push(Some(AttentionKind::Cross));
+        }
+        for attention in attentions {
+            if fused {
+                let qkv = one(SiteKind::Qkv, attention);
+                assert_eq!(
+                    (qkv.in_features, qkv.out_features),
+                    (hidden, query_width + 2 * key_width)
+                );
+                assert!(
+                    qkv.key_states.is_some() || qkv.value_states.is_some(),
+                    "{context}: states"
+                );
+            } else {
+                let q = one(SiteKind::Q, attention);
+                let k = one(SiteKind::K, attention);
+                let v = one(SiteKind::V, attention);
+                assert_eq!(
+                    (q.in_features, q.out_features),
+                    (hidden, query_width),
+                    "{context}: q"
+                );
+                assert_eq!(
+                    (k.in_features, k.out_features),
+                    (hidden, key_width),
+                    "{context}: k"
+                );
+                assert_eq!(
+                    (v.in_features, v.out_features),
+                    (hidden, key_width),
+                    "{context}: v"
+                );
+                assert!(v.value_states.is_some(), "{context}: value states");
+                let cross_input = k.input != q.input;
+                assert_eq!(
+                    cross_input,
+                    attention == Some(AttentionKind::Cross),
+                    "{context}: inputs"
+                );
+            }
+            let o = one(SiteKind::O, attention);
+            assert_eq!(
+                (o.in_features, o.out_features),
+                (query_width, hidden),
+                "{context}: o"
+            );
+        }
+        let up = one(SiteKind::FfnUp, None);
+        let down = one(SiteKind::FfnDown, None);
+        assert_eq!(
+            (up.in_features, up.out_features),
+            (hidden, intermediate),
+            "{context}: up"
+        );
+        assert_eq!(
+            (down.in_features, down.out_features),
+            (intermediate, hidden),
+            "{context}: down"
+        );
+        let gates = sites_of(stack, index, SiteKind::FfnGate, None);
+        assert_eq!(gates.len(), usize::from(gated), "{context}: gate");
+        for gate in gates {
+            assert_eq!(
+                (gate.in_features, gate.out_features),
+                (hidden, intermediate)
+            );
+        }
+        let norms = sites_of(stack, index, SiteKind::Norm, None);
+        assert!(!norms.is_empty(), "{context}: no norm");
+        for norm in norms {
+            assert_eq!(
+                (norm.in_features, norm.out_features),
+                (hidden, hidden),
+                "{context}: norm"
+            );
+        }
+        let other_kinds = layer.sites.iter().filter(|s| {
+            matches!(s.kind, SiteKind::FfnGateUp)
+                || (fused && matches!(s.kind, SiteKind::Q | SiteKind::K | SiteKind::V))
+        });
+        assert_eq!(other_kinds.count(), 0, "{context}: unexpected sites");
+    }
+}
+
+/// The expected.json label key for a site kind.
+fn label_kind(key: &str) -> SiteKind {
+    match key {
+        "q" => SiteKind::Q,
+        "k" => SiteKind::K,
+        "v" => SiteKind::V,
+        "o" => SiteKind::O,
+        "qkv" => SiteKind::Qkv,
+        "up" => SiteKind::FfnUp,
+        "gate" => SiteKind::FfnGate,
+        "down" => SiteKind::FfnDown,
+        other => panic!("unknown label key {other}"),
+    }
+}
+
+fn check_structure(name: &str, structure: &Structure) {
+    let expected = expected(name);
+    let config = &expected["hf_config"];
+    let want_stacks = expected["stacks"].as_array().unwrap();
+    let mut got_names: Vec<&str> = structure.stacks.iter().map(|s| s.name.as_str()).collect();
+    let mut want_names: Vec<&str> = want_stacks
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    got_names.sort_unstable();
+    want_names.sort_unstable();
+    assert_eq!(got_names, want_names, "{name}: stacks");
+    for want in want_stacks {
+        let stack = structure
+            .stacks
+            .iter()
+            .find(|s| s.name == want["name"].as_str().unwrap())
+            .unwrap();
+        check_stack(name, config, want, stack);
+    }
+    assert_eq!(
+        structure.opset,
+        expected["opset"].as_i64().unwrap(),
+        "{name}: opset"
+    );
+    let kinds: Vec<EmbeddingKind> = structure.embeddings.iter().map(|e| e.kind).collect();
+    let has_tokens = want_names.iter().any(|n| *n != "vision") && !name.starts_with("vit");
+    let has_patches = want_names.contains(&"vision") || name.starts_with("vit");
+    assert_eq!(
+        kinds.contains(&EmbeddingKind::Token),
+        has_tokens,
+        "{name}: token embedding"
+    );
+    assert_eq!(
+        kinds.contains(&EmbeddingKind::Patch),
+        has_patches,
+        "{name}: patch embedding"
+    );
+    if let Some(token) = structure
+        .embeddings
+        .iter()
+        .find(|e| e.kind == EmbeddingKind::Token)
+    {
+        let vocabulary = config["vocab_size"]
+            .as_u64()
+            .or_else(|| config["text_config"]["vocab_size"].as_u64())
+            .unwrap();
+        assert_eq!(token.n_embeddings as u64, vocabulary, "{name}: vocabulary");
+    }
+    assert!(!structure.heads.is_empty(), "{name}: no head");
+}
+
+fn check_labels(name: &str, structure: &Structure) {
+    let expected = expected(name);
+    let Some(labels) = expected["labels"].as_object() else {
+        return;
+    };
+    for (key, label) in labels {
+        let kind = label_kind(key);
+        let label = label.as_str().unwrap();
+        let found = structure.stacks.iter().any(|stack| {
+            stack.layers[0]
+                .sites
+                .iter()
+                .any(|s| s.kind == kind && s.label.as_deref() == Some(label))
+        });
+        assert!(found, "{name}: no layer-0 {key} site labelled {label}");
+    }
+}
+
+#[test]
+fn detect_finds_the_expected_structure() {
+    for name in FIXTURES {
+        let structure = detect(&load(name)).unwrap();
+        check_structure(name, &structure);
+    }
+}
+
+#[test]
+fn layer_zero_labels_are_hf_module_paths() {
+    for name in FIXTURES {
+        let structure = detect(&load(name)).unwrap();
+        check_labels(name, &structure);
+    }
+}
+
+#[test]
+fn key_and_value_states_follow_the_cache() {
+    for name in [
+        "gpt2-past-legacy",
+        "gpt2-past-dynamo",
+        "llama-past-legacy",
+        "llama-past-dynamo",
+    ] {
+        let structure = detect(&load(name)).unwrap();
+        for (index, layer) in structure.stacks[0].layers.iter().enumerate() {
+            let key = layer.sites.iter().find_map(|s| s.key_states.clone());
+            let value = layer.sites.iter().find_map(|s| s.value_states.clone());
+            assert_eq!(
+                key.as_deref(),
+                Some(format!("present.{index}.key").as_str()),
+                "{name}"
+            );
+            assert_eq!(
+                value.as_deref(),
+                Some(format!("present.{index}.value").as_str()),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn structure_serializes_to_the_documented_schema() {
+    let structure = detect(&load("llama-dynamo")).unwrap();
+    let json = serde_json::to_value(&structure).unwrap();
+    let site = &json["stacks"][0]["layers"][0]["sites"][1];
+    assert_eq!(site["kind"], "q");
+    assert_eq!(site["attention"], "self");
+    assert_eq!(site["layout"], "in_out");
+    assert_eq!(site["label"], "model.layers.0.self_attn.q_proj");
+    assert_eq!(
+        json["stacks"][0]["layers"][0]["sites"][6]["kind"],
+        "ffn_gate"
+    );
+    assert_eq!(json["embeddings"][0]["kind"], "token");
+    let back: Structure = serde_json::from_value(json).unwrap();
+    assert_eq!(back, structure);
+}
+
+/// A copy of `model` with every value, initializer and node renamed to a meaningless name, and
+/// node metadata, value annotations and model metadata dropped; plus the value renaming.
+fn anonymized(model: &Model) -> (Model, HashMap<String, String>) {
+    let mut model = model.clone();
+    let mut renames: HashMap<String, String> = HashMap::new();
+    let mut rename = |name: &mut String, prefix: &str| {
+        if name.is_empty() {
+            return;
+        }
+        let count = renames.len();
+        let new = renames
+            .entry(name.clone())
+            .or_insert_with(|| format!("{prefix}{count}"))
+            .clone();
+        *name = new;
+    };
+    let graph = &mut model.graph;
+    for tensor in &mut graph.initializers {
+        rename(&mut tensor.name, "w");
+    }
+    for value in graph.inputs.iter_mut().chain(graph.outputs.iter_mut()) {
+        rename(&mut value.name, "v");
+        value.proto.name.clone_from(&value.name);
+    }
+    for (i, node) in graph.nodes.iter_mut().enumerate() {
+        node.name = format!("n{i}");
+        node.metadata.clear();
+        node.doc_string.clear();
+        for value in node.inputs.iter_mut().chain(node.outputs.iter_mut()) {
+            rename(value, "v");
+        }
+    }
+    graph.value_infos.clear();
+    model.metadata.clear();
+    (model, renames)
+}
+
+#[test]
+fn detection_is_structural() {
+    for name in FIXTURES {
+        let original = load(name);
+        let reference = detect(&original).unwrap();
+        let (model, renames) = anonymized(&original);
+        let structure = detect(&model).unwrap();
+        check_structure(name, &structure);
+        let node_names: HashMap<&str, String> = original
+            .graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), format!("n{i}")))
+            .collect();
+        let value = |v: &str| renames.get(v).cloned().unwrap_or_else(|| v.to_owned());
+        let value_option = |v: &Option<String>| v.as_deref().map(value);
+        assert_eq!(structure.stacks.len(), reference.stacks.len(), "{name}");
+        for (stack, reference_stack) in structure.stacks.iter().zip(&reference.stacks) {
+            assert_eq!(stack.name, reference_stack.name, "{name}");
+            for (layer, reference_layer) in stack.layers.iter().zip(&reference_stack.layers) {
+                assert_eq!(layer.sites.len(), reference_layer.sites.len(), "{name}");
+                for (site, want) in layer.sites.iter().zip(&reference_layer.sites) {
+                    assert_eq!(site.label, None, "{name}: labels need names");
+                    assert_eq!(
+                        (site.kind, site.attention),
+                        (want.kind, want.attention),
+                        "{name}"
+                    );
+                    assert_eq!(site.node, node_names[want.node.as_str()], "{name}: node");
+                    assert_eq!(site.weight, value(&want.weight), "{name}: weight");
+                    assert_eq!(site.bias, value_option(&want.bias), "{name}: bias");
+                    assert_eq!(site.input, value(&want.input), "{name}: input");
+                    assert_eq!(site.output, value(&want.output), "{name}: output");
+                    assert_eq!(site.key_states, value_option(&want.key_states), "{name}");
+                    assert_eq!(
+                        site.value_states,
+                        value_option(&want.value_states),
+                        "{name}"
+                    );
+                    assert_eq!(
+                        (site.in_features, site.out_features, site.layout),
+                        (want.in_features, want.out_features, want.layout),
+                        "{name}"
+                    );
+                }
+            }
+        }
+        let summary = |s: &Structure| -> Vec<(EmbeddingKind, usize, usize)> {
+            s.embeddings
+                .iter()
+                .map(|e| (e.kind, e.n_embeddings, e.dim))
+                .collect()
+        };
+        assert_eq!(
+            summary(&structure),
+            summary(&reference),
+            "{name}: embeddings"
+        );
+        let heads = |s: &Structure| -> Vec<(usize, usize)> {
+            s.heads
+                .iter()
+                .map(|h| (h.in_features, h.out_features))
+                .collect()
+        };
+        assert_eq!(heads(&structure), heads(&reference), "{name}: heads");
+        assert!(
+            structure.heads.iter().all(|h| h.label.is_none()),
+            "{name}: head labels"
+        );
+    }
+}
