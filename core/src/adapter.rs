@@ -53,3 +53,34 @@ pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
 pub fn safetensors_dtype(tensor: &Tensor) -> Option<safetensors::Dtype> {
     graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code())?.to_safetensors()
 }
+
+/// Writes every trainable tensor of a patched model to a safetensors file (atomically), keyed by
+/// graft's tensor names.
+pub fn save(model: &Model, path: &Path) -> Result<()> {
+    let record = GraftRecord::read(model)?;
+    let mut views = Vec::new();
+    for name in record.trainable() {
+        let tensor = model.graph.initializer(name).ok_or_else(|| Error::Tensor {
+            name: name.to_owned(),
+            reason: "trainable tensor missing from the model".into(),
+        })?;
+        let dtype = safetensors_dtype(tensor).ok_or_else(|| Error::Tensor {
+            name: name.to_owned(),
+            reason: format!("{} cannot be stored in safetensors", tensor.dtype),
+        })?;
+        let shape: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+        let view = safetensors::tensor::TensorView::new(dtype, shape, tensor.raw_bytes()?)
+            .map_err(|e| Error::Tensor {
+                name: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+        views.push((name.to_owned(), view));
+    }
+    let bytes = safetensors::serialize(views, &None).map_err(|e| {
+        Error::Config(format!(
+            "{}: cannot encode safetensors: {e}",
+            path.display()
+        ))
+    })?;
+    crate::atomic_file::write_atomically(path, &bytes)
+}

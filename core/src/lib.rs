@@ -17,5 +17,6 @@ pub mod patch;
 pub mod peft;
 pub mod plugins;
 pub mod runtime;
+pub mod train;
 
 pub use error::{Error, Result};

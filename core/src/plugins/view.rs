@@ -5,7 +5,7 @@ use graft_plugin_sdk::{DType, GraphView, TensorInfo, ValueInfo};
 
 use crate::analysis::{shapes::infer_shapes, sites::detect};
 use crate::ir::{Dim, Model};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Describes `model` for a plugin: the structure `graft inspect` reports, every initializer's
 /// type and shape, and every value's inferred type and shape.
@@ -42,9 +42,9 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
     Ok(GraphView {
         opset: model.opset(),
         producer: model.producer_name.clone(),
-        stacks: bridge(&structure.stacks)?,
-        embeddings: bridge(&structure.embeddings)?,
-        heads: bridge(&structure.heads)?,
+        stacks: structure.stacks,
+        embeddings: structure.embeddings,
+        heads: structure.heads,
         tensors,
         values,
         inputs: model.graph.inputs.iter().map(|v| v.name.clone()).collect(),
@@ -58,11 +58,4 @@ fn sdk_dim(dim: &Dim) -> graft_plugin_sdk::Dim {
         Dim::Symbol(s) => graft_plugin_sdk::Dim::Symbolic(s.clone()),
         Dim::Unknown => graft_plugin_sdk::Dim::Unknown,
     }
-}
-
-/// Converts the analysis types to the SDK's message types, which share their JSON schema.
-fn bridge<T: serde::Serialize, U: serde::de::DeserializeOwned>(value: &T) -> Result<U> {
-    serde_json::to_value(value)
-        .and_then(serde_json::from_value)
-        .map_err(|e| Error::InvalidGraph(format!("structure view: {e}")))
 }

@@ -78,9 +78,9 @@ fn parse_example(line: &str) -> std::result::Result<Example, String> {
             "label" => {
                 target = Some(match value.as_i64() {
                     Some(class) => Target::Class(class),
-                    None => Target::Value(
-                        value.as_f64().ok_or("\"label\" must be a number")? as f32,
-                    ),
+                    None => {
+                        Target::Value(value.as_f64().ok_or("\"label\" must be a number")? as f32)
+                    }
                 })
             }
             "labels" => target = Some(Target::Tokens(int_list(key, value)?)),
@@ -120,7 +120,10 @@ fn int_list(key: &str, value: &serde_json::Value) -> std::result::Result<Vec<i64
         .as_array()
         .ok_or_else(|| format!("\"{key}\" must be a list of integers"))?
         .iter()
-        .map(|v| v.as_i64().ok_or_else(|| format!("\"{key}\" must be a list of integers")))
+        .map(|v| {
+            v.as_i64()
+                .ok_or_else(|| format!("\"{key}\" must be a list of integers"))
+        })
         .collect()
 }
 
@@ -151,7 +154,10 @@ pub fn collate(examples: &[&Example]) -> Vec<(String, HostTensor)> {
             let n = example.sequences["input_ids"].len();
             mask[row * length..row * length + n].fill(1);
         }
-        tensors.push(("attention_mask".into(), int_tensor(vec![batch, length], mask)));
+        tensors.push((
+            "attention_mask".into(),
+            int_tensor(vec![batch, length], mask),
+        ));
     }
     let labels = match &examples[0].target {
         Target::Class(_) => int_tensor(

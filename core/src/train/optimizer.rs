@@ -92,14 +92,19 @@ impl Optimizer {
                 momentum,
                 weight_decay,
             } => {
-                let (lr, momentum, weight_decay) = (lr as f32, momentum as f32, weight_decay as f32);
+                let (lr, momentum, weight_decay) =
+                    (lr as f32, momentum as f32, weight_decay as f32);
                 let first_step = self.step == 1;
                 for (index, (param, grad)) in parameters.iter_mut().zip(gradients).enumerate() {
                     let buffer = &mut self.first_moments[index];
                     for i in 0..param.len() {
                         let mut g = grad[i] + weight_decay * param[i];
                         if momentum != 0.0 {
-                            buffer[i] = if first_step { g } else { momentum * buffer[i] + g };
+                            buffer[i] = if first_step {
+                                g
+                            } else {
+                                momentum * buffer[i] + g
+                            };
                             g = buffer[i];
                         }
                         param[i] -= lr * g;
@@ -157,7 +162,9 @@ impl Schedule {
         match self {
             Schedule::Constant => base_lr,
             Schedule::Linear => base_lr * (1.0 - progress).max(0.0),
-            Schedule::Cosine => base_lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0),
+            Schedule::Cosine => {
+                base_lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0)
+            }
         }
     }
 }
@@ -170,7 +177,12 @@ mod tests {
     /// makes m̂/√v̂ = ±1), after the decoupled decay — a closed form independent of PyTorch.
     #[test]
     fn first_adamw_step_is_lr_times_sign() {
-        let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 0.0, weight_decay: 0.1 };
+        let kind = OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 0.0,
+            weight_decay: 0.1,
+        };
         let mut optimizer = Optimizer::new(kind, &[3]);
         let mut parameters = vec![vec![1.0f32, -2.0, 0.5]];
         optimizer.update(&mut parameters, &[vec![0.3, -4.0, 1e-3]], 0.01);
