@@ -199,3 +199,83 @@ fn is_conv1d_module(module: &str) -> bool {
         .iter()
         .any(|suffix| module.ends_with(suffix))
 }
+
+/// Loads the LoRA tensors of an HF PEFT adapter folder (or `adapter_model.safetensors` file)
+/// into a patched model whose LoRA branches sit on the same modules: `lora_A.weight` [r, in] into
+/// A [in, r] and `lora_B.weight` [out, r] into B [r, out]. Fails naming the key when a tensor
+/// matches no branch or has another shape. Returns the number of tensors loaded.
+pub fn load_values(model: &mut Model, path: &Path) -> Result<usize> {
+    let file = if path.is_dir() {
+        path.join("adapter_model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let record = GraftRecord::read(model)?;
+    let mut by_module: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for fold in &record.folds {
+        if let Fold::LowRank { weight, a, b, .. } = fold {
+            if let Some(label) = record.labels.get(weight) {
+                by_module.insert(label, (a, b));
+            }
+        }
+    }
+    let mut updates: Vec<(String, Vec<f32>)> = Vec::new();
+    for (key, view) in tensors.tensors() {
+        let Some(rest) = key.strip_prefix("base_model.model.") else {
+            return Err(fail(format!(
+                "key {key:?} is not a PEFT key (base_model.model.…)"
+            )));
+        };
+        let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            (m, true)
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            (m, false)
+        } else {
+            return Err(fail(format!(
+                "key {key:?} is not a LoRA tensor; only lora_A/lora_B weights are supported"
+            )));
+        };
+        let Some(&(a, b)) = by_module.get(module) else {
+            let known: Vec<&str> = by_module.keys().copied().take(6).collect();
+            return Err(fail(format!(
+                "key {key:?} names module {module:?}, which has no LoRA branch in this model (branches: {})",
+                known.join(", ")
+            )));
+        };
+        let target = if is_a { a } else { b };
+        let dims = model
+            .graph
+            .initializer(target)
+            .map(|t| t.dims.clone())
+            .unwrap_or_default();
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if dims.len() != 2 || shape != [dims[1], dims[0]] {
+            return Err(fail(format!(
+                "{key:?} is {shape:?}, the branch needs the transpose of {dims:?}"
+            )));
+        }
+        let dtype = graft_plugin_sdk::DType::from_safetensors(view.dtype())
+            .ok_or_else(|| fail(format!("{key:?} has unsupported type {:?}", view.dtype())))?;
+        let values = graft_plugin_sdk::bytes_to_f32(dtype, view.data())
+            .ok_or_else(|| fail(format!("{key:?} is not a float tensor")))?;
+        updates.push((
+            target.to_owned(),
+            transpose(&values, shape[0] as usize, shape[1] as usize),
+        ));
+    }
+    for (name, values) in &updates {
+        if let Some(tensor) = model
+            .graph
+            .initializers
+            .iter_mut()
+            .find(|t| &t.name == name)
+        {
+            *tensor = crate::ir::Tensor::from_f32(name, tensor.dims.clone(), values);
+        }
+    }
+    Ok(updates.len())
+}

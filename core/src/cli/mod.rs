@@ -8,6 +8,7 @@ mod inspect;
 mod merge;
 mod plugins;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,7 @@ pub struct Cli {
 enum Command {
     Inspect(inspect::Args),
     Apply(apply::Args),
+    Train(train::Args),
     Merge(merge::Args),
     Export(export::Args),
     Plugins(plugins::Args),
@@ -39,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Apply(args) => apply::run(args),
+        Command::Train(args) => train::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Export(args) => export::run(args),
         Command::Plugins(args) => plugins::run(args),
