@@ -25,10 +25,24 @@ step "3. the patched model equals the base at init (LoRA B = 0)"
 $GRAFT run "$MODEL" --inputs "$INPUTS" -o "$OUT/base_outputs.npz"
 $GRAFT run "$OUT/patched.onnx" --inputs "$INPUTS" --compare "$OUT/base_outputs.npz" --tolerance 0
 
-step "4. merge LoRA into the base weights"
-$GRAFT merge "$OUT/patched.onnx" -o "$OUT/merged.onnx"
-$GRAFT run "$OUT/merged.onnx" --inputs "$INPUTS" --compare "$OUT/base_outputs.npz"
+step "4. train LoRA for sequence classification (AdamW, through ONNX Runtime)"
+$GRAFT train "$OUT/patched.onnx" --task seq-cls --data models/references/train-bert/data.jsonl \
+  --out "$OUT/run" --epochs 30 --batch-size 8 --lr 5e-3 --schedule cosine --warmup 10 --seed 1 \
+  | awk 'NR % 15 == 1 || /trained/'
+
+step "5. merge the trained LoRA into the base weights"
+$GRAFT merge "$OUT/patched.onnx" --adapter "$OUT/run/adapter.safetensors" -o "$OUT/merged.onnx"
+
+step "6. the merged model equals the trained, unmerged one"
+$GRAFT run "$OUT/patched.onnx" --adapter "$OUT/run/adapter.safetensors" --inputs "$INPUTS" -o "$OUT/trained_outputs.npz"
+$GRAFT run "$OUT/merged.onnx" --inputs "$INPUTS" --compare "$OUT/trained_outputs.npz"
+
+step "7. export the adapter for Hugging Face PEFT"
+$GRAFT export "$OUT/patched.onnx" --adapter "$OUT/run/adapter.safetensors" --format peft -o "$OUT/peft"
 
 step "done"
-echo "patched model: $OUT/patched.onnx"
-echo "merged model:  $OUT/merged.onnx"
+echo "patched model:        $OUT/patched.onnx"
+echo "training metrics:     $OUT/run/metrics.jsonl"
+echo "trained adapter:      $OUT/run/adapter_model.safetensors (HF PEFT keys)"
+echo "merged model:         $OUT/merged.onnx"
+echo "PEFT adapter folder:  $OUT/peft"

@@ -446,8 +446,16 @@ fn main() {
         mib(after_detect),
         structure.stacks.len()
     );
-    let (_, save_time) =
-        timed(|| onnx::save(&model, &resaved, &SaveOptions::default()).expect("save"));
+    let (_, save_time) = timed(|| {
+        onnx::save(
+            &model,
+            &resaved,
+            &SaveOptions {
+                placement: DataPlacement::Auto,
+            },
+        )
+        .expect("save")
+    });
     let after_save = peak_rss_kib();
     println!(
         "  save    {:>8.1} ms   peak RSS {:>7.1} MiB   (DataPlacement::Auto, model-resaved.onnx {} KiB)",

@@ -94,58 +94,24 @@ pub fn gradient_graph(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradi
 
     let mut pending: HashMap<String, Vec<String>> = HashMap::new();
     emitter.set_scope(format!("{loss}_Grad"));
-    let loss_dtype = shapes.dtype(loss).unwrap_or(DataType::Float);
     let loss_shape = emitter.op("Shape", &[loss]);
-    let seed = emitter.filled(&loss_shape, 1.0, loss_dtype)?;
+    let seed = match shapes.dtype(loss) {
+        Some(dtype) => emitter.filled(&loss_shape, 1.0, dtype)?,
+        None => {
+            let ones = emitter.filled(&loss_shape, 1.0, DataType::Float)?;
+            emitter.op("CastLike", &[&ones, loss])
+        }
+    };
     pending.insert(loss.to_owned(), vec![seed]);
 
-    let scopes = node_scopes(graph);
-    for (position, node) in graph.nodes.iter().enumerate().rev() {
-        let on_path = node
-            .outputs
-            .iter()
-            .any(|o| requires_gradient.contains(o) && feeds_loss.contains(o));
-        if !on_path {
-            continue;
-        }
-        emitter.set_scope(scopes[position].clone());
-        let output_gradients: Vec<Option<String>> = node
-            .outputs
-            .iter()
-            .map(|output| accumulate(&mut emitter, &mut pending, output))
-            .collect();
-        if output_gradients.iter().all(Option::is_none) {
-            continue;
-        }
-        let rule = match rules::rule(&node.op_type) {
-            Some(Rule::Differentiable(rule)) if is_default_domain(node) => rule,
-            Some(Rule::NoGradient) if is_default_domain(node) => continue,
-            _ => return Err(missing_rule(node)),
-        };
-        let wanted: Vec<bool> = node
-            .inputs
-            .iter()
-            .map(|input| !input.is_empty() && requires_gradient.contains(input))
-            .collect();
-        let gradients = {
-            let mut context = RuleContext::new(
-                node,
-                &shapes,
-                output_gradients,
-                wanted.clone(),
-                &mut emitter,
-            );
-            rule(&mut context)?
-        };
-        for (slot, gradient) in gradients.into_iter().enumerate() {
-            let (Some(gradient), Some(true)) = (gradient, wanted.get(slot)) else {
-                continue;
-            };
-            let input = &node.inputs[slot];
-            let value = sum_to_input(&mut emitter, &shapes, node, input, gradient);
-            pending.entry(input.clone()).or_default().push(value);
-        }
-    }
+    walk_backward(
+        graph,
+        &shapes,
+        &requires_gradient,
+        &feeds_loss,
+        &mut emitter,
+        &mut pending,
+    )?;
 
     for (tensor, name) in wrt.iter().zip(&gradient_names) {
         emitter.set_scope(format!("{tensor}_Grad"));
@@ -163,13 +129,85 @@ pub fn gradient_graph(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradi
         }
     }
 
+    let backward = emitter.into_nodes();
+    let training = training_model(model, &shapes, loss, wrt, &gradient_names, backward)?;
+    Ok(GradientGraph {
+        model: training,
+        loss: loss.to_owned(),
+        gradients: wrt.iter().cloned().zip(gradient_names).collect(),
+    })
+}
+
+/// Differentiates, in reverse order, every node with an output that both depends on a `wrt`
+/// tensor and feeds the loss, moving gradients from `pending` (by value name) to the node's
+/// inputs.
+fn walk_backward(
+    graph: &Graph,
+    shapes: &ShapeMap,
+    requires_gradient: &HashSet<String>,
+    feeds_loss: &HashSet<String>,
+    emitter: &mut Emitter,
+    pending: &mut HashMap<String, Vec<String>>,
+) -> Result<()> {
+    let scopes = node_scopes(graph);
+    for (position, node) in graph.nodes.iter().enumerate().rev() {
+        let on_path = node
+            .outputs
+            .iter()
+            .any(|o| requires_gradient.contains(o) && feeds_loss.contains(o));
+        if !on_path {
+            continue;
+        }
+        emitter.set_scope(scopes[position].clone());
+        let output_gradients: Vec<Option<String>> = node
+            .outputs
+            .iter()
+            .map(|output| accumulate(emitter, pending, output))
+            .collect();
+        if output_gradients.iter().all(Option::is_none) {
+            continue;
+        }
+        let rule = match rules::rule(&node.op_type) {
+            Some(Rule::Differentiable(rule)) if is_default_domain(node) => rule,
+            Some(Rule::NoGradient) if is_default_domain(node) => continue,
+            _ => return Err(missing_rule(node)),
+        };
+        let wanted: Vec<bool> = node
+            .inputs
+            .iter()
+            .map(|input| !input.is_empty() && requires_gradient.contains(input))
+            .collect();
+        let gradients = {
+            let mut context =
+                RuleContext::new(node, shapes, output_gradients, wanted.clone(), emitter);
+            rule(&mut context)?
+        };
+        for (slot, gradient) in gradients.into_iter().enumerate() {
+            let (Some(gradient), Some(true)) = (gradient, wanted.get(slot)) else {
+                continue;
+            };
+            let input = &node.inputs[slot];
+            let value = sum_to_input(emitter, shapes, node, input, gradient);
+            pending.entry(input.clone()).or_default().push(value);
+        }
+    }
+    Ok(())
+}
+
+/// The forward model with the `backward` nodes the loss and gradients need, the `wrt` tensors
+/// moved from initializers to graph inputs, and the loss and gradients as outputs.
+fn training_model(
+    model: &Model,
+    shapes: &ShapeMap,
+    loss: &str,
+    wrt: &[String],
+    gradient_names: &[String],
+    backward: Vec<Node>,
+) -> Result<Model> {
     let mut training = model.clone();
     let mut roots: HashSet<String> = gradient_names.iter().cloned().collect();
     roots.insert(loss.to_owned());
-    training
-        .graph
-        .nodes
-        .extend(live_nodes(emitter.into_nodes(), roots));
+    training.graph.nodes.extend(live_nodes(backward, roots));
     for tensor in wrt {
         let graph = &mut training.graph;
         if let Some(position) = graph.initializers.iter().position(|t| &t.name == tensor) {
@@ -182,18 +220,17 @@ pub fn gradient_graph(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradi
             }
         }
     }
+    let loss_dtype = shapes.dtype(loss).ok_or_else(|| {
+        Error::Config(format!("the element type of the loss {loss:?} is unknown"))
+    })?;
     let mut outputs = vec![value_info(loss, loss_dtype, shapes.shape(loss))];
-    for (tensor, name) in wrt.iter().zip(&gradient_names) {
+    for (tensor, name) in wrt.iter().zip(gradient_names) {
         let dtype = shapes.dtype(tensor).unwrap_or(DataType::Float);
         outputs.push(value_info(name, dtype, shapes.shape(tensor)));
     }
     training.graph.outputs = outputs;
     training.graph.validate()?;
-    Ok(GradientGraph {
-        model: training,
-        loss: loss.to_owned(),
-        gradients: wrt.iter().cloned().zip(gradient_names).collect(),
-    })
+    Ok(training)
 }
 
 fn is_default_domain(node: &Node) -> bool {
@@ -225,11 +262,7 @@ fn check_loss(graph: &Graph, shapes: &ShapeMap, loss: &str) -> Result<()> {
                 "the loss {loss:?} is {dtype}; it must be a floating-point value"
             )))
         }
-        None => {
-            return Err(Error::Config(format!(
-                "the element type of the loss {loss:?} is unknown"
-            )))
-        }
+        None => {}
     }
     if let Some(shape) = shapes.shape(loss) {
         if shape.iter().any(|d| *d != Dim::Fixed(1)) {

@@ -17,6 +17,9 @@ pub struct Args {
     /// An `.npz` file of inputs, keyed by input name.
     #[arg(long, value_name = "FILE.npz")]
     inputs: PathBuf,
+    /// Trained adapter tensors (safetensors from `graft train`) to run the patched model with.
+    #[arg(long, value_name = "FILE")]
+    adapter: Option<PathBuf>,
     /// Write the outputs to this `.npz` file.
     #[arg(short, long, value_name = "OUT.npz")]
     output: Option<PathBuf>,
@@ -36,14 +39,19 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let inputs = read_npz(&args.inputs)?;
-    let mut session = OrtSession::from_file(
-        &args.model,
-        SessionOptions {
-            device: args.device,
-            threads: args.threads,
-            exact: false,
-        },
-    )
+    let options = SessionOptions {
+        device: args.device,
+        threads: args.threads,
+        exact: false,
+    };
+    let mut session = match &args.adapter {
+        None => OrtSession::from_file(&args.model, options),
+        Some(adapter) => {
+            let mut model = graft::onnx::load(&args.model)?;
+            graft::adapter::load_into(&mut model, adapter)?;
+            OrtSession::from_bytes(&graft::onnx::to_bytes(&model)?, options)
+        }
+    }
     .with_context(|| format!("{}", args.model.display()))?;
     let fed: Vec<(String, HostTensor)> = inputs
         .into_iter()

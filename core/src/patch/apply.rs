@@ -217,11 +217,14 @@ fn unique_name(graph: &Graph, stem: &str) -> String {
 }
 
 fn rename_definition(graph: &mut Graph, value: &str, fresh: &str) -> Result<()> {
-    for node in graph.nodes.iter_mut() {
-        for output in node.outputs.iter_mut().filter(|o| *o == value) {
-            *output = fresh.to_owned();
-            return Ok(());
-        }
+    let output = graph
+        .nodes
+        .iter_mut()
+        .flat_map(|node| node.outputs.iter_mut())
+        .find(|output| *output == value);
+    if let Some(output) = output {
+        *output = fresh.to_owned();
+        return Ok(());
     }
     Err(invalid(format!(
         "cannot rewire graph output {value:?}: it is not produced by a node"

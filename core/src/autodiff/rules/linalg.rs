@@ -12,12 +12,12 @@ use crate::Result;
 pub(super) fn matmul(ctx: &mut RuleContext) -> Result<Gradients> {
     let (a, b, out) = (ctx.input(0)?, ctx.input(1)?, ctx.output(0)?);
     let (rank_a, rank_b) = (ctx.rank(a)?, ctx.rank(b)?);
-    let go = ctx.output_gradient(0)?;
-    let lifted_go = match (rank_a, rank_b) {
-        (1, 1) => ctx.unsqueeze(&go, &[0, 1]),
-        (1, _) => ctx.unsqueeze(&go, &[-2]),
-        (_, 1) => ctx.unsqueeze(&go, &[-1]),
-        _ => go.clone(),
+    let upstream = ctx.output_gradient(0)?;
+    let lifted_upstream = match (rank_a, rank_b) {
+        (1, 1) => ctx.unsqueeze(&upstream, &[0, 1]),
+        (1, _) => ctx.unsqueeze(&upstream, &[-2]),
+        (_, 1) => ctx.unsqueeze(&upstream, &[-1]),
+        _ => upstream.clone(),
     };
     let batch: Option<Vec<Dim>> = ctx.shape(out).map(|shape| {
         let trailing = usize::from(rank_a >= 2) + usize::from(rank_b >= 2);
@@ -26,7 +26,7 @@ pub(super) fn matmul(ctx: &mut RuleContext) -> Result<Gradients> {
     let with_batch = |shape: Option<&[Dim]>, rank: usize| -> Option<Vec<Dim>> {
         let mut full = batch.clone()?;
         let shape = shape?;
-        full.extend_from_slice(&shape[shape.len() - rank.min(2)..]);
+        full.extend_from_slice(&shape[shape.len().saturating_sub(rank.min(2))..]);
         Some(full)
     };
     let (shape_a, shape_b) = (
@@ -42,31 +42,31 @@ pub(super) fn matmul(ctx: &mut RuleContext) -> Result<Gradients> {
             b.to_owned()
         };
         let b_transposed = ctx.transpose(&lifted_b, &swap_last_two(rank_b.max(2)));
-        let mut da = ctx.op("MatMul", &[&lifted_go, &b_transposed]);
+        let mut a_gradient = ctx.op("MatMul", &[&lifted_upstream, &b_transposed]);
         if rank_a == 1 {
-            da = ctx.squeeze(&da, &[-2]);
+            a_gradient = ctx.squeeze(&a_gradient, &[-2]);
         }
-        gradients[0] = Some(Gradient::Shaped(da, shape_a));
+        gradients[0] = Some(Gradient::Shaped(a_gradient, shape_a));
     }
     if ctx.wants(1) {
         gradients[1] = Some(if rank_b == 2 && rank_a >= 3 {
             let inner = ctx.shape_slice(a, -1, None);
-            let columns = ctx.shape_slice(&go, -1, None);
+            let columns = ctx.shape_slice(&upstream, -1, None);
             let minus_one = ctx.ints(&[-1]);
             let a_rows = ctx.op_with(
                 "Concat",
                 &[&minus_one, &inner],
                 vec![int_attribute("axis", 0)],
             );
-            let go_rows = ctx.op_with(
+            let upstream_rows = ctx.op_with(
                 "Concat",
                 &[&minus_one, &columns],
                 vec![int_attribute("axis", 0)],
             );
             let a_matrix = ctx.op("Reshape", &[a, &a_rows]);
-            let go_matrix = ctx.op("Reshape", &[&go, &go_rows]);
+            let upstream_matrix = ctx.op("Reshape", &[&upstream, &upstream_rows]);
             let a_transposed = ctx.transpose(&a_matrix, &[1, 0]);
-            Gradient::Exact(ctx.op("MatMul", &[&a_transposed, &go_matrix]))
+            Gradient::Exact(ctx.op("MatMul", &[&a_transposed, &upstream_matrix]))
         } else {
             let lifted_a = if rank_a == 1 {
                 ctx.unsqueeze(a, &[0])
@@ -74,11 +74,11 @@ pub(super) fn matmul(ctx: &mut RuleContext) -> Result<Gradients> {
                 a.to_owned()
             };
             let a_transposed = ctx.transpose(&lifted_a, &swap_last_two(rank_a.max(2)));
-            let mut db = ctx.op("MatMul", &[&a_transposed, &lifted_go]);
+            let mut b_gradient = ctx.op("MatMul", &[&a_transposed, &lifted_upstream]);
             if rank_b == 1 {
-                db = ctx.squeeze(&db, &[-1]);
+                b_gradient = ctx.squeeze(&b_gradient, &[-1]);
             }
-            Gradient::Shaped(db, shape_b)
+            Gradient::Shaped(b_gradient, shape_b)
         });
     }
     Ok(gradients)
@@ -91,7 +91,7 @@ pub(super) fn gemm(ctx: &mut RuleContext) -> Result<Gradients> {
     let beta = ctx.attr_float("beta", 1.0);
     let trans_a = ctx.attr_int("transA", 0) != 0;
     let trans_b = ctx.attr_int("transB", 0) != 0;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let gemm = |ctx: &mut RuleContext, x: &str, y: &str, trans_x: bool, trans_y: bool| {
         let attributes = vec![
             float_attribute("alpha", alpha),
@@ -103,26 +103,26 @@ pub(super) fn gemm(ctx: &mut RuleContext) -> Result<Gradients> {
     let mut gradients = vec![None, None, None];
     if ctx.wants(0) {
         gradients[0] = if trans_a {
-            gemm(ctx, b, &go, trans_b, true)
+            gemm(ctx, b, &upstream, trans_b, true)
         } else {
-            gemm(ctx, &go, b, false, !trans_b)
+            gemm(ctx, &upstream, b, false, !trans_b)
         };
     }
     if ctx.wants(1) {
         gradients[1] = if trans_b {
-            gemm(ctx, &go, a, true, trans_a)
+            gemm(ctx, &upstream, a, true, trans_a)
         } else {
-            gemm(ctx, a, &go, !trans_a, false)
+            gemm(ctx, a, &upstream, !trans_a, false)
         };
     }
     if ctx.wants(2) {
-        let dc = if beta == 1.0 {
-            go.clone()
+        let c_gradient = if beta == 1.0 {
+            upstream.clone()
         } else {
             let scale = ctx.scalar(f64::from(beta), a)?;
-            ctx.op("Mul", &[&go, &scale])
+            ctx.op("Mul", &[&upstream, &scale])
         };
-        gradients[2] = Some(Gradient::Broadcast(dc));
+        gradients[2] = Some(Gradient::Broadcast(c_gradient));
     }
     Ok(gradients)
 }
@@ -156,7 +156,7 @@ pub(super) fn conv(ctx: &mut RuleContext) -> Result<Gradients> {
         list("pads", 0, 2 * n_spatial)
     };
     let group = ctx.attr_int("group", 1);
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let spatial_axes: Vec<i64> = (2..rank as i64).collect();
     let mut swap_batch_and_channels: Vec<i64> = vec![1, 0];
     swap_batch_and_channels.extend(&spatial_axes);
@@ -171,7 +171,7 @@ pub(super) fn conv(ctx: &mut RuleContext) -> Result<Gradients> {
             ints_attribute("pads", &begin_pads),
             int_attribute("group", group),
         ];
-        let transposed = ctx.op_with("ConvTranspose", &[&go, w], attributes);
+        let transposed = ctx.op_with("ConvTranspose", &[&upstream, w], attributes);
         let starts = ctx.ints(&vec![0; n_spatial]);
         let ends = ctx.shape_slice(x, 2, None);
         let axes = ctx.ints(&spatial_axes);
@@ -194,13 +194,13 @@ pub(super) fn conv(ctx: &mut RuleContext) -> Result<Gradients> {
             )));
         }
         let x_swapped = ctx.transpose(x, &swap_batch_and_channels);
-        let go_swapped = ctx.transpose(&go, &swap_batch_and_channels);
+        let upstream_swapped = ctx.transpose(&upstream, &swap_batch_and_channels);
         let attributes = vec![
             ints_attribute("strides", &dilations),
             ints_attribute("dilations", &strides),
             ints_attribute("pads", &pads),
         ];
-        let correlation = ctx.op_with("Conv", &[&x_swapped, &go_swapped], attributes);
+        let correlation = ctx.op_with("Conv", &[&x_swapped, &upstream_swapped], attributes);
         let starts = ctx.ints(&vec![0; n_spatial]);
         let ends = ctx.shape_slice(w, 2, None);
         let axes = ctx.ints(&spatial_axes);
@@ -214,7 +214,7 @@ pub(super) fn conv(ctx: &mut RuleContext) -> Result<Gradients> {
         axes.extend(&spatial_axes);
         gradients[2] = Some(Gradient::Exact(ctx.reduce(
             "ReduceSum",
-            &go,
+            &upstream,
             Some(&axes),
             false,
         )));

@@ -12,25 +12,25 @@ pub(super) fn transpose(ctx: &mut RuleContext) -> Result<Gradients> {
         Some(perm) => perm.to_vec(),
         None => (0..ctx.rank(a)? as i64).rev().collect(),
     };
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     Ok(vec![Some(Gradient::Exact(
-        ctx.transpose(&go, &inverse_permutation(&perm)),
+        ctx.transpose(&upstream, &inverse_permutation(&perm)),
     ))])
 }
 
 /// Reshape, Flatten, Squeeze, Unsqueeze: GO reshaped to the input's shape.
 pub(super) fn reshape(ctx: &mut RuleContext) -> Result<Gradients> {
     let a = ctx.input(0)?;
-    let go = ctx.output_gradient(0)?;
-    let mut gradients = vec![Some(Gradient::Exact(ctx.reshape_like(&go, a)))];
+    let upstream = ctx.output_gradient(0)?;
+    let mut gradients = vec![Some(Gradient::Exact(ctx.reshape_like(&upstream, a)))];
     gradients.resize_with(ctx.node.inputs.len(), || None);
     Ok(gradients)
 }
 
 /// Expand: GO has the output's shape; the driver sums it back to the input's.
 pub(super) fn expand(ctx: &mut RuleContext) -> Result<Gradients> {
-    let go = ctx.output_gradient(0)?;
-    Ok(vec![Some(Gradient::Broadcast(go)), None])
+    let upstream = ctx.output_gradient(0)?;
+    Ok(vec![Some(Gradient::Broadcast(upstream)), None])
 }
 
 /// Concat: GO split along the axis into the inputs' sizes.
@@ -57,10 +57,10 @@ pub(super) fn concat(ctx: &mut RuleContext) -> Result<Gradients> {
             ctx.op_with("Concat", &pieces, vec![int_attribute("axis", 0)])
         }
     };
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let parts = ctx.node_outputs(
         "Split",
-        &[&go, &sizes],
+        &[&upstream, &sizes],
         vec![int_attribute("axis", axis as i64)],
         inputs.len(),
     );
@@ -99,13 +99,13 @@ fn position_grid(ctx: &mut RuleContext, like: &str) -> (String, String) {
 /// with the node's own operands (so negative, clamped and strided bounds need no special case).
 pub(super) fn slice(ctx: &mut RuleContext) -> Result<Gradients> {
     let a = ctx.input(0)?;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let (grid, size) = position_grid(ctx, a);
     let mut operands: Vec<&str> = vec![&grid];
     operands.extend(ctx.node.inputs.iter().skip(1).map(String::as_str));
     let picked = ctx.op("Slice", &operands);
     let flat_positions = ctx.reshape_to(&picked, &[-1]);
-    let flat_gradient = ctx.reshape_to(&go, &[-1]);
+    let flat_gradient = ctx.reshape_to(&upstream, &[-1]);
     let flat_shape = ctx.reshape_to(&size, &[1]);
     let zeros = ctx.zeros_of_shape(&flat_shape, a)?;
     let scattered = ctx.op_with(
@@ -124,7 +124,7 @@ pub(super) fn gather(ctx: &mut RuleContext) -> Result<Gradients> {
     let (data, indices) = (ctx.input(0)?, ctx.input(1)?);
     let rank = ctx.rank(data)?;
     let axis = ctx.axis("axis", 0, rank)?;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let indices = match ctx.known_dtype(indices) {
         Some(DataType::Int64) => indices.to_owned(),
         _ => ctx.op_with(
@@ -143,15 +143,15 @@ pub(super) fn gather(ctx: &mut RuleContext) -> Result<Gradients> {
     let add = || vec![string_attribute("reduction", "add")];
     let gradient = if axis == 0 {
         let zeros = ctx.zeros_like(data)?;
-        ctx.op_with("ScatterND", &[&zeros, &keys, &go], add())
+        ctx.op_with("ScatterND", &[&zeros, &keys, &upstream], add())
     } else {
         let index_rank = ctx.rank(ctx.input(1)?)?;
         let (axis, index_rank, rank) = (axis as i64, index_rank as i64, rank as i64);
         let mut data_perm = vec![axis];
         data_perm.extend((0..rank).filter(|&d| d != axis));
-        let mut go_perm: Vec<i64> = (axis..axis + index_rank).collect();
-        go_perm.extend(0..axis);
-        go_perm.extend(axis + index_rank..rank + index_rank - 1);
+        let mut upstream_perm: Vec<i64> = (axis..axis + index_rank).collect();
+        upstream_perm.extend(0..axis);
+        upstream_perm.extend(axis + index_rank..rank + index_rank - 1);
         let data_shape = ctx.op("Shape", &[data]);
         let perm_positions = ctx.ints(&data_perm);
         let moved_shape = ctx.op_with(
@@ -160,8 +160,8 @@ pub(super) fn gather(ctx: &mut RuleContext) -> Result<Gradients> {
             vec![int_attribute("axis", 0)],
         );
         let zeros = ctx.zeros_of_shape(&moved_shape, data)?;
-        let moved_go = ctx.transpose(&go, &go_perm);
-        let scattered = ctx.op_with("ScatterND", &[&zeros, &keys, &moved_go], add());
+        let moved_upstream = ctx.transpose(&upstream, &upstream_perm);
+        let scattered = ctx.op_with("ScatterND", &[&zeros, &keys, &moved_upstream], add());
         ctx.transpose(&scattered, &inverse_permutation(&data_perm))
     };
     Ok(vec![Some(Gradient::Exact(gradient)), None])
@@ -172,11 +172,11 @@ pub(super) fn gather_elements(ctx: &mut RuleContext) -> Result<Gradients> {
     let (data, indices) = (ctx.input(0)?, ctx.input(1)?);
     let rank = ctx.rank(data)?;
     let axis = ctx.axis("axis", 0, rank)?;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let zeros = ctx.zeros_like(data)?;
     let gradient = ctx.op_with(
         "ScatterElements",
-        &[&zeros, indices, &go],
+        &[&zeros, indices, &upstream],
         vec![
             int_attribute("axis", axis as i64),
             string_attribute("reduction", "add"),
@@ -192,11 +192,11 @@ pub(super) fn gather_nd(ctx: &mut RuleContext) -> Result<Gradients> {
     if batch_dims != 0 {
         return Err(ctx.unsupported(format_args!("batch_dims={batch_dims} is not supported")));
     }
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let zeros = ctx.zeros_like(data)?;
     let gradient = ctx.op_with(
         "ScatterND",
-        &[&zeros, indices, &go],
+        &[&zeros, indices, &upstream],
         vec![string_attribute("reduction", "add")],
     );
     Ok(vec![Some(Gradient::Exact(gradient)), None])

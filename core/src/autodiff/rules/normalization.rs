@@ -9,10 +9,10 @@ use crate::Result;
 pub(super) fn softmax(ctx: &mut RuleContext) -> Result<Gradients> {
     let out = ctx.output(0)?;
     let axis = ctx.axis("axis", -1, ctx.rank(out)?)? as i64;
-    let go = ctx.output_gradient(0)?;
-    let product = ctx.op("Mul", &[&go, out]);
+    let upstream = ctx.output_gradient(0)?;
+    let product = ctx.op("Mul", &[&upstream, out]);
     let total = ctx.reduce("ReduceSum", &product, Some(&[axis]), true);
-    let centered = ctx.op("Sub", &[&go, &total]);
+    let centered = ctx.op("Sub", &[&upstream, &total]);
     Ok(vec![Some(Gradient::Exact(
         ctx.op("Mul", &[out, &centered]),
     ))])
@@ -22,11 +22,13 @@ pub(super) fn softmax(ctx: &mut RuleContext) -> Result<Gradients> {
 pub(super) fn log_softmax(ctx: &mut RuleContext) -> Result<Gradients> {
     let out = ctx.output(0)?;
     let axis = ctx.axis("axis", -1, ctx.rank(out)?)? as i64;
-    let go = ctx.output_gradient(0)?;
-    let total = ctx.reduce("ReduceSum", &go, Some(&[axis]), true);
+    let upstream = ctx.output_gradient(0)?;
+    let total = ctx.reduce("ReduceSum", &upstream, Some(&[axis]), true);
     let probabilities = ctx.op("Exp", &[out]);
     let product = ctx.op("Mul", &[&probabilities, &total]);
-    Ok(vec![Some(Gradient::Exact(ctx.op("Sub", &[&go, &product])))])
+    Ok(vec![Some(Gradient::Exact(
+        ctx.op("Sub", &[&upstream, &product]),
+    ))])
 }
 
 /// LayerNormalization over the axes from `axis` on. Mean and inverse standard deviation are
@@ -43,7 +45,7 @@ pub(super) fn layer_normalization(ctx: &mut RuleContext) -> Result<Gradients> {
     let axis = ctx.axis("axis", -1, rank)?;
     let axes: Vec<i64> = (axis as i64..rank as i64).collect();
     let epsilon = ctx.scalar(f64::from(ctx.attr_float("epsilon", 1e-5)), x)?;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
 
     let mean = ctx.reduce("ReduceMean", x, Some(&axes), true);
     let centered = ctx.op("Sub", &[x, &mean]);
@@ -57,7 +59,7 @@ pub(super) fn layer_normalization(ctx: &mut RuleContext) -> Result<Gradients> {
     let x_shape = ctx.shape(x).map(<[Dim]>::to_vec);
     let mut gradients = vec![None, None, None];
     if ctx.wants(0) {
-        let scaled = ctx.op("Mul", &[&go, scale]);
+        let scaled = ctx.op("Mul", &[&upstream, scale]);
         let scaled_mean = ctx.reduce("ReduceMean", &scaled, Some(&axes), true);
         let projected = ctx.op("Mul", &[&scaled, &normalized]);
         let projected_mean = ctx.reduce("ReduceMean", &projected, Some(&axes), true);
@@ -69,11 +71,11 @@ pub(super) fn layer_normalization(ctx: &mut RuleContext) -> Result<Gradients> {
         ));
     }
     if ctx.wants(1) {
-        let product = ctx.op("Mul", &[&go, &normalized]);
+        let product = ctx.op("Mul", &[&upstream, &normalized]);
         gradients[1] = Some(Gradient::Shaped(product, x_shape.clone()));
     }
     if ctx.wants(2) {
-        gradients[2] = Some(Gradient::Shaped(go, x_shape));
+        gradients[2] = Some(Gradient::Shaped(upstream, x_shape));
     }
     Ok(gradients)
 }
@@ -85,7 +87,7 @@ pub(super) fn reduce_sum_mean(ctx: &mut RuleContext) -> Result<Gradients> {
     let axes_are_input = ctx.node.op_type == "ReduceSum" || ctx.opset() >= 18;
     let keepdims = ctx.attr_int("keepdims", 1) != 0;
     let noop_with_empty_axes = ctx.attr_int("noop_with_empty_axes", 0) != 0;
-    let go = ctx.output_gradient(0)?;
+    let upstream = ctx.output_gradient(0)?;
     let axes_value = if axes_are_input {
         ctx.node.input(1)
     } else {
@@ -101,10 +103,10 @@ pub(super) fn reduce_sum_mean(ctx: &mut RuleContext) -> Result<Gradients> {
         (None, value) => value.is_none(),
     };
     if no_axes && noop_with_empty_axes {
-        return Ok(vec![Some(Gradient::Exact(go)), None]);
+        return Ok(vec![Some(Gradient::Exact(upstream)), None]);
     }
     let restored = if keepdims || no_axes {
-        go
+        upstream
     } else {
         match (&constant_axes, axes_value) {
             (Some(axes), _) => {
@@ -114,10 +116,10 @@ pub(super) fn reduce_sum_mean(ctx: &mut RuleContext) -> Result<Gradients> {
                     .map(|&a| normalize_axis(a, rank).map(|a| a as i64))
                     .collect();
                 let axes = axes.ok_or_else(|| ctx.unsupported("an axis is out of range"))?;
-                ctx.unsqueeze(&go, &axes)
+                ctx.unsqueeze(&upstream, &axes)
             }
-            (None, Some(value)) => ctx.op("Unsqueeze", &[&go, value]),
-            (None, None) => go,
+            (None, Some(value)) => ctx.op("Unsqueeze", &[&upstream, value]),
+            (None, None) => upstream,
         }
     };
     let shape = ctx.op("Shape", &[x]);
