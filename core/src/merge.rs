@@ -49,9 +49,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 b,
                 scale,
                 layout,
-                branch_nodes,
-                branch_output,
-                base_output,
+                ..
             } => {
                 let a_values = parameter_f32(&model.graph, a)?;
                 let b_values = parameter_f32(&model.graph, b)?;
@@ -86,23 +84,13 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         }
                     },
                 )?;
-                remove_branch(
-                    &mut model.graph,
-                    branch_nodes,
-                    &resolve(&redirects, branch_output),
-                    &resolve(&redirects, base_output),
-                    &mut report,
-                );
-                redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::ScaleOutput {
                 weight,
                 bias,
                 vector,
                 layout,
-                branch_nodes,
-                branch_output,
-                base_output,
+                ..
             } => {
                 let scale = parameter_f32(&model.graph, vector)?;
                 let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
@@ -137,22 +125,12 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         },
                     )?;
                 }
-                remove_branch(
-                    &mut model.graph,
-                    branch_nodes,
-                    &resolve(&redirects, branch_output),
-                    &resolve(&redirects, base_output),
-                    &mut report,
-                );
-                redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::ScaleInput {
                 weight,
                 vector,
                 layout,
-                branch_nodes,
-                branch_output,
-                base_output,
+                ..
             } => {
                 let scale = parameter_f32(&model.graph, vector)?;
                 let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
@@ -172,16 +150,18 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         }
                     },
                 )?;
-                remove_branch(
-                    &mut model.graph,
-                    branch_nodes,
-                    &resolve(&redirects, branch_output),
-                    &resolve(&redirects, base_output),
-                    &mut report,
-                );
-                redirects.insert(branch_output.clone(), base_output.clone());
             }
             Fold::InPlace { .. } => {}
+        }
+        if let Some((branch_nodes, branch_output, base_output)) = branch_of(fold) {
+            remove_branch(
+                &mut model.graph,
+                branch_nodes,
+                &resolve(&redirects, branch_output),
+                &resolve(&redirects, base_output),
+                &mut report,
+            );
+            redirects.insert(branch_output.to_owned(), base_output.to_owned());
         }
     }
     collapse_output_identities(&mut model.graph);
@@ -189,6 +169,31 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
     GraftRecord::default().write(model);
     model.graph.validate()?;
     Ok(report)
+}
+
+/// The nodes, output and base value of a fold's branch; `None` for in-place folds.
+fn branch_of(fold: &Fold) -> Option<(&[String], &str, &str)> {
+    match fold {
+        Fold::LowRank {
+            branch_nodes,
+            branch_output,
+            base_output,
+            ..
+        }
+        | Fold::ScaleOutput {
+            branch_nodes,
+            branch_output,
+            base_output,
+            ..
+        }
+        | Fold::ScaleInput {
+            branch_nodes,
+            branch_output,
+            base_output,
+            ..
+        } => Some((branch_nodes, branch_output, base_output)),
+        Fold::InPlace { .. } => None,
+    }
 }
 
 fn dims_of(graph: &Graph, name: &str) -> Result<Vec<i64>> {
