@@ -172,7 +172,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
 }
 
 /// The nodes, output and base value of a fold's branch; `None` for in-place folds.
-fn branch_of(fold: &Fold) -> Option<(&[String], &str, &str)> {
+pub fn branch_of(fold: &Fold) -> Option<(&[String], &str, &str)> {
     match fold {
         Fold::LowRank {
             branch_nodes,

@@ -122,7 +122,7 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
         ));
     }
     let mut model = patched.clone();
-    enable_dropout(&mut model);
+    enable_dropout(&mut model)?;
     let logits = model
         .graph
         .outputs
@@ -143,19 +143,26 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
     })
 }
 
-/// Turns on the `Dropout` nodes grafted by plugins (their `training_mode` input), so that dropout
-/// is active in training graphs and absent in evaluation graphs.
-fn enable_dropout(model: &mut Model) {
-    let plugin_nodes: Vec<usize> = model
+/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input), so that
+/// dropout is active in training graphs and absent in evaluation graphs.
+fn enable_dropout(model: &mut Model) -> Result<()> {
+    let record = GraftRecord::read(model)?;
+    let branch_nodes: std::collections::HashSet<&str> = record
+        .folds
+        .iter()
+        .filter_map(crate::merge::branch_of)
+        .flat_map(|(nodes, _, _)| nodes.iter().map(String::as_str))
+        .collect();
+    let dropouts: Vec<usize> = model
         .graph
         .nodes
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.is("Dropout") && n.name.contains('.'))
+        .filter(|(_, n)| n.is("Dropout") && branch_nodes.contains(n.name.as_str()))
         .map(|(i, _)| i)
         .collect();
-    if plugin_nodes.is_empty() {
-        return;
+    if dropouts.is_empty() {
+        return Ok(());
     }
     let flag = "graft.training_mode";
     model.graph.initializers.push(Tensor::from_raw(
@@ -164,11 +171,12 @@ fn enable_dropout(model: &mut Model) {
         vec![],
         vec![1],
     ));
-    for index in plugin_nodes {
+    for index in dropouts {
         let node = &mut model.graph.nodes[index];
         node.inputs.resize(3, String::new());
         node.inputs[2] = flag.to_owned();
     }
+    Ok(())
 }
 
 /// Runs training as `options` say, starting from the trainable values in `patched` (or those of
