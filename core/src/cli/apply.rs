@@ -19,14 +19,30 @@ use serde_json::{Map, Value};
 /// method such as `[lora]`) and `--set key=value` (or `--set method.key=value` when several
 /// methods are applied); `--set` wins.
 ///
+/// `--from-peft DIR` instead grafts the LoRA adapter that HF PEFT saved in DIR
+/// (`adapter_config.json` + `adapter_model.safetensors`), so that the model computes what
+/// `PeftModel.from_pretrained` computes: branches on the modules PEFT targets, with PEFT's ranks
+/// and scales and the saved values, and the base tensors of `modules_to_save` replaced. Module
+/// paths are the site labels `graft inspect` shows.
+///
 /// Example: graft apply model.onnx -m lora --set r=8 --set alpha=16 --set targets=q,v -o out.onnx
+///
+/// Example: graft apply model.onnx --from-peft my-adapter/ -o out.onnx
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The ONNX model to patch.
     model: PathBuf,
     /// A method to apply (repeat to stack methods, applied in order), e.g. lora, bitfit, ia3.
-    #[arg(short, long = "method", value_name = "METHOD", required = true)]
+    #[arg(
+        short,
+        long = "method",
+        value_name = "METHOD",
+        required_unless_present = "from_peft"
+    )]
     methods: Vec<String>,
+    /// Import the HF PEFT LoRA adapter saved in DIR instead of applying methods.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings"])]
+    from_peft: Option<PathBuf>,
     /// A TOML file of settings.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -45,9 +61,34 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let registry = PluginRegistry::discover(&args.plugins)?;
     let mut model = onnx::load(&args.model)?;
-    let configs = method_configs(&args, &registry)?;
-    for (method, config) in args.methods.iter().zip(&configs) {
-        apply_method(&registry, &mut model, method, config)?;
+    if let Some(dir) = &args.from_peft {
+        let report = graft::peft::import(&registry, &mut model, dir)?;
+        for warning in report.warnings() {
+            eprintln!("warning: {warning}");
+        }
+        for branch in &report.branches {
+            println!(
+                "lora {}: r {} alpha {} scale {}",
+                branch.module, branch.r, branch.alpha, branch.scale
+            );
+        }
+        for replaced in &report.replaced {
+            println!(
+                "replaced {} with {}{}",
+                replaced.initializer,
+                replaced.key,
+                if replaced.transposed {
+                    " (transposed)"
+                } else {
+                    ""
+                }
+            );
+        }
+    } else {
+        let configs = method_configs(&args, &registry)?;
+        for (method, config) in args.methods.iter().zip(&configs) {
+            apply_method(&registry, &mut model, method, config)?;
+        }
     }
     onnx::save(&model, &args.output, &SaveOptions::default())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
