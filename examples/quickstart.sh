@@ -25,10 +25,12 @@ step "3. the patched model equals the base at init (LoRA B = 0)"
 $GRAFT run "$MODEL" --inputs "$INPUTS" -o "$OUT/base_outputs.npz"
 $GRAFT run "$OUT/patched.onnx" --inputs "$INPUTS" --compare "$OUT/base_outputs.npz" --tolerance 0
 
-step "4. train LoRA for sequence classification (AdamW, through ONNX Runtime)"
-$GRAFT train "$OUT/patched.onnx" --task seq-cls --data models/references/train-bert/data.jsonl \
-  --out "$OUT/run" --epochs 30 --batch-size 8 --lr 5e-3 --schedule cosine --warmup 10 --seed 1 \
-  | awk 'NR % 15 == 1 || /trained/'
+step "4. train LoRA on a shipped sentiment dataset (AdamW, through ONNX Runtime)"
+$GRAFT train "$OUT/patched.onnx" --task seq-cls --data examples/data/sentiment.jsonl \
+  --tokenizer models/tokenizers/bert/tokenizer.json --max-len 64 \
+  --eval-data examples/data/sentiment.jsonl --eval-every 50 \
+  --out "$OUT/run" --epochs 12 --batch-size 16 --lr 5e-3 --schedule cosine --warmup 10 --seed 1 \
+  --log-every 25
 
 step "5. merge the trained LoRA into the base weights"
 $GRAFT merge "$OUT/patched.onnx" --adapter "$OUT/run/adapter.safetensors" -o "$OUT/merged.onnx"
@@ -43,6 +45,7 @@ $GRAFT export "$OUT/patched.onnx" --adapter "$OUT/run/adapter.safetensors" --for
 step "done"
 echo "patched model:        $OUT/patched.onnx"
 echo "training metrics:     $OUT/run/metrics.jsonl"
+echo "loss curve:           $OUT/run/loss.svg"
 echo "trained adapter:      $OUT/run/adapter_model.safetensors (HF PEFT keys)"
 echo "merged model:         $OUT/merged.onnx"
 echo "PEFT adapter folder:  $OUT/peft"

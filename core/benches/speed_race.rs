@@ -24,7 +24,10 @@ const N_LABELS: i64 = 3;
 const WARMUP_STEPS: usize = 2;
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Writes `n_batches` batches of random token ids (all positions real, no padding) as
@@ -32,7 +35,9 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 fn write_data(path: &Path, n_batches: usize) {
     let mut state: u64 = 42;
     let mut next = move |modulo: u64| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) % modulo
     };
     let mut text = String::new();
@@ -59,9 +64,17 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// ONNX Runtime forward time of the base model on one batch (median of 5 after a warmup run).
 fn ort_forward_seconds(model: &Path, threads: usize) -> f64 {
-    let mut session = OrtSession::from_file(model, SessionOptions { threads, ..Default::default() })
-        .expect("load the model in ONNX Runtime");
-    let ids = ArrayD::from_shape_fn(IxDyn(&[BATCH, SEQUENCE]), |i| 1000 + ((i[0] * 131 + i[1] * 17) % 28000) as i64);
+    let mut session = OrtSession::from_file(
+        model,
+        SessionOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .expect("load the model in ONNX Runtime");
+    let ids = ArrayD::from_shape_fn(IxDyn(&[BATCH, SEQUENCE]), |i| {
+        1000 + ((i[0] * 131 + i[1] * 17) % 28000) as i64
+    });
     let ones = ArrayD::from_elem(IxDyn(&[BATCH, SEQUENCE]), 1i64);
     let zeros = ArrayD::from_elem(IxDyn(&[BATCH, SEQUENCE]), 0i64);
     let inputs = vec![
@@ -85,7 +98,9 @@ fn main() {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = std::env::var_os("GRAFT_BENCH_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("models/out-large/all-minilm-l6-v2-seq-cls-3/model.onnx"));
+        .unwrap_or_else(|| {
+            workspace.join("models/out-large/all-minilm-l6-v2-seq-cls-3/model.onnx")
+        });
     if !model.is_file() {
         eprintln!(
             "{} is missing: run `python models/make_minilm.py --seq-cls 3` first (see models/README.md)",
@@ -108,9 +123,23 @@ fn main() {
     assert!(status.success(), "building the lora plugin failed");
     let graft = env!("CARGO_BIN_EXE_graft");
     let patched = dir.path().join("patched.onnx");
-    child::run_measured(Command::new(graft).args(["apply"]).arg(&model).args([
-        "-m", "lora", "--set", "r=8", "--set", "alpha=16", "--set", "targets=q,v", "-o",
-    ]).arg(&patched));
+    child::run_measured(
+        Command::new(graft)
+            .args(["apply"])
+            .arg(&model)
+            .args([
+                "-m",
+                "lora",
+                "--set",
+                "r=8",
+                "--set",
+                "alpha=16",
+                "--set",
+                "targets=q,v",
+                "-o",
+            ])
+            .arg(&patched),
+    );
 
     println!("speed race: LoRA r=8 on q,v of {} — batch {BATCH} × {SEQUENCE}, {threads} threads, {steps} timed steps after {WARMUP_STEPS} warmup", model.display());
     let run_dir = dir.path().join("run");
@@ -122,8 +151,19 @@ fn main() {
             .arg(&data)
             .arg("--out")
             .arg(&run_dir)
-            .args(["--no-shuffle", "--batch-size", &BATCH.to_string(), "--lr", "1e-4"])
-            .args(["--steps", &(WARMUP_STEPS + steps).to_string(), "--threads", &threads.to_string()]),
+            .args([
+                "--no-shuffle",
+                "--batch-size",
+                &BATCH.to_string(),
+                "--lr",
+                "1e-4",
+            ])
+            .args([
+                "--steps",
+                &(WARMUP_STEPS + steps).to_string(),
+                "--threads",
+                &threads.to_string(),
+            ]),
     );
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics");
     let graft_step = median(
@@ -142,12 +182,27 @@ fn main() {
         Command::new(&python)
             .arg(workspace.join("models/bench_peft_train.py"))
             .arg(&data)
-            .args(["--num-labels", &N_LABELS.to_string(), "--batch-size", &BATCH.to_string()])
-            .args(["--steps", &steps.to_string(), "--warmup", &WARMUP_STEPS.to_string(), "--threads", &threads.to_string()]),
+            .args([
+                "--num-labels",
+                &N_LABELS.to_string(),
+                "--batch-size",
+                &BATCH.to_string(),
+            ])
+            .args([
+                "--steps",
+                &steps.to_string(),
+                "--warmup",
+                &WARMUP_STEPS.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ]),
     );
-    let report: serde_json::Value = serde_json::from_str(peer.stdout.lines().last().unwrap_or("{}"))
-        .unwrap_or_else(|e| panic!("PyTorch side printed {:?}: {e}", peer.stdout));
-    let torch_step = report["seconds_per_step"].as_f64().expect("seconds_per_step");
+    let report: serde_json::Value =
+        serde_json::from_str(peer.stdout.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("PyTorch side printed {:?}: {e}", peer.stdout));
+    let torch_step = report["seconds_per_step"]
+        .as_f64()
+        .expect("seconds_per_step");
     let torch_forward = report["forward_seconds"].as_f64().expect("forward_seconds");
 
     println!();
@@ -166,6 +221,12 @@ fn main() {
         peer.peak_rss_kib as f64 / 1024.0
     );
     println!();
-    println!("graft / PyTorch time per step: {:.2} (target ≤ 0.60)", graft_step / torch_step);
-    println!("graft (forward + backward + update) / ONNX Runtime forward: {:.2}", graft_step / ort_forward);
+    println!(
+        "graft / PyTorch time per step: {:.2} (target ≤ 0.60)",
+        graft_step / torch_step
+    );
+    println!(
+        "graft (forward + backward + update) / ONNX Runtime forward: {:.2}",
+        graft_step / ort_forward
+    );
 }

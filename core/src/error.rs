@@ -59,6 +59,9 @@ pub enum Error {
     /// ONNX Runtime failed or could not be provisioned.
     #[error("ONNX Runtime: {0}")]
     Runtime(String),
+    /// tract could not load or run a model.
+    #[error("tract: {0}")]
+    Tract(String),
 }
 
 impl Error {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ir;
 pub mod merge;
 pub mod onnx;
+pub mod onnx_adapter;
 pub mod patch;
 pub mod peft;
 pub mod plugins;

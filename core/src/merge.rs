@@ -2,8 +2,10 @@
 //! plugins recorded, so that the merged model has the base model's topology.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use graft_plugin_sdk::{Fold, WeightLayout};
+use graft_plugin_sdk::{DType, Fold, WeightLayout};
+use half::slice::HalfFloatSliceExt;
 
 use crate::ir::{Graph, Model, Tensor};
 use crate::patch::GraftRecord;
@@ -62,27 +64,14 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         reason: format!("rank {rank_b} does not match {a:?}'s rank {rank}"),
                     });
                 }
-                update_weight(
+                add_low_rank(
                     &mut model.graph,
                     weight,
                     *layout,
-                    n_in,
-                    n_out,
+                    *scale,
+                    (&a_values, &b_values),
+                    [n_in, rank, n_out],
                     &mut report,
-                    |w, stride_in, stride_out| {
-                        for i in 0..n_in {
-                            for k in 0..rank {
-                                let coefficient = scale * a_values[i * rank + k];
-                                if coefficient == 0.0 {
-                                    continue;
-                                }
-                                let b_row = &b_values[k * n_out..(k + 1) * n_out];
-                                for (j, &b_value) in b_row.iter().enumerate() {
-                                    w[i * stride_in + j * stride_out] += coefficient * b_value;
-                                }
-                            }
-                        }
-                    },
                 )?;
             }
             Fold::ScaleOutput {
@@ -102,12 +91,9 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                     n_in,
                     n_out,
                     &mut report,
-                    |w, stride_in, stride_out| {
-                        for i in 0..n_in {
-                            for (j, s) in scale.iter().enumerate() {
-                                w[i * stride_in + j * stride_out] *= s;
-                            }
-                        }
+                    |row_index, row| match layout {
+                        WeightLayout::InOut => multiply(row, &scale),
+                        WeightLayout::OutIn => row.iter_mut().for_each(|w| *w *= scale[row_index]),
                     },
                 )?;
                 if let Some(bias) = bias {
@@ -118,11 +104,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         1,
                         n_out,
                         &mut report,
-                        |w, _, _| {
-                            for (value, s) in w.iter_mut().zip(&scale) {
-                                *value *= s;
-                            }
-                        },
+                        |_, row| multiply(row, &scale),
                     )?;
                 }
             }
@@ -142,12 +124,9 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                     n_in,
                     n_out,
                     &mut report,
-                    |w, stride_in, stride_out| {
-                        for (i, s) in scale.iter().enumerate() {
-                            for j in 0..n_out {
-                                w[i * stride_in + j * stride_out] *= s;
-                            }
-                        }
+                    |row_index, row| match layout {
+                        WeightLayout::InOut => row.iter_mut().for_each(|w| *w *= scale[row_index]),
+                        WeightLayout::OutIn => multiply(row, &scale),
                     },
                 )?;
             }
@@ -263,8 +242,51 @@ fn sdk_dtype(tensor: &Tensor) -> Result<graft_plugin_sdk::DType> {
     })
 }
 
-/// Rewrites the weight `name` through `update`, which sees the values as f32 with the strides
-/// of an (in, out) index: element (i, j) lives at `i * stride_in + j * stride_out`.
+/// Adds `scale · A · B` to the weight `name` (A `[n_in, rank]`, B `[rank, n_out]`, row-major):
+/// element (i, j) gets `(scale · A[i, k]) · B[k, j]` added in order of k, in f32, skipping the
+/// k whose coefficient `scale · A[i, k]` is zero.
+fn add_low_rank(
+    graph: &mut Graph,
+    name: &str,
+    layout: WeightLayout,
+    scale: f32,
+    (a_values, b_values): (&[f32], &[f32]),
+    [n_in, rank, n_out]: [usize; 3],
+    report: &mut MergeReport,
+) -> Result<()> {
+    let scaled_a: Vec<f32> = a_values.iter().map(|a| scale * a).collect();
+    match layout {
+        WeightLayout::InOut => {
+            let b_rows: Vec<&[f32]> = b_values.chunks_exact(n_out.max(1)).collect();
+            let mut terms: Vec<(f32, &[f32])> = Vec::with_capacity(rank);
+            update_weight(graph, name, layout, n_in, n_out, report, |i, row| {
+                terms.clear();
+                terms.extend(
+                    (b_rows.iter().enumerate())
+                        .map(|(k, b_row)| (scaled_a[i * rank + k], *b_row))
+                        .filter(|(coefficient, _)| *coefficient != 0.0),
+                );
+                add_terms(row, &terms);
+            })
+        }
+        WeightLayout::OutIn => {
+            let scaled_a_columns: Vec<Vec<f32>> = (0..rank)
+                .map(|k| scaled_a.iter().skip(k).step_by(rank).copied().collect())
+                .collect();
+            update_weight(graph, name, layout, n_in, n_out, report, |j, row| {
+                for (k, column) in scaled_a_columns.iter().enumerate() {
+                    add_scaling(row, column, b_values[k * n_out + j]);
+                }
+            })
+        }
+    }
+}
+
+/// Rewrites the weight `name`, stored in `layout` for `n_in` inputs and `n_out` outputs, one
+/// stored row at a time: `update(index, row)` sees the row as f32, row `i` of input `i`
+/// (`n_out` values) for [`WeightLayout::InOut`], row `j` of output `j` (`n_in` values) for
+/// [`WeightLayout::OutIn`]. Rows are converted from and back to the weight's type as they go,
+/// so the whole matrix is never held in f32.
 fn update_weight(
     graph: &mut Graph,
     name: &str,
@@ -272,7 +294,7 @@ fn update_weight(
     n_in: usize,
     n_out: usize,
     report: &mut MergeReport,
-    update: impl FnOnce(&mut [f32], usize, usize),
+    mut update: impl FnMut(usize, &mut [f32]),
 ) -> Result<()> {
     let index = graph
         .initializers
@@ -283,33 +305,180 @@ fn update_weight(
             reason: "the merge needs it, but the model has no initializer of that name".into(),
         })?;
     let tensor = &graph.initializers[index];
-    let mut values = tensor_f32(tensor)?;
-    if values.len() != n_in * n_out {
+    let dtype = sdk_dtype(tensor)?;
+    let width = match dtype {
+        DType::Float => 4,
+        DType::Float16 | DType::Bfloat16 => 2,
+        DType::Double => 8,
+        _ => {
+            return Err(Error::Tensor {
+                name: tensor.name.clone(),
+                reason: format!(
+                    "{} is not a floating-point type graft can merge",
+                    tensor.dtype
+                ),
+            })
+        }
+    };
+    let bytes = tensor.raw_bytes()?;
+    if bytes.len() % width != 0 || bytes.len() / width != n_in * n_out {
         return Err(Error::Tensor {
             name: name.to_owned(),
-            reason: format!("has {} elements, expected {n_in}×{n_out}", values.len()),
+            reason: format!(
+                "has {} elements, expected {n_in}×{n_out}",
+                bytes.len() / width
+            ),
         });
     }
-    let (stride_in, stride_out) = match layout {
-        WeightLayout::InOut => (n_out, 1),
-        WeightLayout::OutIn => (1, n_in),
+    let row_len = match layout {
+        WeightLayout::InOut => n_out,
+        WeightLayout::OutIn => n_in,
     };
-    update(&mut values, stride_in, stride_out);
-    let dtype = sdk_dtype(tensor)?;
-    let bytes = graft_plugin_sdk::f32_to_bytes(dtype, &values).ok_or_else(|| Error::Tensor {
-        name: name.to_owned(),
-        reason: format!("cannot write {} values", tensor.dtype),
-    })?;
-    report.bytes_touched += bytes.len();
+    let mut updated = Arc::<[u8]>::new_uninit_slice(bytes.len());
+    let destination = Arc::get_mut(&mut updated)
+        .expect("a fresh allocation has one owner")
+        .as_mut_ptr()
+        .cast::<u8>();
+    let mut row = vec![0f32; row_len];
+    let mut row_bytes = vec![0u8; row_len * width];
+    let mut halves = vec![half::f16::ZERO; row_len];
+    for (row_index, source) in bytes.chunks_exact((row_len * width).max(1)).enumerate() {
+        read_row(dtype, source, &mut row, &mut halves);
+        update(row_index, &mut row);
+        write_row(dtype, &row, &mut row_bytes, &mut halves);
+        // SAFETY: `destination` points to `bytes.len()` writable bytes; rows are disjoint
+        // `row_len * width`-byte ranges that together cover it exactly once.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                row_bytes.as_ptr(),
+                destination.add(row_index * row_bytes.len()),
+                row_bytes.len(),
+            );
+        }
+    }
+    // SAFETY: the loop above initialized every byte (`bytes.len()` is a multiple of the row size).
+    let updated = unsafe { updated.assume_init() };
+    report.bytes_touched += updated.len();
     if !report.updated_weights.iter().any(|w| w == name) {
         report.updated_weights.push(name.to_owned());
     }
-    let updated = Tensor {
-        data: crate::ir::TensorData::Raw(bytes.into()),
+    graph.initializers[index] = Tensor {
+        data: crate::ir::TensorData::Raw(updated),
         ..tensor.clone()
     };
-    graph.initializers[index] = updated;
     Ok(())
+}
+
+/// Decodes one row of little-endian `dtype` values (a merge-able float type) into `row`;
+/// `halves` is scratch space of the row's length.
+fn read_row(dtype: DType, bytes: &[u8], row: &mut [f32], halves: &mut [half::f16]) {
+    match dtype {
+        DType::Float16 => {
+            for (h, c) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+                *h = half::f16::from_le_bytes([c[0], c[1]]);
+            }
+            halves.convert_to_f32_slice(row);
+        }
+        DType::Bfloat16 => {
+            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(2)) {
+                *v = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        DType::Double => {
+            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(8)) {
+                *v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32;
+            }
+        }
+        _ => {
+            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    }
+}
+
+/// Encodes `row` as little-endian `dtype` values into `bytes`, rounding to nearest even as
+/// [`graft_plugin_sdk::f32_to_bytes`] does; `halves` is scratch space of the row's length.
+fn write_row(dtype: DType, row: &[f32], bytes: &mut [u8], halves: &mut [half::f16]) {
+    match dtype {
+        DType::Float16 => {
+            halves.convert_from_f32_slice(row);
+            for (c, h) in bytes.chunks_exact_mut(2).zip(halves.iter()) {
+                c.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        DType::Bfloat16 => {
+            for (c, v) in bytes.chunks_exact_mut(2).zip(row) {
+                c.copy_from_slice(&graft_plugin_sdk::f32_to_bf16_bits(*v).to_le_bytes());
+            }
+        }
+        DType::Double => {
+            for (c, v) in bytes.chunks_exact_mut(8).zip(row) {
+                c.copy_from_slice(&(*v as f64).to_le_bytes());
+            }
+        }
+        _ => {
+            for (c, v) in bytes.chunks_exact_mut(4).zip(row) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// `row += c · b` for each `(c, b)` of `terms` in order, every `b` at least as long as `row`:
+/// each element is updated in f32 one term at a time, a multiply then an add, never fused.
+fn add_terms(row: &mut [f32], terms: &[(f32, &[f32])]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { add_terms_avx2(row, terms) };
+    }
+    add_terms_tiled(row, terms);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_terms_avx2(row: &mut [f32], terms: &[(f32, &[f32])]) {
+    add_terms_tiled(row, terms);
+}
+
+/// [`add_terms`] on tiles of the row held in registers while all terms are added, so that the
+/// row is loaded and stored once instead of once per term.
+#[inline(always)]
+fn add_terms_tiled(row: &mut [f32], terms: &[(f32, &[f32])]) {
+    const TILE: usize = 64;
+    let tiled = row.len() / TILE * TILE;
+    let (head, tail) = row.split_at_mut(tiled);
+    for (tile, values) in head.chunks_exact_mut(TILE).enumerate() {
+        let mut sums = [0f32; TILE];
+        sums.copy_from_slice(values);
+        for (coefficient, b) in terms {
+            for (sum, b) in sums.iter_mut().zip(&b[tile * TILE..(tile + 1) * TILE]) {
+                *sum += coefficient * b;
+            }
+        }
+        values.copy_from_slice(&sums);
+    }
+    for (coefficient, b) in terms {
+        for (value, b) in tail.iter_mut().zip(&b[tiled..]) {
+            *value += coefficient * b;
+        }
+    }
+}
+
+/// `row[i] += coefficients[i] · b`, leaving each element whose coefficient is zero alone.
+fn add_scaling(row: &mut [f32], coefficients: &[f32], b: f32) {
+    for (w, c) in row.iter_mut().zip(coefficients) {
+        let sum = *w + c * b;
+        *w = if *c == 0.0 { *w } else { sum };
+    }
+}
+
+/// `row[j] *= scale[j]`.
+fn multiply(row: &mut [f32], scale: &[f32]) {
+    for (w, s) in row.iter_mut().zip(scale) {
+        *w *= s;
+    }
 }
 
 fn remove_branch(
@@ -376,4 +545,91 @@ fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut 
     graph
         .inputs
         .retain(|input| !trainable.contains(input.name.as_str()) && !dead.contains(&input.name));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::DataType;
+
+    /// The definition, over the whole matrix in f32: element (i, j) sits at
+    /// `i · stride_in + j · stride_out`.
+    fn reference_low_rank(
+        values: &mut [f32],
+        layout: WeightLayout,
+        scale: f32,
+        (a, b): (&[f32], &[f32]),
+        [n_in, rank, n_out]: [usize; 3],
+    ) {
+        let (stride_in, stride_out) = match layout {
+            WeightLayout::InOut => (n_out, 1),
+            WeightLayout::OutIn => (1, n_in),
+        };
+        for i in 0..n_in {
+            for k in 0..rank {
+                let coefficient = scale * a[i * rank + k];
+                if coefficient == 0.0 {
+                    continue;
+                }
+                for j in 0..n_out {
+                    values[i * stride_in + j * stride_out] += coefficient * b[k * n_out + j];
+                }
+            }
+        }
+    }
+
+    fn noise(n: usize, seed: u64, magnitude: f32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * magnitude
+            })
+            .collect()
+    }
+
+    #[test]
+    fn row_wise_low_rank_updates_equal_the_definition_bit_for_bit() {
+        let [n_in, rank, n_out] = [37, 3, 19];
+        let mut a = noise(n_in * rank, 1, 2.0);
+        a[4] = 0.0;
+        a[5] = -0.0;
+        let mut b = noise(rank * n_out, 2, 2.0);
+        b[2 * n_out + 3] = f32::INFINITY;
+        a.iter_mut().skip(2).step_by(rank).for_each(|v| *v = 0.0);
+        for (dtype, code) in [
+            (DataType::Float16, DType::Float16),
+            (DataType::Float, DType::Float),
+            (DataType::Bfloat16, DType::Bfloat16),
+            (DataType::Double, DType::Double),
+        ] {
+            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+                let mut weight = noise(n_in * n_out, 3, 1e-3);
+                weight[0] = -0.0;
+                weight[1] = 3e-8;
+                weight[2] = 65504.0;
+                let bytes = graft_plugin_sdk::f32_to_bytes(code, &weight).unwrap();
+                let dims = match layout {
+                    WeightLayout::InOut => vec![n_in as i64, n_out as i64],
+                    WeightLayout::OutIn => vec![n_out as i64, n_in as i64],
+                };
+                let mut graph = Graph {
+                    initializers: vec![Tensor::from_raw("w", dtype, dims, bytes.clone())],
+                    ..Graph::default()
+                };
+                let shapes = [n_in, rank, n_out];
+                let mut report = MergeReport::default();
+                add_low_rank(&mut graph, "w", layout, 0.5, (&a, &b), shapes, &mut report).unwrap();
+
+                let mut expected = graft_plugin_sdk::bytes_to_f32(code, &bytes).unwrap();
+                reference_low_rank(&mut expected, layout, 0.5, (&a, &b), shapes);
+                let expected = graft_plugin_sdk::f32_to_bytes(code, &expected).unwrap();
+                let merged = graph.initializers[0].raw_bytes().unwrap();
+                assert!(merged == expected, "{dtype} {layout:?}");
+                assert_eq!(report.bytes_touched, expected.len());
+            }
+        }
+    }
 }

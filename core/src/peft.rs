@@ -60,6 +60,18 @@ pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
         else {
             continue;
         };
+        let rescaled = record.folds.iter().any(|other| {
+            !matches!(other, Fold::LowRank { .. })
+                && crate::plugins::fold_weight(other).is_some_and(|w| w == a || w == b)
+        });
+        if rescaled {
+            return Err(Error::Tensor {
+                name: weight.clone(),
+                reason: "its low-rank branch has extra factors (a per-rank scale), which HF \
+                         PEFT's LoRA format cannot hold"
+                    .into(),
+            });
+        }
         let module = record.labels.get(weight).ok_or_else(|| Error::Tensor {
             name: weight.clone(),
             reason:

@@ -360,3 +360,23 @@ fn broken_plugins_are_rejected_by_name_and_the_host_keeps_working() {
     assert!(error.to_string().contains("deliberate panic"), "{error}");
     apply_method(&registry, &mut model, "lora", &json!({})).unwrap();
 }
+
+#[test]
+fn methods_stacked_on_the_same_site_merge_exactly() {
+    let registry = registry();
+    for fixture in ["bert-legacy", "llama-dynamo"] {
+        let base = onnx::load(&fixture_model(fixture)).unwrap();
+        let mut patched = base.clone();
+        apply_method(&registry, &mut patched, "lora", &json!({"targets": "v,ffn_down"})).unwrap();
+        apply_method(&registry, &mut patched, "ia3", &json!({"targets": "v,ffn_down"})).unwrap();
+        apply_method(&registry, &mut patched, "lora", &json!({"targets": "v", "seed": 3})).unwrap();
+        randomize_trainable(&mut patched);
+        let inputs = fixture_inputs(fixture);
+        let unmerged = run_model(&patched, &inputs);
+        let mut merged = patched.clone();
+        graft::merge::merge(&mut merged).unwrap();
+        assert_eq!(op_types(&merged), op_types(&base), "{fixture}");
+        let diff = max_diff(&unmerged, &run_model(&merged, &inputs));
+        assert!(diff <= 1e-5, "{fixture}: stacked LoRA + IA3 merged differs by {diff}");
+    }
+}

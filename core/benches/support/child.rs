@@ -1,12 +1,9 @@
-//! Running a child process and measuring it: wall time and peak RSS (from `wait4`'s rusage).
+//! Running a child process and measuring its peak RSS (from `wait4`'s rusage).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// What a finished child reported.
 pub struct Measured {
-    /// Wall time from spawn to exit.
-    pub wall: Duration,
     /// Peak resident set size of the child, in KiB.
     pub peak_rss_kib: u64,
     /// Captured standard output.
@@ -19,7 +16,6 @@ pub struct Measured {
 #[allow(clippy::zombie_processes)]
 pub fn run_measured(command: &mut Command) -> Measured {
     use std::io::Read;
-    let start = Instant::now();
     let mut child = command
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -32,14 +28,12 @@ pub fn run_measured(command: &mut Command) -> Measured {
     // SAFETY: rusage is plain data that wait4 fills in; the pid is our own unwaited child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let wall = start.elapsed();
     assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{command:?} failed with status {status}:\n{stdout}"
     );
     Measured {
-        wall,
         peak_rss_kib: usage.ru_maxrss as u64,
         stdout,
     }

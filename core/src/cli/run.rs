@@ -3,13 +3,19 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use graft::runtime::{read_npz, write_npz, Device, HostTensor, OrtSession, SessionOptions};
+use graft::onnx_adapter::{is_onnx_adapter, OnnxAdapter};
+use graft::runtime::{
+    read_npz, write_npz, Device, HostTensor, OrtAdapter, OrtSession, SessionOptions, TractSession,
+};
 
 /// Run a model on named inputs and print or save its outputs.
 ///
 /// Inputs are read from an `.npz` file whose array names are the model's input names (extra
 /// arrays are ignored). With `--compare REF.npz` the outputs are checked against reference
 /// outputs and the largest difference is printed; the command fails (exit 2) above `--tolerance`.
+///
+/// `--runtime tract` runs the model in tract instead of ONNX Runtime (CPU only), to check that
+/// an exported graph is portable.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The ONNX model to run.
@@ -17,7 +23,9 @@ pub struct Args {
     /// An `.npz` file of inputs, keyed by input name.
     #[arg(long, value_name = "FILE.npz")]
     inputs: PathBuf,
-    /// Trained adapter tensors (safetensors from `graft train`) to run the patched model with.
+    /// Adapter tensors to run the patched model with: safetensors (as `graft train` writes
+    /// them) or an ONNX Runtime `.onnx_adapter` file (as `graft export --format onnx-adapter`
+    /// writes them, fed through ONNX Runtime's adapter API); the format is read from the file.
     #[arg(long, value_name = "FILE")]
     adapter: Option<PathBuf>,
     /// Write the outputs to this `.npz` file.
@@ -32,30 +40,114 @@ pub struct Args {
     /// Execution provider.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
-    /// Intra-op threads (0: ONNX Runtime's choice).
+    /// Intra-op threads of ONNX Runtime (0: its choice).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The runtime that runs the model.
+    #[arg(long, value_enum, default_value_t = Runtime::Ort)]
+    runtime: Runtime,
+}
+
+/// The runtimes `graft run` can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Runtime {
+    /// ONNX Runtime, on the `--device` execution provider.
+    Ort,
+    /// tract, on the CPU.
+    Tract,
+}
+
+/// Adapter tensors given with `--adapter`, by file format.
+enum AdapterFile {
+    Safetensors(PathBuf),
+    OnnxAdapter(PathBuf, OnnxAdapter),
+}
+
+impl AdapterFile {
+    fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| graft::Error::io(path, e))?;
+        Ok(if is_onnx_adapter(&bytes) {
+            AdapterFile::OnnxAdapter(path.to_owned(), OnnxAdapter::from_bytes(&bytes, path)?)
+        } else {
+            AdapterFile::Safetensors(path.to_owned())
+        })
+    }
+
+    /// Loads the tensors into the model's initializers.
+    fn load_into(&self, model: &mut graft::ir::Model) -> anyhow::Result<()> {
+        match self {
+            AdapterFile::Safetensors(path) => graft::adapter::load_into(model, path).map(drop)?,
+            AdapterFile::OnnxAdapter(path, adapter) => adapter.load_into(model, path).map(drop)?,
+        }
+        Ok(())
+    }
+}
+
+/// A session of either runtime.
+enum Session {
+    Ort(OrtSession, Option<OrtAdapter>),
+    Tract(TractSession),
+}
+
+impl Session {
+    fn open(args: &Args) -> anyhow::Result<Self> {
+        let adapter = args.adapter.as_deref().map(AdapterFile::read).transpose()?;
+        if args.runtime == Runtime::Tract {
+            if args.device != Device::Cpu {
+                bail!("tract runs on the CPU only; --device cuda needs --runtime ort");
+            }
+            let session = match &adapter {
+                None => TractSession::from_file(&args.model)?,
+                Some(adapter) => {
+                    let mut model = graft::onnx::load(&args.model)?;
+                    adapter.load_into(&mut model)?;
+                    TractSession::from_bytes(&graft::onnx::to_bytes(&model)?)?
+                }
+            };
+            return Ok(Session::Tract(session));
+        }
+        let options = SessionOptions {
+            device: args.device,
+            threads: args.threads,
+            exact: false,
+        };
+        Ok(match adapter {
+            None => Session::Ort(OrtSession::from_file(&args.model, options)?, None),
+            Some(AdapterFile::OnnxAdapter(path, adapter)) => {
+                adapter.check_against(&graft::onnx::load(&args.model)?, &path)?;
+                let session = OrtSession::from_file(&args.model, options)?;
+                Session::Ort(session, Some(OrtAdapter::from_file(&path)?))
+            }
+            Some(adapter @ AdapterFile::Safetensors(_)) => {
+                let mut model = graft::onnx::load(&args.model)?;
+                adapter.load_into(&mut model)?;
+                let bytes = graft::onnx::to_bytes(&model)?;
+                Session::Ort(OrtSession::from_bytes(&bytes, options)?, None)
+            }
+        })
+    }
+
+    fn input_names(&self) -> &[String] {
+        match self {
+            Session::Ort(session, _) => &session.input_names,
+            Session::Tract(session) => &session.input_names,
+        }
+    }
+
+    fn run(&mut self, inputs: &[(String, HostTensor)]) -> graft::Result<Vec<(String, HostTensor)>> {
+        match self {
+            Session::Ort(session, adapter) => session.run_with_adapter(inputs, adapter.as_ref()),
+            Session::Tract(session) => session.run(inputs),
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let inputs = read_npz(&args.inputs)?;
-    let options = SessionOptions {
-        device: args.device,
-        threads: args.threads,
-        exact: false,
-    };
-    let mut session = match &args.adapter {
-        None => OrtSession::from_file(&args.model, options),
-        Some(adapter) => {
-            let mut model = graft::onnx::load(&args.model)?;
-            graft::adapter::load_into(&mut model, adapter)?;
-            OrtSession::from_bytes(&graft::onnx::to_bytes(&model)?, options)
-        }
-    }
-    .with_context(|| format!("{}", args.model.display()))?;
+    let mut session = Session::open(&args).with_context(|| format!("{}", args.model.display()))?;
     let fed: Vec<(String, HostTensor)> = inputs
         .into_iter()
-        .filter(|(name, _)| session.input_names.contains(name))
+        .filter(|(name, _)| session.input_names().contains(name))
         .collect();
     let outputs = session.run(&fed)?;
     for (name, tensor) in &outputs {

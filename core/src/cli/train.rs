@@ -1,23 +1,37 @@
 //! `graft train`: train a patched model's adapter through ONNX Runtime.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use graft::runtime::{Device, SessionOptions};
+use graft::train::data::DataFormat;
 use graft::train::optimizer::{OptimizerKind, Schedule};
-use graft::train::{train, Task, TrainOptions};
+use graft::train::{train, EvalMetrics, StepMetrics, Task, TrainEvent, TrainOptions, TrainSummary};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Train the trainable tensors of a model written by `graft apply`.
 ///
 /// graft differentiates the patched graph itself (forward + loss + gradients as standard ONNX),
 /// runs it in an ONNX Runtime session, and updates the parameters on the host with AdamW (as
-/// `torch.optim.AdamW`) or SGD. Data is pre-tokenized JSONL, one example per line:
-/// `{"input_ids":[…],"attention_mask":[…],"label":1}` (seq-cls, regression) or `"labels":[…]`
-/// (causal-lm, token-cls); other model inputs (`token_type_ids`) are taken by name.
+/// `torch.optim.AdamW`) or SGD.
 ///
-/// Writes `metrics.jsonl` (one line per step: step, loss, lr, grad_norm, tokens_per_s),
+/// Data (--data-format, told from the file when `auto`), one example per line:
+/// pre-tokenized JSONL `{"input_ids":[…],"attention_mask":[…],"label":1}` (seq-cls, regression)
+/// or `"labels":[…]` (causal-lm, token-cls), other inputs (`token_type_ids`) taken by name;
+/// `text`: `{"text":…,"label":1}` with an optional `"text_pair"` (seq-cls, regression);
+/// `instruction`: `{"instruction":…,"input":…,"output":…}` (causal-lm; the prompt
+/// "Instruction: …\nInput: …\nResponse:\n" is not scored, the output and end-of-sequence are);
+/// `plain`: one document per line of a .txt file, or `{"text":…}` (causal-lm). The text formats
+/// are tokenized with --tokenizer and cut to --max-len tokens.
+///
+/// Writes into RUN_DIR: `metrics.jsonl` (one line per step: step, loss, lr, grad_norm,
+/// tokens_per_s; one per evaluation: step, eval_loss, eval_accuracy), `checkpoint/` (adapter,
+/// optimizer state, data position; every --save-every steps and at the end), `loss.svg`,
 /// `adapter.safetensors` (graft's names; `graft merge --adapter` reads it) and the adapter in HF
-/// PEFT's format (`adapter_model.safetensors`, `adapter_config.json`) into RUN_DIR.
+/// PEFT's format (`adapter_model.safetensors`, `adapter_config.json`). A non-finite loss stops
+/// the run (exit status 2) and leaves the last good checkpoint in place; `--resume RUN_DIR`
+/// continues from a checkpoint with the same per-step results as an uninterrupted run.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model written by `graft apply`.
@@ -25,12 +39,39 @@ pub struct Args {
     /// What to train for (decides the loss on the model's first output).
     #[arg(long, value_enum)]
     task: Task,
-    /// Pre-tokenized JSONL training data.
-    #[arg(long, value_name = "FILE.jsonl")]
+    /// Training data (JSONL or .txt; see --data-format).
+    #[arg(long, value_name = "FILE")]
     data: PathBuf,
-    /// The run folder.
+    /// How the data files are laid out.
+    #[arg(long, value_enum, default_value_t = DataFormat::Auto)]
+    data_format: DataFormat,
+    /// The tokenizer.json for text data (default: tokenizer.json beside PATCHED).
+    #[arg(long, value_name = "PATH")]
+    tokenizer: Option<PathBuf>,
+    /// The most tokens per example tokenized from text (longer ones are cut).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_len: usize,
+    /// Evaluation data, in the same format as --data: loss (and accuracy for seq-cls and
+    /// token-cls) without dropout, after the last step and every --eval-every steps.
+    #[arg(long, value_name = "FILE")]
+    eval_data: Option<PathBuf>,
+    /// Evaluate every K steps.
+    #[arg(long, value_name = "K", requires = "eval_data")]
+    eval_every: Option<u64>,
+    /// Write RUN_DIR/checkpoint every K steps (it is always written after the last step).
+    #[arg(long, value_name = "K")]
+    save_every: Option<u64>,
+    /// Continue the run in RUN_DIR from its checkpoint; give the same data and settings as the
+    /// interrupted run. metrics.jsonl keeps its lines up to the checkpoint and is appended to.
     #[arg(long, value_name = "RUN_DIR")]
-    out: PathBuf,
+    resume: Option<PathBuf>,
+    /// The run folder (with --resume, the folder resumed, which is the default).
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Print a progress line every N steps when stderr is not a terminal (a progress bar
+    /// otherwise).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    log_every: u64,
     /// Start from this HF PEFT adapter (folder or adapter_model.safetensors) instead of the
     /// model's initial values.
     #[arg(long, value_name = "PEFT_DIR")]
@@ -101,6 +142,15 @@ enum OptimizerChoice {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let out = match (&args.resume, &args.out) {
+        (Some(resume), Some(out)) if resume != out => anyhow::bail!(
+            "--resume {} and --out {} name different run folders",
+            resume.display(),
+            out.display()
+        ),
+        (Some(folder), _) | (None, Some(folder)) => folder.clone(),
+        (None, None) => anyhow::bail!("--out RUN_DIR is required"),
+    };
     let mut model = graft::onnx::load(&args.patched)?;
     if let Some(adapter) = &args.init_adapter {
         let n = graft::peft::load_values(&mut model, adapter)?;
@@ -118,10 +168,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             weight_decay: args.weight_decay,
         },
     };
+    let tokenizer = args.tokenizer.clone().or_else(|| {
+        let beside = args.patched.with_file_name("tokenizer.json");
+        beside.is_file().then_some(beside)
+    });
     let options = TrainOptions {
         task: args.task,
         data: args.data.clone(),
-        out: args.out.clone(),
+        data_format: args.data_format,
+        tokenizer,
+        max_len: args.max_len,
+        eval_data: args.eval_data.clone(),
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        resume: args.resume.is_some(),
+        out,
         steps: args.steps,
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -140,20 +201,143 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             exact: false,
         },
     };
-    let summary = train(&model, &options, |m| {
-        println!(
-            "step {:>5}  loss {:.6}  lr {:.3e}  grad_norm {:.4}  {:.0} tokens/s",
-            m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s
-        );
-    })
-    .with_context(|| format!("training {}", args.patched.display()))?;
-    println!(
-        "trained {} steps in {:.1} s: loss {:.4} → {:.4}; metrics and adapter in {}",
-        summary.steps,
-        summary.seconds,
-        summary.first_loss,
-        summary.last_loss,
-        summary.out.display()
-    );
+    let mut progress = Progress::new(std::io::stderr().is_terminal(), args.log_every);
+    let result = train(&model, &options, |event| progress.show(event));
+    progress.finish();
+    let summary = result.with_context(|| format!("training {}", args.patched.display()))?;
+    print_summary(&summary);
     Ok(())
+}
+
+/// Shows a run's progress: a progress bar on a terminal, plain lines on stdout otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    terminal: bool,
+    log_every: u64,
+    total_steps: u64,
+}
+
+impl Progress {
+    fn new(terminal: bool, log_every: u64) -> Self {
+        Progress {
+            bar: None,
+            terminal,
+            log_every: log_every.max(1),
+            total_steps: 0,
+        }
+    }
+
+    fn show(&mut self, event: TrainEvent<'_>) {
+        match event {
+            TrainEvent::Started {
+                first_step,
+                total_steps,
+                examples,
+                skipped_lines,
+                eval_examples,
+            } => {
+                self.total_steps = total_steps;
+                let mut line = format!("{examples} training examples");
+                if skipped_lines > 0 {
+                    line += &format!(" ({skipped_lines} malformed lines skipped)");
+                }
+                if let Some(eval_examples) = eval_examples {
+                    line += &format!(", {eval_examples} evaluation examples");
+                }
+                if first_step > 0 {
+                    line += &format!("; resuming after step {first_step} of {total_steps}");
+                }
+                println!("{line}");
+                if self.terminal {
+                    let bar = ProgressBar::new(total_steps).with_position(first_step);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    self.bar = Some(bar);
+                }
+            }
+            TrainEvent::Step(metrics) => match &self.bar {
+                Some(bar) => {
+                    bar.set_position(metrics.step);
+                    bar.set_message(format!(
+                        "loss {:.4}  lr {:.2e}  {:.0} tokens/s",
+                        metrics.loss, metrics.lr, metrics.tokens_per_s
+                    ));
+                }
+                None => {
+                    if metrics.step % self.log_every == 0 || metrics.step == self.total_steps {
+                        println!("{}", step_line(metrics));
+                    }
+                }
+            },
+            TrainEvent::Evaluated(metrics) => self.line(eval_line(metrics)),
+            TrainEvent::Checkpoint { .. } => {}
+        }
+    }
+
+    fn line(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn step_line(metrics: &StepMetrics) -> String {
+    format!(
+        "step {:>5}  loss {:.6}  lr {:.3e}  grad_norm {:.4}  {:.0} tokens/s",
+        metrics.step, metrics.loss, metrics.lr, metrics.grad_norm, metrics.tokens_per_s
+    )
+}
+
+fn eval_line(metrics: &EvalMetrics) -> String {
+    let mut line = format!("eval  {:>5}  loss {:.6}", metrics.step, metrics.eval_loss);
+    if let Some(accuracy) = metrics.eval_accuracy {
+        line += &format!("  accuracy {accuracy:.4}");
+    }
+    line
+}
+
+fn print_summary(summary: &TrainSummary) {
+    let resumed = summary.resumed_from.map_or(String::new(), |step| {
+        format!(" (resumed after step {step})")
+    });
+    println!(
+        "trained {} steps{resumed} in {:.1} s: loss {:.4} → {:.4}",
+        summary.steps, summary.seconds, summary.first_loss, summary.last_loss
+    );
+    if summary.skipped_lines > 0 || summary.skipped_eval_lines > 0 {
+        println!(
+            "skipped {} malformed training lines and {} malformed evaluation lines",
+            summary.skipped_lines, summary.skipped_eval_lines
+        );
+    }
+    if let Some(best) = &summary.best_eval_loss {
+        println!(
+            "best evaluation loss {:.6} at step {}",
+            best.eval_loss, best.step
+        );
+    }
+    if let Some(best) = &summary.best_eval_accuracy {
+        println!(
+            "best evaluation accuracy {:.4} at step {}",
+            best.eval_accuracy.unwrap_or(f64::NAN),
+            best.step
+        );
+    }
+    println!("written in {}:", summary.out.display());
+    for file in &summary.files {
+        let shown = file.strip_prefix(&summary.out).unwrap_or(file);
+        let folder = if file.is_dir() { "/" } else { "" };
+        println!("  {}{folder}", shown.display());
+    }
 }

@@ -184,12 +184,15 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     method.trainable = trainable;
     method.parameters = patch.parameters.iter().map(|p| p.name.clone()).collect();
     record.methods.push(method);
-    record.folds.extend(
-        patch
-            .folds
-            .iter()
-            .map(|fold| rename_in_fold(fold, &renamed)),
-    );
+    // A later method's branches attach to the sites' base outputs, inside the branches of
+    // earlier methods, so they must be folded first: its folds go before the earlier ones (the
+    // order within one method is kept).
+    let new_folds: Vec<Fold> = patch
+        .folds
+        .iter()
+        .map(|fold| rename_in_fold(fold, &renamed))
+        .collect();
+    record.folds.splice(0..0, new_folds);
     record.write(model);
     Ok(())
 }

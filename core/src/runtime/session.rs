@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
-use ort::session::Session;
+use ort::session::{Adapter, RunOptions, Session};
 use ort::value::{DynValue, Tensor as OrtTensor, ValueType};
 
 use super::{library_path, HostTensor};
@@ -52,6 +52,22 @@ pub fn environment() -> Result<&'static Environment> {
 
 fn runtime_error(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
     move |e| Error::Runtime(format!("{context}: {e}"))
+}
+
+/// An ONNX Runtime adapter file (`.onnx_adapter`) loaded once and usable with any session
+/// whose graph has inputs of its tensors' names (see [`OrtSession::run_with_adapter`]).
+pub struct OrtAdapter {
+    adapter: Adapter,
+}
+
+impl OrtAdapter {
+    /// Loads an adapter file onto the CPU.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        environment()?;
+        let adapter = Adapter::from_file(path, None)
+            .map_err(|e| Error::Runtime(format!("cannot load adapter {}: {e}", path.display())))?;
+        Ok(OrtAdapter { adapter })
+    }
 }
 
 /// A loaded model, ready to run.
@@ -121,14 +137,34 @@ impl OrtSession {
 
     /// Runs the model on named inputs and returns every output, in graph order.
     pub fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        self.run_with_adapter(inputs, None)
+    }
+
+    /// Runs the model with an adapter's tensors fed as inputs by name, as ONNX Runtime's
+    /// `RunOptions::add_adapter` does; without an adapter, like [`OrtSession::run`].
+    pub fn run_with_adapter(
+        &mut self,
+        inputs: &[(String, HostTensor)],
+        adapter: Option<&OrtAdapter>,
+    ) -> Result<Vec<(String, HostTensor)>> {
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
             values.push((name.clone(), to_ort_value(tensor)?));
         }
-        let outputs = self
-            .session
-            .run(values)
-            .map_err(runtime_error("run failed"))?;
+        let run_options = adapter
+            .map(|adapter| -> Result<RunOptions> {
+                let mut options = RunOptions::new().map_err(runtime_error("run options"))?;
+                options
+                    .add_adapter(&adapter.adapter)
+                    .map_err(runtime_error("adapter"))?;
+                Ok(options)
+            })
+            .transpose()?;
+        let outputs = match &run_options {
+            None => self.session.run(values),
+            Some(options) => self.session.run_with_options(values, options),
+        }
+        .map_err(runtime_error("run failed"))?;
         let mut results = Vec::with_capacity(self.output_names.len());
         for (name, value) in outputs.iter() {
             results.push((name.to_owned(), from_ort_value(name, &value)?));

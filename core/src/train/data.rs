@@ -1,14 +1,18 @@
-//! Training data: pre-tokenized JSONL, one example per line, batched with padding.
+//! Training data: a file of examples, read in one of several formats, batched with padding.
 //!
-//! Each line is a JSON object of integer lists keyed by model input name (`input_ids`,
-//! `attention_mask`, `token_type_ids`, ...) plus the target: `"label"` (an integer class or a
-//! number for regression) or `"labels"` (a list, for causal LM and token classification).
+//! Pre-tokenized JSONL (`--data-format tokenized`) has one JSON object per line of integer lists
+//! keyed by model input name (`input_ids`, `attention_mask`, `token_type_ids`, ...) plus the
+//! target: `"label"` (an integer class or a number for regression) or `"labels"` (a list, for
+//! causal LM and token classification). The text formats (classification text, instructions,
+//! plain documents) are tokenized by [`super::text`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
+use serde::Serialize;
 
+use super::text::{self, TextEncoder};
 use crate::runtime::HostTensor;
 use crate::{Error, Result};
 
@@ -35,10 +39,153 @@ pub enum Target {
     Tokens(Vec<i64>),
 }
 
+/// How a data file is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// `.txt` files are `plain`; JSONL is told by the keys of its first object: `input_ids` →
+    /// `tokenized`, `instruction` → `instruction`, `text` with `label` → `text`, `text` alone →
+    /// `plain`.
+    Auto,
+    /// Pre-tokenized JSONL: integer lists by input name and `label` or `labels`.
+    Tokenized,
+    /// JSONL classification or regression: `{"text", "label"}`, optional `"text_pair"`.
+    Text,
+    /// Alpaca-shaped JSONL: `{"instruction", "input", "output"}`, scored on the output only.
+    Instruction,
+    /// Documents for causal LM: one per line of a `.txt` file, or JSONL `{"text"}`.
+    Plain,
+}
+
+impl DataFormat {
+    /// The flag value naming this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Tokenized => "tokenized",
+            DataFormat::Text => "text",
+            DataFormat::Instruction => "instruction",
+            DataFormat::Plain => "plain",
+        }
+    }
+}
+
+/// How to read a data file.
+#[derive(Clone, Debug)]
+pub struct DataOptions {
+    /// The layout; `Auto` sniffs it with [`sniff_format`].
+    pub format: DataFormat,
+    /// The `tokenizer.json` (or a folder holding one) for the text formats.
+    pub tokenizer: Option<PathBuf>,
+    /// The most tokens a tokenized-from-text example has.
+    pub max_len: usize,
+    /// Count and skip malformed lines instead of failing at the first.
+    pub skip_bad_lines: bool,
+}
+
+/// The examples of one data file.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// The examples, in file order.
+    pub examples: Vec<Example>,
+    /// How many malformed lines were skipped.
+    pub skipped: usize,
+    /// The format the file was read in (never `Auto`).
+    pub format: DataFormat,
+}
+
+/// Reads the data file at `path` as `options` say. A malformed line is an error naming
+/// `file:line`, or is counted in [`Dataset::skipped`] when `options.skip_bad_lines` is set; a
+/// file with no valid example is an error. The text formats need `options.tokenizer`.
+pub fn read_data(path: &Path, options: &DataOptions) -> Result<Dataset> {
+    let format = match options.format {
+        DataFormat::Auto => sniff_format(path)?,
+        format => format,
+    };
+    let skip = options.skip_bad_lines;
+    let (examples, skipped) = match format {
+        DataFormat::Auto | DataFormat::Tokenized => read_jsonl(path, skip)?,
+        DataFormat::Text | DataFormat::Instruction | DataFormat::Plain => {
+            let tokenizer = options.tokenizer.as_deref().ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: the {} format needs a tokenizer: pass --tokenizer FILE (by default \
+                     tokenizer.json beside the model is used when it exists)",
+                    path.display(),
+                    format.name()
+                ))
+            })?;
+            let encoder = TextEncoder::from_file(tokenizer, options.max_len)?;
+            let is_text_file = has_txt_extension(path);
+            read_lines(path, skip, |line| match format {
+                DataFormat::Text => text::parse_classification(&encoder, line),
+                DataFormat::Instruction => text::parse_instruction(&encoder, line),
+                _ if is_text_file => encoder.document(line),
+                _ => text::parse_document(&encoder, line),
+            })?
+        }
+    };
+    Ok(Dataset {
+        examples,
+        skipped,
+        format,
+    })
+}
+
+/// Tells the format of a data file: `plain` for a `.txt` file, otherwise from the keys of its
+/// first line that is a JSON object (see [`DataFormat::Auto`]).
+pub fn sniff_format(path: &Path) -> Result<DataFormat> {
+    if has_txt_extension(path) {
+        return Ok(DataFormat::Plain);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    for (index, line) in text.lines().enumerate() {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) else {
+            continue;
+        };
+        let has = |key: &str| object.contains_key(key);
+        return if has("input_ids") {
+            Ok(DataFormat::Tokenized)
+        } else if has("instruction") {
+            Ok(DataFormat::Instruction)
+        } else if has("text") && has("label") {
+            Ok(DataFormat::Text)
+        } else if has("text") {
+            Ok(DataFormat::Plain)
+        } else {
+            let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+            Err(Error::Config(format!(
+                "{}:{}: cannot tell the data format from the keys {keys:?}; pass --data-format",
+                path.display(),
+                index + 1
+            )))
+        };
+    }
+    Err(Error::Config(format!(
+        "{}: no line is a JSON object, so the data format cannot be told; pass --data-format \
+         (a .txt file is read as plain text)",
+        path.display()
+    )))
+}
+
+fn has_txt_extension(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("txt"))
+}
+
 /// Reads a JSONL file of examples. A malformed line is an error naming its line number, unless
 /// `skip_bad_lines` is set, in which case it is counted and skipped. Returns the examples and the
 /// number of skipped lines.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, usize)> {
+    read_lines(path, skip_bad_lines, parse_example)
+}
+
+/// Parses each non-blank line of `path` with `parse`; a failure is an error naming `file:line`,
+/// or is counted and skipped with `skip_bad_lines`. Returns the examples and the skipped count.
+fn read_lines(
+    path: &Path,
+    skip_bad_lines: bool,
+    mut parse: impl FnMut(&str) -> std::result::Result<Example, String>,
+) -> Result<(Vec<Example>, usize)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut examples = Vec::new();
     let mut skipped = 0;
@@ -46,12 +193,9 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, us
         if line.trim().is_empty() {
             continue;
         }
-        match parse_example(line) {
+        match parse(line) {
             Ok(example) => examples.push(example),
-            Err(reason) if skip_bad_lines => {
-                let _ = reason;
-                skipped += 1;
-            }
+            Err(_) if skip_bad_lines => skipped += 1,
             Err(reason) => {
                 return Err(Error::Config(format!(
                     "{}:{}: {reason} (use --skip-bad-lines to skip such lines)",
@@ -62,7 +206,15 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, us
         }
     }
     if examples.is_empty() {
-        return Err(Error::Config(format!("{}: no examples", path.display())));
+        return Err(Error::Config(format!(
+            "{}: no examples{}",
+            path.display(),
+            if skipped > 0 {
+                format!(" ({skipped} malformed lines skipped)")
+            } else {
+                String::new()
+            }
+        )));
     }
     Ok((examples, skipped))
 }

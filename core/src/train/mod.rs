@@ -1,26 +1,31 @@
 //! Training through ONNX Runtime: the training graph (forward + loss + gradients of the
 //! trainable tensors, as standard ONNX), a session that runs it, and the host-side loop that
-//! feeds batches, clips gradients, updates parameters and writes metrics and the adapter.
+//! feeds batches, clips gradients, updates parameters, evaluates, checkpoints and writes metrics,
+//! the loss curve and the adapter.
 
+pub mod checkpoint;
 pub mod data;
 pub mod optimizer;
+pub mod plot;
+pub mod text;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{gradient_graph, loss};
-use crate::ir::{Model, Tensor};
+use crate::ir::{Model, Tensor, ValueInfo};
 use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
-use data::{collate, read_jsonl, Example};
+use checkpoint::CheckpointState;
+use data::{collate, read_data, DataFormat, DataOptions, Dataset, Example, Target};
 use optimizer::{clip_global_norm, global_norm, Optimizer, OptimizerKind, Schedule};
 
 /// What the model is trained to do; decides the loss appended to its first output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
     /// Next-token prediction: logits [batch, seq, vocab], labels shifted by one, −100 ignored.
@@ -38,9 +43,23 @@ pub enum Task {
 pub struct TrainOptions {
     /// The loss.
     pub task: Task,
-    /// Pre-tokenized JSONL training data.
+    /// Training data.
     pub data: PathBuf,
-    /// The run folder (metrics, adapter).
+    /// The layout of `data` and `eval_data`.
+    pub data_format: DataFormat,
+    /// The `tokenizer.json` for the text formats.
+    pub tokenizer: Option<PathBuf>,
+    /// The most tokens an example tokenized from text has.
+    pub max_len: usize,
+    /// Evaluation data (same format as `data`).
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every this many steps (and always after the last step).
+    pub eval_every: Option<u64>,
+    /// Write a checkpoint every this many steps (and always after the last step).
+    pub save_every: Option<u64>,
+    /// Continue from the checkpoint in `out` instead of starting afresh.
+    pub resume: bool,
+    /// The run folder (metrics, checkpoint, loss curve, adapter).
     pub out: PathBuf,
     /// Optimizer steps; `None` derives them from `epochs`.
     pub steps: Option<u64>,
@@ -85,19 +104,73 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
 }
 
+/// One evaluation line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// The optimizer step after which the evaluation ran.
+    pub step: u64,
+    /// Mean loss over every scored label of the evaluation set.
+    pub eval_loss: f64,
+    /// Share of scored labels predicted right (argmax), for seq-cls and token-cls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+}
+
+/// What [`train`] reports while it runs.
+#[derive(Clone, Copy, Debug)]
+pub enum TrainEvent<'a> {
+    /// The data is read and the sessions are built; steps `first_step + 1 ..= total_steps`
+    /// follow.
+    Started {
+        /// Steps already done (by the checkpoint a resumed run starts from).
+        first_step: u64,
+        /// The run's total optimizer steps.
+        total_steps: u64,
+        /// Training examples.
+        examples: usize,
+        /// Malformed training lines skipped.
+        skipped_lines: usize,
+        /// Evaluation examples, when there is evaluation data.
+        eval_examples: Option<usize>,
+    },
+    /// A step finished.
+    Step(&'a StepMetrics),
+    /// An evaluation finished.
+    Evaluated(&'a EvalMetrics),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// The step it holds.
+        step: u64,
+        /// Its folder.
+        path: &'a Path,
+    },
+}
+
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
-    /// Optimizer steps taken.
+    /// Optimizer steps the run has done in all (resumed runs included).
     pub steps: u64,
+    /// The step this invocation resumed from.
+    pub resumed_from: Option<u64>,
     /// First step's loss.
     pub first_loss: f64,
     /// Last step's loss.
     pub last_loss: f64,
-    /// Wall-clock seconds.
+    /// Wall-clock seconds of this invocation.
     pub seconds: f64,
+    /// Malformed training lines skipped.
+    pub skipped_lines: usize,
+    /// Malformed evaluation lines skipped.
+    pub skipped_eval_lines: usize,
+    /// The evaluation with the lowest loss.
+    pub best_eval_loss: Option<EvalMetrics>,
+    /// The evaluation with the highest accuracy.
+    pub best_eval_accuracy: Option<EvalMetrics>,
     /// The run folder.
     pub out: PathBuf,
+    /// The files and folders written into the run folder.
+    pub files: Vec<PathBuf>,
 }
 
 /// A model's training graph and the names it reads and writes.
@@ -123,24 +196,86 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
     }
     let mut model = patched.clone();
     enable_dropout(&mut model)?;
-    let logits = model
-        .graph
-        .outputs
-        .first()
-        .map(|o| o.name.clone())
-        .ok_or_else(|| Error::InvalidGraph("the model has no outputs".into()))?;
-    let loss = match task {
-        Task::SeqCls => loss::cross_entropy(&mut model, &logits, "labels", data::IGNORE_INDEX)?,
-        Task::CausalLm => loss::causal_lm(&mut model, &logits, "labels")?,
-        Task::TokenCls => loss::token_classification(&mut model, &logits, "labels")?,
-        Task::Regression => loss::mean_squared_error(&mut model, &logits, "labels")?,
-    };
+    let logits = first_output(&model)?.name;
+    let loss = append_loss(&mut model, task, &logits)?;
     let graph = gradient_graph(&model, &loss, &trainable)?;
     Ok(TrainingGraph {
         model: graph.model,
         loss: graph.loss,
         gradients: graph.gradients,
     })
+}
+
+/// A model's evaluation graph: forward and loss, no gradients, dropout off.
+pub struct EvaluationGraph {
+    /// The patched model with the loss appended; trainable tensors are graph inputs.
+    pub model: Model,
+    /// The loss output (first).
+    pub loss: String,
+    /// The model's first output (second), the logits scored by the loss.
+    pub logits: String,
+    /// The trainable tensors, in the order of [`GraftRecord::trainable`].
+    pub parameters: Vec<String>,
+}
+
+/// Builds the evaluation graph of a patched model: the task's loss on its first output, with the
+/// same loss nodes as [`training_graph`] but no gradients and the grafted dropout left off.
+/// Outputs are the loss, then the first output; the trainable tensors become graph inputs so
+/// that the current values are fed at each evaluation.
+pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> {
+    let record = GraftRecord::read(patched)?;
+    let parameters: Vec<String> = record.trainable().map(str::to_owned).collect();
+    let mut model = patched.clone();
+    let logits = first_output(&model)?;
+    let loss = append_loss(&mut model, task, &logits.name)?;
+    let graph = &mut model.graph;
+    for name in &parameters {
+        if let Some(position) = graph.initializers.iter().position(|t| &t.name == name) {
+            let initializer = graph.initializers.remove(position);
+            if !graph.inputs.iter().any(|i| &i.name == name) {
+                let dims: Vec<crate::ir::Dim> = initializer
+                    .dims
+                    .iter()
+                    .map(|&d| crate::ir::Dim::Fixed(d))
+                    .collect();
+                graph
+                    .inputs
+                    .push(ValueInfo::tensor(name, initializer.dtype, &dims));
+            }
+        }
+    }
+    let loss_dtype = crate::analysis::infer_shapes(&model)?
+        .dtype(&loss)
+        .ok_or_else(|| {
+            Error::Config(format!("the element type of the loss {loss:?} is unknown"))
+        })?;
+    model.graph.outputs = vec![ValueInfo::tensor(&loss, loss_dtype, &[]), logits.clone()];
+    model.graph.validate()?;
+    Ok(EvaluationGraph {
+        model,
+        loss,
+        logits: logits.name,
+        parameters,
+    })
+}
+
+fn first_output(model: &Model) -> Result<ValueInfo> {
+    model
+        .graph
+        .outputs
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::InvalidGraph("the model has no outputs".into()))
+}
+
+/// Appends the task's loss on `logits` (with a new `labels` input) and returns the loss value.
+fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
+    match task {
+        Task::SeqCls => loss::cross_entropy(model, logits, "labels", data::IGNORE_INDEX),
+        Task::CausalLm => loss::causal_lm(model, logits, "labels"),
+        Task::TokenCls => loss::token_classification(model, logits, "labels"),
+        Task::Regression => loss::mean_squared_error(model, logits, "labels"),
+    }
 }
 
 /// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input), so that
@@ -180,23 +315,56 @@ fn enable_dropout(model: &mut Model) -> Result<()> {
 }
 
 /// Runs training as `options` say, starting from the trainable values in `patched` (or those of
-/// an adapter loaded into it beforehand), and writes `metrics.jsonl`, the trained adapter in HF
-/// PEFT's format (`adapter_model.safetensors`, `adapter_config.json`) and `adapter.safetensors`
-/// (graft's tensor names) into `options.out`. `on_step` sees each step's metrics.
+/// an adapter loaded into it beforehand, or those of the checkpoint in `options.out` when
+/// `options.resume` is set), and writes into `options.out`: `metrics.jsonl` (a [`StepMetrics`]
+/// line per step and an [`EvalMetrics`] line per evaluation; a resumed run keeps the lines up to
+/// its checkpoint and appends), `checkpoint/` (see [`checkpoint`]) every `save_every` steps and
+/// after the last, `loss.svg`, and the trained adapter (see [`save_adapter`]). `on_event` sees
+/// the run's progress.
+///
+/// A non-finite loss or gradient norm stops the run with an error naming the step and the last
+/// checkpoint; that step writes nothing, so the checkpoint stays the last good state.
 pub fn train(
     patched: &Model,
     options: &TrainOptions,
-    mut on_step: impl FnMut(&StepMetrics),
+    mut on_event: impl FnMut(TrainEvent<'_>),
 ) -> Result<TrainSummary> {
     let started = std::time::Instant::now();
-    let (examples, _skipped) = read_jsonl(&options.data, options.skip_bad_lines)?;
+    let data_options = DataOptions {
+        format: options.data_format,
+        tokenizer: options.tokenizer.clone(),
+        max_len: options.max_len,
+        skip_bad_lines: options.skip_bad_lines,
+    };
+    let dataset = read_data(&options.data, &data_options)?;
+    check_data(patched, options.task, &options.data, &dataset)?;
+    let eval_set = match &options.eval_data {
+        Some(path) => {
+            let eval_set = read_data(path, &data_options)?;
+            check_data(patched, options.task, path, &eval_set)?;
+            Some(eval_set)
+        }
+        None => None,
+    };
+    let examples = &dataset.examples;
     let graph = training_graph(patched, options.task)?;
     let bytes = crate::onnx::to_bytes(&graph.model)?;
     let mut session = OrtSession::from_bytes(&bytes, options.session)?;
+    let mut evaluator = match &eval_set {
+        Some(eval_set) => Some(Evaluator::new(
+            patched,
+            options.task,
+            &eval_set.examples,
+            options.batch_size.max(1),
+            options.session,
+        )?),
+        None => None,
+    };
 
+    let names: Vec<String> = graph.gradients.iter().map(|(n, _)| n.clone()).collect();
     let mut parameters: Vec<Vec<f32>> = Vec::new();
     let mut dims: Vec<Vec<i64>> = Vec::new();
-    for (name, _) in &graph.gradients {
+    for name in &names {
         let tensor = patched
             .graph
             .initializer(name)
@@ -220,14 +388,67 @@ pub fn train(
         })
         .max(1);
     let mut order = EpochOrder::new(examples.len(), options.shuffle, options.seed);
+    let mut state = CheckpointState {
+        step: 0,
+        total_steps,
+        epoch: 0,
+        position: 0,
+        examples: examples.len(),
+        batch_size,
+        grad_accumulation: accumulation,
+        seed: options.seed,
+        shuffle: options.shuffle,
+        task: options.task,
+        optimizer: options.optimizer,
+        optimizer_step: 0,
+        parameters: names.clone(),
+    };
 
     std::fs::create_dir_all(&options.out).map_err(|e| Error::io(&options.out, e))?;
     let metrics_path = options.out.join("metrics.jsonl");
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    for step in 0..total_steps {
+    let mut history = History::default();
+    let mut last_checkpoint: Option<(u64, PathBuf)> = None;
+    let first_step = if options.resume {
+        let saved = checkpoint::load(&options.out)?;
+        saved.state.check_resumable(&state, &saved.path)?;
+        for ((name, values), length) in names.iter().zip(&saved.parameters).zip(&lengths) {
+            if values.len() != *length {
+                return Err(Error::Config(format!(
+                    "{}: tensor {name:?} has {} values, the model's has {length}",
+                    saved.path.display(),
+                    values.len()
+                )));
+            }
+        }
+        parameters = saved.parameters;
+        optimizer = saved.optimizer;
+        order.restore(saved.state.epoch, saved.state.position);
+        history = History::keep_until(&metrics_path, saved.state.step)?;
+        last_checkpoint = Some((saved.state.step, saved.path));
+        saved.state.step
+    } else {
+        checkpoint::remove_all(&options.out)?;
+        crate::atomic_file::write_atomically(&metrics_path, b"")?;
+        0
+    };
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut write_line =
+        |line: String| writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e));
+
+    on_event(TrainEvent::Started {
+        first_step,
+        total_steps,
+        examples: examples.len(),
+        skipped_lines: dataset.skipped,
+        eval_examples: eval_set.as_ref().map(|set| set.examples.len()),
+    });
+    for step in first_step..total_steps {
+        let step_number = step + 1;
         let step_started = std::time::Instant::now();
+        let parameter_feeds = parameter_feeds(&names, &parameters, &dims)?;
         let mut gradients: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
         let mut loss_sum = 0.0;
         let mut tokens = 0usize;
@@ -241,39 +462,16 @@ pub fn train(
                 .into_iter()
                 .filter(|(name, _)| session.input_names.contains(name))
                 .collect();
-            tokens += batch
-                .iter()
-                .map(|e| e.sequences["input_ids"].len())
-                .sum::<usize>();
-            for ((name, _), (values, shape)) in
-                graph.gradients.iter().zip(parameters.iter().zip(&dims))
-            {
-                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                let array = ArrayD::from_shape_vec(IxDyn(&shape), values.clone()).map_err(|e| {
-                    Error::Tensor {
-                        name: name.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                feeds.push((name.clone(), HostTensor::F32(array)));
-            }
+            tokens += batch.iter().map(|e| sequence_length(e)).sum::<usize>();
+            feeds.extend(parameter_feeds.iter().cloned());
             let outputs = session.run(&feeds)?;
-            let scalar = |name: &str| -> Result<&HostTensor> {
-                outputs
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t)
-                    .ok_or_else(|| {
-                        Error::Runtime(format!("the training graph did not produce {name:?}"))
-                    })
-            };
-            loss_sum += scalar(&graph.loss)?
+            loss_sum += output(&outputs, &graph.loss, "training")?
                 .to_f64()
                 .first()
                 .copied()
                 .unwrap_or(f64::NAN);
             for (accumulated, (_, gradient_name)) in gradients.iter_mut().zip(&graph.gradients) {
-                let gradient = scalar(gradient_name)?.to_f64();
+                let gradient = output(&outputs, gradient_name, "training")?.to_f64();
                 for (a, g) in accumulated.iter_mut().zip(gradient) {
                     *a += (g / accumulation as f64) as f32;
                 }
@@ -284,34 +482,79 @@ pub fn train(
             Some(max_norm) => clip_global_norm(&mut gradients, max_norm),
             None => global_norm(&gradients),
         };
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::Runtime(format!(
-                "step {}: the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm}); \
-                 training stopped — try a lower --lr or --clip-norm",
-                step + 1
-            )));
-        }
         let lr = options
             .schedule
             .lr(options.lr, step, options.warmup, total_steps);
-        optimizer.update(&mut parameters, &gradients, lr);
+        let fault = if !loss.is_finite() || !grad_norm.is_finite() {
+            Some(format!(
+                "the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm})"
+            ))
+        } else {
+            optimizer.update(&mut parameters, &gradients, lr);
+            names
+                .iter()
+                .zip(&parameters)
+                .find(|(_, values)| values.iter().any(|v| !v.is_finite()))
+                .map(|(name, _)| {
+                    format!("the update (lr {lr:e}) made trainable tensor {name:?} not finite")
+                })
+        };
+        if let Some(fault) = fault {
+            let kept = match &last_checkpoint {
+                Some((saved_step, path)) => format!(
+                    "the last good checkpoint (step {saved_step}) is in {}",
+                    path.display()
+                ),
+                None => "no checkpoint was written before it (see --save-every)".to_owned(),
+            };
+            return Err(Error::Config(format!(
+                "step {step_number}: {fault}; training stopped — try a lower --lr or \
+                 --clip-norm; {kept}"
+            )));
+        }
         let metrics = StepMetrics {
-            step: step + 1,
+            step: step_number,
             loss,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
         };
-        let line = serde_json::to_string(&metrics).unwrap_or_default();
-        writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-        on_step(&metrics);
-        if step == 0 {
-            first_loss = loss;
+        write_line(serde_json::to_string(&metrics).unwrap_or_default())?;
+        history.training.push((step_number, loss));
+        on_event(TrainEvent::Step(&metrics));
+
+        let last = step_number == total_steps;
+        if let Some(evaluator) = evaluator.as_mut() {
+            if last
+                || options
+                    .eval_every
+                    .is_some_and(|k| k > 0 && step_number % k == 0)
+            {
+                let evaluation = evaluator.evaluate(step_number, &names, &parameters, &dims)?;
+                write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
+                history.evaluations.push(evaluation.clone());
+                on_event(TrainEvent::Evaluated(&evaluation));
+            }
         }
-        last_loss = loss;
+        if last
+            || options
+                .save_every
+                .is_some_and(|k| k > 0 && step_number % k == 0)
+        {
+            state.step = step_number;
+            (state.epoch, state.position) = (order.epoch, order.position);
+            state.optimizer_step = optimizer.step;
+            let path = checkpoint::save(&options.out, &state, &dims, &parameters, &optimizer)?;
+            on_event(TrainEvent::Checkpoint {
+                step: step_number,
+                path: &path,
+            });
+            last_checkpoint = Some((step_number, path));
+        }
     }
+
     let mut trained = patched.clone();
-    for ((name, _), (values, shape)) in graph.gradients.iter().zip(parameters.iter().zip(&dims)) {
+    for ((name, values), shape) in names.iter().zip(&parameters).zip(&dims) {
         if let Some(tensor) = trained
             .graph
             .initializers
@@ -321,31 +564,322 @@ pub fn train(
             *tensor = Tensor::from_f32(name, shape.clone(), values);
         }
     }
-    save_adapter(&trained, &options.out)?;
+    let mut files = vec![metrics_path.clone()];
+    if let Some((_, path)) = &last_checkpoint {
+        files.push(path.clone());
+    }
+    let curve = options.out.join("loss.svg");
+    let eval_points: Vec<(u64, f64)> = history
+        .evaluations
+        .iter()
+        .map(|e| (e.step, e.eval_loss))
+        .collect();
+    plot::write_loss_curve(&curve, &history.training, &eval_points)?;
+    files.push(curve);
+    files.extend(save_adapter(&trained, &options.out)?);
+    let best = |key: fn(&EvalMetrics) -> Option<f64>, higher: bool| {
+        history
+            .evaluations
+            .iter()
+            .filter_map(|e| key(e).filter(|v| v.is_finite()).map(|v| (v, e)))
+            .max_by(|a, b| {
+                let order = a.0.total_cmp(&b.0);
+                if higher {
+                    order
+                } else {
+                    order.reverse()
+                }
+            })
+            .map(|(_, e)| e.clone())
+    };
     Ok(TrainSummary {
         steps: total_steps,
-        first_loss,
-        last_loss,
+        resumed_from: options.resume.then_some(first_step),
+        first_loss: history.training.first().map_or(f64::NAN, |p| p.1),
+        last_loss: history.training.last().map_or(f64::NAN, |p| p.1),
         seconds: started.elapsed().as_secs_f64(),
+        skipped_lines: dataset.skipped,
+        skipped_eval_lines: eval_set.as_ref().map_or(0, |set| set.skipped),
+        best_eval_loss: best(|e| Some(e.eval_loss), false),
+        best_eval_accuracy: best(|e| e.eval_accuracy, true),
         out: options.out.clone(),
+        files,
     })
+}
+
+/// The losses of a run so far, for the loss curve and the summary.
+#[derive(Default)]
+struct History {
+    training: Vec<(u64, f64)>,
+    evaluations: Vec<EvalMetrics>,
+}
+
+impl History {
+    /// Reads `metrics.jsonl` back, keeps the lines of steps up to `step` (those a checkpoint at
+    /// `step` accounts for) and rewrites the file with only them.
+    fn keep_until(metrics_path: &Path, step: u64) -> Result<History> {
+        let text = match std::fs::read_to_string(metrics_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(metrics_path, e)),
+        };
+        let mut history = History::default();
+        let mut kept = String::new();
+        for line in text.lines() {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let Some(line_step) = value["step"].as_u64().filter(|&s| s <= step) else {
+                continue;
+            };
+            if let Some(loss) = value["loss"].as_f64() {
+                history.training.push((line_step, loss));
+            } else if let Ok(evaluation) = serde_json::from_value::<EvalMetrics>(value) {
+                history.evaluations.push(evaluation);
+            } else {
+                continue;
+            }
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        crate::atomic_file::write_atomically(metrics_path, kept.as_bytes())?;
+        Ok(history)
+    }
+}
+
+/// Evaluation: the evaluation graph's session and the batches it is fed.
+struct Evaluator<'a> {
+    session: OrtSession,
+    graph: EvaluationGraph,
+    task: Task,
+    batches: Vec<Vec<&'a Example>>,
+}
+
+impl<'a> Evaluator<'a> {
+    fn new(
+        patched: &Model,
+        task: Task,
+        examples: &'a [Example],
+        batch_size: usize,
+        session_options: SessionOptions,
+    ) -> Result<Self> {
+        let graph = evaluation_graph(patched, task)?;
+        let bytes = crate::onnx::to_bytes(&graph.model)?;
+        let session = OrtSession::from_bytes(&bytes, session_options)?;
+        let batches = examples
+            .chunks(batch_size)
+            .map(|chunk| chunk.iter().collect())
+            .collect();
+        Ok(Evaluator {
+            session,
+            graph,
+            task,
+            batches,
+        })
+    }
+
+    /// The loss over every scored label of the evaluation set (each batch's mean loss weighted
+    /// by its scored labels) and, for classification tasks, the accuracy.
+    fn evaluate(
+        &mut self,
+        step: u64,
+        names: &[String],
+        parameters: &[Vec<f32>],
+        dims: &[Vec<i64>],
+    ) -> Result<EvalMetrics> {
+        let parameter_feeds = parameter_feeds(names, parameters, dims)?;
+        let (mut loss_sum, mut scored) = (0.0, 0usize);
+        let (mut correct, mut counted) = (0usize, 0usize);
+        for batch in &self.batches {
+            let collated = collate(batch);
+            let labels = collated
+                .iter()
+                .find(|(name, _)| name == "labels")
+                .map(|(_, t)| t.to_f64())
+                .unwrap_or_default();
+            let mut feeds: Vec<(String, HostTensor)> = collated
+                .into_iter()
+                .filter(|(name, _)| self.session.input_names.contains(name))
+                .collect();
+            feeds.extend(parameter_feeds.iter().cloned());
+            let outputs = self.session.run(&feeds)?;
+            let batch_scored = scored_labels(self.task, batch);
+            if batch_scored > 0 {
+                let loss = output(&outputs, &self.graph.loss, "evaluation")?
+                    .to_f64()
+                    .first()
+                    .copied()
+                    .unwrap_or(f64::NAN);
+                loss_sum += loss * batch_scored as f64;
+                scored += batch_scored;
+            }
+            if matches!(self.task, Task::SeqCls | Task::TokenCls) {
+                let logits = output(&outputs, &self.graph.logits, "evaluation")?;
+                let classes = logits.shape().last().copied().unwrap_or(0).max(1);
+                for (row, label) in logits.to_f64().chunks(classes).zip(&labels) {
+                    if *label as i64 == data::IGNORE_INDEX {
+                        continue;
+                    }
+                    let predicted = row
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map_or(0, |(index, _)| index);
+                    correct += usize::from(predicted as f64 == *label);
+                    counted += 1;
+                }
+            }
+        }
+        Ok(EvalMetrics {
+            step,
+            eval_loss: if scored > 0 {
+                loss_sum / scored as f64
+            } else {
+                f64::NAN
+            },
+            eval_accuracy: (counted > 0).then(|| correct as f64 / counted as f64),
+        })
+    }
+}
+
+/// How many labels of a batch the task's loss averages over.
+fn scored_labels(task: Task, batch: &[&Example]) -> usize {
+    batch
+        .iter()
+        .map(|example| match (&example.target, task) {
+            (Target::Tokens(labels), Task::CausalLm) => labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != data::IGNORE_INDEX)
+                .count(),
+            (Target::Tokens(labels), _) => {
+                labels.iter().filter(|&&l| l != data::IGNORE_INDEX).count()
+            }
+            (Target::Class(class), _) => usize::from(*class != data::IGNORE_INDEX),
+            (Target::Value(_), _) => 1,
+        })
+        .sum()
+}
+
+fn sequence_length(example: &Example) -> usize {
+    example.sequences.get("input_ids").map_or(0, Vec::len)
+}
+
+/// The current trainable values as graph inputs.
+fn parameter_feeds(
+    names: &[String],
+    parameters: &[Vec<f32>],
+    dims: &[Vec<i64>],
+) -> Result<Vec<(String, HostTensor)>> {
+    names
+        .iter()
+        .zip(parameters.iter().zip(dims))
+        .map(|(name, (values, shape))| {
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            let array = ArrayD::from_shape_vec(IxDyn(&shape), values.clone()).map_err(|e| {
+                Error::Tensor {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            Ok((name.clone(), HostTensor::F32(array)))
+        })
+        .collect()
+}
+
+fn output<'o>(
+    outputs: &'o [(String, HostTensor)],
+    name: &str,
+    graph: &str,
+) -> Result<&'o HostTensor> {
+    outputs
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error::Runtime(format!("the {graph} graph did not produce {name:?}")))
+}
+
+/// Fails when a data file's format cannot feed the task's loss, or when its token ids do not
+/// fit the model's `input_ids` embedding (a tokenizer that does not match the model).
+fn check_data(patched: &Model, task: Task, path: &Path, dataset: &Dataset) -> Result<()> {
+    let fits = match dataset.format {
+        DataFormat::Text => matches!(task, Task::SeqCls | Task::Regression),
+        DataFormat::Instruction | DataFormat::Plain => task == Task::CausalLm,
+        DataFormat::Auto | DataFormat::Tokenized => true,
+    };
+    if !fits {
+        return Err(Error::Config(format!(
+            "{}: {} data cannot train --task {}: text data is for seq-cls or regression, \
+             instruction and plain data for causal-lm",
+            path.display(),
+            dataset.format.name(),
+            task_name(task)
+        )));
+    }
+    let embedding = patched.graph.nodes.iter().find_map(|node| {
+        let indices = node.inputs.get(1)?;
+        if !node.is("Gather") || indices != "input_ids" {
+            return None;
+        }
+        let table = patched.graph.initializer(node.inputs.first()?)?;
+        Some((node.name.clone(), *table.dims.first()?))
+    });
+    let Some((node, rows)) = embedding else {
+        return Ok(());
+    };
+    let out_of_range = dataset
+        .examples
+        .iter()
+        .enumerate()
+        .find_map(|(index, example)| {
+            example
+                .sequences
+                .get("input_ids")?
+                .iter()
+                .find(|&&id| id < 0 || id >= rows)
+                .map(|&id| (index, id))
+        });
+    if let Some((index, id)) = out_of_range {
+        return Err(Error::Config(format!(
+            "{}: example {} has token id {id}, outside the {rows} rows of the model's input_ids \
+             embedding (node {node:?}); the data or tokenizer does not match the model",
+            path.display(),
+            index + 1
+        )));
+    }
+    Ok(())
+}
+
+fn task_name(task: Task) -> &'static str {
+    match task {
+        Task::CausalLm => "causal-lm",
+        Task::SeqCls => "seq-cls",
+        Task::TokenCls => "token-cls",
+        Task::Regression => "regression",
+    }
 }
 
 /// Writes the trainable tensors of `trained` into `dir`: `adapter.safetensors` with graft's
 /// names (what `graft merge --adapter` reads) and, when the model has LoRA branches with labels,
-/// the HF PEFT files.
-pub fn save_adapter(trained: &Model, dir: &Path) -> Result<()> {
-    crate::adapter::save(trained, &dir.join("adapter.safetensors"))?;
+/// the HF PEFT files (`adapter_model.safetensors`, `adapter_config.json`). Returns the files
+/// written.
+pub fn save_adapter(trained: &Model, dir: &Path) -> Result<Vec<PathBuf>> {
+    let adapter = dir.join("adapter.safetensors");
+    crate::adapter::save(trained, &adapter)?;
+    let mut files = vec![adapter];
     if crate::peft::lora_branches(trained).is_ok() {
         crate::peft::export(trained, dir)?;
+        files.push(dir.join("adapter_model.safetensors"));
+        files.push(dir.join("adapter_config.json"));
     }
-    Ok(())
+    Ok(files)
 }
 
 /// The order examples are visited in: the file's order, or a seeded shuffle per epoch.
 struct EpochOrder {
     order: Vec<usize>,
     position: usize,
+    epoch: u64,
     shuffle: bool,
     rng: rand_chacha::ChaCha8Rng,
 }
@@ -356,11 +890,22 @@ impl EpochOrder {
         let mut order = EpochOrder {
             order: (0..n_examples).collect(),
             position: 0,
+            epoch: 0,
             shuffle,
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
         };
         order.reshuffle();
         order
+    }
+
+    /// Moves a fresh order to where a checkpoint left one: `epoch` reshuffles replayed from the
+    /// seed, then `position` examples into that epoch.
+    fn restore(&mut self, epoch: u64, position: usize) {
+        for _ in 0..epoch {
+            self.reshuffle();
+        }
+        self.epoch = epoch;
+        self.position = position;
     }
 
     fn reshuffle(&mut self) {
@@ -375,6 +920,7 @@ impl EpochOrder {
     fn next_batch(&mut self, size: usize) -> Vec<usize> {
         if self.position >= self.order.len() {
             self.position = 0;
+            self.epoch += 1;
             self.reshuffle();
         }
         let end = (self.position + size).min(self.order.len());

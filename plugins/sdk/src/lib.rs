@@ -104,6 +104,14 @@
 //! # }
 //! ```
 //!
+//! # A walk-through outside the workspace
+//!
+//! `examples/plugin-rust` in graft's repository is a plugin as a third party writes it: a
+//! crate with its own `[workspace]` that depends on this crate alone, implements a method graft
+//! does not ship (`lora_scaled`, LoRA with a learned per-rank scale), makes it mergeable by
+//! recording two of the existing [`Fold`]s, and is built with `cargo build --manifest-path` and
+//! loaded with `graft apply --plugin`. `examples/plugin-c` speaks the same ABI from plain C.
+//!
 //! # Configs and errors
 //!
 //! Config values reach the plugin as JSON, typed when they come from a TOML recipe

@@ -1,0 +1,328 @@
+//! Training checkpoints: everything a run needs to continue exactly where it stopped, in
+//! `RUN_DIR/checkpoint/`.
+//!
+//! A checkpoint folder holds `adapter.safetensors` (the trainable tensors by graft name, float32;
+//! `graft merge --adapter` reads it), `optimizer.safetensors` (the optimizer's moments, keyed
+//! `first_moment.<tensor>` and `second_moment.<tensor>`) and `state.json` ([`CheckpointState`]:
+//! the step, the data position, the optimizer's rule and step count, and the settings a resumed
+//! run must share). A checkpoint is written into `checkpoint.tmp/`, `state.json` last, and then
+//! swapped in by two renames (the previous one goes to `checkpoint.old/` and is removed after);
+//! a folder counts as a checkpoint only when its `state.json` is there, so a run killed at any
+//! point leaves at least one complete checkpoint, and [`load`] takes the newest.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use super::optimizer::{Optimizer, OptimizerKind};
+use super::Task;
+use crate::atomic_file::write_atomically;
+use crate::{Error, Result};
+
+/// The folder, inside a run folder, of the current checkpoint.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+const TEMPORARY_DIR: &str = "checkpoint.tmp";
+const PREVIOUS_DIR: &str = "checkpoint.old";
+const STATE_FILE: &str = "state.json";
+const ADAPTER_FILE: &str = "adapter.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// What `state.json` records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The run's total optimizer steps (the learning-rate schedule depends on it).
+    pub total_steps: u64,
+    /// Completed passes over the data order (reshuffles made after the first order).
+    pub epoch: u64,
+    /// How many examples of the current epoch's order have been used.
+    pub position: usize,
+    /// Training examples.
+    pub examples: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accumulation: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Whether the data order is shuffled.
+    pub shuffle: bool,
+    /// The loss.
+    pub task: Task,
+    /// The update rule.
+    pub optimizer: OptimizerKind,
+    /// The optimizer's own step count.
+    pub optimizer_step: u64,
+    /// The trainable tensors, in training order.
+    pub parameters: Vec<String>,
+}
+
+impl CheckpointState {
+    /// Fails, naming the first difference, unless `self` (from a checkpoint) and `run` (what
+    /// the resuming run was asked for; its `step`, `epoch`, `position` and `optimizer_step` are
+    /// not compared) describe the same training run.
+    pub fn check_resumable(&self, run: &CheckpointState, checkpoint: &Path) -> Result<()> {
+        let differences = [
+            (
+                "total steps",
+                self.total_steps.to_string(),
+                run.total_steps.to_string(),
+            ),
+            (
+                "training examples",
+                self.examples.to_string(),
+                run.examples.to_string(),
+            ),
+            (
+                "--batch-size",
+                self.batch_size.to_string(),
+                run.batch_size.to_string(),
+            ),
+            (
+                "--grad-accumulation",
+                self.grad_accumulation.to_string(),
+                run.grad_accumulation.to_string(),
+            ),
+            ("--seed", self.seed.to_string(), run.seed.to_string()),
+            (
+                "shuffling",
+                self.shuffle.to_string(),
+                run.shuffle.to_string(),
+            ),
+            (
+                "--task",
+                format!("{:?}", self.task),
+                format!("{:?}", run.task),
+            ),
+            (
+                "optimizer",
+                format!("{:?}", self.optimizer),
+                format!("{:?}", run.optimizer),
+            ),
+            (
+                "trainable tensors",
+                self.parameters.join(", "),
+                run.parameters.join(", "),
+            ),
+        ];
+        for (what, saved, asked) in differences {
+            if saved != asked {
+                return Err(Error::Config(format!(
+                    "{}: cannot resume: the checkpoint was made with {what} {saved}, this run has \
+                     {asked}; resume with the same settings",
+                    checkpoint.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint read back by [`load`].
+pub struct Checkpoint {
+    /// Its folder.
+    pub path: PathBuf,
+    /// Its state.
+    pub state: CheckpointState,
+    /// Trainable tensor values, in the order of `state.parameters`.
+    pub parameters: Vec<Vec<f32>>,
+    /// The optimizer, moments included.
+    pub optimizer: Optimizer,
+}
+
+/// Writes a checkpoint of `parameters` (named and shaped by `names` and `dims`) and `optimizer`
+/// into `run_dir/checkpoint/`, replacing the previous one only once the new one is complete.
+/// Returns the checkpoint folder.
+pub fn save(
+    run_dir: &Path,
+    state: &CheckpointState,
+    dims: &[Vec<i64>],
+    parameters: &[Vec<f32>],
+    optimizer: &Optimizer,
+) -> Result<PathBuf> {
+    let target = run_dir.join(CHECKPOINT_DIR);
+    let temporary = run_dir.join(TEMPORARY_DIR);
+    let previous = run_dir.join(PREVIOUS_DIR);
+    remove_folder(&temporary)?;
+    std::fs::create_dir_all(&temporary).map_err(|e| Error::io(&temporary, e))?;
+
+    let names = &state.parameters;
+    let shapes: Vec<Vec<usize>> = dims
+        .iter()
+        .map(|d| d.iter().map(|&n| n as usize).collect())
+        .collect();
+    let adapter: Vec<(String, &[usize], &[f32])> = names
+        .iter()
+        .zip(&shapes)
+        .zip(parameters)
+        .map(|((name, shape), values)| (name.clone(), shape.as_slice(), values.as_slice()))
+        .collect();
+    write_tensors(&temporary.join(ADAPTER_FILE), &adapter)?;
+    let mut moments = Vec::new();
+    for (prefix, buffers) in [
+        ("first_moment", &optimizer.first_moments),
+        ("second_moment", &optimizer.second_moments),
+    ] {
+        for ((name, shape), values) in names.iter().zip(&shapes).zip(buffers) {
+            moments.push((
+                format!("{prefix}.{name}"),
+                shape.as_slice(),
+                values.as_slice(),
+            ));
+        }
+    }
+    write_tensors(&temporary.join(OPTIMIZER_FILE), &moments)?;
+    let state_json = serde_json::to_vec_pretty(state)
+        .map_err(|e| Error::Config(format!("cannot encode the checkpoint state: {e}")))?;
+    write_atomically(&temporary.join(STATE_FILE), &state_json)?;
+
+    remove_folder(&previous)?;
+    if target.exists() {
+        std::fs::rename(&target, &previous).map_err(|e| Error::io(&target, e))?;
+    }
+    std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
+    remove_folder(&previous)?;
+    Ok(target)
+}
+
+/// Reads the newest complete checkpoint of `run_dir` (`checkpoint/`, or the `checkpoint.old/`
+/// or `checkpoint.tmp/` a run killed while swapping left behind).
+pub fn load(run_dir: &Path) -> Result<Checkpoint> {
+    let mut newest: Option<(PathBuf, CheckpointState)> = None;
+    for folder in [CHECKPOINT_DIR, PREVIOUS_DIR, TEMPORARY_DIR] {
+        let path = run_dir.join(folder);
+        let state_path = path.join(STATE_FILE);
+        if !state_path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+            Error::Config(format!(
+                "{}: not a graft checkpoint state: {e}",
+                state_path.display()
+            ))
+        })?;
+        if newest
+            .as_ref()
+            .is_none_or(|(_, best)| state.step > best.step)
+        {
+            newest = Some((path, state));
+        }
+    }
+    let (path, state) = newest.ok_or_else(|| {
+        Error::Config(format!(
+            "{}: no checkpoint to resume from (expected {}/{STATE_FILE})",
+            run_dir.display(),
+            run_dir.join(CHECKPOINT_DIR).display()
+        ))
+    })?;
+    let adapter = read_tensors(&path.join(ADAPTER_FILE))?;
+    let moments = read_tensors(&path.join(OPTIMIZER_FILE))?;
+    let take = |tensors: &[(String, Vec<f32>)], key: &str, file: &str| {
+        tensors
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, values)| values.clone())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: tensor {key:?} is missing",
+                    path.join(file).display()
+                ))
+            })
+    };
+    let mut parameters = Vec::new();
+    let mut first_moments = Vec::new();
+    let mut second_moments = Vec::new();
+    for name in &state.parameters {
+        parameters.push(take(&adapter, name, ADAPTER_FILE)?);
+        first_moments.push(take(
+            &moments,
+            &format!("first_moment.{name}"),
+            OPTIMIZER_FILE,
+        )?);
+        if matches!(state.optimizer, OptimizerKind::AdamW { .. }) {
+            second_moments.push(take(
+                &moments,
+                &format!("second_moment.{name}"),
+                OPTIMIZER_FILE,
+            )?);
+        }
+    }
+    let optimizer = Optimizer {
+        kind: state.optimizer,
+        step: state.optimizer_step,
+        first_moments,
+        second_moments,
+    };
+    Ok(Checkpoint {
+        path,
+        state,
+        parameters,
+        optimizer,
+    })
+}
+
+/// Removes every checkpoint folder of `run_dir` (a fresh run replaces an old run's state).
+pub fn remove_all(run_dir: &Path) -> Result<()> {
+    for folder in [CHECKPOINT_DIR, PREVIOUS_DIR, TEMPORARY_DIR] {
+        remove_folder(&run_dir.join(folder))?;
+    }
+    Ok(())
+}
+
+fn remove_folder(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, &[usize], &[f32])]) -> Result<()> {
+    let buffers: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), bytes) in tensors.iter().zip(&buffers) {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
+                .map_err(|e| Error::Tensor {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        views.push((name.clone(), view));
+    }
+    let bytes = safetensors::serialize(views, &None).map_err(|e| {
+        Error::Config(format!(
+            "{}: cannot encode safetensors: {e}",
+            path.display()
+        ))
+    })?;
+    write_atomically(path, &bytes)
+}
+
+fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Config(format!("{}: not a safetensors file: {e}", path.display())))?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::Config(format!(
+                    "{}: tensor {name:?} is {:?}, checkpoints hold float32",
+                    path.display(),
+                    view.dtype()
+                )));
+            }
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok((name, values))
+        })
+        .collect()
+}
