@@ -165,8 +165,8 @@ fn main() {
     );
 
     println!(
-        "\n(a) LoRA r={RANK} on all linears through {}:",
-        plugin.display()
+        "\n(a) LoRA r={RANK} on all linears through the lora plugin ({}, release):",
+        plugin.file_name().unwrap_or_default().to_string_lossy()
     );
     let reset = reset_peak_rss();
     let (model, load_time) = timed(|| onnx::load(&model_path).expect("load"));
@@ -265,7 +265,7 @@ fn main() {
         }
     }
     println!(
-        "  peak RSS {:.1} MiB{} (the merged weights are held in memory until saved)",
+        "  peak RSS {:.1} MiB{} (merged weights held until saved, plus the mapped q and v pages read)",
         mib(peak_rss_kib()),
         if reset {
             " since the copies were freed"

@@ -2,8 +2,8 @@
 //! prefixes, gates, NF4 dequantization and in-place training. Each patch is built with
 //! `PatchBuilder` from `graph_view`, applied with `apply_patch` and run in ONNX Runtime's exact
 //! mode. At their no-op values the outputs equal the base model's bit for bit; with other values
-//! they change and stay finite. Prompts and prefixes are also compared with the base model run on
-//! the equivalent longer input, which must give the same bits.
+//! they change and stay finite. A prompt on LLaMA and prefixes on the KV-cache inputs are also
+//! compared with the base model run on the equivalent longer input, which must give the same bits.
 
 mod common;
 
