@@ -367,9 +367,27 @@ fn methods_stacked_on_the_same_site_merge_exactly() {
     for fixture in ["bert-legacy", "llama-dynamo"] {
         let base = onnx::load(&fixture_model(fixture)).unwrap();
         let mut patched = base.clone();
-        apply_method(&registry, &mut patched, "lora", &json!({"targets": "v,ffn_down"})).unwrap();
-        apply_method(&registry, &mut patched, "ia3", &json!({"targets": "v,ffn_down"})).unwrap();
-        apply_method(&registry, &mut patched, "lora", &json!({"targets": "v", "seed": 3})).unwrap();
+        apply_method(
+            &registry,
+            &mut patched,
+            "lora",
+            &json!({"targets": "v,ffn_down"}),
+        )
+        .unwrap();
+        apply_method(
+            &registry,
+            &mut patched,
+            "ia3",
+            &json!({"targets": "v,ffn_down"}),
+        )
+        .unwrap();
+        apply_method(
+            &registry,
+            &mut patched,
+            "lora",
+            &json!({"targets": "v", "seed": 3}),
+        )
+        .unwrap();
         randomize_trainable(&mut patched);
         let inputs = fixture_inputs(fixture);
         let unmerged = run_model(&patched, &inputs);
@@ -377,6 +395,9 @@ fn methods_stacked_on_the_same_site_merge_exactly() {
         graft::merge::merge(&mut merged).unwrap();
         assert_eq!(op_types(&merged), op_types(&base), "{fixture}");
         let diff = max_diff(&unmerged, &run_model(&merged, &inputs));
-        assert!(diff <= 1e-5, "{fixture}: stacked LoRA + IA3 merged differs by {diff}");
+        assert!(
+            diff <= 1e-5,
+            "{fixture}: stacked LoRA + IA3 merged differs by {diff}"
+        );
     }
 }

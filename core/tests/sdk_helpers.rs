@@ -593,6 +593,10 @@ fn nf4_dequantization_reproduces_codebook_weights_exactly() {
                 !model.graph.nodes.iter().any(|n| n.inputs.contains(weight)),
                 "{fixture}: {weight} is still read"
             );
+            assert!(
+                model.graph.initializer(weight).is_none(),
+                "{fixture}: the replaced weight {weight} is still stored"
+            );
         }
         let record = GraftRecord::read(&model).unwrap();
         assert_eq!(record.trainable().count(), 0, "codes and scales are frozen");

@@ -170,6 +170,8 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     }
 
     topological_sort(graph)?;
+    drop_unread_rewired_initializers(graph, patch);
+    forget_annotations_downstream_of(graph, &new_node_names);
     graph.validate()?;
     check_new_node_types(model, &new_node_names)?;
 
@@ -403,4 +405,39 @@ fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Removes initializers that a rewire replaced and nothing reads any more (a weight replaced by a
+/// dequantizing subgraph, for instance), so that the saved model does not carry them.
+fn drop_unread_rewired_initializers(graph: &mut Graph, patch: &graft_plugin_sdk::Patch) {
+    let read: HashSet<&str> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .chain(graph.outputs.iter().map(|o| o.name.as_str()))
+        .collect();
+    let unread: HashSet<String> = patch
+        .rewires
+        .iter()
+        .map(|r| r.value.as_str())
+        .filter(|value| !read.contains(value) && graph.initializer(value).is_some())
+        .map(str::to_owned)
+        .collect();
+    graph.initializers.retain(|t| !unread.contains(&t.name));
+    graph.inputs.retain(|i| !unread.contains(&i.name));
+}
+
+/// Drops the exporter's type annotations (`value_info`) of every value computed downstream of the
+/// patch's new nodes: a patch may change their shapes (a soft prompt lengthens the sequence), and
+/// runtimes trust the annotations.
+fn forget_annotations_downstream_of(graph: &mut Graph, new_nodes: &HashSet<&str>) {
+    let mut tainted: HashSet<String> = HashSet::new();
+    for node in &graph.nodes {
+        let downstream = new_nodes.contains(node.name.as_str())
+            || node.inputs.iter().any(|i| tainted.contains(i));
+        if downstream {
+            tainted.extend(node.outputs.iter().cloned());
+        }
+    }
+    graph.value_infos.retain(|v| !tainted.contains(&v.name));
 }
