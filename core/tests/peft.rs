@@ -473,3 +473,54 @@ fn failed_import_leaves_the_model_unchanged() {
     assert!(error.to_string().contains("value.lora_B.weight"), "{error}");
     assert_eq!(graft::onnx::to_bytes(&model).unwrap(), before);
 }
+
+/// HF PEFT itself loaded graft's export (models/check_graft_export.py recorded its outputs):
+/// graft's export of an imported adapter is still the same file, and graft's patched graph
+/// computes what PEFT computes with that file.
+fn check_export_loads_in_peft(fixture: &str, arch: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    import(fixture, &reference(&format!("peft-{arch}")), &patched);
+    let exported = dir.path().join("export");
+    let (code, stdout, stderr) = run_graft(&[
+        "export",
+        patched.to_str().unwrap(),
+        "--format",
+        "peft",
+        "-o",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let recorded = reference(&format!("graft-export-{arch}"));
+    assert_eq!(
+        read_tensors(&exported.join("adapter_model.safetensors")),
+        read_tensors(&recorded.join("adapter_model.safetensors")),
+        "{fixture}: the export changed since PEFT loaded it"
+    );
+    let config = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        config(&exported),
+        config(&recorded),
+        "{fixture}: adapter_config.json changed"
+    );
+    let peft_outputs = graft::runtime::read_npz(&recorded.join("outputs.npz")).unwrap();
+    // float32 PyTorch versus ONNX Runtime over the whole model, as for the fixtures themselves.
+    let diff = max_diff(&peft_outputs, &outputs_of(&patched, fixture));
+    assert!(
+        diff <= 1e-5,
+        "{fixture}: graft differs from PEFT on graft's export by {diff}"
+    );
+}
+
+#[test]
+fn llama_export_loads_in_peft_with_the_same_outputs() {
+    check_export_loads_in_peft("llama-legacy", "llama");
+}
+
+#[test]
+fn gpt2_export_loads_in_peft_with_the_same_outputs() {
+    check_export_loads_in_peft("gpt2-legacy", "gpt2");
+}
