@@ -329,15 +329,12 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
             if available.contains(input.as_str()) {
                 continue;
             }
-            match producer.get(input.as_str()) {
-                Some(&p) => {
-                    if seen.insert(p) {
-                        waiting_on[i] += 1;
-                        dependents[p].push(i);
-                    }
+            // An input nobody produces is left for validate(), which names it.
+            if let Some(&p) = producer.get(input.as_str()) {
+                if seen.insert(p) {
+                    waiting_on[i] += 1;
+                    dependents[p].push(i);
                 }
-                // Values read by subgraph-free nodes must be defined; validate() names them.
-                None => {}
             }
         }
     }
