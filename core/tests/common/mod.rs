@@ -167,3 +167,23 @@ pub fn randomize_trainable(model: &mut Model) {
         *tensor = graft::ir::Tensor::from_f32(&tensor.name, tensor.dims.clone(), &values);
     }
 }
+
+/// Every tensor of an f32 safetensors file, sorted by key: (key, shape, values).
+pub fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, view.shape().to_vec(), values)
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
