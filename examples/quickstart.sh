@@ -11,9 +11,9 @@ mkdir -p "$OUT"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "build graft and its plugins (release)"
-cargo build --release --workspace --quiet
-GRAFT=target/release/graft
+step "build graft and its plugins"
+cargo build --workspace --quiet
+GRAFT=target/debug/graft
 
 step "1. inspect: the structure graft finds in $MODEL"
 $GRAFT inspect "$MODEL"
