@@ -28,7 +28,7 @@ $GRAFT run "$OUT/patched.onnx" --inputs "$INPUTS" --compare "$OUT/base_outputs.n
 step "4. train LoRA on a shipped sentiment dataset (AdamW, through ONNX Runtime)"
 $GRAFT train "$OUT/patched.onnx" --task seq-cls --data examples/data/sentiment.jsonl \
   --tokenizer models/tokenizers/bert/tokenizer.json --max-len 64 \
-  --eval-data examples/data/sentiment.jsonl --eval-every 50 \
+  --eval-data examples/data/sentiment_eval.jsonl --eval-every 50 \
   --out "$OUT/run" --epochs 12 --batch-size 16 --lr 5e-3 --schedule cosine --warmup 10 --seed 1 \
   --log-every 25
 
