@@ -102,6 +102,12 @@ impl OrtSession {
                 .with_intra_threads(options.threads)
                 .map_err(|e| Error::Runtime(format!("thread count: {e}")))?;
         }
+        if let Some(prefix) = std::env::var_os("GRAFT_ORT_PROFILE") {
+            // Diagnosis aid: ONNX Runtime writes a per-op timing trace to `<prefix>_<date>.json`.
+            builder = builder
+                .with_profiling(prefix)
+                .map_err(|e| Error::Runtime(format!("profiling: {e}")))?;
+        }
         if options.exact {
             builder = builder
                 .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
