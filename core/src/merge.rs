@@ -81,20 +81,13 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 layout,
                 ..
             } => {
-                let scale = parameter_f32(&model.graph, vector)?;
-                let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
-                check_len(vector, &scale, n_out)?;
-                update_weight(
+                let scale = scale_weight(
                     &mut model.graph,
                     weight,
                     *layout,
-                    n_in,
-                    n_out,
+                    vector,
+                    Axis::Output,
                     &mut report,
-                    |row_index, row| match layout {
-                        WeightLayout::InOut => multiply(row, &scale),
-                        WeightLayout::OutIn => row.iter_mut().for_each(|w| *w *= scale[row_index]),
-                    },
                 )?;
                 if let Some(bias) = bias {
                     update_weight(
@@ -102,7 +95,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         bias,
                         WeightLayout::InOut,
                         1,
-                        n_out,
+                        scale.len(),
                         &mut report,
                         |_, row| multiply(row, &scale),
                     )?;
@@ -114,20 +107,13 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 layout,
                 ..
             } => {
-                let scale = parameter_f32(&model.graph, vector)?;
-                let (n_in, n_out) = linear_dims(&model.graph, weight, *layout)?;
-                check_len(vector, &scale, n_in)?;
-                update_weight(
+                scale_weight(
                     &mut model.graph,
                     weight,
                     *layout,
-                    n_in,
-                    n_out,
+                    vector,
+                    Axis::Input,
                     &mut report,
-                    |row_index, row| match layout {
-                        WeightLayout::InOut => row.iter_mut().for_each(|w| *w *= scale[row_index]),
-                        WeightLayout::OutIn => multiply(row, &scale),
-                    },
                 )?;
             }
             Fold::InPlace { .. } => {}
@@ -148,6 +134,52 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
     GraftRecord::default().write(model);
     model.graph.validate()?;
     Ok(report)
+}
+
+/// The axis of a linear weight that a scale vector multiplies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Axis {
+    /// Output features (IA3 on keys and values: `(x·W) ⊙ s`).
+    Output,
+    /// Input features (IA3 on the FFN down projection: `(x ⊙ s)·W`).
+    Input,
+}
+
+/// Multiplies the weight's `axis` by the parameter `vector`, whatever the storage layout, and
+/// returns the vector's values.
+fn scale_weight(
+    graph: &mut Graph,
+    weight: &str,
+    layout: WeightLayout,
+    vector: &str,
+    axis: Axis,
+    report: &mut MergeReport,
+) -> Result<Vec<f32>> {
+    let scale = parameter_f32(graph, vector)?;
+    let (n_in, n_out) = linear_dims(graph, weight, layout)?;
+    check_len(
+        vector,
+        &scale,
+        if axis == Axis::Output { n_out } else { n_in },
+    )?;
+    // Stored rows are inputs for in_out and outputs for out_in; the other axis runs along a row.
+    let along_rows = (axis == Axis::Output) == (layout == WeightLayout::InOut);
+    update_weight(
+        graph,
+        weight,
+        layout,
+        n_in,
+        n_out,
+        report,
+        |row_index, row| {
+            if along_rows {
+                multiply(row, &scale)
+            } else {
+                row.iter_mut().for_each(|w| *w *= scale[row_index])
+            }
+        },
+    )?;
+    Ok(scale)
 }
 
 /// The nodes, output and base value of a fold's branch; `None` for in-place folds.
