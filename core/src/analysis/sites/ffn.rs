@@ -16,36 +16,10 @@ pub(super) struct Ffn {
     pub down: usize,
 }
 
-/// Pointwise ops an activation (and a gating product) is built from.
-const POINTWISE_OPS: &[&str] = &[
-    "Mul",
-    "Add",
-    "Sub",
-    "Div",
-    "Pow",
-    "Neg",
-    "Cast",
-    "Identity",
-    "Dropout",
-    "Reshape",
-    "Flatten",
-    "Gelu",
-    "Relu",
-    "Erf",
-    "Tanh",
-    "Sigmoid",
-    "Softplus",
-    "Elu",
-    "Selu",
-    "LeakyRelu",
-    "PRelu",
-    "HardSigmoid",
-    "HardSwish",
-    "Mish",
-    "Celu",
-    "Clip",
-    "Exp",
-    "Log",
+/// Pointwise arithmetic and reshaping ops that may sit inside an activation or a gating product
+/// without, on their own, marking the path as activated.
+const ARITHMETIC_OPS: &[&str] = &[
+    "Mul", "Add", "Sub", "Div", "Pow", "Neg", "Cast", "Identity", "Dropout", "Reshape", "Flatten",
 ];
 
 /// The pointwise ops that make a path nonlinear.
@@ -140,7 +114,7 @@ fn activation_sources(context: &Context, linears: &Linears, value: &str) -> Vec<
             continue;
         };
         let op = node.op_type.as_str();
-        if !POINTWISE_OPS.contains(&op) {
+        if !ARITHMETIC_OPS.contains(&op) && !NONLINEAR_OPS.contains(&op) {
             continue;
         }
         let activated = activated || NONLINEAR_OPS.contains(&op);
