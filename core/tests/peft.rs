@@ -224,15 +224,12 @@ fn import_reports_peft_ranks_scales_and_replacements() {
     assert_eq!(&stored, head_bias);
 }
 
-/// `graft export --format peft` of an imported model writes the original LoRA tensors (keys,
-/// shapes, values), a config PEFT reads the same way, and re-importing gives the same outputs.
-fn check_round_trip(fixture: &str, recording: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let original = reference(recording);
-    let patched = dir.path().join("patched.onnx");
-    import(fixture, &original, &patched);
-
-    let exported = dir.path().join("exported");
+/// Imports `adapter` onto `fixture` (`dir/patched.onnx`) and exports it again with
+/// `graft export --format peft` (`dir/exported`); returns both paths.
+fn import_and_export(fixture: &str, adapter: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let patched = dir.join("patched.onnx");
+    import(fixture, adapter, &patched);
+    let exported = dir.join("exported");
     let (code, stdout, stderr) = run_graft(&[
         "export",
         patched.to_str().unwrap(),
@@ -242,6 +239,15 @@ fn check_round_trip(fixture: &str, recording: &str) {
         exported.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    (patched, exported)
+}
+
+/// `graft export --format peft` of an imported model writes the original LoRA tensors (keys,
+/// shapes, values), a config PEFT reads the same way, and re-importing gives the same outputs.
+fn check_round_trip(fixture: &str, recording: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let original = reference(recording);
+    let (_patched, exported) = import_and_export(fixture, &original, dir.path());
     let written = read_tensors(&exported.join("adapter_model.safetensors"));
     let lora_only: Vec<_> = read_tensors(&original.join("adapter_model.safetensors"))
         .into_iter()
@@ -459,18 +465,8 @@ fn failed_import_leaves_the_model_unchanged() {
 /// computes what PEFT computes with that file.
 fn check_export_loads_in_peft(fixture: &str, arch: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let patched = dir.path().join("patched.onnx");
-    import(fixture, &reference(&format!("peft-{arch}")), &patched);
-    let exported = dir.path().join("export");
-    let (code, stdout, stderr) = run_graft(&[
-        "export",
-        patched.to_str().unwrap(),
-        "--format",
-        "peft",
-        "-o",
-        exported.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (patched, exported) =
+        import_and_export(fixture, &reference(&format!("peft-{arch}")), dir.path());
     let recorded = reference(&format!("graft-export-{arch}"));
     assert_eq!(
         read_tensors(&exported.join("adapter_model.safetensors")),
