@@ -2,14 +2,15 @@
 //! plugins recorded, so that the merged model has the base model's topology.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
-use graft_plugin_sdk::{DType, Fold, WeightLayout};
-use half::slice::HalfFloatSliceExt;
+use graft_plugin_sdk::{Fold, WeightLayout};
 
 use crate::ir::{Graph, Model, Tensor};
 use crate::patch::GraftRecord;
 use crate::{Error, Result};
+use rows::{add_low_rank_columns, multiply, rewrite_weight, update_weight, LowRankRows};
+
+mod rows;
 
 /// What a merge did.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -97,7 +98,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         1,
                         scale.len(),
                         &mut report,
-                        |_, row| multiply(row, &scale),
+                        |_, rows| multiply(rows, &scale),
                     )?;
                 }
             }
@@ -164,21 +165,20 @@ fn scale_weight(
     )?;
     // Stored rows are inputs for in_out and outputs for out_in; the other axis runs along a row.
     let along_rows = (axis == Axis::Output) == (layout == WeightLayout::InOut);
-    update_weight(
-        graph,
-        weight,
-        layout,
-        n_in,
-        n_out,
-        report,
-        |row_index, row| {
+    update_weight(graph, weight, layout, n_in, n_out, report, |first, rows| {
+        let row_len = if layout == WeightLayout::InOut {
+            n_out
+        } else {
+            n_in
+        };
+        for (offset, row) in rows.chunks_exact_mut(row_len.max(1)).enumerate() {
             if along_rows {
                 multiply(row, &scale)
             } else {
-                row.iter_mut().for_each(|w| *w *= scale[row_index])
+                row.iter_mut().for_each(|w| *w *= scale[first + offset])
             }
-        },
-    )?;
+        }
+    })?;
     Ok(scale)
 }
 
@@ -275,8 +275,8 @@ fn sdk_dtype(tensor: &Tensor) -> Result<graft_plugin_sdk::DType> {
 }
 
 /// Adds `scale · A · B` to the weight `name` (A `[n_in, rank]`, B `[rank, n_out]`, row-major):
-/// element (i, j) gets `(scale · A[i, k]) · B[k, j]` added in order of k, in f32, skipping the
-/// k whose coefficient `scale · A[i, k]` is zero.
+/// element (i, j) gets `(scale · A[i, k]) · B[k, j]` added in order of k, in f32, each term a
+/// fused multiply-add (rounded once), skipping the k whose coefficient `scale · A[i, k]` is zero.
 fn add_low_rank(
     graph: &mut Graph,
     name: &str,
@@ -290,226 +290,24 @@ fn add_low_rank(
     match layout {
         WeightLayout::InOut => {
             let b_rows: Vec<&[f32]> = b_values.chunks_exact(n_out.max(1)).collect();
-            let mut terms: Vec<(f32, &[f32])> = Vec::with_capacity(rank);
-            update_weight(graph, name, layout, n_in, n_out, report, |i, row| {
-                terms.clear();
-                terms.extend(
-                    (b_rows.iter().enumerate())
-                        .map(|(k, b_row)| (scaled_a[i * rank + k], *b_row))
-                        .filter(|(coefficient, _)| *coefficient != 0.0),
-                );
-                add_terms(row, &terms);
-            })
+            let update = LowRankRows {
+                coefficients: &scaled_a,
+                b: &b_rows,
+            };
+            rewrite_weight(graph, name, layout, [n_in, n_out], report, update)
         }
         WeightLayout::OutIn => {
             let scaled_a_columns: Vec<Vec<f32>> = (0..rank)
                 .map(|k| scaled_a.iter().skip(k).step_by(rank).copied().collect())
                 .collect();
-            update_weight(graph, name, layout, n_in, n_out, report, |j, row| {
-                for (k, column) in scaled_a_columns.iter().enumerate() {
-                    add_scaling(row, column, b_values[k * n_out + j]);
-                }
+            let columns: Vec<&[f32]> = scaled_a_columns.iter().map(Vec::as_slice).collect();
+            let b_transposed: Vec<f32> = (0..n_out)
+                .flat_map(|j| (0..rank).map(move |k| b_values[k * n_out + j]))
+                .collect();
+            update_weight(graph, name, layout, n_in, n_out, report, |first, rows| {
+                add_low_rank_columns(rows, &columns, &b_transposed[first * rank..])
             })
         }
-    }
-}
-
-/// Rewrites the weight `name`, stored in `layout` for `n_in` inputs and `n_out` outputs, one
-/// stored row at a time: `update(index, row)` sees the row as f32, row `i` of input `i`
-/// (`n_out` values) for [`WeightLayout::InOut`], row `j` of output `j` (`n_in` values) for
-/// [`WeightLayout::OutIn`]. Rows are converted from and back to the weight's type as they go,
-/// so the whole matrix is never held in f32.
-fn update_weight(
-    graph: &mut Graph,
-    name: &str,
-    layout: WeightLayout,
-    n_in: usize,
-    n_out: usize,
-    report: &mut MergeReport,
-    mut update: impl FnMut(usize, &mut [f32]),
-) -> Result<()> {
-    let index = graph
-        .initializers
-        .iter()
-        .position(|t| t.name == name)
-        .ok_or_else(|| Error::Tensor {
-            name: name.to_owned(),
-            reason: "the merge needs it, but the model has no initializer of that name".into(),
-        })?;
-    let tensor = &graph.initializers[index];
-    let dtype = sdk_dtype(tensor)?;
-    let width = match dtype {
-        DType::Float => 4,
-        DType::Float16 | DType::Bfloat16 => 2,
-        DType::Double => 8,
-        _ => {
-            return Err(Error::Tensor {
-                name: tensor.name.clone(),
-                reason: format!(
-                    "{} is not a floating-point type graft can merge",
-                    tensor.dtype
-                ),
-            })
-        }
-    };
-    let bytes = tensor.raw_bytes()?;
-    if bytes.len() % width != 0 || bytes.len() / width != n_in * n_out {
-        return Err(Error::Tensor {
-            name: name.to_owned(),
-            reason: format!(
-                "has {} elements, expected {n_in}×{n_out}",
-                bytes.len() / width
-            ),
-        });
-    }
-    let row_len = match layout {
-        WeightLayout::InOut => n_out,
-        WeightLayout::OutIn => n_in,
-    };
-    let mut updated = Arc::<[u8]>::new_uninit_slice(bytes.len());
-    let destination = Arc::get_mut(&mut updated)
-        .expect("a fresh allocation has one owner")
-        .as_mut_ptr()
-        .cast::<u8>();
-    let mut row = vec![0f32; row_len];
-    let mut row_bytes = vec![0u8; row_len * width];
-    let mut halves = vec![half::f16::ZERO; row_len];
-    for (row_index, source) in bytes.chunks_exact((row_len * width).max(1)).enumerate() {
-        read_row(dtype, source, &mut row, &mut halves);
-        update(row_index, &mut row);
-        write_row(dtype, &row, &mut row_bytes, &mut halves);
-        // SAFETY: `destination` points to `bytes.len()` writable bytes; rows are disjoint
-        // `row_len * width`-byte ranges that together cover it exactly once.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                row_bytes.as_ptr(),
-                destination.add(row_index * row_bytes.len()),
-                row_bytes.len(),
-            );
-        }
-    }
-    // SAFETY: the loop above initialized every byte (`bytes.len()` is a multiple of the row size).
-    let updated = unsafe { updated.assume_init() };
-    report.bytes_touched += updated.len();
-    if !report.updated_weights.iter().any(|w| w == name) {
-        report.updated_weights.push(name.to_owned());
-    }
-    graph.initializers[index] = Tensor {
-        data: crate::ir::TensorData::Raw(updated),
-        ..tensor.clone()
-    };
-    Ok(())
-}
-
-/// Decodes one row of little-endian `dtype` values (a merge-able float type) into `row`;
-/// `halves` is scratch space of the row's length.
-fn read_row(dtype: DType, bytes: &[u8], row: &mut [f32], halves: &mut [half::f16]) {
-    match dtype {
-        DType::Float16 => {
-            for (h, c) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
-                *h = half::f16::from_le_bytes([c[0], c[1]]);
-            }
-            halves.convert_to_f32_slice(row);
-        }
-        DType::Bfloat16 => {
-            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(2)) {
-                *v = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        DType::Double => {
-            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(8)) {
-                *v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32;
-            }
-        }
-        _ => {
-            for (v, c) in row.iter_mut().zip(bytes.chunks_exact(4)) {
-                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-    }
-}
-
-/// Encodes `row` as little-endian `dtype` values into `bytes`, rounding to nearest even as
-/// [`graft_plugin_sdk::f32_to_bytes`] does; `halves` is scratch space of the row's length.
-fn write_row(dtype: DType, row: &[f32], bytes: &mut [u8], halves: &mut [half::f16]) {
-    match dtype {
-        DType::Float16 => {
-            halves.convert_from_f32_slice(row);
-            for (c, h) in bytes.chunks_exact_mut(2).zip(halves.iter()) {
-                c.copy_from_slice(&h.to_le_bytes());
-            }
-        }
-        DType::Bfloat16 => {
-            for (c, v) in bytes.chunks_exact_mut(2).zip(row) {
-                c.copy_from_slice(&graft_plugin_sdk::f32_to_bf16_bits(*v).to_le_bytes());
-            }
-        }
-        DType::Double => {
-            for (c, v) in bytes.chunks_exact_mut(8).zip(row) {
-                c.copy_from_slice(&(*v as f64).to_le_bytes());
-            }
-        }
-        _ => {
-            for (c, v) in bytes.chunks_exact_mut(4).zip(row) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-    }
-}
-
-/// `row += c · b` for each `(c, b)` of `terms` in order, every `b` at least as long as `row`:
-/// each element is updated in f32 one term at a time, a multiply then an add, never fused.
-fn add_terms(row: &mut [f32], terms: &[(f32, &[f32])]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { add_terms_avx2(row, terms) };
-    }
-    add_terms_tiled(row, terms);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_terms_avx2(row: &mut [f32], terms: &[(f32, &[f32])]) {
-    add_terms_tiled(row, terms);
-}
-
-/// [`add_terms`] on tiles of the row held in registers while all terms are added, so that the
-/// row is loaded and stored once instead of once per term.
-#[inline(always)]
-fn add_terms_tiled(row: &mut [f32], terms: &[(f32, &[f32])]) {
-    const TILE: usize = 64;
-    let tiled = row.len() / TILE * TILE;
-    let (head, tail) = row.split_at_mut(tiled);
-    for (tile, values) in head.chunks_exact_mut(TILE).enumerate() {
-        let mut sums = [0f32; TILE];
-        sums.copy_from_slice(values);
-        for (coefficient, b) in terms {
-            for (sum, b) in sums.iter_mut().zip(&b[tile * TILE..(tile + 1) * TILE]) {
-                *sum += coefficient * b;
-            }
-        }
-        values.copy_from_slice(&sums);
-    }
-    for (coefficient, b) in terms {
-        for (value, b) in tail.iter_mut().zip(&b[tiled..]) {
-            *value += coefficient * b;
-        }
-    }
-}
-
-/// `row[i] += coefficients[i] · b`, leaving each element whose coefficient is zero alone.
-fn add_scaling(row: &mut [f32], coefficients: &[f32], b: f32) {
-    for (w, c) in row.iter_mut().zip(coefficients) {
-        let sum = *w + c * b;
-        *w = if *c == 0.0 { *w } else { sum };
-    }
-}
-
-/// `row[j] *= scale[j]`.
-fn multiply(row: &mut [f32], scale: &[f32]) {
-    for (w, s) in row.iter_mut().zip(scale) {
-        *w *= s;
     }
 }
 
@@ -583,6 +381,7 @@ fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut 
 mod tests {
     use super::*;
     use crate::ir::DataType;
+    use graft_plugin_sdk::DType;
 
     /// The definition, over the whole matrix in f32: element (i, j) sits at
     /// `i · stride_in + j · stride_out`.
@@ -604,7 +403,8 @@ mod tests {
                     continue;
                 }
                 for j in 0..n_out {
-                    values[i * stride_in + j * stride_out] += coefficient * b[k * n_out + j];
+                    let value = &mut values[i * stride_in + j * stride_out];
+                    *value = coefficient.mul_add(b[k * n_out + j], *value);
                 }
             }
         }
@@ -622,9 +422,11 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn row_wise_low_rank_updates_equal_the_definition_bit_for_bit() {
-        let [n_in, rank, n_out] = [37, 3, 19];
+    /// Merges a random rank-3 update into an `n_in × n_out` weight of every type and layout,
+    /// in place (`shared` false) or into a new buffer (another owner holds the weight's bytes),
+    /// and checks the bits against [`reference_low_rank`].
+    fn check_low_rank_merge([n_in, n_out]: [usize; 2], shared: bool) {
+        let rank = 3;
         let mut a = noise(n_in * rank, 1, 2.0);
         a[4] = 0.0;
         a[5] = -0.0;
@@ -651,6 +453,7 @@ mod tests {
                     initializers: vec![Tensor::from_raw("w", dtype, dims, bytes.clone())],
                     ..Graph::default()
                 };
+                let other_owner = shared.then(|| graph.initializers[0].clone());
                 let shapes = [n_in, rank, n_out];
                 let mut report = MergeReport::default();
                 add_low_rank(&mut graph, "w", layout, 0.5, (&a, &b), shapes, &mut report).unwrap();
@@ -659,9 +462,28 @@ mod tests {
                 reference_low_rank(&mut expected, layout, 0.5, (&a, &b), shapes);
                 let expected = graft_plugin_sdk::f32_to_bytes(code, &expected).unwrap();
                 let merged = graph.initializers[0].raw_bytes().unwrap();
-                assert!(merged == expected, "{dtype} {layout:?}");
+                assert!(merged == expected, "{dtype} {layout:?} shared {shared}");
                 assert_eq!(report.bytes_touched, expected.len());
+                if let Some(other) = other_owner {
+                    assert_eq!(other.raw_bytes().unwrap(), bytes, "the other owner's bytes");
+                }
             }
+        }
+    }
+
+    #[test]
+    fn row_wise_low_rank_updates_equal_the_definition_bit_for_bit() {
+        for shared in [false, true] {
+            check_low_rank_merge([37, 19], shared);
+        }
+    }
+
+    /// Large enough that the rows are shared out across threads (where the machine has more
+    /// than one core), with rows that do not fill whole vector tiles.
+    #[test]
+    fn multithreaded_merges_equal_the_definition_bit_for_bit() {
+        for shared in [false, true] {
+            check_low_rank_merge([1031, 1100], shared);
         }
     }
 }
