@@ -275,8 +275,9 @@ fn sdk_dtype(tensor: &Tensor) -> Result<graft_plugin_sdk::DType> {
 }
 
 /// Adds `scale · A · B` to the weight `name` (A `[n_in, rank]`, B `[rank, n_out]`, row-major):
-/// element (i, j) gets `(scale · A[i, k]) · B[k, j]` added in order of k, in f32, each term a
-/// fused multiply-add (rounded once), skipping the k whose coefficient `scale · A[i, k]` is zero.
+/// element (i, j) gets the delta `Σ_k (scale · A[i, k]) · B[k, j]` added once, the delta summed
+/// in f32 from −0 by one fused multiply-add per term in order of k, skipping the k whose
+/// coefficient `scale · A[i, k]` is zero.
 fn add_low_rank(
     graph: &mut Graph,
     name: &str,
@@ -397,15 +398,15 @@ mod tests {
             WeightLayout::OutIn => (1, n_in),
         };
         for i in 0..n_in {
-            for k in 0..rank {
-                let coefficient = scale * a[i * rank + k];
-                if coefficient == 0.0 {
-                    continue;
+            for j in 0..n_out {
+                let mut delta = -0.0f32;
+                for k in 0..rank {
+                    let coefficient = scale * a[i * rank + k];
+                    if coefficient != 0.0 {
+                        delta = coefficient.mul_add(b[k * n_out + j], delta);
+                    }
                 }
-                for j in 0..n_out {
-                    let value = &mut values[i * stride_in + j * stride_out];
-                    *value = coefficient.mul_add(b[k * n_out + j], *value);
-                }
+                values[i * stride_in + j * stride_out] += delta;
             }
         }
     }
@@ -479,11 +480,14 @@ mod tests {
     }
 
     /// Large enough that the rows are shared out across threads (where the machine has more
-    /// than one core), with rows that do not fill whole vector tiles.
+    /// than one core), with rows that do not fill whole vector tiles, and rows that span more
+    /// than one panel of the fused float16 kernel.
     #[test]
     fn multithreaded_merges_equal_the_definition_bit_for_bit() {
         for shared in [false, true] {
             check_low_rank_merge([1031, 1100], shared);
         }
+        // Rows wider than one panel of the fused float16 kernel, with a partial last panel.
+        check_low_rank_merge([67, 2200], false);
     }
 }

@@ -12,8 +12,11 @@
 //!   transformers) has a fused AVX-512 kernel that goes from the stored halves to the stored
 //!   halves with no f32 copy in between.
 //!
-//! Every path gives the same bits: each element is updated in f32 exactly as the scalar
-//! definition says (one fused multiply-add per term) and rounded back to nearest-even.
+//! Every path gives the same bits, those of the scalar definition: each element's low-rank
+//! delta is summed in f32 from −0 by one fused multiply-add per term, in order of rank, then
+//! added to the element once (as PEFT adds `B·A·scale` to the weight), and the result is
+//! rounded back to nearest-even. Starting from −0 makes a delta with no terms leave the weight's
+//! bits alone.
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -30,7 +33,7 @@ const BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Stored rows handed to an update together, as one block: 16 rows of a 4096-wide weight are
 /// 256 KiB in f32, which stay in the second-level cache while they are updated, and the fused
-/// kernel reuses each tile of B for all 16.
+/// kernel uses each panel of B for all 16 before it moves on.
 const ROWS_PER_BLOCK: usize = 16;
 
 /// Rewrites the weight `name`, stored in `layout` for `n_in` inputs and `n_out` outputs, a
@@ -436,9 +439,8 @@ mod avx512 {
     const PANEL_BYTES: usize = 32 << 10;
 
     /// For each row r of the float16 rows at `source`, writes to the same row at `destination`
-    /// (which may be `source` itself) `row + Σ_k coefficients[r·rank + k] · b[k]`: a fused
-    /// multiply-add per term in order of k, skipping zero coefficients, rounded to nearest
-    /// even. The columns are done a panel at a time down all the rows, so that the panel of `b`
+    /// (which may be `source` itself) `row + Σ_k coefficients[r·rank + k] · b[k]`, the sum
+    /// formed as [`super::add_low_rank_rows`] does, rounded to nearest even. The columns are done a panel at a time down all the rows, so that the panel of `b`
     /// stays in the first-level cache while each row's segment streams through in 128-element
     /// tiles held in registers.
     ///
@@ -464,11 +466,7 @@ mod avx512 {
                     // SAFETY (all the loads and stores): elements start..start + TILE of row r lie
                     // inside the rows, and of every b[k] (the caller's contract).
                     unsafe {
-                        let mut sums = [_mm512_setzero_ps(); TILE / 16];
-                        for (v, sum) in sums.iter_mut().enumerate() {
-                            let halves = _mm256_loadu_si256(source.add(offset + 32 * v).cast());
-                            *sum = _mm512_cvtph_ps(halves);
-                        }
+                        let mut sums = [_mm512_set1_ps(-0.0); TILE / 16];
                         for (c, b) in coefficients.iter().zip(b) {
                             if *c == 0.0 {
                                 continue;
@@ -480,9 +478,11 @@ mod avx512 {
                             }
                         }
                         for (v, sum) in sums.iter().enumerate() {
+                            let halves = _mm256_loadu_si256(source.add(offset + 32 * v).cast());
+                            let sum = _mm512_add_ps(_mm512_cvtph_ps(halves), *sum);
                             let halves = _mm512_cvtps_ph::<
                                 { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-                            >(*sum);
+                            >(sum);
                             _mm256_storeu_si256(destination.add(offset + 32 * v).cast(), halves);
                         }
                     }
@@ -493,15 +493,16 @@ mod avx512 {
             for j in tiled..row_len {
                 let at = 2 * (r * row_len + j);
                 // SAFETY: element j of row r lies inside the rows.
-                let mut value =
+                let value =
                     unsafe { half::f16::from_bits(source.add(at).cast::<u16>().read_unaligned()) }
                         .to_f32();
+                let mut delta = -0.0f32;
                 for (c, b) in coefficients[r * rank..][..rank].iter().zip(b) {
                     if *c != 0.0 {
-                        value = c.mul_add(b[j], value);
+                        delta = c.mul_add(b[j], delta);
                     }
                 }
-                let bits = half::f16::from_f32(value).to_bits();
+                let bits = half::f16::from_f32(value + delta).to_bits();
                 // SAFETY: as above.
                 unsafe { destination.add(at).cast::<u16>().write_unaligned(bits) };
             }
@@ -511,8 +512,9 @@ mod avx512 {
 
 on_widest_vector_unit! {
     /// Adds `Σ_k coefficients[r·rank + k] · b[k]` to each row `r` of `rows` (whole rows of
-    /// `b[k].len()` elements, `rank = b.len()`): one fused multiply-add per term, in order of k,
-    /// skipping the terms whose coefficient is zero.
+    /// `b[k].len()` elements, `rank = b.len()`): each element's sum starts at −0 and takes one
+    /// fused multiply-add per term, in order of k, skipping the terms whose coefficient is zero;
+    /// then it is added to the element.
     pub(super) fn add_low_rank_rows =
         add_low_rank_rows_tiled(rows: &mut [f32], coefficients: &[f32], b: &[&[f32]])
 }
@@ -538,19 +540,22 @@ fn add_low_rank_rows_tiled<const TILE: usize>(
         for (row, coefficients) in rows {
             let terms = coefficients.iter().zip(b).filter(|(c, _)| **c != 0.0);
             if end - start == TILE {
-                let mut sums = [0f32; TILE];
-                sums.copy_from_slice(&row[start..start + TILE]);
+                let mut deltas = [-0.0f32; TILE];
                 for (c, b) in terms {
-                    for (sum, b) in sums.iter_mut().zip(&b[start..start + TILE]) {
-                        *sum = c.mul_add(*b, *sum);
+                    for (delta, b) in deltas.iter_mut().zip(&b[start..start + TILE]) {
+                        *delta = c.mul_add(*b, *delta);
                     }
                 }
-                row[start..start + TILE].copy_from_slice(&sums);
+                for (value, delta) in row[start..start + TILE].iter_mut().zip(&deltas) {
+                    *value += delta;
+                }
             } else {
-                for (c, b) in terms {
-                    for (value, b) in row[start..end].iter_mut().zip(&b[start..end]) {
-                        *value = c.mul_add(*b, *value);
+                for j in start..end {
+                    let mut delta = -0.0f32;
+                    for (c, b) in terms.clone() {
+                        delta = c.mul_add(b[j], delta);
                     }
+                    row[j] += delta;
                 }
             }
         }
@@ -559,8 +564,9 @@ fn add_low_rank_rows_tiled<const TILE: usize>(
 
 on_widest_vector_unit! {
     /// Adds `Σ_k b[r·rank + k] · columns[k]` to each row `r` of `rows` (whole rows of
-    /// `columns[k].len()` elements, `rank = columns.len()`): one fused multiply-add per term, in
-    /// order of k, leaving an element alone for the k whose coefficient `columns[k][i]` is zero.
+    /// `columns[k].len()` elements, `rank = columns.len()`): each element's sum starts at −0 and
+    /// takes one fused multiply-add per term, in order of k, skipping the k whose coefficient
+    /// `columns[k][i]` is zero; then it is added to the element.
     pub(super) fn add_low_rank_columns =
         add_low_rank_columns_tiled(rows: &mut [f32], columns: &[&[f32]], b: &[f32])
 }
@@ -573,27 +579,30 @@ fn add_low_rank_columns_tiled<const TILE: usize>(rows: &mut [f32], columns: &[&[
     if rank == 0 || row_len == 0 {
         return;
     }
-    let add = |value: &mut f32, coefficient: f32, b: f32| {
-        let sum = coefficient.mul_add(b, *value);
-        *value = if coefficient == 0.0 { *value } else { sum };
+    let add = |delta: &mut f32, coefficient: f32, b: f32| {
+        let sum = coefficient.mul_add(b, *delta);
+        *delta = if coefficient == 0.0 { *delta } else { sum };
     };
     for start in (0..row_len).step_by(TILE) {
         let end = (start + TILE).min(row_len);
         for (row, b) in rows.chunks_exact_mut(row_len).zip(b.chunks_exact(rank)) {
             if end - start == TILE {
-                let mut sums = [0f32; TILE];
-                sums.copy_from_slice(&row[start..start + TILE]);
+                let mut deltas = [-0.0f32; TILE];
                 for (column, b) in columns.iter().zip(b) {
-                    for (sum, c) in sums.iter_mut().zip(&column[start..start + TILE]) {
-                        add(sum, *c, *b);
+                    for (delta, c) in deltas.iter_mut().zip(&column[start..start + TILE]) {
+                        add(delta, *c, *b);
                     }
                 }
-                row[start..start + TILE].copy_from_slice(&sums);
+                for (value, delta) in row[start..start + TILE].iter_mut().zip(&deltas) {
+                    *value += delta;
+                }
             } else {
-                for (column, b) in columns.iter().zip(b) {
-                    for (value, c) in row[start..end].iter_mut().zip(&column[start..end]) {
-                        add(value, *c, *b);
+                for j in start..end {
+                    let mut delta = -0.0f32;
+                    for (column, b) in columns.iter().zip(b) {
+                        add(&mut delta, column[j], *b);
                     }
+                    row[j] += delta;
                 }
             }
         }
