@@ -18,7 +18,6 @@
 //! rounded back to nearest-even. Starting from −0 makes a delta with no terms leave the weight's
 //! bits alone.
 
-use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use graft_plugin_sdk::{DType, WeightLayout};
@@ -96,16 +95,15 @@ pub(super) fn rewrite_weight(
         _ => None,
     };
     if let Some(bytes) = owned {
-        // SAFETY: only initialized bytes are ever written through this view.
-        let destination = unsafe { &mut *(bytes as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        rewrite_rows(None, destination, codec, row_len, &update);
+        rewrite_rows(None, bytes, codec, row_len, &update);
     } else {
         let source = tensor.raw_bytes()?;
-        let mut updated = Arc::<[u8]>::new_uninit_slice(len);
+        // SAFETY: zeroed bytes are valid `u8`s. The allocator hands a large buffer out as fresh
+        // zero pages, so nothing writes it before the rows do.
+        let mut updated: Arc<[u8]> = unsafe { Arc::new_zeroed_slice(len).assume_init() };
         let destination = Arc::get_mut(&mut updated).expect("a fresh allocation has one owner");
         rewrite_rows(Some(source), destination, codec, row_len, &update);
-        // SAFETY: `rewrite_rows` wrote every row, and the rows cover the buffer exactly.
-        tensor.data = TensorData::Raw(unsafe { updated.assume_init() });
+        tensor.data = TensorData::Raw(updated);
     }
     report.bytes_touched += len;
     if !report.updated_weights.iter().any(|w| w == name) {
@@ -115,11 +113,10 @@ pub(super) fn rewrite_weight(
 }
 
 /// Writes every `row_len`-element row of `destination`: decoded from the same row of `source`,
-/// or of `destination` itself when `source` is `None` (then `destination` must be initialized),
-/// updated, and encoded. The rows are shared out across the cores in contiguous blocks.
+/// or of `destination` itself when `source` is `None`, updated, and encoded. The rows are shared out across the cores in contiguous blocks.
 fn rewrite_rows(
     source: Option<&[u8]>,
-    destination: &mut [MaybeUninit<u8>],
+    destination: &mut [u8],
     codec: Codec,
     row_len: usize,
     update: &impl RowUpdate,
@@ -159,12 +156,7 @@ pub(super) trait RowUpdate: Sync {
     /// `destination` itself when `source` is `None`), the first of which is row `first`,
     /// without an f32 copy in between, giving the same bits as [`RowUpdate::update`].
     /// Returns false, having written nothing, where there is no such kernel for this CPU.
-    fn update_f16(
-        &self,
-        _first: usize,
-        _source: Option<&[u8]>,
-        _destination: &mut [MaybeUninit<u8>],
-    ) -> bool {
+    fn update_f16(&self, _first: usize, _source: Option<&[u8]>, _destination: &mut [u8]) -> bool {
         false
     }
 }
@@ -178,7 +170,7 @@ impl<F: Fn(usize, &mut [f32]) + Sync> RowUpdate for F {
 /// [`rewrite_rows`] for the rows of `rows`, the first of which is row `first_row`.
 fn rewrite_block(
     source: Option<&[u8]>,
-    rows: &mut [MaybeUninit<u8>],
+    rows: &mut [u8],
     first_row: usize,
     codec: Codec,
     row_len: usize,
@@ -193,20 +185,14 @@ fn rewrite_block(
             continue;
         }
         let values = &mut values[..bytes.len() / codec.width];
-        match block_source {
-            Some(source) => codec.decode(source, values),
-            // SAFETY: without a source the rows are the weight itself, fully initialized.
-            None => codec.decode(
-                unsafe { &*(bytes as *const [MaybeUninit<u8>] as *const [u8]) },
-                values,
-            ),
-        }
+        codec.decode(block_source.unwrap_or(bytes), values);
         update.update(first, values);
         codec.encode(values, bytes);
     }
 }
 
-/// Converts rows between a floating-point element type's little-endian bytes and f32.
+/// Converts rows between a floating-point element type's little-endian bytes and f32: the
+/// SDK's conversions, with float16 done by the F16C instructions where the CPU has them.
 #[derive(Clone, Copy)]
 struct Codec {
     dtype: DType,
@@ -217,82 +203,36 @@ struct Codec {
 impl Codec {
     /// The codec for `dtype`, or `None` if it is not a type the merge rewrites.
     fn new(dtype: DType) -> Option<Codec> {
-        let width = match dtype {
-            DType::Float => 4,
-            DType::Float16 | DType::Bfloat16 => 2,
-            DType::Double => 8,
-            _ => return None,
-        };
-        Some(Codec { dtype, width })
+        match dtype {
+            DType::Float | DType::Float16 | DType::Bfloat16 | DType::Double => Some(Codec {
+                dtype,
+                width: dtype.byte_len(1)?,
+            }),
+            _ => None,
+        }
     }
 
     /// Decodes `bytes` (exactly `row.len()` elements) into `row`.
     fn decode(self, bytes: &[u8], row: &mut [f32]) {
-        match self.dtype {
-            DType::Float16 => {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("f16c") {
-                    // SAFETY: the CPU has F16C (and so AVX), checked just above.
-                    return unsafe { f16c::decode(bytes, row) };
-                }
-                for (v, c) in row.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            DType::Bfloat16 => {
-                for (v, c) in row.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *v = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-                }
-            }
-            DType::Double => {
-                for (v, c) in row.iter_mut().zip(bytes.chunks_exact(8)) {
-                    *v = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
-                }
-            }
-            _ => {
-                for (v, c) in row.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if self.dtype == DType::Float16 && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+            return unsafe { f16c::decode(bytes, row) };
         }
+        let decoded = graft_plugin_sdk::bytes_to_f32_into(self.dtype, bytes, row);
+        assert!(decoded, "whole rows of a floating type");
     }
 
     /// Encodes `row` into `bytes` (exactly `row.len()` elements), rounding to nearest even as
     /// [`graft_plugin_sdk::f32_to_bytes`] does.
-    fn encode(self, row: &[f32], bytes: &mut [MaybeUninit<u8>]) {
-        match self.dtype {
-            DType::Float16 => {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("f16c") {
-                    // SAFETY: the CPU has F16C (and so AVX), checked just above.
-                    return unsafe { f16c::encode(row, bytes) };
-                }
-                for (c, v) in bytes.chunks_exact_mut(2).zip(row) {
-                    write_bytes(c, &half::f16::from_f32(*v).to_le_bytes());
-                }
-            }
-            DType::Bfloat16 => {
-                for (c, v) in bytes.chunks_exact_mut(2).zip(row) {
-                    write_bytes(c, &graft_plugin_sdk::f32_to_bf16_bits(*v).to_le_bytes());
-                }
-            }
-            DType::Double => {
-                for (c, v) in bytes.chunks_exact_mut(8).zip(row) {
-                    write_bytes(c, &(*v as f64).to_le_bytes());
-                }
-            }
-            _ => {
-                for (c, v) in bytes.chunks_exact_mut(4).zip(row) {
-                    write_bytes(c, &v.to_le_bytes());
-                }
-            }
+    fn encode(self, row: &[f32], bytes: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.dtype == DType::Float16 && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has F16C (and so AVX), checked just above.
+            return unsafe { f16c::encode(row, bytes) };
         }
-    }
-}
-
-fn write_bytes(destination: &mut [MaybeUninit<u8>], bytes: &[u8]) {
-    for (d, b) in destination.iter_mut().zip(bytes) {
-        d.write(*b);
+        let encoded = graft_plugin_sdk::f32_to_bytes_into(self.dtype, row, bytes);
+        assert!(encoded, "whole rows of a floating type");
     }
 }
 
@@ -300,7 +240,8 @@ fn write_bytes(destination: &mut [MaybeUninit<u8>], bytes: &[u8]) {
 #[cfg(target_arch = "x86_64")]
 mod f16c {
     use std::arch::x86_64::*;
-    use std::mem::MaybeUninit;
+
+    use graft_plugin_sdk::{bytes_to_f32_into, f32_to_bytes_into, DType};
 
     /// [`super::Codec::decode`] for float16. The caller ensures the CPU has F16C.
     #[target_feature(enable = "avx,f16c")]
@@ -315,18 +256,13 @@ mod f16c {
                 _mm256_storeu_ps(row.as_mut_ptr().add(i), _mm256_cvtph_ps(halves));
             }
         }
-        for (v, c) in row[vectors..]
-            .iter_mut()
-            .zip(bytes[2 * vectors..].chunks_exact(2))
-        {
-            *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-        }
+        bytes_to_f32_into(DType::Float16, &bytes[2 * vectors..], &mut row[vectors..]);
     }
 
     /// [`super::Codec::encode`] for float16, rounding to nearest even. The caller ensures the
     /// CPU has F16C.
     #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn encode(row: &[f32], bytes: &mut [MaybeUninit<u8>]) {
+    pub(super) unsafe fn encode(row: &[f32], bytes: &mut [u8]) {
         assert_eq!(bytes.len(), 2 * row.len());
         let vectors = row.len() / 8 * 8;
         for i in (0..vectors).step_by(8) {
@@ -337,12 +273,7 @@ mod f16c {
                 _mm_storeu_si128(bytes.as_mut_ptr().add(2 * i).cast(), halves);
             }
         }
-        for (c, v) in bytes[2 * vectors..]
-            .chunks_exact_mut(2)
-            .zip(&row[vectors..])
-        {
-            super::write_bytes(c, &half::f16::from_f32(*v).to_le_bytes());
-        }
+        f32_to_bytes_into(DType::Float16, &row[vectors..], &mut bytes[2 * vectors..]);
     }
 }
 
@@ -394,12 +325,7 @@ impl RowUpdate for LowRankRows<'_> {
         add_low_rank_rows(rows, &self.coefficients[first * self.b.len()..], self.b);
     }
 
-    fn update_f16(
-        &self,
-        first: usize,
-        source: Option<&[u8]>,
-        destination: &mut [MaybeUninit<u8>],
-    ) -> bool {
+    fn update_f16(&self, first: usize, source: Option<&[u8]>, destination: &mut [u8]) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             let rank = self.b.len();
@@ -412,7 +338,7 @@ impl RowUpdate for LowRankRows<'_> {
                 let coefficients = &self.coefficients[first * rank..][..rows * rank];
                 assert!(source.is_none_or(|s| s.len() == destination.len()));
                 assert_eq!(destination.len(), 2 * rows * row_len);
-                let destination = destination.as_mut_ptr().cast::<u8>();
+                let destination = destination.as_mut_ptr();
                 let source = source.map_or(destination.cast_const(), <[u8]>::as_ptr);
                 // SAFETY: the CPU has the features (checked above); `source` and `destination`
                 // hold `rows` whole float16 rows of `row_len` elements (asserted above), every
@@ -493,16 +419,16 @@ mod avx512 {
             for j in tiled..row_len {
                 let at = 2 * (r * row_len + j);
                 // SAFETY: element j of row r lies inside the rows.
-                let value =
-                    unsafe { half::f16::from_bits(source.add(at).cast::<u16>().read_unaligned()) }
-                        .to_f32();
+                let value = graft_plugin_sdk::f16_bits_to_f32(unsafe {
+                    source.add(at).cast::<u16>().read_unaligned()
+                });
                 let mut delta = -0.0f32;
                 for (c, b) in coefficients[r * rank..][..rank].iter().zip(b) {
                     if *c != 0.0 {
                         delta = c.mul_add(b[j], delta);
                     }
                 }
-                let bits = half::f16::from_f32(value + delta).to_bits();
+                let bits = graft_plugin_sdk::f32_to_f16_bits(value + delta);
                 // SAFETY: as above.
                 unsafe { destination.add(at).cast::<u16>().write_unaligned(bits) };
             }

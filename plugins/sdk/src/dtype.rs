@@ -246,52 +246,74 @@ impl FromStr for DType {
 /// not one of `float`, `float16`, `bfloat16`, `double`, or `bytes` is not a whole number of
 /// elements. `double` values are rounded to nearest.
 pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
-    let width = match dtype {
-        DType::Float => 4,
-        DType::Float16 | DType::Bfloat16 => 2,
-        DType::Double => 8,
-        _ => return None,
+    let mut values = vec![0f32; bytes.len() / float_width(dtype)?];
+    bytes_to_f32_into(dtype, bytes, &mut values).then_some(values)
+}
+
+/// [`bytes_to_f32`] into `values`, which must hold exactly the elements of `bytes`; false
+/// (and nothing written) when `dtype` is not a floating type or the lengths do not match.
+pub fn bytes_to_f32_into(dtype: DType, bytes: &[u8], values: &mut [f32]) -> bool {
+    let Some(width) = float_width(dtype) else {
+        return false;
     };
-    if bytes.len() % width != 0 {
-        return None;
+    if bytes.len() != width * values.len() {
+        return false;
     }
-    let chunks = bytes.chunks_exact(width);
-    Some(match dtype {
-        DType::Float => chunks
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::Float16 => chunks
-            .map(|c| f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        DType::Bfloat16 => chunks
-            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-            .collect(),
-        _ => chunks
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-    })
+    let pairs = values.iter_mut().zip(bytes.chunks_exact(width));
+    match dtype {
+        DType::Float => pairs.for_each(|(v, c)| *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        DType::Float16 => {
+            pairs.for_each(|(v, c)| *v = f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+        }
+        DType::Bfloat16 => pairs.for_each(|(v, c)| {
+            *v = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+        }),
+        _ => pairs.for_each(|(v, c)| {
+            *v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+        }),
+    }
+    true
 }
 
 /// Encodes `values` as little-endian bytes of a floating type, rounding to nearest even for
 /// `float16` and `bfloat16`. `None` when `dtype` is not `float`, `float16`, `bfloat16` or
 /// `double`.
 pub fn f32_to_bytes(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
-    Some(match dtype {
-        DType::Float => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DType::Float16 => values
-            .iter()
-            .flat_map(|v| f32_to_f16_bits(*v).to_le_bytes())
-            .collect(),
-        DType::Bfloat16 => values
-            .iter()
-            .flat_map(|v| f32_to_bf16_bits(*v).to_le_bytes())
-            .collect(),
-        DType::Double => values
-            .iter()
-            .flat_map(|v| (*v as f64).to_le_bytes())
-            .collect(),
-        _ => return None,
-    })
+    let mut bytes = vec![0u8; values.len() * float_width(dtype)?];
+    f32_to_bytes_into(dtype, values, &mut bytes).then_some(bytes)
+}
+
+/// [`f32_to_bytes`] into `bytes`, which must hold exactly the encoded `values`; false (and
+/// nothing written) when `dtype` is not a floating type or the lengths do not match.
+pub fn f32_to_bytes_into(dtype: DType, values: &[f32], bytes: &mut [u8]) -> bool {
+    let Some(width) = float_width(dtype) else {
+        return false;
+    };
+    if bytes.len() != width * values.len() {
+        return false;
+    }
+    let pairs = bytes.chunks_exact_mut(width).zip(values);
+    match dtype {
+        DType::Float => pairs.for_each(|(c, v)| c.copy_from_slice(&v.to_le_bytes())),
+        DType::Float16 => {
+            pairs.for_each(|(c, v)| c.copy_from_slice(&f32_to_f16_bits(*v).to_le_bytes()))
+        }
+        DType::Bfloat16 => {
+            pairs.for_each(|(c, v)| c.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes()))
+        }
+        _ => pairs.for_each(|(c, v)| c.copy_from_slice(&(*v as f64).to_le_bytes())),
+    }
+    true
+}
+
+/// Bytes per element of the floating types [`bytes_to_f32`] and [`f32_to_bytes`] convert.
+fn float_width(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::Float => Some(4),
+        DType::Float16 | DType::Bfloat16 => Some(2),
+        DType::Double => Some(8),
+        _ => None,
+    }
 }
 
 /// Widens IEEE half-float bits to `f32` exactly.

@@ -159,7 +159,8 @@ pub use client::PluginClient;
 pub use config::MethodConfig;
 pub use describe::{ConfigKey, ConfigKind, MethodDescription, PluginDescription};
 pub use dtype::{
-    bytes_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_bytes, f32_to_f16_bits, DType,
+    bytes_to_f32, bytes_to_f32_into, f16_bits_to_f32, f32_to_bf16_bits, f32_to_bytes,
+    f32_to_bytes_into, f32_to_f16_bits, DType,
 };
 pub use error::{Error, Result};
 #[doc(hidden)]
