@@ -248,6 +248,15 @@ impl Graph {
         defined
     }
 
+    /// Every value name something reads: node inputs and graph outputs (subgraph bodies not
+    /// included).
+    pub fn read_values(&self) -> HashSet<&str> {
+        (self.nodes.iter())
+            .flat_map(|n| n.inputs.iter().map(String::as_str))
+            .chain(self.outputs.iter().map(|o| o.name.as_str()))
+            .collect()
+    }
+
     /// Checks that every node input is defined before use, that no value is defined twice, and
     /// that every graph output is defined. Subgraph bodies (If/Loop/Scan) may read outer values,
     /// so only this graph's own wiring is checked.

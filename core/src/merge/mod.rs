@@ -357,12 +357,7 @@ fn collapse_output_identities(graph: &mut Graph) {
 
 fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut MergeReport) {
     let graph = &mut model.graph;
-    let read: HashSet<&str> = graph
-        .nodes
-        .iter()
-        .flat_map(|n| n.inputs.iter().map(String::as_str))
-        .chain(graph.outputs.iter().map(|o| o.name.as_str()))
-        .collect();
+    let read = graph.read_values();
     let added: HashSet<&str> = record.parameters().collect();
     let dead: HashSet<String> = graph
         .initializers

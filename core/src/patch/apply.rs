@@ -407,12 +407,7 @@ fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> 
 /// Removes initializers that a rewire replaced and nothing reads any more (a weight replaced by a
 /// dequantizing subgraph, for instance), so that the saved model does not carry them.
 fn drop_unread_rewired_initializers(graph: &mut Graph, patch: &graft_plugin_sdk::Patch) {
-    let read: HashSet<&str> = graph
-        .nodes
-        .iter()
-        .flat_map(|n| n.inputs.iter().map(String::as_str))
-        .chain(graph.outputs.iter().map(|o| o.name.as_str()))
-        .collect();
+    let read = graph.read_values();
     let unread: HashSet<String> = patch
         .rewires
         .iter()
