@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::{AttributeProto, TensorProto};
 
+use crate::analysis::shapes::reduce_axes_are_input;
 use crate::ir::{DataType, Node};
 use crate::{Error, Result};
 
@@ -202,7 +203,7 @@ impl Emitter {
         keepdims: bool,
     ) -> String {
         let keep = int_attribute("keepdims", i64::from(keepdims));
-        let axes_are_input = op_type == "ReduceSum" || self.opset >= 18;
+        let axes_are_input = reduce_axes_are_input(op_type, self.opset);
         match axes {
             None => self.op_with(op_type, &[x], vec![keep]),
             Some(axes) if axes_are_input => {

@@ -16,8 +16,7 @@ use super::text::{self, TextEncoder};
 use crate::runtime::HostTensor;
 use crate::{Error, Result};
 
-/// The label padding that losses ignore (PyTorch's `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::autodiff::loss::IGNORE_INDEX;
 
 /// One example: integer sequences by input name, and its target.
 #[derive(Clone, Debug, PartialEq)]

@@ -348,8 +348,8 @@ pub fn train(
     };
     let examples = &dataset.examples;
     let graph = training_graph(patched, options.task)?;
-    let bytes = crate::onnx::to_bytes(&graph.model)?;
-    let mut session = OrtSession::from_bytes(&bytes, options.session)?;
+    let mut session =
+        OrtSession::from_bytes(&crate::onnx::to_bytes(&graph.model)?, options.session)?;
     let mut evaluator = match &eval_set {
         Some(eval_set) => Some(Evaluator::new(
             patched,
@@ -448,7 +448,9 @@ pub fn train(
     for step in first_step..total_steps {
         let step_number = step + 1;
         let step_started = std::time::Instant::now();
-        let parameter_feeds = parameter_feeds(&names, &parameters, &dims)?;
+        // The parameters first, each batch's inputs after them (replaced batch by batch).
+        let mut feeds = parameter_feeds(&names, &parameters, &dims)?;
+        let n_parameters = feeds.len();
         let mut gradients: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
         let mut loss_sum = 0.0;
         let mut tokens = 0usize;
@@ -458,12 +460,13 @@ pub fn train(
                 .into_iter()
                 .map(|i| &examples[i])
                 .collect();
-            let mut feeds: Vec<(String, HostTensor)> = collate(&batch)
-                .into_iter()
-                .filter(|(name, _)| session.input_names.contains(name))
-                .collect();
+            feeds.truncate(n_parameters);
+            feeds.extend(
+                collate(&batch)
+                    .into_iter()
+                    .filter(|(name, _)| session.input_names.contains(name)),
+            );
             tokens += batch.iter().map(|e| sequence_length(e)).sum::<usize>();
-            feeds.extend(parameter_feeds.iter().cloned());
             let outputs = session.run(&feeds)?;
             loss_sum += output(&outputs, &graph.loss, "training")?
                 .to_f64()
@@ -687,7 +690,8 @@ impl<'a> Evaluator<'a> {
         parameters: &[Vec<f32>],
         dims: &[Vec<i64>],
     ) -> Result<EvalMetrics> {
-        let parameter_feeds = parameter_feeds(names, parameters, dims)?;
+        let mut feeds = parameter_feeds(names, parameters, dims)?;
+        let n_parameters = feeds.len();
         let (mut loss_sum, mut scored) = (0.0, 0usize);
         let (mut correct, mut counted) = (0usize, 0usize);
         for batch in &self.batches {
@@ -697,11 +701,12 @@ impl<'a> Evaluator<'a> {
                 .find(|(name, _)| name == "labels")
                 .map(|(_, t)| t.to_f64())
                 .unwrap_or_default();
-            let mut feeds: Vec<(String, HostTensor)> = collated
-                .into_iter()
-                .filter(|(name, _)| self.session.input_names.contains(name))
-                .collect();
-            feeds.extend(parameter_feeds.iter().cloned());
+            feeds.truncate(n_parameters);
+            feeds.extend(
+                collated
+                    .into_iter()
+                    .filter(|(name, _)| self.session.input_names.contains(name)),
+            );
             let outputs = self.session.run(&feeds)?;
             let batch_scored = scored_labels(self.task, batch);
             if batch_scored > 0 {

@@ -15,6 +15,8 @@ mod movement;
 mod reduce;
 pub mod symbolic;
 
+pub(crate) use reduce::reduce_axes_are_input;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -336,7 +338,7 @@ pub(super) fn unknown_dims(n: i64) -> Option<Vec<Dim>> {
 }
 
 /// `axis` (possibly negative) as an index into a shape of `rank` dimensions.
-pub(super) fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
+pub(crate) fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
     let rank = i64::try_from(rank).ok()?;
     let axis = if axis < 0 { axis + rank } else { axis };
     (0..rank).contains(&axis).then_some(axis as usize)

@@ -40,8 +40,7 @@ fn reduced_shape(input: &[Dim], axes: &[usize], keep_dims: bool) -> Vec<Dim> {
 fn reduction(context: &OpContext) -> Vec<Fact> {
     let dtype = context.dtype(0);
     let keep_dims = context.node.attr_int("keepdims", 1) != 0;
-    let axes_are_input =
-        context.opset >= 18 || (context.node.op_type == "ReduceSum" && context.opset >= 13);
+    let axes_are_input = reduce_axes_are_input(&context.node.op_type, context.opset);
     let shape = context.shape(0).and_then(|input| {
         let axes: Vec<i64> = if axes_are_input {
             if context.has_input(1) {
@@ -78,4 +77,10 @@ fn arg_extremum(context: &OpContext) -> Vec<Fact> {
         Some(reduced_shape(input, &[axis], keep_dims))
     });
     vec![Fact::new(Some(DataType::Int64), shape)]
+}
+
+/// Whether a Reduce* node of `op_type` takes its axes as an input (the `axes` attribute
+/// before that): ReduceSum from opset 13, every other reduction from opset 18.
+pub(crate) fn reduce_axes_are_input(op_type: &str, opset: i64) -> bool {
+    opset >= 18 || (op_type == "ReduceSum" && opset >= 13)
 }

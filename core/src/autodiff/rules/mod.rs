@@ -12,6 +12,7 @@ mod normalization;
 use onnx_protobuf::AttributeProto;
 
 use super::emitter::Emitter;
+use crate::analysis::shapes::normalize_axis;
 use crate::analysis::ShapeMap;
 use crate::ir::{DataType, Dim, Node};
 use crate::{Error, Result};
@@ -341,13 +342,6 @@ impl<'a> RuleContext<'a> {
             _ => self.op("CastLike", &[x, like]),
         }
     }
-}
-
-/// `axis` (possibly negative) as an index into `0..rank`.
-pub(crate) fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
-    let rank = i64::try_from(rank).ok()?;
-    let axis = if axis < 0 { axis + rank } else { axis };
-    (0..rank).contains(&axis).then_some(axis as usize)
 }
 
 /// The permutation that undoes `perm`.

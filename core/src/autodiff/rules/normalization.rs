@@ -1,7 +1,8 @@
 //! Gradient rules of normalizations and reductions: Softmax, LogSoftmax, LayerNormalization,
 //! ReduceSum and ReduceMean.
 
-use super::{normalize_axis, Gradient, Gradients, RuleContext};
+use super::{Gradient, Gradients, RuleContext};
+use crate::analysis::shapes::{normalize_axis, reduce_axes_are_input};
 use crate::ir::Dim;
 use crate::Result;
 
@@ -84,7 +85,7 @@ pub(super) fn layer_normalization(ctx: &mut RuleContext) -> Result<Gradients> {
 /// divided by the number of elements averaged for ReduceMean.
 pub(super) fn reduce_sum_mean(ctx: &mut RuleContext) -> Result<Gradients> {
     let (x, out) = (ctx.input(0)?, ctx.output(0)?);
-    let axes_are_input = ctx.node.op_type == "ReduceSum" || ctx.opset() >= 18;
+    let axes_are_input = reduce_axes_are_input(&ctx.node.op_type, ctx.opset());
     let keepdims = ctx.attr_int("keepdims", 1) != 0;
     let noop_with_empty_axes = ctx.attr_int("noop_with_empty_axes", 0) != 0;
     let upstream = ctx.output_gradient(0)?;
