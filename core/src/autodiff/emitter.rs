@@ -7,7 +7,7 @@ use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::{AttributeProto, TensorProto};
 
 use crate::analysis::shapes::reduce_axes_are_input;
-use crate::ir::{DataType, Node};
+use crate::ir::{DataType, Graph, Node};
 use crate::{Error, Result};
 
 /// Appends default-domain nodes to a list, naming each `<scope>/<n>` and its outputs
@@ -21,8 +21,15 @@ pub(crate) struct Emitter {
 }
 
 impl Emitter {
-    /// An emitter for a graph whose node and value names are `taken`, at default-domain `opset`.
-    pub fn new(taken: HashSet<String>, opset: i64) -> Self {
+    /// An emitter of nodes to add to `graph`, at default-domain `opset`: every value and node
+    /// name the graph already has is taken.
+    pub fn new(graph: &Graph, opset: i64) -> Self {
+        let mut taken: HashSet<String> = graph
+            .defined_values()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        taken.extend(graph.nodes.iter().map(|n| n.name.clone()));
         Emitter {
             nodes: Vec::new(),
             taken,

@@ -5,7 +5,6 @@
 //! returns the name of the scalar loss value: `loss`, or `loss.1`, `loss.2`, ... when taken.
 //! Graph outputs are left as they are.
 
-use std::collections::HashSet;
 
 use super::emitter::{int_attribute, Emitter};
 use crate::analysis::infer_shapes;
@@ -145,13 +144,7 @@ fn add_input(model: &mut Model, name: &str, dtype: DataType, shape: &[Dim]) -> R
 
 fn loss_emitter(model: &Model) -> Emitter {
     let graph = &model.graph;
-    let mut taken: HashSet<String> = graph
-        .defined_values()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    taken.extend(graph.nodes.iter().map(|n| n.name.clone()));
-    let mut emitter = Emitter::new(taken, model.opset());
+    let mut emitter = Emitter::new(graph, model.opset());
     emitter.set_scope("Loss".to_owned());
     emitter
 }

@@ -76,13 +76,7 @@ pub fn gradient_graph(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradi
     let requires_gradient = forward_reach(graph, &shapes, wrt);
     let feeds_loss = backward_reach(graph, loss);
 
-    let mut taken: HashSet<String> = graph
-        .defined_values()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    taken.extend(graph.nodes.iter().map(|n| n.name.clone()));
-    let mut emitter = Emitter::new(taken, opset);
+    let mut emitter = Emitter::new(graph, opset);
     let gradient_names: Vec<String> = wrt.iter().map(|w| format!("{w}_grad")).collect();
     for name in &gradient_names {
         if !emitter.claim(name) {
