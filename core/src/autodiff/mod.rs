@@ -202,18 +202,7 @@ fn training_model(
     let mut roots: HashSet<String> = gradient_names.iter().cloned().collect();
     roots.insert(loss.to_owned());
     training.graph.nodes.extend(live_nodes(backward, roots));
-    for tensor in wrt {
-        let graph = &mut training.graph;
-        if let Some(position) = graph.initializers.iter().position(|t| &t.name == tensor) {
-            let initializer = graph.initializers.remove(position);
-            if !graph.inputs.iter().any(|i| &i.name == tensor) {
-                let dims: Vec<Dim> = initializer.dims.iter().map(|&d| Dim::Fixed(d)).collect();
-                graph
-                    .inputs
-                    .push(ValueInfo::tensor(tensor, initializer.dtype, &dims));
-            }
-        }
-    }
+    training.graph.initializers_to_inputs(wrt);
     let loss_dtype = shapes.dtype(loss).ok_or_else(|| {
         Error::Config(format!("the element type of the loss {loss:?} is unknown"))
     })?;

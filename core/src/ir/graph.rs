@@ -248,6 +248,22 @@ impl Graph {
         defined
     }
 
+    /// Turns each of `names` that is an initializer into a graph input of the same element type
+    /// and fixed shape (unless an input of that name exists already), so that its values are fed
+    /// at run time. Other names are left alone.
+    pub fn initializers_to_inputs<S: AsRef<str>>(&mut self, names: &[S]) {
+        for name in names.iter().map(AsRef::as_ref) {
+            let Some(position) = self.initializers.iter().position(|t| t.name == name) else {
+                continue;
+            };
+            let initializer = self.initializers.remove(position);
+            if !self.inputs.iter().any(|i| i.name == name) {
+                let dims: Vec<Dim> = initializer.dims.iter().map(|&d| Dim::Fixed(d)).collect();
+                (self.inputs).push(ValueInfo::tensor(name, initializer.dtype, &dims));
+            }
+        }
+    }
+
     /// Every value name something reads: node inputs and graph outputs (subgraph bodies not
     /// included).
     pub fn read_values(&self) -> HashSet<&str> {

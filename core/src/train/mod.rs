@@ -228,22 +228,7 @@ pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> 
     let mut model = patched.clone();
     let logits = first_output(&model)?;
     let loss = append_loss(&mut model, task, &logits.name)?;
-    let graph = &mut model.graph;
-    for name in &parameters {
-        if let Some(position) = graph.initializers.iter().position(|t| &t.name == name) {
-            let initializer = graph.initializers.remove(position);
-            if !graph.inputs.iter().any(|i| &i.name == name) {
-                let dims: Vec<crate::ir::Dim> = initializer
-                    .dims
-                    .iter()
-                    .map(|&d| crate::ir::Dim::Fixed(d))
-                    .collect();
-                graph
-                    .inputs
-                    .push(ValueInfo::tensor(name, initializer.dtype, &dims));
-            }
-        }
-    }
+    model.graph.initializers_to_inputs(&parameters);
     let loss_dtype = crate::analysis::infer_shapes(&model)?
         .dtype(&loss)
         .ok_or_else(|| {
