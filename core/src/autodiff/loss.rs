@@ -35,35 +35,40 @@ pub fn cross_entropy(
 /// so positions `0..S-1` are scored against `labels[:, 1..S]` of a new int64 graph input
 /// `labels` `[B, S]`; the mean is over the labels that are not [`IGNORE_INDEX`].
 pub fn causal_lm(model: &mut Model, logits: &str, labels: &str) -> Result<String> {
-    let (dtype, shape) = float_value(model, logits, 3)?;
-    add_input(model, labels, DataType::Int64, &shape[..2])?;
-    let mut emitter = loss_emitter(model);
-    let starts = emitter.ints(&[0]);
-    let ends = emitter.ints(&[-1]);
-    let axes = emitter.ints(&[1]);
-    let shifted_logits = emitter.op("Slice", &[logits, &starts, &ends, &axes]);
-    let starts = emitter.ints(&[1]);
-    let ends = emitter.ints(&[i64::MAX]);
-    let shifted_labels = emitter.op("Slice", &[labels, &starts, &ends, &axes]);
-    let (flat_logits, flat_labels) = flatten_tokens(&mut emitter, &shifted_logits, &shifted_labels);
-    let loss = cross_entropy_nodes(
-        &mut emitter,
-        &flat_logits,
-        &flat_labels,
-        IGNORE_INDEX,
-        dtype,
-    )?;
-    model.graph.nodes.extend(emitter.into_nodes());
-    Ok(loss)
+    token_cross_entropy(model, logits, labels, true)
 }
 
 /// Token classification: cross entropy of `logits` `[B, S, C]` against a new int64 graph input
 /// `labels` `[B, S]`, averaged over the tokens whose label is not [`IGNORE_INDEX`].
 pub fn token_classification(model: &mut Model, logits: &str, labels: &str) -> Result<String> {
+    token_cross_entropy(model, logits, labels, false)
+}
+
+/// Cross entropy of `logits` `[B, S, C]` against a new int64 graph input `labels` `[B, S]`
+/// over every token whose label is not [`IGNORE_INDEX`]; with `shift_labels`, position `s`
+/// predicts label `s + 1` (the last position and the first label drop out).
+fn token_cross_entropy(
+    model: &mut Model,
+    logits: &str,
+    labels: &str,
+    shift_labels: bool,
+) -> Result<String> {
     let (dtype, shape) = float_value(model, logits, 3)?;
     add_input(model, labels, DataType::Int64, &shape[..2])?;
     let mut emitter = loss_emitter(model);
-    let (flat_logits, flat_labels) = flatten_tokens(&mut emitter, logits, labels);
+    let (logits, labels) = if shift_labels {
+        let starts = emitter.ints(&[0]);
+        let ends = emitter.ints(&[-1]);
+        let axes = emitter.ints(&[1]);
+        let shifted_logits = emitter.op("Slice", &[logits, &starts, &ends, &axes]);
+        let starts = emitter.ints(&[1]);
+        let ends = emitter.ints(&[i64::MAX]);
+        let shifted_labels = emitter.op("Slice", &[labels, &starts, &ends, &axes]);
+        (shifted_logits, shifted_labels)
+    } else {
+        (logits.to_owned(), labels.to_owned())
+    };
+    let (flat_logits, flat_labels) = flatten_tokens(&mut emitter, &logits, &labels);
     let loss = cross_entropy_nodes(
         &mut emitter,
         &flat_logits,

@@ -136,9 +136,11 @@ pub fn sniff_format(path: &Path) -> Result<DataFormat> {
     if has_txt_extension(path) {
         return Ok(DataFormat::Plain);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    for (index, line) in text.lines().enumerate() {
-        let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) else {
+    // Line by line: the first object line decides, and the rest of the file is not read here.
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    for (index, line) in std::io::BufRead::lines(std::io::BufReader::new(file)).enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_str(&line) else {
             continue;
         };
         let has = |key: &str| object.contains_key(key);
