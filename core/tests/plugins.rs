@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use graft::ir::Model;
 use graft::onnx;
 use graft::plugins::{apply_method, PluginRegistry};
 use serde_json::json;
@@ -28,17 +27,6 @@ fn lora_targets(fixture: &str) -> &'static str {
     } else {
         "q,v,ffn_down"
     }
-}
-
-fn op_types(model: &Model) -> Vec<String> {
-    let mut ops: Vec<String> = model
-        .graph
-        .nodes
-        .iter()
-        .map(|n| n.op_type.clone())
-        .collect();
-    ops.sort();
-    ops
 }
 
 #[test]
@@ -138,12 +126,15 @@ fn methods_stack_and_merge_together() {
     );
     let inputs = fixture_inputs(fixture);
     let base = onnx::load(&fixture_model(fixture)).unwrap();
-    assert_eq!(
-        max_diff(&run_model(&base, &inputs), &run_model(&patched, &inputs)),
-        0.0
-    );
+    let base_outputs = run_model(&base, &inputs);
+    assert_eq!(max_diff(&base_outputs, &run_model(&patched, &inputs)), 0.0);
 
     randomize_trainable(&mut patched);
+    let change = max_diff(&base_outputs, &run_model(&patched, &inputs));
+    assert!(
+        change > 1e-4,
+        "the stacked methods change the outputs by only {change}"
+    );
     onnx::save(&patched, &patched_path, &Default::default()).unwrap();
     let merged_path = dir.path().join("merged.onnx");
     let (code, stdout, stderr) = run_graft(&[
@@ -391,6 +382,11 @@ fn methods_stacked_on_the_same_site_merge_exactly() {
         randomize_trainable(&mut patched);
         let inputs = fixture_inputs(fixture);
         let unmerged = run_model(&patched, &inputs);
+        let change = max_diff(&run_model(&base, &inputs), &unmerged);
+        assert!(
+            change > 1e-4,
+            "{fixture}: the stack changes the outputs by only {change}"
+        );
         let mut merged = patched.clone();
         graft::merge::merge(&mut merged).unwrap();
         assert_eq!(op_types(&merged), op_types(&base), "{fixture}");

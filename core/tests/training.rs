@@ -101,7 +101,8 @@ fn check_parity(fixture: &str, recording: &str, task: &str, targets: &str, batch
         );
     }
 
-    // The trained adapter merges: graft merge with the run's adapter gives a plain model.
+    // The trained adapter merges: graft merge with the run's adapter gives a model of the
+    // base's topology whose outputs are those of the patched model holding the trained values.
     let merged = dir.path().join("merged.onnx");
     let (code, stdout, stderr) = run_graft(&[
         "merge",
@@ -112,6 +113,33 @@ fn check_parity(fixture: &str, recording: &str, task: &str, targets: &str, batch
         merged.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+    let merged = graft::onnx::load(&merged).unwrap();
+    let base = graft::onnx::load(&fixture_model(fixture)).unwrap();
+    assert_eq!(op_types(&merged), op_types(&base), "{fixture}");
+    let mut trained = graft::onnx::load(&patched).unwrap();
+    let inputs = fixture_inputs(fixture);
+    let at_init = run_model(&trained, &inputs);
+    for (name, dims, values) in read_tensors(&run.join("adapter.safetensors")) {
+        let tensor = trained
+            .graph
+            .initializers
+            .iter_mut()
+            .find(|t| t.name == name);
+        let tensor = tensor.unwrap_or_else(|| panic!("{fixture}: no tensor {name} to train"));
+        let dims = dims.iter().map(|&d| d as i64).collect();
+        *tensor = graft::ir::Tensor::from_f32(name, dims, &values);
+    }
+    let trained_outputs = run_model(&trained, &inputs);
+    let change = max_diff(&at_init, &trained_outputs);
+    assert!(
+        change > 1e-6,
+        "{fixture}: training changed the outputs by only {change}"
+    );
+    let diff = max_diff(&trained_outputs, &run_model(&merged, &inputs));
+    assert!(
+        diff <= 1e-5,
+        "{fixture}: merged differs from trained by {diff}"
+    );
 }
 
 #[test]

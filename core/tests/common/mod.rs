@@ -168,6 +168,18 @@ pub fn randomize_trainable(model: &mut Model) {
     }
 }
 
+/// The graph's op types, sorted: equal for two graphs of the same topology.
+pub fn op_types(model: &Model) -> Vec<String> {
+    let mut ops: Vec<String> = model
+        .graph
+        .nodes
+        .iter()
+        .map(|n| n.op_type.clone())
+        .collect();
+    ops.sort();
+    ops
+}
+
 /// Every tensor of an f32 safetensors file, sorted by key: (key, shape, values).
 pub fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
