@@ -8,7 +8,7 @@ use graft_plugin_sdk::{Fold, WeightLayout};
 use crate::ir::{Graph, Model, Tensor};
 use crate::patch::GraftRecord;
 use crate::{Error, Result};
-use rows::{add_low_rank_columns, multiply, rewrite_weight, update_weight, LowRankRows};
+use rows::{add_low_rank_columns, multiply, update_weight, LowRankRows};
 
 mod rows;
 
@@ -95,10 +95,9 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                         &mut model.graph,
                         bias,
                         WeightLayout::InOut,
-                        1,
-                        scale.len(),
+                        [1, scale.len()],
                         &mut report,
-                        |_, rows| multiply(rows, &scale),
+                        |_: usize, rows: &mut [f32]| multiply(rows, &scale),
                     )?;
                 }
             }
@@ -165,7 +164,7 @@ fn scale_weight(
     )?;
     // Stored rows are inputs for in_out and outputs for out_in; the other axis runs along a row.
     let along_rows = (axis == Axis::Output) == (layout == WeightLayout::InOut);
-    update_weight(graph, weight, layout, n_in, n_out, report, |first, rows| {
+    let update = |first: usize, rows: &mut [f32]| {
         let row_len = if layout == WeightLayout::InOut {
             n_out
         } else {
@@ -178,7 +177,8 @@ fn scale_weight(
                 row.iter_mut().for_each(|w| *w *= scale[first + offset])
             }
         }
-    })?;
+    };
+    update_weight(graph, weight, layout, [n_in, n_out], report, update)?;
     Ok(scale)
 }
 
@@ -295,7 +295,7 @@ fn add_low_rank(
                 coefficients: &scaled_a,
                 b: &b_rows,
             };
-            rewrite_weight(graph, name, layout, [n_in, n_out], report, update)
+            update_weight(graph, name, layout, [n_in, n_out], report, update)
         }
         WeightLayout::OutIn => {
             let scaled_a_columns: Vec<Vec<f32>> = (0..rank)
@@ -305,9 +305,10 @@ fn add_low_rank(
             let b_transposed: Vec<f32> = (0..n_out)
                 .flat_map(|j| (0..rank).map(move |k| b_values[k * n_out + j]))
                 .collect();
-            update_weight(graph, name, layout, n_in, n_out, report, |first, rows| {
+            let update = |first: usize, rows: &mut [f32]| {
                 add_low_rank_columns(rows, &columns, &b_transposed[first * rank..])
-            })
+            };
+            update_weight(graph, name, layout, [n_in, n_out], report, update)
         }
     }
 }
@@ -482,7 +483,8 @@ mod tests {
         for shared in [false, true] {
             check_low_rank_merge([1031, 1100], shared);
         }
-        // Rows wider than one panel of the fused float16 kernel, with a partial last panel.
-        check_low_rank_merge([67, 2200], false);
+        // Rows wider than one panel of the fused float16 kernel (2688 columns at rank 3), with
+        // a partial last panel and a tail past the last whole tile.
+        check_low_rank_merge([67, 2900], false);
     }
 }

@@ -39,21 +39,10 @@ const ROWS_PER_BLOCK: usize = 16;
 /// block of stored rows at a time: `update(first, rows)` sees consecutive whole rows as f32,
 /// starting at row `first`; row `i` is input `i` (`n_out` values) for
 /// [`WeightLayout::InOut`], row `j` is output `j` (`n_in` values) for [`WeightLayout::OutIn`].
-/// `update` is called from several threads, each row exactly once, in no particular order.
+/// `update` is called from several threads, each row exactly once, in no particular order; a
+/// closure passed as `update` needs its parameter types written out (`|first: usize, rows: &mut
+/// [f32]|`), since it is taken as any [`RowUpdate`].
 pub(super) fn update_weight(
-    graph: &mut Graph,
-    name: &str,
-    layout: WeightLayout,
-    n_in: usize,
-    n_out: usize,
-    report: &mut MergeReport,
-    update: impl Fn(usize, &mut [f32]) + Sync,
-) -> Result<()> {
-    rewrite_weight(graph, name, layout, [n_in, n_out], report, update)
-}
-
-/// [`update_weight`] with any [`RowUpdate`].
-pub(super) fn rewrite_weight(
     graph: &mut Graph,
     name: &str,
     layout: WeightLayout,
