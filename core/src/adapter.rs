@@ -29,7 +29,7 @@ pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
                 valid.join(", ")
             )));
         }
-        let Some(target) = model.graph.initializers.iter_mut().find(|t| t.name == name) else {
+        let Some(target) = model.graph.initializer_mut(&name) else {
             return Err(fail(format!("the model has no tensor {name:?}")));
         };
         let dims: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -51,7 +51,7 @@ pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
 
 /// The safetensors element type of a tensor, when there is one.
 pub fn safetensors_dtype(tensor: &Tensor) -> Option<safetensors::Dtype> {
-    graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code())?.to_safetensors()
+    tensor.dtype.sdk()?.to_safetensors()
 }
 
 /// Writes every trainable tensor of a patched model to a safetensors file (atomically), keyed by

@@ -406,24 +406,14 @@ pub fn export(model: &Model, dir: &Path) -> Result<ExportReport> {
 fn set_constant(model: &mut Model, name: &str, value: f32) -> Result<()> {
     let tensor = model
         .graph
-        .initializers
-        .iter_mut()
-        .find(|t| t.name == name)
+        .initializer_mut(name)
         .ok_or_else(|| Error::Tensor {
             name: name.to_owned(),
             reason: "a recorded fold names it, but the model has no initializer of that name"
                 .into(),
         })?;
-    let dtype = graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code());
     let values = vec![value; tensor.n_elements()];
-    let bytes = dtype
-        .and_then(|d| graft_plugin_sdk::f32_to_bytes(d, &values))
-        .ok_or_else(|| Error::Tensor {
-            name: name.to_owned(),
-            reason: format!("{} is not a floating-point type", tensor.dtype),
-        })?;
-    tensor.data = TensorData::Raw(bytes.into());
-    Ok(())
+    tensor.set_float_values(tensor.dims.clone(), &values)
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use serde_json::json;
 
 use crate::atomic_file::write_atomically;
 use crate::ir::Model;
-use crate::merge::tensor_f32;
 use crate::patch::GraftRecord;
 use crate::plugins::{apply_method, graph_view, PluginRegistry};
 use crate::{Error, Result};
@@ -90,8 +89,8 @@ pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
         branches.push(PeftLora {
             module: module.clone(),
             r,
-            a: transpose(&tensor_f32(a_tensor)?, in_features, r),
-            b: transpose(&tensor_f32(b_tensor)?, r, out_features),
+            a: transpose(&a_tensor.float_values()?, in_features, r),
+            b: transpose(&b_tensor.float_values()?, r, out_features),
             in_features,
             out_features,
             scale: *scale,
@@ -417,13 +416,9 @@ fn load_lora_tensors(model: &mut Model, file: &Path, tensors: &[PeftTensor]) -> 
         ));
     }
     for (name, values) in &updates {
-        if let Some(tensor) = model
-            .graph
-            .initializers
-            .iter_mut()
-            .find(|t| &t.name == name)
-        {
-            *tensor = crate::ir::Tensor::from_f32(name, tensor.dims.clone(), values);
+        if let Some(tensor) = model.graph.initializer_mut(name) {
+            // In the branch's own element type (float16 on a float16 model).
+            tensor.set_float_values(tensor.dims.clone(), values)?;
         }
     }
     Ok(updates.len())
@@ -951,29 +946,13 @@ fn resolve_full_tensor(
 /// Replaces an initializer's values, keeping its element type.
 fn replace_initializer(model: &mut Model, replacement: &Replacement) -> Result<()> {
     let name = &replacement.report.initializer;
-    let Some(tensor) = model
-        .graph
-        .initializers
-        .iter_mut()
-        .find(|t| &t.name == name)
-    else {
+    let Some(tensor) = model.graph.initializer_mut(name) else {
         return Err(Error::Tensor {
             name: name.clone(),
             reason: "missing from the model".into(),
         });
     };
-    let bytes = graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code())
-        .and_then(|dtype| graft_plugin_sdk::f32_to_bytes(dtype, &replacement.values))
-        .ok_or_else(|| Error::Tensor {
-            name: name.clone(),
-            reason: format!(
-                "is {}, not a floating-point type an adapter tensor can replace",
-                tensor.dtype
-            ),
-        })?;
-    *tensor =
-        crate::ir::Tensor::from_raw(name.clone(), tensor.dtype, replacement.dims.clone(), bytes);
-    Ok(())
+    tensor.set_float_values(replacement.dims.clone(), &replacement.values)
 }
 
 /// Imports an HF PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`)

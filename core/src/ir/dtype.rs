@@ -65,6 +65,11 @@ impl DataType {
         })
     }
 
+    /// The plugin SDK's name for this type, when the SDK has one.
+    pub fn sdk(self) -> Option<graft_plugin_sdk::DType> {
+        graft_plugin_sdk::DType::from_onnx_code(self.code())
+    }
+
     /// The ONNX code of this type.
     pub fn code(self) -> i32 {
         use DataType::*;

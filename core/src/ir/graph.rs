@@ -224,6 +224,11 @@ impl Graph {
         self.initializers.iter().find(|t| t.name == name)
     }
 
+    /// The initializer named `name`, to change.
+    pub fn initializer_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.initializers.iter_mut().find(|t| t.name == name)
+    }
+
     /// A name → position index of the initializers, for repeated lookups.
     pub fn initializer_index(&self) -> HashMap<&str, usize> {
         self.initializers

@@ -145,6 +145,34 @@ impl Tensor {
             .collect())
     }
 
+    /// The values of a floating-point tensor (float, float16, bfloat16, double) as f32.
+    pub fn float_values(&self) -> Result<Vec<f32>> {
+        let values = (self.dtype.sdk())
+            .and_then(|dtype| graft_plugin_sdk::bytes_to_f32(dtype, self.raw_bytes().ok()?));
+        values.ok_or_else(|| self.not_float())
+    }
+
+    /// Replaces the values, and the dims with `dims`, keeping the element type (a floating-point
+    /// one): `values` are rounded to it as [`graft_plugin_sdk::f32_to_bytes`] does.
+    pub fn set_float_values(&mut self, dims: Vec<i64>, values: &[f32]) -> Result<()> {
+        let bytes = (self.dtype.sdk())
+            .and_then(|dtype| graft_plugin_sdk::f32_to_bytes(dtype, values))
+            .ok_or_else(|| self.not_float())?;
+        self.dims = dims;
+        self.data = TensorData::Raw(bytes.into());
+        Ok(())
+    }
+
+    fn not_float(&self) -> Error {
+        Error::Tensor {
+            name: self.name.clone(),
+            reason: format!(
+                "is {}, not a floating-point type graft can read and write as f32",
+                self.dtype
+            ),
+        }
+    }
+
     /// The values of an integer tensor (int64 or int32) widened to i64.
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         let bytes = self.raw_bytes()?;
@@ -179,5 +207,29 @@ impl Tensor {
     /// Whether the bytes live in an external file.
     pub fn is_external(&self) -> bool {
         matches!(self.data, TensorData::External { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writing f32 values into a float16 tensor keeps it float16 (rounded to nearest even), and
+    /// reading them back gives the rounded values.
+    #[test]
+    fn float_values_keep_the_element_type() {
+        let mut tensor = Tensor::from_raw("t", DataType::Float16, vec![2], vec![0; 4]);
+        tensor
+            .set_float_values(vec![1, 2], &[1.0, 1.0 + 1e-4])
+            .unwrap();
+        assert_eq!(tensor.dtype, DataType::Float16);
+        assert_eq!(tensor.dims, [1, 2]);
+        // 1 + 1e-4 is below half a float16 ulp at 1 (2^-11 ≈ 4.9e-4), so it rounds to 1.
+        assert_eq!(tensor.raw_bytes().unwrap(), [0x00, 0x3c, 0x00, 0x3c]);
+        assert_eq!(tensor.float_values().unwrap(), [1.0, 1.0]);
+
+        let mut integers = Tensor::from_i64("i", vec![1], &[7]);
+        assert!(integers.set_float_values(vec![1], &[1.0]).is_err());
+        assert!(integers.float_values().is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use graft_plugin_sdk::{Fold, WeightLayout};
 
-use crate::ir::{Graph, Model, Tensor};
+use crate::ir::{Graph, Model};
 use crate::patch::GraftRecord;
 use crate::{Error, Result};
 use rows::{add_low_rank_columns, multiply, update_weight, LowRankRows};
@@ -252,26 +252,7 @@ fn parameter_f32(graph: &Graph, name: &str) -> Result<Vec<f32>> {
         name: name.to_owned(),
         reason: "the merge needs it, but the model has no initializer of that name".into(),
     })?;
-    tensor_f32(tensor)
-}
-
-/// A float tensor's values as f32 (float16, bfloat16 and double converted).
-pub fn tensor_f32(tensor: &Tensor) -> Result<Vec<f32>> {
-    let dtype = sdk_dtype(tensor)?;
-    graft_plugin_sdk::bytes_to_f32(dtype, tensor.raw_bytes()?).ok_or_else(|| Error::Tensor {
-        name: tensor.name.clone(),
-        reason: format!(
-            "{} is not a floating-point type graft can merge",
-            tensor.dtype
-        ),
-    })
-}
-
-fn sdk_dtype(tensor: &Tensor) -> Result<graft_plugin_sdk::DType> {
-    graft_plugin_sdk::DType::from_onnx_code(tensor.dtype.code()).ok_or_else(|| Error::Tensor {
-        name: tensor.name.clone(),
-        reason: format!("unsupported element type {}", tensor.dtype),
-    })
+    tensor.float_values()
 }
 
 /// Adds `scale · A · B` to the weight `name` (A `[n_in, rank]`, B `[rank, n_out]`, row-major):
@@ -377,7 +358,7 @@ fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::DataType;
+    use crate::ir::{DataType, Tensor};
     use graft_plugin_sdk::DType;
 
     /// The definition, over the whole matrix in f32: element (i, j) sits at

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use graft_plugin_sdk::{DType, WeightLayout};
 
-use super::{sdk_dtype, MergeReport};
+use super::MergeReport;
 use crate::ir::{Graph, TensorData};
 use crate::{Error, Result};
 
@@ -50,21 +50,21 @@ pub(super) fn update_weight(
     report: &mut MergeReport,
     update: impl RowUpdate,
 ) -> Result<()> {
-    let tensor = graph
-        .initializers
-        .iter_mut()
-        .find(|t| t.name == name)
+    let tensor = graph.initializer_mut(name).ok_or_else(|| Error::Tensor {
+        name: name.to_owned(),
+        reason: "the merge needs it, but the model has no initializer of that name".into(),
+    })?;
+    let codec = tensor
+        .dtype
+        .sdk()
+        .and_then(Codec::new)
         .ok_or_else(|| Error::Tensor {
             name: name.to_owned(),
-            reason: "the merge needs it, but the model has no initializer of that name".into(),
+            reason: format!(
+                "{} is not a floating-point type graft can merge",
+                tensor.dtype
+            ),
         })?;
-    let codec = Codec::new(sdk_dtype(tensor)?).ok_or_else(|| Error::Tensor {
-        name: name.to_owned(),
-        reason: format!(
-            "{} is not a floating-point type graft can merge",
-            tensor.dtype
-        ),
-    })?;
     let len = tensor.raw_bytes()?.len();
     if len % codec.width != 0 || len / codec.width != n_in * n_out {
         return Err(Error::Tensor {

@@ -1,17 +1,16 @@
 //! The read-only [`GraphView`] a plugin receives: detected structure, tensor metadata and the
 //! inferred type of every value.
 
-use graft_plugin_sdk::{DType, GraphView, TensorInfo, ValueInfo};
+use graft_plugin_sdk::{GraphView, TensorInfo, ValueInfo};
 
-use crate::analysis::{shapes::infer_shapes, sites::detect};
+use crate::analysis::sites::detect_with_shapes;
 use crate::ir::{Dim, Model};
 use crate::Result;
 
 /// Describes `model` for a plugin: the structure `graft inspect` reports, every initializer's
 /// type and shape, and every value's inferred type and shape.
 pub fn graph_view(model: &Model) -> Result<GraphView> {
-    let structure = detect(model)?;
-    let shapes = infer_shapes(model)?;
+    let (structure, shapes) = detect_with_shapes(model)?;
     let tensors = model
         .graph
         .initializers
@@ -19,7 +18,7 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
         .filter_map(|t| {
             Some(TensorInfo {
                 name: t.name.clone(),
-                dtype: DType::from_onnx_code(t.dtype.code())?,
+                dtype: t.dtype.sdk()?,
                 shape: t.dims.clone(),
             })
         })
@@ -28,10 +27,7 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
         .iter()
         .map(|(name, fact)| ValueInfo {
             name: name.to_owned(),
-            dtype: fact
-                .value_type
-                .dtype
-                .and_then(|d| DType::from_onnx_code(d.code())),
+            dtype: fact.value_type.dtype.and_then(|d| d.sdk()),
             shape: fact
                 .value_type
                 .shape

@@ -20,6 +20,7 @@ mod stacks;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::ShapeMap;
 use crate::ir::Model;
 use crate::Result;
 
@@ -50,6 +51,11 @@ pub use graft_plugin_sdk::{
 /// A model without attention yields a [`Structure`] with no stacks; detection fails only if
 /// shape inference does.
 pub fn detect(model: &Model) -> Result<Structure> {
+    Ok(detect_with_shapes(model)?.0)
+}
+
+/// [`detect`], also handing back the shapes it inferred on the way.
+pub fn detect_with_shapes(model: &Model) -> Result<(Structure, ShapeMap)> {
     let context = context::Context::new(model)?;
     let linears = linear::find_linears(&context);
     let cores = attention::find_attention(&context, &linears);
@@ -58,12 +64,13 @@ pub fn detect(model: &Model) -> Result<Structure> {
     let stacks = stacks::build_stacks(&context, &linears, &cores, &ffns, &norms);
     let embeddings = embeddings::find_embeddings(&context, &stacks);
     let heads = embeddings::find_heads(&context, &linears, &stacks);
-    Ok(Structure {
+    let structure = Structure {
         opset: model.opset(),
         producer: model.producer_name.clone(),
         n_params: model.n_params(),
         stacks: stacks.into_iter().map(|s| s.stack).collect(),
         embeddings,
         heads,
-    })
+    };
+    Ok((structure, context.shapes))
 }
