@@ -1,7 +1,7 @@
 //! The editable model: a graph of ONNX nodes wired by value names, initializers as [`Tensor`]s,
 //! and everything else a model file carries, kept so that a load → save round trip loses nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use onnx_protobuf::{
@@ -227,15 +227,6 @@ impl Graph {
     /// The initializer named `name`, to change.
     pub fn initializer_mut(&mut self, name: &str) -> Option<&mut Tensor> {
         self.initializers.iter_mut().find(|t| t.name == name)
-    }
-
-    /// A name → position index of the initializers, for repeated lookups.
-    pub fn initializer_index(&self) -> HashMap<&str, usize> {
-        self.initializers
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.as_str(), i))
-            .collect()
     }
 
     /// Every value name defined in the graph: inputs, initializers and node outputs.

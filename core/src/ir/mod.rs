@@ -1,5 +1,5 @@
 //! The intermediate representation graft edits: [`Model`], [`Graph`], [`Node`], [`Tensor`], and
-//! [`GraphIndex`], the petgraph view used by analyses.
+//! [`GraphIndex`], the producer/consumer lookups used by analyses.
 
 mod dtype;
 mod graph;
@@ -9,5 +9,5 @@ mod tensor;
 pub use dtype::DataType;
 pub(crate) use graph::{entries_from_proto, entries_to_proto};
 pub use graph::{Dim, Graph, Model, Node, ValueInfo, ValueType};
-pub use index::{GraphIndex, Wire};
+pub use index::GraphIndex;
 pub use tensor::{MappedFile, Tensor, TensorData};

@@ -173,25 +173,6 @@ impl Tensor {
         }
     }
 
-    /// The values of an integer tensor (int64 or int32) widened to i64.
-    pub fn to_i64(&self) -> Result<Vec<i64>> {
-        let bytes = self.raw_bytes()?;
-        match self.dtype {
-            DataType::Int64 => Ok(bytes
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect()),
-            DataType::Int32 => Ok(bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                .collect()),
-            other => Err(Error::Tensor {
-                name: self.name.clone(),
-                reason: format!("expected an integer tensor, found {other}"),
-            }),
-        }
-    }
-
     /// Fails with a message naming the tensor unless its element type is `dtype`.
     pub fn expect_dtype(&self, dtype: DataType) -> Result<()> {
         if self.dtype == dtype {
