@@ -40,7 +40,7 @@ impl LoadedPlugin {
         let library = unsafe { libloading::Library::new(path) }
             .map_err(|e| fail(format!("cannot load the library: {e}")))?;
         let entry: libloading::Symbol<unsafe extern "C" fn() -> *const GraftPluginTable> =
-            unsafe { library.get(b"graft_plugin_entry\0") }.map_err(|e| {
+            unsafe { library.get(graft_plugin_sdk::abi::ENTRY_SYMBOL) }.map_err(|e| {
                 fail(format!(
                     "not a graft plugin (no graft_plugin_entry symbol): {e}"
                 ))

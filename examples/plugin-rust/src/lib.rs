@@ -81,7 +81,7 @@ impl Plugin for LoraScaled {
             return Err(format!("{method}: the targets select no linear site"));
         }
         for site in sites {
-            scaled_branch(&mut builder, site, r, scale, std).map_err(|e| e.to_string())?;
+            scaled_branch(&mut builder, site, r, scale, std)?;
         }
         Ok(builder.finish())
     }

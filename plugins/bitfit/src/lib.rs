@@ -1,10 +1,9 @@
 //! The `bitfit` method plugin: train the model's bias terms only (Ben Zaken et al., 2022).
 
 use graft_plugin_sdk::{
-    export_plugin, ConfigKey, ConfigKind, GraphView, Host, MethodConfig, MethodDescription,
-    PatchBuilder, PatchReply, Plugin, SiteKind,
+    export_plugin, ConfigKey, GraphView, Host, MethodConfig, MethodDescription, PatchBuilder,
+    PatchReply, Plugin, SiteKind,
 };
-use serde_json::json;
 
 /// BitFit: marks existing bias tensors trainable; merging keeps the trained biases in place.
 pub struct BitFit;
@@ -18,8 +17,8 @@ impl Plugin for BitFit {
             "bitfit",
             "train bias terms only",
             vec![
-                ConfigKey::new("subset", ConfigKind::String, json!("all"), "all: every linear bias in the layers; paper: query and FFN-intermediate biases only"),
-                ConfigKey::new("norm_bias", ConfigKind::Bool, json!(false), "also train the norms' biases"),
+                ConfigKey::string("subset", "all", "all: every linear bias in the layers; paper: query and FFN-intermediate biases only"),
+                ConfigKey::bool("norm_bias", false, "also train the norms' biases"),
             ],
         )]
     }
@@ -30,8 +29,8 @@ impl Plugin for BitFit {
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
-        let subset = config.get_string("subset").map_err(|e| e.to_string())?;
-        let norm_bias = config.get_bool("norm_bias").map_err(|e| e.to_string())?;
+        let subset = config.get_string("subset")?;
+        let norm_bias = config.get_bool("norm_bias")?;
         let wanted = |kind: SiteKind| match subset.as_str() {
             "paper" => matches!(kind, SiteKind::Q | SiteKind::FfnUp),
             _ => kind.is_linear() || (norm_bias && kind == SiteKind::Norm),
@@ -40,15 +39,13 @@ impl Plugin for BitFit {
             return Err(format!("subset \"{subset}\" is not one of: all, paper"));
         }
         let mut builder = PatchBuilder::new(graph, "bitfit");
-        let mut marked = std::collections::BTreeSet::new();
         for site_ref in graph.sites().filter(|s| wanted(s.site.kind)) {
             if let Some(bias) = &site_ref.site.bias {
-                if marked.insert(bias.clone()) {
-                    builder.mark_trainable(bias).map_err(|e| e.to_string())?;
-                }
+                // Marking is idempotent: a bias shared by two sites is marked once.
+                builder.mark_trainable(bias)?;
             }
         }
-        if marked.is_empty() {
+        if builder.patch().mark_trainable.is_empty() {
             return Err(format!(
                 "the model has no bias terms in the {subset} subset (LLaMA-style models have none)"
             ));

@@ -5,7 +5,6 @@ use graft_plugin_sdk::{
     export_plugin, ConfigKey, ConfigKind, GraphView, Host, Init, MethodConfig, MethodDescription,
     PatchBuilder, PatchReply, Plugin, SiteKind,
 };
-use serde_json::json;
 
 /// IA³: `k ⊙ l_k`, `v ⊙ l_v` on the projections' outputs and `(h ⊙ l_ff)·W_down` on the FFN's
 /// intermediate activation, as HF PEFT's `IA3Config` does with `feedforward_modules`.
@@ -22,7 +21,7 @@ impl Plugin for Ia3 {
             vec![ConfigKey::new(
                 "targets",
                 ConfigKind::List,
-                json!("k,v,ffn_down"),
+                "k,v,ffn_down".into(),
                 "sites to scale: k, v, qkv (outputs scaled) and ffn_down (its input scaled)",
             )],
         )]
@@ -34,7 +33,7 @@ impl Plugin for Ia3 {
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
-        let targets = config.get_list("targets").map_err(|e| e.to_string())?;
+        let targets = config.get_list("targets")?;
         let mut kinds = Vec::new();
         for target in &targets {
             match SiteKind::from_name(target) {
@@ -57,7 +56,7 @@ impl Plugin for Ia3 {
             } else {
                 builder.scale_output(site, Init::Ones)
             };
-            result.map_err(|e| e.to_string())?;
+            result?;
             n_sites += 1;
         }
         if n_sites == 0 {

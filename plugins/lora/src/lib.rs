@@ -5,7 +5,6 @@ use graft_plugin_sdk::{
     export_plugin, ConfigKey, ConfigKind, GraphView, Host, Init, MethodConfig, MethodDescription,
     PatchBuilder, PatchReply, Plugin, SiteSelector,
 };
-use serde_json::json;
 
 /// LoRA, with HF PEFT's defaults: A Kaiming-uniform (a = √5), B zero, scale α/r (α/√r with
 /// rsLoRA).
@@ -20,17 +19,17 @@ impl Plugin for Lora {
             "lora",
             "low-rank adaptation: y + (alpha/r)·(x·A)·B on the selected linear sites",
             vec![
-                ConfigKey::new("targets", ConfigKind::List, json!("q,v"), "site kinds (q k v o qkv ffn_up ffn_gate ffn_down ffn_gate_up), all-linear, or label patterns"),
-                ConfigKey::new("target_regex", ConfigKind::String, json!(""), "regular expression on site labels, added to targets"),
-                ConfigKey::new("layers", ConfigKind::List, json!(""), "layer indices to transform (empty: all)"),
-                ConfigKey::new("r", ConfigKind::Int, json!(8), "rank"),
-                ConfigKey::new("alpha", ConfigKind::Float, json!(8.0), "scaling numerator: scale = alpha/r (alpha/sqrt(r) with rslora)"),
-                ConfigKey::new("rslora", ConfigKind::Bool, json!(false), "rank-stabilised scaling alpha/sqrt(r)"),
-                ConfigKey::new("dropout", ConfigKind::Float, json!(0.0), "dropout on the branch input, active in training graphs only"),
-                ConfigKey::new("rank_pattern", ConfigKind::Map, json!({}), "per-site rank overrides: label regex → r"),
-                ConfigKey::new("alpha_pattern", ConfigKind::Map, json!({}), "per-site alpha overrides: label regex → alpha"),
-                ConfigKey::new("init", ConfigKind::String, json!("kaiming"), "A's init: kaiming (HF PEFT's default) or gaussian (std 1/r); B starts at zero"),
-                ConfigKey::new("seed", ConfigKind::Int, json!(0), "seed of A's random init"),
+                ConfigKey::new("targets", ConfigKind::List, "q,v".into(), "site kinds (q k v o qkv ffn_up ffn_gate ffn_down ffn_gate_up), all-linear, or label patterns"),
+                ConfigKey::string("target_regex", "", "regular expression on site labels, added to targets"),
+                ConfigKey::new("layers", ConfigKind::List, "".into(), "layer indices to transform (empty: all)"),
+                ConfigKey::int("r", 8, "rank"),
+                ConfigKey::float("alpha", 8.0, "scaling numerator: scale = alpha/r (alpha/sqrt(r) with rslora)"),
+                ConfigKey::bool("rslora", false, "rank-stabilised scaling alpha/sqrt(r)"),
+                ConfigKey::float("dropout", 0.0, "dropout on the branch input, active in training graphs only"),
+                ConfigKey::map("rank_pattern", &[], "per-site rank overrides: label regex → r"),
+                ConfigKey::map("alpha_pattern", &[], "per-site alpha overrides: label regex → alpha"),
+                ConfigKey::string("init", "kaiming", "A's init: kaiming (HF PEFT's default) or gaussian (std 1/r); B starts at zero"),
+                ConfigKey::int("seed", 0, "seed of A's random init"),
             ],
         )]
     }
@@ -41,32 +40,26 @@ impl Plugin for Lora {
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
-        let error = |e: graft_plugin_sdk::Error| e.to_string();
-        let mut targets = config.get_list("targets").map_err(error)?;
-        if targets.iter().any(|t| t == "all-linear") {
-            targets.retain(|t| t != "all-linear");
-            targets.push("all".into());
-        }
-        let regex = config.get_string("target_regex").map_err(error)?;
+        let mut targets = config.get_list("targets")?;
+        let regex = config.get_string("target_regex")?;
         if !regex.is_empty() {
             targets.push(regex);
         }
         let selector = SiteSelector::parse(&targets).map_err(|e| format!("targets {e}"))?;
-        let layers = parse_layers(&config.get_list("layers").map_err(error)?)?;
-        let r = config.get_usize("r").map_err(error)?;
-        let alpha = config.get_f64("alpha").map_err(error)?;
-        let rslora = config.get_bool("rslora").map_err(error)?;
-        let dropout = config.get_f32("dropout").map_err(error)?;
-        let rank_pattern = config
-            .get_patterns::<usize>("rank_pattern")
-            .map_err(error)?;
-        let alpha_pattern = config.get_patterns::<f64>("alpha_pattern").map_err(error)?;
-        let gaussian = match config.get_string("init").map_err(error)?.as_str() {
+        let layers = parse_layers(&config.get_list("layers")?)?;
+        let r = config.get_usize("r")?;
+        let alpha = config.get_f64("alpha")?;
+        let rslora = config.get_bool("rslora")?;
+        let dropout = config.get_f32("dropout")?;
+        let dropout = (dropout > 0.0).then_some(dropout);
+        let rank_pattern = config.get_patterns::<usize>("rank_pattern")?;
+        let alpha_pattern = config.get_patterns::<f64>("alpha_pattern")?;
+        let gaussian = match config.get_string("init")?.as_str() {
             "kaiming" | "default" | "true" => false,
             "gaussian" => true,
             other => return Err(format!("init \"{other}\" is not one of: kaiming, gaussian")),
         };
-        let seed = config.get_usize("seed").map_err(error)? as u64;
+        let seed = config.get_usize("seed")? as u64;
 
         let mut builder = PatchBuilder::new(graph, "lora").with_seed(seed);
         let selected: Vec<_> = selector
@@ -97,10 +90,7 @@ impl Plugin for Lora {
             } else {
                 Init::linear_default(site.in_features, seed)
             };
-            let dropout = (dropout > 0.0).then_some(dropout);
-            builder
-                .low_rank_branch(site, rank, scale as f32, init_a, Init::Zeros, dropout)
-                .map_err(error)?;
+            builder.low_rank_branch(site, rank, scale as f32, init_a, Init::Zeros, dropout)?;
         }
         Ok(builder.finish())
     }

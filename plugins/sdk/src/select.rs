@@ -6,8 +6,8 @@ use regex::Regex;
 /// A set of sites described by a user-written list, such as `targets = ["q", "v"]`.
 ///
 /// Each entry is, in order of precedence: a site kind name (`q`, `ffn_down`, `norm`, ...);
-/// a group (`attention` = q k v o qkv, `ffn` = the four ffn kinds, `all` = every linear
-/// site, i.e. every kind but `norm`); otherwise a regular expression searched (unanchored)
+/// a group (`attention` = q k v o qkv, `ffn` = the four ffn kinds, `all` or HF PEFT's
+/// `all-linear` = every linear site, i.e. every kind but `norm`); otherwise a regular expression searched (unanchored)
 /// in the site's [`Site::display_name`]. A site is selected when any entry matches.
 #[derive(Debug, Clone)]
 pub struct SiteSelector {
@@ -25,7 +25,9 @@ impl SiteSelector {
             match entry {
                 "attention" => kinds.extend(SiteKind::ALL.into_iter().filter(|k| k.is_attention())),
                 "ffn" => kinds.extend(SiteKind::ALL.into_iter().filter(|k| k.is_ffn())),
-                "all" => kinds.extend(SiteKind::ALL.into_iter().filter(|k| k.is_linear())),
+                "all" | "all-linear" => {
+                    kinds.extend(SiteKind::ALL.into_iter().filter(|k| k.is_linear()))
+                }
                 _ => match SiteKind::from_name(entry) {
                     Some(kind) => kinds.push(kind),
                     None => patterns.push(
