@@ -307,8 +307,8 @@ fn broken_plugins_are_rejected_by_name_and_the_host_keeps_working() {
         // Exit status 2 is graft reporting an error; a panic in graft itself exits with 101.
         assert!(!out.exists());
     }
-    // Discovered through GRAFT_PLUGIN_PATH, the broken libraries are skipped (and the invalid
-    // patch rejected) while the good plugins keep working in the same process.
+    // Discovered through GRAFT_PLUGIN_PATH by `graft`, the broken libraries are skipped (and the
+    // invalid patch rejected) while the good plugins keep working in the same process.
     let broken: Vec<_> = cases
         .iter()
         .map(|(lib, _, _)| plugin_library(lib))
@@ -331,13 +331,34 @@ fn broken_plugins_are_rejected_by_name_and_the_host_keeps_working() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    std::env::set_var("GRAFT_PLUGIN_PATH", &joined);
-    let registry = PluginRegistry::discover(&[plugin_library("graft_plugin_lora")]).unwrap();
-    std::env::remove_var("GRAFT_PLUGIN_PATH");
-    assert!(registry
-        .rejected
-        .iter()
-        .any(|e| e.to_string().contains("999")));
+    // In this process the broken libraries are given explicitly: setting GRAFT_PLUGIN_PATH here
+    // would leak into the other tests of this binary, which discover plugins concurrently.
+    let listed = graft_command()
+        .env("GRAFT_PLUGIN_PATH", &joined)
+        .args(["plugins", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let rejected = listed["rejected"].to_string();
+    assert!(
+        rejected.contains("999"),
+        "discovered, the wrong ABI is listed as skipped: {rejected}"
+    );
+    // Named explicitly, a library with the wrong ABI is an error, not a skip.
+    let wrong_abi = plugin_library("graft_test_plugin_wrong_abi");
+    let Err(error) = PluginRegistry::discover(&[wrong_abi]) else {
+        panic!("a plugin with the wrong ABI was loaded")
+    };
+    assert!(error.to_string().contains("999"), "{error}");
+    let libraries: Vec<_> = [
+        "graft_plugin_lora",
+        "graft_test_plugin_invalid_patch",
+        "graft_test_plugin_panics",
+    ]
+    .iter()
+    .map(|name| plugin_library(name))
+    .collect();
+    let registry = PluginRegistry::discover(&libraries).unwrap();
     let mut model = onnx::load(&fixture_model("bert-legacy")).unwrap();
     let before = onnx::to_bytes(&model).unwrap();
     let error = apply_method(&registry, &mut model, "invalid-patch", &json!({})).unwrap_err();
