@@ -35,6 +35,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--graft", default=str(ROOT / "target/debug/graft"))
     ns = ap.parse_args()
+    failed: list[str] = []
     for arch in ARCHS:
         out = ROOT / "models/references" / f"graft-export-{arch}"
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,11 +52,16 @@ def main() -> int:
         model.eval()
         feeds = R.fixture_arrays(arch, "legacy", "inputs")
         outputs = R.run_outputs(rec, model, feeds)
-        np.savez(out / "outputs.npz", **outputs)
+        R.G.write_npz(out / "outputs.npz", outputs)
         with np.load(ROOT / f"models/references/peft-{arch}/outputs.npz") as z:
             original = {k: z[k] for k in z.files}
-        print(f"{arch}: PEFT on graft's export vs PEFT on the original adapter: {R.max_diff(outputs, original):.3g}")
-    return 0
+        difference = R.max_diff(outputs, original)
+        print(f"{arch}: PEFT on graft's export vs PEFT on the original adapter: {difference:.3g}")
+        if difference != 0.0:
+            failed.append(f"{arch}: PEFT computes differently from graft's export ({difference:.3g})")
+    for failure in failed:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
