@@ -24,15 +24,9 @@ impl Emitter {
     /// An emitter of nodes to add to `graph`, at default-domain `opset`: every value and node
     /// name the graph already has is taken.
     pub fn new(graph: &Graph, opset: i64) -> Self {
-        let mut taken: HashSet<String> = graph
-            .defined_values()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        taken.extend(graph.nodes.iter().map(|n| n.name.clone()));
         Emitter {
             nodes: Vec::new(),
-            taken,
+            taken: graph.taken_names(),
             scope: String::new(),
             counter: 0,
             opset,

@@ -260,6 +260,13 @@ impl Graph {
         }
     }
 
+    /// Every name a new value or node must not take: the defined values and the node names.
+    pub fn taken_names(&self) -> HashSet<String> {
+        let defined = self.defined_values().into_iter().map(str::to_owned);
+        let nodes = self.nodes.iter().map(|n| n.name.clone());
+        defined.chain(nodes).filter(|n| !n.is_empty()).collect()
+    }
+
     /// Every value name something reads: node inputs and graph outputs (subgraph bodies not
     /// included).
     pub fn read_values(&self) -> HashSet<&str> {

@@ -34,18 +34,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
         .map_err(|e| invalid(format!("tensor payloads: {e}")))?;
     let graph = &mut model.graph;
 
-    let mut taken: HashSet<String> = graph
-        .defined_values()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    taken.extend(
-        graph
-            .nodes
-            .iter()
-            .map(|n| n.name.clone())
-            .filter(|n| !n.is_empty()),
-    );
+    let mut taken = graph.taken_names();
     let mut claim = |name: &str, what: &str| -> Result<()> {
         if name.is_empty() {
             return Err(invalid(format!("a new {what} has an empty name")));

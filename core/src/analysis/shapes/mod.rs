@@ -345,7 +345,7 @@ pub(crate) fn normalize_axis(axis: i64, rank: usize) -> Option<usize> {
 }
 
 /// The number of elements of a shape, when all its dimensions are fixed.
-pub(super) fn fixed_size(shape: &[Dim]) -> Option<usize> {
+pub(crate) fn fixed_size(shape: &[Dim]) -> Option<usize> {
     shape.iter().try_fold(1usize, |total, dim| match dim {
         Dim::Fixed(n) => usize::try_from(*n).ok().and_then(|n| total.checked_mul(n)),
         _ => None,

@@ -9,7 +9,7 @@ use super::linear::Linears;
 use super::stacks::{linear_label, DetectedStack};
 use super::{Embedding, EmbeddingKind, Head};
 use crate::analysis::labels::{initializer_label, node_label};
-use crate::ir::Dim;
+use crate::analysis::shapes::fixed_size;
 
 /// A table lookup indexed by a graph input: a token or token-type embedding.
 struct Lookup<'m> {
@@ -86,12 +86,7 @@ pub(super) fn find_embeddings(context: &Context, stacks: &[DetectedStack]) -> Ve
             let n_patches = context
                 .shape(output)
                 .and_then(|shape| shape.get(2..))
-                .and_then(|spatial| {
-                    spatial.iter().try_fold(1usize, |total, d| match d {
-                        Dim::Fixed(n) => usize::try_from(*n).ok().map(|n| total * n),
-                        _ => None,
-                    })
-                })
+                .and_then(fixed_size)
                 .unwrap_or(0);
             found.push(embedding(
                 context,
