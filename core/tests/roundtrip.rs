@@ -12,23 +12,7 @@ fn round_trip_is_exact_in_onnx_runtime() {
         let original_bytes = std::fs::read(fixture_model(name)).unwrap();
         let inputs = fixture_inputs(name);
         let model = onnx::load(&fixture_model(name)).unwrap();
-        let reference = {
-            let mut session = graft::runtime::OrtSession::from_bytes(
-                &original_bytes,
-                graft::runtime::SessionOptions {
-                    threads: 1,
-                    exact: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let wanted: Vec<_> = inputs
-                .iter()
-                .filter(|(n, _)| session.input_names.contains(n))
-                .cloned()
-                .collect();
-            session.run(&wanted).unwrap()
-        };
+        let reference = run_bytes(&original_bytes, &inputs).unwrap();
         let round_tripped = run_model(&model, &inputs);
         assert_eq!(
             max_diff(&reference, &round_tripped),

@@ -12,7 +12,7 @@ use graft::ir::{Model, Tensor};
 use graft::onnx;
 use graft::patch::{apply_patch, AppliedMethod, GraftRecord};
 use graft::plugins::graph_view;
-use graft::runtime::{HostTensor, OrtSession, SessionOptions};
+use graft::runtime::HostTensor;
 use graft_plugin_sdk::quant::{dequantize_blockwise, quantize_blockwise, NF4_CODEBOOK};
 use graft_plugin_sdk::{
     Activation, EmbeddingKind, Fold, GraphView, Init, PatchBuilder, Placement, Site, SiteKind,
@@ -42,23 +42,6 @@ fn patched<T>(base: &Model, build: impl FnOnce(&GraphView, &mut PatchBuilder) ->
     };
     apply_patch(&mut model, &reply, method).expect("apply the patch");
     (model, built)
-}
-
-/// Runs like [`run_model`], but returns ONNX Runtime's error instead of panicking.
-fn try_run(model: &Model, inputs: &[(String, HostTensor)]) -> graft::Result<Outputs> {
-    let bytes = onnx::to_bytes(model)?;
-    let options = SessionOptions {
-        threads: 1,
-        exact: true,
-        ..Default::default()
-    };
-    let mut session = OrtSession::from_bytes(&bytes, options)?;
-    let wanted: Vec<_> = inputs
-        .iter()
-        .filter(|(name, _)| session.input_names.contains(name))
-        .cloned()
-        .collect();
-    session.run(&wanted)
 }
 
 fn assert_unchanged(base: &Outputs, patched: &Outputs, what: &str) {
@@ -332,7 +315,7 @@ fn a_soft_prompt_on_bert_goes_after_the_position_embeddings() {
         .unwrap()
     });
     assert!(
-        try_run(&too_early, &inputs).is_err(),
+        try_run_model(&too_early, &inputs).is_err(),
         "{fixture}: a prompt before the position embeddings should not broadcast"
     );
 }

@@ -51,22 +51,34 @@ pub fn fixture_outputs(name: &str) -> Vec<(String, HostTensor)> {
 /// Runs a model held in memory through ONNX Runtime on the CPU: one thread and no graph
 /// rewrites, so that two graphs computing the same arithmetic give bit-identical outputs.
 pub fn run_model(model: &Model, inputs: &[(String, HostTensor)]) -> Vec<(String, HostTensor)> {
-    let bytes = graft::onnx::to_bytes(model).expect("serialize model");
-    let mut session = OrtSession::from_bytes(
-        &bytes,
-        SessionOptions {
-            threads: 1,
-            exact: true,
-            ..Default::default()
-        },
-    )
-    .expect("ORT session");
+    try_run_model(model, inputs).expect("ORT run")
+}
+
+/// [`run_model`], returning ONNX Runtime's error instead of panicking.
+pub fn try_run_model(
+    model: &Model,
+    inputs: &[(String, HostTensor)],
+) -> graft::Result<Vec<(String, HostTensor)>> {
+    run_bytes(&graft::onnx::to_bytes(model)?, inputs)
+}
+
+/// [`try_run_model`] for a serialized model; `inputs` the model does not take are left out.
+pub fn run_bytes(
+    bytes: &[u8],
+    inputs: &[(String, HostTensor)],
+) -> graft::Result<Vec<(String, HostTensor)>> {
+    let options = SessionOptions {
+        threads: 1,
+        exact: true,
+        ..Default::default()
+    };
+    let mut session = OrtSession::from_bytes(bytes, options)?;
     let wanted: Vec<_> = inputs
         .iter()
         .filter(|(name, _)| session.input_names.contains(name))
         .cloned()
         .collect();
-    session.run(&wanted).expect("ORT run")
+    session.run(&wanted)
 }
 
 /// Largest absolute difference between two sets of named outputs (matched by name).
