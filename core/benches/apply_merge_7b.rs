@@ -7,9 +7,10 @@
 //! 2 s with peak RSS under 300 MB; merge at no less than half of memcpy's bandwidth.
 
 mod common;
+#[path = "support/tools.rs"]
+mod tools;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{generate, mib, peak_rss_kib, reset_peak_rss, timed, DATA_FILE, HIDDEN, N_LAYERS};
@@ -20,25 +21,9 @@ use graft::patch::GraftRecord;
 use graft::plugins::{apply_method, PluginRegistry};
 use graft_plugin_sdk::Fold;
 use serde_json::json;
+use tools::lora_plugin;
 
 const RANK: usize = 8;
-
-/// The release build of the lora plugin; `cargo bench` builds no cdylibs, so this builds it
-/// (a no-op when it is up to date).
-fn lora_plugin() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args(["build", "--release", "--quiet", "-p", "graft-plugin-lora"])
-        .status()
-        .expect("run cargo build for the lora plugin");
-    assert!(status.success(), "building the lora plugin failed");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"))
-        .join("release/libgraft_plugin_lora.so")
-}
 
 fn save_auto(model: &Model, path: &Path) {
     let options = SaveOptions {

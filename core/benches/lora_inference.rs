@@ -15,6 +15,10 @@ use graft::plugins::{apply_method, PluginRegistry};
 use graft::runtime::{HostTensor, OrtSession, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
 
+#[path = "support/tools.rs"]
+mod tools;
+use tools::{env_or, lora_plugin, median};
+
 const BATCH: usize = 8;
 const SEQUENCE: usize = 128;
 
@@ -30,25 +34,10 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let threads: usize = std::env::var("GRAFT_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let rounds: usize = std::env::var("GRAFT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let threads: usize = env_or("GRAFT_BENCH_THREADS", 2);
+    let rounds: usize = env_or("GRAFT_BENCH_ROUNDS", 30);
 
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&workspace)
-            .args(["build", "--release", "--quiet", "-p", "graft-plugin-lora"])
-            .status()
-            .expect("cargo build");
-    assert!(status.success(), "building the lora plugin failed");
-    let registry =
-        PluginRegistry::discover(&[workspace.join("target/release/libgraft_plugin_lora.so")])
-            .expect("load the lora plugin");
+    let registry = PluginRegistry::discover(&[lora_plugin()]).expect("load the lora plugin");
 
     let base = onnx::load(&model_path).expect("load the model");
     let mut patched = base.clone();
@@ -111,13 +100,7 @@ fn main() {
             times[index].push(start.elapsed().as_secs_f64());
         }
     }
-    let medians: Vec<f64> = times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect();
+    let medians: Vec<f64> = times.into_iter().map(median).collect();
     println!("LoRA inference on {} — batch {BATCH} × {SEQUENCE}, {threads} threads, median of {rounds} interleaved rounds", model_path.display());
     println!("| model | time per batch | versus base |");
     println!("|---|---:|---:|");

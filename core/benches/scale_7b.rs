@@ -4,10 +4,12 @@
 //! Run with `cargo bench -p graft --bench scale_7b`. Prints wall time and peak resident memory of
 //! each phase; the target is load + detect + save under 2 s and peak RSS under 300 MB.
 
+#[path = "support/child.rs"]
+mod child;
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     generate, mib, peak_rss_kib, reset_peak_rss, timed, DATA_FILE, FFN, HIDDEN, N_HEADS, N_LAYERS,
@@ -17,26 +19,10 @@ use graft::ir::Tensor;
 use graft::onnx::{self, DataPlacement, SaveOptions};
 
 /// Runs the `graft` binary and returns its wall time and peak RSS in KiB (from `wait4`).
-// The child is reaped by `wait4` (which also reports its own peak RSS), not by `Child::wait`.
-#[allow(clippy::zombie_processes)]
 fn run_graft(args: &[&std::ffi::OsStr]) -> (Duration, u64) {
-    let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start graft");
-    let mut status = 0;
-    // SAFETY: rusage is plain data that wait4 fills in; the pid is our own unwaited child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let elapsed = start.elapsed();
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "graft {args:?} failed with status {status}"
-    );
-    (elapsed, usage.ru_maxrss as u64)
+    let command = &mut Command::new(env!("CARGO_BIN_EXE_graft"));
+    let (measured, elapsed) = timed(|| child::run_measured(command.args(args)));
+    (elapsed, measured.peak_rss_kib)
 }
 
 fn main() {

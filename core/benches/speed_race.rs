@@ -10,6 +10,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/tools.rs"]
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,18 +19,12 @@ use std::time::Instant;
 
 use graft::runtime::{HostTensor, OrtSession, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
+use tools::{env_or, lora_plugin, median};
 
 const BATCH: usize = 16;
 const SEQUENCE: usize = 128;
 const N_LABELS: i64 = 3;
 const WARMUP_STEPS: usize = 2;
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Writes `n_batches` batches of random token ids (all positions real, no padding) as
 /// pre-tokenized JSONL, the format both sides read.
@@ -55,11 +51,6 @@ fn write_data(path: &Path, n_batches: usize) {
         text.push('\n');
     }
     std::fs::write(path, text).expect("write data");
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// ONNX Runtime forward time of the base model on one batch (median of 5 after a warmup run).
@@ -115,18 +106,15 @@ fn main() {
     let data = dir.path().join("data.jsonl");
     write_data(&data, WARMUP_STEPS + steps);
 
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&workspace)
-        .args(["build", "--release", "--quiet", "-p", "graft-plugin-lora"])
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building the lora plugin failed");
+    let plugin = lora_plugin();
     let graft = env!("CARGO_BIN_EXE_graft");
     let patched = dir.path().join("patched.onnx");
     child::run_measured(
         Command::new(graft)
             .args(["apply"])
             .arg(&model)
+            .arg("--plugin")
+            .arg(&plugin)
             .args([
                 "-m",
                 "lora",

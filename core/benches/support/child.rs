@@ -1,4 +1,5 @@
 //! Running a child process and measuring its peak RSS (from `wait4`'s rusage).
+#![allow(dead_code)] // each benchmark reads its own subset of `Measured`
 
 use std::process::Command;
 
