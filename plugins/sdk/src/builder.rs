@@ -264,24 +264,14 @@ impl<'g> PatchBuilder<'g> {
     /// Reserves and returns a stem: `hint`, or `hint_2`, `hint_3`, ..., the first that no
     /// known name equals or starts with followed by `.`.
     pub fn stem(&mut self, hint: &str) -> String {
-        let mut candidate = hint.to_string();
-        let mut n = 1;
-        while self.used.contains(&candidate) || self.has_name_under(&candidate) {
-            n += 1;
-            candidate = format!("{hint}_{n}");
-        }
+        let candidate = first_free(hint, |c| self.used.contains(c) || self.has_name_under(c));
         self.used.insert(candidate.clone());
         candidate
     }
 
     /// Reserves and returns `name`, or `name_2`, `name_3`, ..., the first unused.
     pub fn claim(&mut self, name: &str) -> String {
-        let mut candidate = name.to_string();
-        let mut n = 1;
-        while self.used.contains(&candidate) {
-            n += 1;
-            candidate = format!("{name}_{n}");
-        }
+        let candidate = first_free(name, |c| self.used.contains(c));
         self.used.insert(candidate.clone());
         candidate
     }
@@ -317,22 +307,13 @@ impl<'g> PatchBuilder<'g> {
         shape: Vec<usize>,
         data: Vec<u8>,
     ) -> Result<Init> {
-        let expected = shape
-            .iter()
-            .try_fold(1usize, |a, d| a.checked_mul(*d))
-            .and_then(|n| dtype.byte_len(n));
-        if expected != Some(data.len()) {
+        if dtype.byte_len_of_shape(&shape) != Some(data.len()) {
             return Err(Error::Build(format!(
                 "payload \"{key}\": {} bytes do not hold {dtype} {shape:?}",
                 data.len()
             )));
         }
-        let mut candidate = key.to_string();
-        let mut n = 1;
-        while self.tensors.iter().any(|t| t.key == candidate) {
-            n += 1;
-            candidate = format!("{key}_{n}");
-        }
+        let candidate = first_free(key, |c| self.tensors.iter().any(|t| t.key == c));
         self.tensors.push(TensorPayload {
             key: candidate.clone(),
             dtype,
@@ -1267,4 +1248,15 @@ fn require_linear(site: &Site, helper: &str) -> Result<()> {
             site.display_name()
         )))
     }
+}
+
+/// `base`, or `base_2`, `base_3`, ..., the first name that is not `taken`.
+fn first_free(base: &str, taken: impl Fn(&str) -> bool) -> String {
+    let mut candidate = base.to_string();
+    let mut n = 1;
+    while taken(&candidate) {
+        n += 1;
+        candidate = format!("{base}_{n}");
+    }
+    candidate
 }

@@ -175,6 +175,13 @@ impl DType {
         })
     }
 
+    /// Bytes taken by a tensor of `shape` ([`DType::byte_len`] of its element count);
+    /// `None` for `string` or on overflow.
+    pub fn byte_len_of_shape(self, shape: &[usize]) -> Option<usize> {
+        let elements = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d))?;
+        self.byte_len(elements)
+    }
+
     /// Bytes taken by `elements` packed elements (4-bit types round up to whole bytes);
     /// `None` for `string` or on overflow.
     pub fn byte_len(self, elements: usize) -> Option<usize> {

@@ -100,12 +100,7 @@ impl PatchReply {
     pub fn check_payloads(&self) -> Result<()> {
         let mut by_key: BTreeMap<&str, &TensorPayload> = BTreeMap::new();
         for t in &self.tensors {
-            let expected = t
-                .shape
-                .iter()
-                .try_fold(1usize, |a, d| a.checked_mul(*d))
-                .and_then(|n| t.dtype.byte_len(n));
-            if expected != Some(t.data.len()) {
+            if t.dtype.byte_len_of_shape(&t.shape) != Some(t.data.len()) {
                 return Err(Error::Frame(format!(
                     "payload \"{}\" holds {} bytes, not the size of {} {:?}",
                     t.key,
