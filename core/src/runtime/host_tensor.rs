@@ -100,40 +100,20 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, HostTensor)>> {
     Ok(arrays)
 }
 
-/// Writes arrays to an `.npz` file (atomically).
+/// Writes arrays to an `.npz` file (atomically: built in memory, then written beside the
+/// target and renamed over it).
 pub fn write_npz(path: &Path, arrays: &[(String, HostTensor)]) -> Result<()> {
     let fail = |e: ndarray_npy::WriteNpzError| Error::Config(format!("{}: {e}", path.display()));
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("out.npz"),
-        std::process::id()
-    ));
-    let file = std::fs::File::create(&temp).map_err(|e| Error::io(&temp, e))?;
-    let mut npz = ndarray_npy::NpzWriter::new(file);
-    let result = (|| {
-        for (name, tensor) in arrays {
-            match tensor {
-                HostTensor::F32(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
-                HostTensor::F64(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
-                HostTensor::I64(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
-                HostTensor::I32(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
-                HostTensor::Bool(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
-            }
-        }
-        npz.finish().map_err(fail)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => std::fs::rename(&temp, path).map_err(|e| Error::io(path, e)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(e)
+    let mut npz = ndarray_npy::NpzWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, tensor) in arrays {
+        match tensor {
+            HostTensor::F32(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
+            HostTensor::F64(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
+            HostTensor::I64(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
+            HostTensor::I32(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
+            HostTensor::Bool(a) => npz.add_array(name.as_str(), a).map_err(fail)?,
         }
     }
+    let bytes = npz.finish().map_err(fail)?.into_inner();
+    crate::atomic_file::write_atomically(path, &bytes)
 }
