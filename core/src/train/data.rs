@@ -221,21 +221,12 @@ fn read_lines(
 }
 
 fn parse_example(line: &str) -> std::result::Result<Example, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
-    let object = value.as_object().ok_or("expected a JSON object")?;
+    let object = text::json_object(line)?;
     let mut sequences = BTreeMap::new();
     let mut target = None;
-    for (key, value) in object {
+    for (key, value) in &object {
         match key.as_str() {
-            "label" => {
-                target = Some(match value.as_i64() {
-                    Some(class) => Target::Class(class),
-                    None => {
-                        Target::Value(value.as_f64().ok_or("\"label\" must be a number")? as f32)
-                    }
-                })
-            }
+            "label" => target = Some(text::label_target(value)?),
             "labels" => target = Some(Target::Tokens(int_list(key, value)?)),
             _ => {
                 sequences.insert(key.clone(), int_list(key, value)?);

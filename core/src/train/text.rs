@@ -247,11 +247,7 @@ pub fn parse_classification(
     let text = required_string(&object, "text")?;
     let pair = optional_string(&object, "text_pair")?;
     let label = object.get("label").ok_or("missing \"label\"")?;
-    let target = match label.as_i64() {
-        Some(class) => Target::Class(class),
-        None => Target::Value(label.as_f64().ok_or("\"label\" must be a number")? as f32),
-    };
-    encoder.classification(text, pair, target)
+    encoder.classification(text, pair, label_target(label)?)
 }
 
 /// Parses an instruction line, `{"instruction": …, "input": …, "output": …}` (`input` optional).
@@ -276,7 +272,16 @@ pub fn parse_document(encoder: &TextEncoder, line: &str) -> std::result::Result<
     encoder.document(required_string(&object, "text")?)
 }
 
-fn json_object(
+/// A `"label"` value as a target: an integer is a class, any other number a regression value.
+pub(super) fn label_target(label: &serde_json::Value) -> std::result::Result<Target, String> {
+    Ok(match label.as_i64() {
+        Some(class) => Target::Class(class),
+        None => Target::Value(label.as_f64().ok_or("\"label\" must be a number")? as f32),
+    })
+}
+
+/// A JSONL line that must be a JSON object.
+pub(super) fn json_object(
     line: &str,
 ) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
     match serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))? {
