@@ -789,22 +789,7 @@ impl<'g> PatchBuilder<'g> {
             &[&prompt, &axes],
             &[],
         );
-        let batch = self.batch_size(&stem, &e);
-        let tail = self.constant_ints(&format!("{stem}.tail"), &[1, 1]);
-        let target = self.op(
-            &format!("{stem}.target"),
-            "Concat",
-            &[&batch, &tail],
-            &[attr_int("axis", 0)],
-        );
-        let expanded = self.op(&format!("{stem}.expand"), "Expand", &[&p3, &target], &[]);
-        let output = self.op(
-            &format!("{stem}.concat"),
-            "Concat",
-            &[&expanded, &e],
-            &[attr_int("axis", 1)],
-        );
-        self.rewire(&e, &output);
+        let output = self.prepend_over_batch(&stem, &p3, &e, &[1, 1], 1);
         let mask_output = match attention_mask {
             Some(mask) => Some(self.extend_mask(mask, n_virtual)?.output),
             None => None,
@@ -816,6 +801,37 @@ impl<'g> PatchBuilder<'g> {
             mask_output,
             nodes,
         })
+    }
+
+    /// Repeats `block` (leading dimension 1) over the batch of `onto` and prepends it to `onto`
+    /// along `axis`; later readers of `onto` read the result. Nodes, named under `stem`: the
+    /// batch size of `onto`, `Constant(tail)` (the block's other dims), `Concat` (the target
+    /// shape), `Expand`, `Concat(axis)`. Returns the concatenation.
+    fn prepend_over_batch(
+        &mut self,
+        stem: &str,
+        block: &str,
+        onto: &str,
+        tail: &[i64],
+        axis: i64,
+    ) -> String {
+        let batch = self.batch_size(stem, onto);
+        let tail = self.constant_ints(&format!("{stem}.tail"), tail);
+        let target = self.op(
+            &format!("{stem}.target"),
+            "Concat",
+            &[&batch, &tail],
+            &[attr_int("axis", 0)],
+        );
+        let expanded = self.op(&format!("{stem}.expand"), "Expand", &[block, &target], &[]);
+        let output = self.op(
+            &format!("{stem}.concat"),
+            "Concat",
+            &[&expanded, onto],
+            &[attr_int("axis", axis)],
+        );
+        self.rewire(onto, &output);
+        output
     }
 
     /// Prepends `n` ones to an attention mask `[batch, seq]` along axis 1, so positions
@@ -919,27 +935,7 @@ impl<'g> PatchBuilder<'g> {
                 true,
             );
             let s = self.current(states);
-            let batch = self.batch_size(&stem, &s);
-            let tail = self.constant_ints(&format!("{stem}.tail"), &[1, 1, 1]);
-            let target = self.op(
-                &format!("{stem}.target"),
-                "Concat",
-                &[&batch, &tail],
-                &[attr_int("axis", 0)],
-            );
-            let expanded = self.op(
-                &format!("{stem}.expand"),
-                "Expand",
-                &[&prefix, &target],
-                &[],
-            );
-            let output = self.op(
-                &format!("{stem}.concat"),
-                "Concat",
-                &[&expanded, &s],
-                &[attr_int("axis", 2)],
-            );
-            self.rewire(&s, &output);
+            let output = self.prepend_over_batch(&stem, &prefix, &s, &[1, 1, 1], 2);
             made.push((prefix, output));
         }
         let (value_prefix, value_output) = made.pop().unwrap_or_default();
