@@ -115,6 +115,15 @@ fn save_with_external_data(dir: &Path) -> PathBuf {
     path
 }
 
+/// The name of the model's first tensor stored externally, quoted as messages quote it.
+fn first_external_name(model: &Path) -> String {
+    let proto = ModelProto::parse_from_bytes(&std::fs::read(model).unwrap()).unwrap();
+    let first = (proto.graph.initializer.iter())
+        .find(|t| t.data_location.enum_value() == Ok(DataLocation::EXTERNAL))
+        .expect("the saved fixture has external tensors");
+    format!("{:?}", first.name)
+}
+
 /// Rewrites the model at `path` after `edit` has changed the first tensor stored externally;
 /// returns that tensor's name.
 fn edit_first_external(path: &Path, edit: impl FnOnce(&mut TensorProto)) -> String {
@@ -253,14 +262,7 @@ fn missing_external_data_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = save_with_external_data(dir.path());
     std::fs::remove_file(dir.path().join("w.data")).unwrap();
-    let reloaded = ModelProto::parse_from_bytes(&std::fs::read(&model).unwrap()).unwrap();
-    let first = reloaded
-        .graph
-        .initializer
-        .iter()
-        .find(|t| t.data_location.enum_value() == Ok(DataLocation::EXTERNAL))
-        .unwrap();
-    let tensor = format!("{:?}", first.name);
+    let tensor = first_external_name(&model);
     assert_rejected(
         &model,
         &[
@@ -316,14 +318,7 @@ fn external_data_symlink_pointing_outside_is_refused() {
     let model = save_with_external_data(&model_dir);
     std::fs::rename(model_dir.join("w.data"), outside.join("w.data")).unwrap();
     std::os::unix::fs::symlink(outside.join("w.data"), model_dir.join("w.data")).unwrap();
-    let first = ModelProto::parse_from_bytes(&std::fs::read(&model).unwrap())
-        .unwrap()
-        .graph
-        .initializer
-        .iter()
-        .find(|t| t.data_location.enum_value() == Ok(DataLocation::EXTERNAL))
-        .map(|t| format!("{:?}", t.name))
-        .unwrap();
+    let first = first_external_name(&model);
     assert_rejected(
         &model,
         &[&first, "\"w.data\"", "outside the model's folder"],
@@ -382,14 +377,7 @@ fn external_data_in_a_truncated_file_is_refused() {
         .open(dir.path().join("w.data"))
         .unwrap();
     data.set_len(0).unwrap();
-    let tensor = ModelProto::parse_from_bytes(&std::fs::read(&model).unwrap())
-        .unwrap()
-        .graph
-        .initializer
-        .iter()
-        .find(|t| t.data_location.enum_value() == Ok(DataLocation::EXTERNAL))
-        .map(|t| format!("{:?}", t.name))
-        .unwrap();
+    let tensor = first_external_name(&model);
     assert_rejected(&model, &[&tensor, "beyond the end of the 0-byte file"]);
 }
 

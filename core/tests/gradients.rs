@@ -519,12 +519,7 @@ fn check_all(cases: Vec<Case>) {
     for case in &cases {
         failures.extend(check(case));
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1590,6 +1585,16 @@ fn to_double(model: &Model) -> Model {
     model
 }
 
+/// Fails the test with every mismatch listed.
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Differentiates `fixture` (widened to double when `dtype` is double) with respect to `wrt` and
 /// compares `samples` coordinates of each gradient with central differences. The loss is the
 /// first output's weighted sum, or what `add_loss` appends (returning the loss name and the
@@ -1728,12 +1733,7 @@ fn fixture_gradients_match_finite_differences() {
         assert_eq!(wrt.len(), 2, "{fixture}: MatMul weights");
         failures.extend(check_fixture(fixture, DataType::Float, &wrt, 10, None));
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1744,12 +1744,7 @@ fn fixture_gradients_match_finite_differences_in_double() {
         let wrt = first_matmul_weights(&model, 2);
         failures.extend(check_fixture(fixture, DataType::Double, &wrt, 10, None));
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -1773,12 +1768,7 @@ fn fixture_losses_differentiate_through_the_model() {
         let wrt = first_matmul_weights(&model, 2);
         failures.extend(check_fixture(fixture, DataType::Float, &wrt, 6, Some(add)));
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// Every float parameter of every fixture at once: exercises every op on every differentiable
@@ -1812,10 +1802,5 @@ fn every_fixture_differentiates_with_respect_to_all_parameters() {
         distinct.dedup();
         failures.extend(check_fixture(fixture, DataType::Float, &distinct, 2, None));
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
