@@ -357,7 +357,10 @@ mod avx512 {
     /// (which may be `source` itself) `row + Σ_k coefficients[r·rank + k] · b[k]`, the sum
     /// formed as [`super::add_low_rank_rows`] does, rounded to nearest even. The columns are done a panel at a time down all the rows, so that the panel of `b`
     /// stays in the first-level cache while each row's segment streams through in 128-element
-    /// tiles held in registers.
+    /// tiles held in registers. Each tile asks for the same tile of the next block of rows (the
+    /// next call's) to be fetched into the second-level cache: in place, the rows are read and
+    /// written back, and without these requests too few reads are in flight to reach memory
+    /// bandwidth (measured: in-place merge at ~40% of memcpy's bandwidth without, ~60% with).
     ///
     /// # Safety
     /// The CPU has AVX-512F, FMA and F16C; `source` and `destination` each point to
@@ -378,6 +381,12 @@ mod avx512 {
             for (r, coefficients) in coefficients.chunks_exact(rank).enumerate() {
                 for start in (panel_start..tiled.min(panel_start + panel)).step_by(TILE) {
                     let offset = 2 * (r * row_len + start);
+                    // The same tile one block of rows further on, where the next call will
+                    // start: asking for it now keeps enough reads in flight to stream.
+                    let ahead = source.wrapping_add(offset + 2 * rows * row_len);
+                    for line in 0..2 * TILE / 64 {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line).cast());
+                    }
                     // SAFETY (all the loads and stores): elements start..start + TILE of row r lie
                     // inside the rows, and of every b[k] (the caller's contract).
                     unsafe {
