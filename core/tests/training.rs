@@ -1,9 +1,11 @@
 //! Training parity with PyTorch + HF PEFT: `graft train` reproduces, step for step, the 20 AdamW
-//! steps the fixture generator recorded (models/references/train-*), and its output merges.
+//! steps the fixture generator recorded (models/references/train-*), and its output merges; LoRA
+//! dropout acts in training graphs only.
 
 mod common;
 
 use common::*;
+use graft::runtime::{HostTensor, SessionOptions};
 use std::path::PathBuf;
 
 fn reference(name: &str) -> PathBuf {
@@ -150,4 +152,114 @@ fn bert_sequence_classification_matches_pytorch_step_for_step() {
 #[test]
 fn llama_causal_lm_matches_pytorch_step_for_step() {
     check_parity("llama-dynamo", "train-llama", "causal-lm", "q,v", "2");
+}
+
+/// Applies LoRA r=4 on q and v of bert-legacy with `dropout`, and fills the branch with the
+/// shared deterministic non-zero values.
+fn bert_lora_with_dropout(dir: &std::path::Path, dropout: &str) -> graft::ir::Model {
+    let patched = dir.join(format!("patched-dropout-{dropout}.onnx"));
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        fixture_model("bert-legacy").to_str().unwrap(),
+        "-m",
+        "lora",
+        "--set",
+        "r=4",
+        "--set",
+        "targets=q,v",
+        "--set",
+        &format!("dropout={dropout}"),
+        "-o",
+        patched.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let mut model = graft::onnx::load(&patched).unwrap();
+    randomize_trainable(&mut model);
+    model
+}
+
+/// The gradient outputs of two runs of `model`'s training graph, in one session, on the same
+/// batch (the fixture's inputs, every label 0) and the same trainable values.
+fn two_gradient_runs(model: &graft::ir::Model) -> [Vec<(String, HostTensor)>; 2] {
+    let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
+    let mut feeds = fixture_inputs("bert-legacy");
+    let batch = match &feeds.iter().find(|(n, _)| n == "input_ids").unwrap().1 {
+        HostTensor::I64(ids) => ids.shape()[0],
+        other => panic!("input_ids is {other:?}"),
+    };
+    feeds.push((
+        "labels".into(),
+        HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[batch]))),
+    ));
+    for (name, _) in &training.gradients {
+        let tensor = model.graph.initializer(name).unwrap();
+        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+        let values = ndarray::ArrayD::from_shape_vec(dims, tensor.to_f32().unwrap()).unwrap();
+        feeds.push((name.clone(), HostTensor::F32(values)));
+    }
+    let bytes = graft::onnx::to_bytes(&training.model).unwrap();
+    let options = SessionOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let mut session = graft::runtime::OrtSession::from_bytes(&bytes, options).unwrap();
+    let wanted: Vec<_> = feeds
+        .into_iter()
+        .filter(|(name, _)| session.input_names.contains(name))
+        .collect();
+    let gradients = |outputs: Vec<(String, HostTensor)>| -> Vec<(String, HostTensor)> {
+        outputs
+            .into_iter()
+            .filter(|(name, _)| training.gradients.iter().any(|(_, g)| g == name))
+            .collect()
+    };
+    let first = gradients(session.run(&wanted).unwrap());
+    let second = gradients(session.run(&wanted).unwrap());
+    assert_eq!(first.len(), training.gradients.len());
+    [first, second]
+}
+
+/// LoRA's `dropout` acts in training graphs only: the patched graph (inference) gives the
+/// outputs of the same branch without dropout, while the training graph runs its Dropout nodes
+/// in training mode, so two runs on one batch give different gradients — and without dropout the
+/// same gradients twice.
+#[test]
+fn lora_dropout_acts_in_training_graphs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dropout = bert_lora_with_dropout(dir.path(), "0.5");
+    let without = bert_lora_with_dropout(dir.path(), "0");
+    assert!(with_dropout.graph.nodes.iter().any(|n| n.is("Dropout")));
+    assert!(!without.graph.nodes.iter().any(|n| n.is("Dropout")));
+
+    let inputs = fixture_inputs("bert-legacy");
+    let inference = run_model(&with_dropout, &inputs);
+    let change = max_diff(
+        &inference,
+        &run_model(
+            &graft::onnx::load(&fixture_model("bert-legacy")).unwrap(),
+            &inputs,
+        ),
+    );
+    assert!(
+        change > 1e-4,
+        "the randomized branches change the outputs by only {change}"
+    );
+    let diff = max_diff(&inference, &run_model(&without, &inputs));
+    assert!(
+        diff == 0.0,
+        "inference with dropout 0.5 differs from dropout 0 by {diff}"
+    );
+
+    let [first, second] = two_gradient_runs(&with_dropout);
+    let diff = max_diff(&first, &second);
+    assert!(
+        diff > 1e-6,
+        "dropout 0.5: two training runs' gradients differ by only {diff}"
+    );
+    let [first, second] = two_gradient_runs(&without);
+    let diff = max_diff(&first, &second);
+    assert!(
+        diff == 0.0,
+        "no dropout: two training runs' gradients differ by {diff}"
+    );
 }

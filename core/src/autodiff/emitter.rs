@@ -56,18 +56,9 @@ impl Emitter {
 
     /// A free name derived from `stem` (`stem`, `stem.1`, `stem.2`, ...), claimed.
     pub fn claim_unique(&mut self, stem: &str) -> String {
-        let mut suffix = 0usize;
-        loop {
-            let name = if suffix == 0 {
-                stem.to_owned()
-            } else {
-                format!("{stem}.{suffix}")
-            };
-            if self.claim(&name) {
-                return name;
-            }
-            suffix += 1;
-        }
+        let name = Graph::first_free_name(stem, |name| self.taken.contains(name));
+        self.taken.insert(name.clone());
+        name
     }
 
     fn fresh_node_name(&mut self) -> String {

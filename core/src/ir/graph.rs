@@ -267,6 +267,17 @@ impl Graph {
         defined.chain(nodes).filter(|n| !n.is_empty()).collect()
     }
 
+    /// `stem` if `taken` says it is free, else the first free one of `stem.1`, `stem.2`, …
+    pub fn first_free_name(stem: &str, taken: impl Fn(&str) -> bool) -> String {
+        (0..)
+            .map(|i| match i {
+                0 => stem.to_owned(),
+                i => format!("{stem}.{i}"),
+            })
+            .find(|name| !taken(name))
+            .expect("an unbounded search finds a free name")
+    }
+
     /// Every value name something reads: node inputs and graph outputs (subgraph bodies not
     /// included).
     pub fn read_values(&self) -> HashSet<&str> {

@@ -93,7 +93,10 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     for rewire in &patch.rewires {
         let is_output = graph.outputs.iter().any(|o| o.name == rewire.value);
         if is_output && rewire.only.is_empty() {
-            let fresh = unique_name(graph, &format!("{}.base", rewire.value));
+            let defined = graph.defined_values();
+            let fresh = Graph::first_free_name(&format!("{}.base", rewire.value), |name| {
+                defined.contains(name)
+            });
             rename_definition(graph, &rewire.value, &fresh)?;
             for node in graph.nodes.iter_mut() {
                 let moves = !new_node_names.contains(node.name.as_str())
@@ -194,20 +197,6 @@ fn sdk_dim(dim: &graft_plugin_sdk::Dim) -> Dim {
         graft_plugin_sdk::Dim::Symbolic(s) => Dim::Symbol(s.clone()),
         graft_plugin_sdk::Dim::Unknown => Dim::Unknown,
     }
-}
-
-fn unique_name(graph: &Graph, stem: &str) -> String {
-    let defined = graph.defined_values();
-    (0..)
-        .map(|i| {
-            if i == 0 {
-                stem.to_owned()
-            } else {
-                format!("{stem}.{i}")
-            }
-        })
-        .find(|name| !defined.contains(name.as_str()))
-        .unwrap_or_else(|| stem.to_owned())
 }
 
 fn rename_definition(graph: &mut Graph, value: &str, fresh: &str) -> Result<()> {

@@ -16,7 +16,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{gradient_graph, loss};
-use crate::ir::{Model, Tensor, ValueInfo};
+use crate::ir::{Graph, Model, Tensor, ValueInfo};
 use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
@@ -263,8 +263,9 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
     }
 }
 
-/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input), so that
-/// dropout is active in training graphs and absent in evaluation graphs.
+/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input) and gives
+/// each its mask output (which the gradient reads), so that dropout is active in training graphs
+/// and absent in evaluation graphs.
 fn enable_dropout(model: &mut Model) -> Result<()> {
     let record = GraftRecord::read(model)?;
     let branch_nodes: std::collections::HashSet<&str> = record
@@ -291,10 +292,20 @@ fn enable_dropout(model: &mut Model) -> Result<()> {
         vec![],
         vec![1],
     ));
+    let mut taken = model.graph.taken_names();
     for index in dropouts {
         let node = &mut model.graph.nodes[index];
         node.inputs.resize(3, String::new());
         node.inputs[2] = flag.to_owned();
+        // The backward reads which elements were kept from the mask output.
+        if node.outputs.get(1).is_none_or(String::is_empty) {
+            let mask = Graph::first_free_name(&format!("{}.mask", node.outputs[0]), |name| {
+                taken.contains(name)
+            });
+            taken.insert(mask.clone());
+            node.outputs.resize(2, String::new());
+            node.outputs[1] = mask;
+        }
     }
     Ok(())
 }
