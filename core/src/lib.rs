@@ -14,6 +14,7 @@ pub mod ir;
 pub mod merge;
 pub mod onnx;
 pub mod onnx_adapter;
+pub mod optimize;
 pub mod patch;
 pub mod peft;
 pub mod plugins;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{gradient_graph, loss};
 use crate::ir::{Graph, Model, Tensor, ValueInfo};
+use crate::optimize::narrow_unread_rows;
 use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
@@ -185,7 +186,8 @@ pub struct TrainingGraph {
 
 /// Builds the training graph of a patched model: the task's loss on its first output, and the
 /// gradients of every tensor the graft record marks trainable (which become graph inputs; frozen
-/// weights stay initializers). LoRA dropout nodes are switched to training mode.
+/// weights stay initializers). LoRA dropout nodes are switched to training mode, and the rows
+/// the loss never reads are not computed ([`narrow_unread_rows`]).
 pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
     let record = GraftRecord::read(patched)?;
     let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
@@ -198,6 +200,7 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
     enable_dropout(&mut model)?;
     let logits = first_output(&model)?.name;
     let loss = append_loss(&mut model, task, &logits)?;
+    narrow_unread_rows(&mut model)?;
     let graph = gradient_graph(&model, &loss, &trainable)?;
     Ok(TrainingGraph {
         model: graph.model,
@@ -219,7 +222,8 @@ pub struct EvaluationGraph {
 }
 
 /// Builds the evaluation graph of a patched model: the task's loss on its first output, with the
-/// same loss nodes as [`training_graph`] but no gradients and the grafted dropout left off.
+/// same loss nodes as [`training_graph`] but no gradients and the grafted dropout left off, and
+/// the same narrowing to the rows the outputs read.
 /// Outputs are the loss, then the first output; the trainable tensors become graph inputs so
 /// that the current values are fed at each evaluation.
 pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> {
@@ -235,6 +239,7 @@ pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> 
             Error::Config(format!("the element type of the loss {loss:?} is unknown"))
         })?;
     model.graph.outputs = vec![ValueInfo::tensor(&loss, loss_dtype, &[]), logits.clone()];
+    narrow_unread_rows(&mut model)?;
     model.graph.validate()?;
     Ok(EvaluationGraph {
         model,
