@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::analysis::shapes::{infer_shapes, normalize_axis, ShapeMap};
+use crate::ir::attributes::int_attribute;
 use crate::ir::{Dim, Graph, GraphIndex, Model, Node, Tensor};
 use crate::Result;
 
@@ -364,14 +365,6 @@ fn broadcast_reads(
 /// Whether two dimensions are known to be the same size.
 fn same_extent(a: &Dim, b: &Dim) -> bool {
     *a != Dim::Unknown && a == b
-}
-
-fn int_attribute(name: &str, value: i64) -> onnx_protobuf::AttributeProto {
-    let mut attribute = onnx_protobuf::AttributeProto::new();
-    attribute.name = name.to_owned();
-    attribute.type_ = onnx_protobuf::attribute_proto::AttributeType::INT.into();
-    attribute.i = value;
-    attribute
 }
 
 /// The edits of [`narrow_unread_rows`], collected against the unchanged graph and applied at

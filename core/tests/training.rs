@@ -181,7 +181,7 @@ fn bert_lora_with_dropout(dir: &std::path::Path, dropout: &str) -> graft::ir::Mo
 /// The gradient outputs of two runs of `model`'s training graph, in one session, on the same
 /// batch (the fixture's inputs, every label 0) and the same trainable values.
 fn two_gradient_runs(model: &graft::ir::Model) -> [Vec<(String, HostTensor)>; 2] {
-    let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
+    let training = graft::train::training_graph(model, graft::train::Task::SeqCls, 0).unwrap();
     let mut feeds = fixture_inputs("bert-legacy");
     let batch = match &feeds.iter().find(|(n, _)| n == "input_ids").unwrap().1 {
         HostTensor::I64(ids) => ids.shape()[0],
@@ -221,8 +221,8 @@ fn two_gradient_runs(model: &graft::ir::Model) -> [Vec<(String, HostTensor)>; 2]
 
 /// LoRA's `dropout` acts in training graphs only: the patched graph (inference) gives the
 /// outputs of the same branch without dropout, while the training graph runs its Dropout nodes
-/// in training mode, so two runs on one batch give different gradients — and without dropout the
-/// same gradients twice.
+/// in training mode, so two runs on one batch give different gradients (and a new session with
+/// the same seed the same ones again) — and without dropout the same gradients twice.
 #[test]
 fn lora_dropout_acts_in_training_graphs_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,6 +255,13 @@ fn lora_dropout_acts_in_training_graphs_only() {
     assert!(
         diff > 1e-6,
         "dropout 0.5: two training runs' gradients differ by only {diff}"
+    );
+    // The masks come from the run's seed: a new session draws the same ones again.
+    let [again, _] = two_gradient_runs(&with_dropout);
+    let diff = max_diff(&first, &again);
+    assert!(
+        diff == 0.0,
+        "dropout 0.5, same seed: a new session's gradients differ by {diff}"
     );
     let [first, second] = two_gradient_runs(&without);
     let diff = max_diff(&first, &second);

@@ -3,10 +3,10 @@
 
 use std::collections::HashSet;
 
-use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::{AttributeProto, TensorProto};
 
 use crate::analysis::shapes::reduce_axes_are_input;
+use crate::ir::attributes::{int_attribute, ints_attribute, tensor_attribute};
 use crate::ir::{DataType, Graph, Node};
 use crate::{Error, Result};
 
@@ -234,48 +234,6 @@ impl Emitter {
         let shape = self.op("Shape", &[like]);
         self.op("Reshape", &[x, &shape])
     }
-}
-
-fn attribute(name: &str, kind: AttributeType) -> AttributeProto {
-    let mut proto = AttributeProto::new();
-    proto.name = name.to_owned();
-    proto.type_ = kind.into();
-    proto
-}
-
-/// An integer attribute.
-pub(crate) fn int_attribute(name: &str, value: i64) -> AttributeProto {
-    let mut proto = attribute(name, AttributeType::INT);
-    proto.i = value;
-    proto
-}
-
-/// A float attribute.
-pub(crate) fn float_attribute(name: &str, value: f32) -> AttributeProto {
-    let mut proto = attribute(name, AttributeType::FLOAT);
-    proto.f = value;
-    proto
-}
-
-/// An integer-list attribute.
-pub(crate) fn ints_attribute(name: &str, values: &[i64]) -> AttributeProto {
-    let mut proto = attribute(name, AttributeType::INTS);
-    proto.ints = values.to_vec();
-    proto
-}
-
-/// A string attribute.
-pub(crate) fn string_attribute(name: &str, value: &str) -> AttributeProto {
-    let mut proto = attribute(name, AttributeType::STRING);
-    proto.s = value.as_bytes().to_vec();
-    proto
-}
-
-/// A tensor attribute.
-pub(crate) fn tensor_attribute(name: &str, tensor: TensorProto) -> AttributeProto {
-    let mut proto = attribute(name, AttributeType::TENSOR);
-    proto.t = Some(tensor).into();
-    proto
 }
 
 fn int64_tensor(values: &[i64], dims: &[i64]) -> TensorProto {

@@ -5,8 +5,9 @@
 //! returns the name of the scalar loss value: `loss`, or `loss.1`, `loss.2`, ... when taken.
 //! Graph outputs are left as they are.
 
-use super::emitter::{int_attribute, Emitter};
+use super::emitter::Emitter;
 use crate::analysis::infer_shapes;
+use crate::ir::attributes::int_attribute;
 use crate::ir::{DataType, Dim, Model, ValueInfo};
 use crate::{Error, Result};
 

@@ -24,7 +24,8 @@ mod rules;
 
 use std::collections::{HashMap, HashSet};
 
-use emitter::{float_fill, int_attribute, tensor_attribute, Emitter};
+use crate::ir::attributes::{int_attribute, tensor_attribute};
+use emitter::{float_fill, Emitter};
 use rules::{Gradient, Rule, RuleContext};
 
 use crate::analysis::{infer_shapes, ShapeMap};

@@ -31,7 +31,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// `adapter.safetensors` (graft's names; `graft merge --adapter` reads it) and the adapter in HF
 /// PEFT's format (`adapter_model.safetensors`, `adapter_config.json`). A non-finite loss stops
 /// the run (exit status 2) and leaves the last good checkpoint in place; `--resume RUN_DIR`
-/// continues from a checkpoint with the same per-step results as an uninterrupted run.
+/// continues from a checkpoint with the same per-step results as an uninterrupted run (with
+/// LoRA dropout above 0, the resumed part draws its dropout masks afresh: ONNX Runtime keeps the
+/// dropout generator in the session, so only the loss curve's shape, not each value, repeats).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model written by `graft apply`.
@@ -115,7 +117,7 @@ pub struct Args {
     /// Clip the global gradient norm to this value.
     #[arg(long)]
     clip_norm: Option<f64>,
-    /// Seed of the data order.
+    /// Seed of the data order and of LoRA dropout's masks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Visit examples in file order (batches are consecutive lines).

@@ -1,6 +1,7 @@
 //! The intermediate representation graft edits: [`Model`], [`Graph`], [`Node`], [`Tensor`], and
 //! [`GraphIndex`], the producer/consumer lookups used by analyses.
 
+pub mod attributes;
 mod dtype;
 mod graph;
 mod index;

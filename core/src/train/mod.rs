@@ -16,6 +16,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{gradient_graph, loss};
+use crate::ir::attributes::int_attribute;
 use crate::ir::{Graph, Model, Tensor, ValueInfo};
 use crate::optimize::narrow_unread_rows;
 use crate::patch::GraftRecord;
@@ -186,9 +187,10 @@ pub struct TrainingGraph {
 
 /// Builds the training graph of a patched model: the task's loss on its first output, and the
 /// gradients of every tensor the graft record marks trainable (which become graph inputs; frozen
-/// weights stay initializers). LoRA dropout nodes are switched to training mode, and the rows
-/// the loss never reads are not computed ([`narrow_unread_rows`]).
-pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
+/// weights stay initializers). LoRA dropout nodes are switched to training mode, each with its
+/// own random seed derived from `seed` (so that a run's masks repeat from run to run), and the
+/// rows the loss never reads are not computed ([`narrow_unread_rows`]).
+pub fn training_graph(patched: &Model, task: Task, seed: u64) -> Result<TrainingGraph> {
     let record = GraftRecord::read(patched)?;
     let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
     if trainable.is_empty() {
@@ -197,7 +199,7 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
         ));
     }
     let mut model = patched.clone();
-    enable_dropout(&mut model)?;
+    enable_dropout(&mut model, seed)?;
     let logits = first_output(&model)?.name;
     let loss = append_loss(&mut model, task, &logits)?;
     narrow_unread_rows(&mut model)?;
@@ -268,10 +270,12 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
     }
 }
 
-/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input) and gives
-/// each its mask output (which the gradient reads), so that dropout is active in training graphs
-/// and absent in evaluation graphs.
-fn enable_dropout(model: &mut Model) -> Result<()> {
+/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input), gives
+/// each its mask output (which the gradient reads) and the seed `seed + i` for the i-th of them,
+/// so that dropout is active in training graphs, absent in evaluation graphs, and draws the same
+/// masks in every run with the same seed. (A resumed run starts the masks over: ONNX Runtime's
+/// generator lives in the session.)
+fn enable_dropout(model: &mut Model, seed: u64) -> Result<()> {
     let record = GraftRecord::read(model)?;
     let branch_nodes: std::collections::HashSet<&str> = record
         .folds
@@ -298,10 +302,13 @@ fn enable_dropout(model: &mut Model) -> Result<()> {
         vec![1],
     ));
     let mut taken = model.graph.taken_names();
-    for index in dropouts {
+    for (i, index) in dropouts.into_iter().enumerate() {
         let node = &mut model.graph.nodes[index];
         node.inputs.resize(3, String::new());
         node.inputs[2] = flag.to_owned();
+        node.attributes.retain(|a| a.name != "seed");
+        let node_seed = seed.wrapping_add(i as u64) as i64;
+        node.attributes.push(int_attribute("seed", node_seed));
         // The backward reads which elements were kept from the mask output.
         if node.outputs.get(1).is_none_or(String::is_empty) {
             let mask = Graph::first_free_name(&format!("{}.mask", node.outputs[0]), |name| {
@@ -348,7 +355,7 @@ pub fn train(
         None => None,
     };
     let examples = &dataset.examples;
-    let graph = training_graph(patched, options.task)?;
+    let graph = training_graph(patched, options.task, options.seed)?;
     let mut session =
         OrtSession::from_bytes(&crate::onnx::to_bytes(&graph.model)?, options.session)?;
     let mut evaluator = match &eval_set {

@@ -4,7 +4,7 @@
 use std::f64::consts::PI;
 
 use super::{Gradient, Gradients, RuleContext};
-use crate::autodiff::emitter::int_attribute;
+use crate::ir::attributes::int_attribute;
 use crate::Result;
 
 fn broadcast(value: String) -> Option<Gradient> {

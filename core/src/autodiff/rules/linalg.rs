@@ -2,7 +2,7 @@
 //! Gemm, and Conv (any number of spatial dimensions).
 
 use super::{swap_last_two, Gradient, Gradients, RuleContext};
-use crate::autodiff::emitter::{float_attribute, int_attribute, ints_attribute};
+use crate::ir::attributes::{float_attribute, int_attribute, ints_attribute};
 use crate::ir::Dim;
 use crate::Result;
 

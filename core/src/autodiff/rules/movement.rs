@@ -2,7 +2,7 @@
 //! Expand, Concat, Split, Slice and the Gather family (whose gradients scatter-add GO back).
 
 use super::{inverse_permutation, Gradient, Gradients, RuleContext};
-use crate::autodiff::emitter::{int_attribute, string_attribute};
+use crate::ir::attributes::{int_attribute, string_attribute};
 use crate::ir::{DataType, Dim};
 use crate::Result;
 
