@@ -84,18 +84,17 @@ pub fn narrow_unread_rows(model: &mut Model) -> Result<usize> {
     }
 
     // A gather whose input was not narrowed keeps reading it in full: no slice for it.
-    let mut narrowed_gathers = Vec::new();
-    for &gather in &gathers {
-        let input = &graph.nodes[gather].inputs[0];
-        if index
-            .producer(input)
+    let reads_narrowed = |node: usize| {
+        index
+            .producer(&graph.nodes[node].inputs[0])
             .is_some_and(|(p, _)| narrowed.contains_key(&p))
-        {
-            narrowed_gathers.push(gather);
-        } else {
-            requests.remove(&(gather, 0));
-        }
-    }
+    };
+    let narrowed_gathers: Vec<usize> = gathers
+        .iter()
+        .copied()
+        .filter(|&g| reads_narrowed(g))
+        .collect();
+    requests.retain(|&(node, _), _| !gathers.contains(&node) || narrowed_gathers.contains(&node));
     let mut rewrite = Rewrite::new(graph);
     // Every narrowed read of a value that is still computed in full goes through a slice.
     let mut reads: Vec<((usize, usize), Rows)> = requests.into_iter().collect();
@@ -112,11 +111,9 @@ pub fn narrow_unread_rows(model: &mut Model) -> Result<usize> {
         rewrite.replace_input(node, slot, sliced);
     }
     // A gather of a narrowed value reads its one row at index 0.
-    for &gather in &gathers {
-        if narrowed_gathers.contains(&gather) {
-            let zero = rewrite.constant("rows.index", &[], &[0]);
-            rewrite.replace_input(gather, 1, zero);
-        }
+    for gather in narrowed_gathers {
+        let zero = rewrite.constant("rows.index", &[], &[0]);
+        rewrite.replace_input(gather, 1, zero);
     }
     // A narrowed Reshape keeps the target's trailing dimensions and takes the leading ones,
     // through the narrowed axis, from its narrowed input.
@@ -188,59 +185,18 @@ fn single_output(node: &Node) -> Option<&str> {
 }
 
 /// Ops that work element by element on one input.
+#[rustfmt::skip]
 const UNARY: &[&str] = &[
-    "Abs",
-    "Cast",
-    "Ceil",
-    "Cos",
-    "Elu",
-    "Erf",
-    "Exp",
-    "Floor",
-    "Gelu",
-    "HardSigmoid",
-    "HardSwish",
-    "Identity",
-    "LeakyRelu",
-    "Log",
-    "Mish",
-    "Neg",
-    "Not",
-    "Reciprocal",
-    "Relu",
-    "Round",
-    "Selu",
-    "Sigmoid",
-    "Sign",
-    "Sin",
-    "Softplus",
-    "Softsign",
-    "Sqrt",
-    "Tanh",
+    "Abs", "Cast", "Ceil", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid",
+    "HardSwish", "Identity", "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu",
+    "Round", "Selu", "Sigmoid", "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Tanh",
 ];
 
 /// Ops that work element by element on inputs broadcast against each other.
+#[rustfmt::skip]
 const BROADCASTING: &[&str] = &[
-    "Add",
-    "And",
-    "Div",
-    "Equal",
-    "Greater",
-    "GreaterOrEqual",
-    "Less",
-    "LessOrEqual",
-    "Max",
-    "Mean",
-    "Min",
-    "Mod",
-    "Mul",
-    "Or",
-    "Pow",
-    "PRelu",
-    "Sub",
-    "Sum",
-    "Where",
-    "Xor",
+    "Add", "And", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Max",
+    "Mean", "Min", "Mod", "Mul", "Or", "Pow", "PRelu", "Sub", "Sum", "Where", "Xor",
 ];
 
 /// The rows of each input `node` reads to give `rows` of its output, or `None` where `node`
