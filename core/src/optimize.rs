@@ -210,6 +210,9 @@ fn narrowed_inputs(
     let output = shapes.shape(&node.outputs[0])?;
     let rank = output.len();
     let axis = rows.axis;
+    if axis >= rank {
+        return None;
+    }
     let on = |slot: usize, axis: usize| (slot, Rows { axis, ..rows });
     let op = node.op_type.as_str();
     if !node.is(op) {
@@ -270,9 +273,10 @@ fn narrowed_inputs(
                 None => (0..rank as i64).rev().collect(),
             };
             let from = usize::try_from(*perm.get(axis)?).ok()?;
-            Some(vec![on(0, from)])
+            (from < rank).then(|| vec![on(0, from)])
         }
         "Reshape" => {
+            node.input(1)?;
             let input = shapes.shape(node.input(0)?)?;
             let leading_kept =
                 axis < input.len() && (0..=axis).all(|k| same_extent(&input[k], &output[k]));
