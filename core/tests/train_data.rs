@@ -41,19 +41,7 @@ fn patched(fixture: &str, dir: &Path) -> PathBuf {
     } else {
         "targets=q,v"
     };
-    let (code, stdout, stderr) = run_graft(&[
-        "apply",
-        text(&fixture_model(fixture)),
-        "-m",
-        "lora",
-        "--set",
-        "r=4",
-        "--set",
-        targets,
-        "-o",
-        text(&patched),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    apply_lora(fixture, &["r=4", targets], &patched);
     patched
 }
 

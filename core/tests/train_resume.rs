@@ -23,19 +23,7 @@ fn text(path: &Path) -> &str {
 
 fn patched_bert(dir: &Path) -> PathBuf {
     let patched = dir.join("patched.onnx");
-    let (code, stdout, stderr) = run_graft(&[
-        "apply",
-        text(&fixture_model("bert-legacy")),
-        "-m",
-        "lora",
-        "--set",
-        "r=4",
-        "--set",
-        "targets=q,v",
-        "-o",
-        text(&patched),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    apply_lora("bert-legacy", &["r=4", "targets=q,v"], &patched);
     patched
 }
 

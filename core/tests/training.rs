@@ -20,21 +20,11 @@ fn check_parity(fixture: &str, recording: &str, task: &str, targets: &str, batch
     let dir = tempfile::tempdir().unwrap();
     let patched = dir.path().join("patched.onnx");
     let run = dir.path().join("run");
-    let (code, stdout, stderr) = run_graft(&[
-        "apply",
-        fixture_model(fixture).to_str().unwrap(),
-        "-m",
-        "lora",
-        "--set",
-        "r=4",
-        "--set",
-        "alpha=8",
-        "--set",
-        &format!("targets={targets}"),
-        "-o",
-        patched.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    apply_lora(
+        fixture,
+        &["r=4", "alpha=8", &format!("targets={targets}")],
+        &patched,
+    );
     let recorded = reference(recording);
     let (code, stdout, stderr) = run_graft(&[
         "train",
@@ -158,21 +148,11 @@ fn llama_causal_lm_matches_pytorch_step_for_step() {
 /// shared deterministic non-zero values.
 fn bert_lora_with_dropout(dir: &std::path::Path, dropout: &str) -> graft::ir::Model {
     let patched = dir.join(format!("patched-dropout-{dropout}.onnx"));
-    let (code, stdout, stderr) = run_graft(&[
-        "apply",
-        fixture_model("bert-legacy").to_str().unwrap(),
-        "-m",
-        "lora",
-        "--set",
-        "r=4",
-        "--set",
-        "targets=q,v",
-        "--set",
-        &format!("dropout={dropout}"),
-        "-o",
-        patched.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    apply_lora(
+        "bert-legacy",
+        &["r=4", "targets=q,v", &format!("dropout={dropout}")],
+        &patched,
+    );
     let mut model = graft::onnx::load(&patched).unwrap();
     randomize_trainable(&mut model);
     model

@@ -150,6 +150,19 @@ pub fn run_graft(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `graft apply FIXTURE -m lora --set S… -o OUT` for each `settings` entry `S` (`key=value`),
+/// asserting success.
+pub fn apply_lora(fixture: &str, settings: &[&str], out: &std::path::Path) {
+    let model = fixture_model(fixture);
+    let mut args = vec!["apply", model.to_str().unwrap(), "-m", "lora"];
+    for setting in settings {
+        args.extend(["--set", setting]);
+    }
+    args.extend(["-o", out.to_str().unwrap()]);
+    let (code, stdout, stderr) = run_graft(&args);
+    assert_eq!(code, 0, "graft {}: {stdout}{stderr}", args.join(" "));
+}
+
 /// Fills every trainable tensor of a patched model with small deterministic non-zero values
 /// (around 1 for tensors that start at one, such as IA3 scales), so that a branch changes
 /// the outputs.
