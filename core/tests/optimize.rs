@@ -1,10 +1,12 @@
 //! Graph optimizations keep every output: `narrow_unread_rows` on every fixture gives the
 //! outputs ONNX Runtime computes for the unchanged model, and it narrows the models whose head
-//! reads one token (BERT's pooler, ViT's class token).
+//! reads one token (BERT's pooler, ViT's class token); on a hand-built graph it narrows exactly
+//! the ops after the last value something reads in full.
 
 mod common;
 
 use common::*;
+use graft::runtime::HostTensor;
 
 #[test]
 fn narrowing_unread_rows_keeps_every_fixture_output() {
@@ -39,4 +41,131 @@ fn narrowing_unread_rows_keeps_every_fixture_output() {
             "{expected} was not narrowed (narrowed: {narrowed_fixtures:?})"
         );
     }
+}
+
+/// A hand-built graph whose output reads row 3 of a value made by ops of every narrowable kind
+/// (broadcasting Add, Reshape with copied dimensions, Transpose, Softmax over another axis, a
+/// graph input read in full elsewhere): the narrowed graph narrows exactly the ops after the
+/// value that a second output reads in full, and gives the same outputs.
+#[test]
+fn narrowing_stops_at_values_read_in_full_and_keeps_the_outputs() {
+    use graft::ir::attributes::{int_attribute, ints_attribute};
+    use graft::ir::{DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+
+    let node = |op: &str, inputs: &[&str], output: &str| {
+        Node::new(
+            output,
+            op,
+            inputs.iter().map(|s| s.to_string()).collect(),
+            vec![output.to_owned()],
+        )
+    };
+    let with = |mut node: Node, attributes: Vec<onnx_protobuf::AttributeProto>| {
+        node.attributes = attributes;
+        node
+    };
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 37 % 19) as f32 - 9.0) / 10.0)
+            .collect()
+    };
+    let x_dims = [
+        Dim::Symbol("batch".into()),
+        Dim::Symbol("sequence".into()),
+        Dim::Fixed(8),
+    ];
+    let model = Model {
+        ir_version: 8,
+        opset_imports: vec![(String::new(), 17)],
+        graph: Graph {
+            name: "rows".into(),
+            inputs: vec![ValueInfo::tensor("x", DataType::Float, &x_dims)],
+            outputs: vec![
+                ValueInfo::tensor(
+                    "row",
+                    DataType::Float,
+                    &[Dim::Symbol("batch".into()), Dim::Fixed(8)],
+                ),
+                ValueInfo::tensor(
+                    "pooled",
+                    DataType::Float,
+                    &[Dim::Symbol("batch".into()), Dim::Fixed(8)],
+                ),
+            ],
+            initializers: vec![
+                Tensor::from_f32("gamma", vec![8], &values(8, 1)),
+                Tensor::from_f32("beta", vec![8], &values(8, 2)),
+                Tensor::from_f32("w", vec![8, 8], &values(64, 3)),
+                Tensor::from_f32("bias", vec![8], &values(8, 4)),
+                Tensor::from_i64("split_heads", vec![4], &[0, 0, 2, 4]),
+                Tensor::from_i64("merge_heads", vec![3], &[0, 0, 8]),
+                Tensor::from_i64("three", vec![], &[3]),
+            ],
+            nodes: vec![
+                with(
+                    node("LayerNormalization", &["x", "gamma", "beta"], "ln"),
+                    vec![int_attribute("axis", -1)],
+                ),
+                node("MatMul", &["ln", "w"], "h"),
+                with(
+                    node("ReduceMean", &["h"], "pooled"),
+                    vec![ints_attribute("axes", &[1]), int_attribute("keepdims", 0)],
+                ),
+                node("Add", &["h", "bias"], "hb"),
+                node("Reshape", &["hb", "split_heads"], "heads"),
+                with(
+                    node("Transpose", &["heads"], "by_head"),
+                    vec![ints_attribute("perm", &[0, 2, 1, 3])],
+                ),
+                with(
+                    node("Softmax", &["by_head"], "weights"),
+                    vec![int_attribute("axis", -1)],
+                ),
+                with(
+                    node("Transpose", &["weights"], "by_row"),
+                    vec![ints_attribute("perm", &[0, 2, 1, 3])],
+                ),
+                node("Reshape", &["by_row", "merge_heads"], "merged"),
+                node("Mul", &["merged", "x"], "scaled"),
+                with(
+                    node("Gather", &["scaled", "three"], "row"),
+                    vec![int_attribute("axis", 1)],
+                ),
+            ],
+            ..Graph::default()
+        },
+        ..Model::default()
+    };
+    model.graph.validate().unwrap();
+    let mut narrowed = model.clone();
+    let count = graft::optimize::narrow_unread_rows(&mut narrowed).unwrap();
+    narrowed.graph.validate().unwrap();
+    // Add, Reshape, Transpose, Softmax, Transpose, Reshape, Mul; not the MatMul (its output is
+    // also pooled in full) nor the LayerNorm in front of it.
+    assert_eq!(count, 7);
+    for name in ["h", "ln"] {
+        let producer = narrowed
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.outputs[0] == name)
+            .unwrap();
+        assert_eq!(
+            producer.inputs,
+            model
+                .graph
+                .nodes
+                .iter()
+                .find(|n| n.outputs[0] == name)
+                .unwrap()
+                .inputs
+        );
+    }
+
+    let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 5, 8]), values(80, 5)).unwrap();
+    let inputs = vec![("x".to_owned(), HostTensor::F32(x))];
+    let expected = run_model(&model, &inputs);
+    let got = run_model(&narrowed, &inputs);
+    let diff = max_diff(&expected, &got);
+    assert!(diff <= 1e-6, "narrowed outputs differ by {diff}");
 }
