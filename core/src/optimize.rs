@@ -19,7 +19,8 @@ struct Rows {
 /// Makes the nodes in front of a single-row read compute that row only.
 ///
 /// Where a node reads one row of a value — a `Gather` of a constant index along one axis, as a
-/// BERT-style pooler reads the first token of the last layer — the nodes producing that value
+/// BERT-style pooler reads the first token of the last layer (or a last-token pooler reads
+/// index -1) — the nodes producing that value
 /// which work row by row along that axis are narrowed to the row: elementwise ops (with
 /// broadcasting), `LayerNormalization` and `Softmax` over other axes, `MatMul` and `Gemm` on
 /// their row operand, `Transpose`, and `Reshape` of the axes after it. Narrowing goes back
@@ -150,7 +151,8 @@ pub fn narrow_unread_rows(model: &mut Model) -> Result<usize> {
     Ok(narrowed.len())
 }
 
-/// The row a `Gather` of a constant scalar index reads, as rows `i..i + 1` of its axis.
+/// The row a `Gather` of a constant scalar index reads, as rows `i..i + 1` of its axis (from the
+/// end for a negative `i`).
 fn gathered_row(node: &Node, shapes: &ShapeMap) -> Option<Rows> {
     if !node.is("Gather") {
         return None;
@@ -162,10 +164,11 @@ fn gathered_row(node: &Node, shapes: &ShapeMap) -> Option<Rows> {
         return None;
     }
     match shapes.integer_value(indices)? {
-        [Dim::Fixed(start)] if *start >= 0 => Some(Rows {
+        // A negative index counts from the end, as `Slice` bounds do; -1's row runs to the end.
+        [Dim::Fixed(start)] => Some(Rows {
             axis,
             start: *start,
-            end: start + 1,
+            end: if *start == -1 { i64::MAX } else { start + 1 },
         }),
         _ => None,
     }
