@@ -24,11 +24,11 @@ mod rules;
 
 use std::collections::{HashMap, HashSet};
 
-use crate::ir::attributes::{int_attribute, tensor_attribute};
 use emitter::{float_fill, Emitter};
 use rules::{Gradient, Rule, RuleContext};
 
 use crate::analysis::{infer_shapes, ShapeMap};
+use crate::ir::attributes::{int_attribute, tensor_attribute};
 use crate::ir::{DataType, Dim, Graph, Model, Node, ValueInfo};
 use crate::{Error, Result};
 
