@@ -8,8 +8,9 @@ use crate::ir::attributes::int_attribute;
 use crate::ir::{Dim, Graph, GraphIndex, Model, Node, Tensor};
 use crate::Result;
 
-/// Rows `start..end` along axis `axis` of a value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Rows `start..end` along axis `axis` of a value (bounds as `Slice` reads them: negative ones
+/// count from the end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Rows {
     axis: usize,
     start: i64,
@@ -333,12 +334,18 @@ fn same_extent(a: &Dim, b: &Dim) -> bool {
 /// The edits of [`narrow_unread_rows`], collected against the unchanged graph and applied at
 /// once: new nodes (each placed before a given node), new initializers, and replaced inputs.
 struct Rewrite {
+    /// Every name in use, new ones included.
     taken: HashSet<String>,
+    /// (node, input slot) → the value it reads instead.
     inputs: HashMap<(usize, usize), String>,
+    /// Each node's inputs as they were.
     original_inputs: Vec<Vec<String>>,
+    /// New nodes, each to be placed before the node at the given position.
     before: Vec<(usize, Node)>,
+    /// New constants.
     initializers: Vec<Tensor>,
-    slices: HashMap<(String, (usize, i64, i64)), String>,
+    /// (value, rows) → the output of the `Slice` that takes them.
+    slices: HashMap<(String, Rows), String>,
 }
 
 impl Rewrite {
@@ -402,7 +409,7 @@ impl Rewrite {
     /// `value`'s `rows`, one `Slice` per value and rows, placed before the first node that
     /// reads it (nodes are visited in order).
     fn slice(&mut self, value: &str, rows: Rows, position: usize) -> String {
-        let key = (value.to_owned(), (rows.axis, rows.start, rows.end));
+        let key = (value.to_owned(), rows);
         if let Some(sliced) = self.slices.get(&key) {
             return sliced.clone();
         }
