@@ -7,7 +7,6 @@
 //! (default 2) and `GRAFT_BENCH_ROUNDS` (default 30) tune it.
 //! Run: `cargo bench -p graft --bench lora_inference`.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use graft::onnx;
@@ -17,23 +16,16 @@ use ndarray::{ArrayD, IxDyn};
 
 #[path = "support/tools.rs"]
 mod tools;
-use tools::{env_or, lora_plugin, median};
+use tools::{env_or, large_model, lora_plugin, median};
 
 const BATCH: usize = 8;
 const SEQUENCE: usize = 128;
 
 fn main() {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let model_path = std::env::var_os("GRAFT_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("models/out-large/all-minilm-l6-v2/model.onnx"));
-    if !model_path.is_file() {
-        eprintln!(
-            "{} is missing: run `python models/make_minilm.py` first",
-            model_path.display()
-        );
-        std::process::exit(2);
-    }
+    let model_path = large_model(
+        "models/out-large/all-minilm-l6-v2/model.onnx",
+        "python models/make_minilm.py",
+    );
     let threads: usize = env_or("GRAFT_BENCH_THREADS", 2);
     let rounds: usize = env_or("GRAFT_BENCH_ROUNDS", 30);
 

@@ -19,13 +19,12 @@ mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use graft::ir::{DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 use graft::onnx;
 use graft::runtime::{HostTensor, OrtSession, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
-use tools::{env_or, lora_plugin, median};
+use tools::{env_or, large_model, lora_plugin, median, median_seconds};
 
 const BATCH: usize = 16;
 const SEQUENCE: usize = 128;
@@ -79,16 +78,9 @@ fn ort_forward_seconds(model: &Path, threads: usize) -> f64 {
         ("attention_mask".to_owned(), HostTensor::I64(ones)),
         ("token_type_ids".to_owned(), HostTensor::I64(zeros)),
     ];
-    session.run(&inputs).expect("forward");
-    median(
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                session.run(&inputs).expect("forward");
-                start.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
+    median_seconds(1, 5, || {
+        session.run(&inputs).expect("forward");
+    })
 }
 
 /// The matrix products of one training step of the speed race, as (M, K, N, how many) per
@@ -159,18 +151,9 @@ fn ort_matmul_gflop_per_s((m, k, n): (usize, usize, usize), threads: usize) -> f
     .expect("load the MatMul model in ONNX Runtime");
     let a = ArrayD::from_shape_fn(IxDyn(&[m, k]), |i| ((i[0] * 31 + i[1]) % 100) as f32 * 1e-2);
     let inputs = vec![("a".to_owned(), HostTensor::F32(a))];
-    for _ in 0..3 {
+    let seconds = median_seconds(3, 20, || {
         session.run(&inputs).expect("MatMul");
-    }
-    let seconds = median(
-        (0..20)
-            .map(|_| {
-                let start = Instant::now();
-                session.run(&inputs).expect("MatMul");
-                start.elapsed().as_secs_f64()
-            })
-            .collect(),
-    );
+    });
     2.0 * (m * k * n) as f64 / seconds / 1e9
 }
 
@@ -295,18 +278,10 @@ fn race_round(setup: RaceSetup) -> Round {
 
 fn main() {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let model = std::env::var_os("GRAFT_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            workspace.join("models/out-large/all-minilm-l6-v2-seq-cls-3/model.onnx")
-        });
-    if !model.is_file() {
-        eprintln!(
-            "{} is missing: run `python models/make_minilm.py --seq-cls 3` first (see models/README.md)",
-            model.display()
-        );
-        std::process::exit(2);
-    }
+    let model = large_model(
+        "models/out-large/all-minilm-l6-v2-seq-cls-3/model.onnx",
+        "python models/make_minilm.py --seq-cls 3",
+    );
     let threads: usize = env_or("GRAFT_BENCH_THREADS", 2);
     let steps: usize = env_or("GRAFT_BENCH_STEPS", 10);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());

@@ -18,6 +18,40 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The median wall-clock seconds of `runs` calls of `f`, after `warmup` calls that are not timed.
+pub fn median_seconds(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// A large model a benchmark runs on: `GRAFT_BENCH_MODEL`, or `relative` under the workspace
+/// (`models/out-large/…`, made on demand by a script). Exits with status 2, saying which
+/// command makes it, when the file is missing.
+pub fn large_model(relative: &str, make_it: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = std::env::var_os("GRAFT_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join(relative));
+    if !model.is_file() {
+        eprintln!(
+            "{} is missing: run `{make_it}` first (see models/README.md)",
+            model.display()
+        );
+        std::process::exit(2);
+    }
+    model
+}
+
 /// The release build of the lora plugin: `cargo bench` builds no cdylibs, so this builds it
 /// (a no-op when it is up to date) and returns its path, honouring `CARGO_TARGET_DIR`.
 pub fn lora_plugin() -> PathBuf {
