@@ -21,12 +21,24 @@ Recordings (each into models/references/<name>/):
       losses.json          the 20 per-step losses (computed before each optimizer step)
       recipe.json          every hyperparameter of the run
 
+  adalora-bert, adalora-llama        24 AdamW steps of HF PEFT AdaLoRA training
+      data.jsonl           the same lines as train-<arch>/data.jsonl
+      initial_adapter/     PEFT save before step 1 (full rank init_r, rank_pattern null)
+      final_adapter/       PEFT save after step 24 (tensors truncated to the final rank_pattern,
+                           which adapter_config.json holds)
+      final_full.safetensors  every lora_A/lora_B/lora_E after step 24, full rank, masked E = 0
+      losses.json          {"loss", "task_loss", "orth_reg"}: 24 values each
+      schedule.json        per step: budget, whether/how E was masked, kept ranks (+ scores)
+      outputs_final.npz, merged_outputs_final.npz   trained model on fixtures/<arch>-legacy/inputs.npz
+      recipe.json          config, forward/regularizer/importance/budget/masking rules, order
+
   manifest.json            check figures (fixture rebuild, unmerged vs merged,
                            ORT fixture vs torch on the training batches), sizes, versions
 
 Usage (from the repository root):
   python models/record_references.py            # everything
   python models/record_references.py --only train-llama --out /tmp/refs
+  python models/record_references.py --only adalora-bert,adalora-llama
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.adalora import AdaLoraLayer  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 MODELS_DIR = G.MODELS_DIR
@@ -647,6 +660,516 @@ def record_train(arch: str, out_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# 3. AdaLoRA training (PEFT's own AdaLoraModel: orthogonal regularizer, RankAllocator)
+# --------------------------------------------------------------------------------------
+
+ADALORA_STEPS = 24
+ADALORA = dict(
+    init_r=6,
+    target_r=3,
+    tinit=4,
+    tfinal=6,
+    deltaT=2,
+    beta1=0.85,
+    beta2=0.85,
+    orth_reg_weight=0.5,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    total_step=ADALORA_STEPS,
+)
+ADALORA_TASK = {
+    "bert": dict(task_type=None, target_modules=["query", "value"]),
+    "llama": dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]),
+}
+E_STD_ADALORA = 0.01
+ADALORA_LOSS_TOL = 1e-6  # outputs.loss - orth_reg_weight * regularizer vs the task loss
+ADALORA_KINDS = (".lora_A.", ".lora_B.", ".lora_E.")
+
+
+def adalora_params(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """lora_A / lora_B / lora_E of every SVD layer, sorted by name (ranknum excluded)."""
+    return sorted(((n, p) for n, p in model.named_parameters() if any(k in n for k in ADALORA_KINDS)), key=lambda x: x[0])
+
+
+def module_label(n: str) -> str:
+    """'base_model.model.X.lora_E.default' / 'X.lora_E.default' / 'X.lora_E' -> 'X'."""
+    n = n.removeprefix("base_model.model.").replace(".default", "")
+    for t in (".lora_A", ".lora_B", ".lora_E"):
+        if n.endswith(t):
+            return n[: -len(t)]
+    raise ValueError(n)
+
+
+def adalora_tensors(model) -> dict[str, torch.Tensor]:
+    """{'<module>.lora_A|lora_B|lora_E': tensor} in PEFT's shapes, full rank."""
+    return {f"{module_label(n)}.{n.split('.')[-2]}": p.detach().clone() for n, p in adalora_params(model)}
+
+
+def adalora_modules(model) -> list[str]:
+    return sorted({module_label(n) for n, _ in adalora_params(model)})
+
+
+def orth_regularizer(hf_model) -> torch.Tensor:
+    """AdaLoraModel.forward's regularizer, unweighted, recomputed the same way (same order):
+    mean over every lora_A (A A^T) and lora_B (B^T B) of ||cov - I||_F."""
+    reg, num = 0, 0
+    for n, p in hf_model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and "default" in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            reg = reg + torch.norm(cov - torch.eye(*cov.size(), dtype=cov.dtype), p="fro")
+            num += 1
+    return reg / num
+
+
+def triplet_scores(ra, modules: list[str]) -> dict[str, torch.Tensor]:
+    """RankAllocator.mask_to_budget's per-triplet score, recomputed from its EMA state:
+    s(P) = exp_avg_ipt(P) * exp_avg_unc(P) elementwise; score_i = s(E)_i + (mean_j s(A)_ij + mean_o s(B)_oi)."""
+    out = {}
+    for m in modules:
+        s = {k: ra.exp_avg_ipt[f"{m}.{k}.default"] * ra.exp_avg_unc[f"{m}.{k}.default"] for k in ("lora_A", "lora_B", "lora_E")}
+        a = torch.mean(s["lora_A"], dim=1, keepdim=True)
+        b = torch.mean(s["lora_B"], dim=0, keepdim=False).view(-1, 1)
+        out[m] = s["lora_E"].view(-1) + torch.cat([a, b], dim=1).sum(dim=1)
+    return out
+
+
+def adalora_forward(arch: str, model, b: dict[str, torch.Tensor], reg_weight: float, stats: dict):
+    """One training forward through PEFT's AdaLoraModel.forward (which adds
+    orth_reg_weight * regularizer to outputs.loss).  Returns (loss, task_loss, reg)."""
+    hf = model.base_model.model
+    if arch == "bert":
+        # task_type=None: PeftModel.forward calls the HF model directly (skipping
+        # AdaLoraModel.forward, so no regularizer); PEFT's task wrappers
+        # (PeftModelForSequenceClassification, ...ForCausalLM) call model.base_model(...),
+        # so do the same here.
+        out = model.base_model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+            labels=b["label"],
+            return_dict=True,
+        )
+        task = F.cross_entropy(out.logits, b["label"])
+    else:
+        # PeftModelForCausalLM.forward -> AdaLoraModel.forward -> LlamaForCausalLM(labels=...)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False, return_dict=True)
+        logits = out.logits
+        task = hf.loss_function(logits=logits, labels=b["labels"], vocab_size=hf.config.vocab_size)
+        manual = F.cross_entropy(
+            logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        d = abs(float(manual.detach()) - float(task.detach()))
+        stats["max_abs_hf_loss_vs_explicit_definition"] = max(stats.get("max_abs_hf_loss_vs_explicit_definition", 0.0), d)
+        if d > ADALORA_LOSS_TOL:
+            raise AssertionError(f"adalora-{arch}: HF causal LM loss {float(task)} != explicit {float(manual)}")
+    with torch.no_grad():
+        reg = orth_regularizer(hf)
+    d = abs(float(out.loss.detach()) - (float(task.detach()) + reg_weight * float(reg)))
+    stats["max_abs_loss_minus_task_minus_weighted_reg"] = max(stats.get("max_abs_loss_minus_task_minus_weighted_reg", 0.0), d)
+    if d > ADALORA_LOSS_TOL:
+        raise AssertionError(f"adalora-{arch}: outputs.loss {float(out.loss)} != task {float(task)} + {reg_weight} * reg {float(reg)}")
+    return out.loss, task, reg
+
+
+def kept_from_E(model) -> dict[str, list[bool]]:
+    return {module_label(n): (p.detach().view(-1) != 0).tolist() for n, p in adalora_params(model) if ".lora_E." in n}
+
+
+def adalora_loop(arch: str, model, bl: list[dict[str, torch.Tensor]]) -> dict:
+    """The recorded AdaLoRA recipe.  Returns losses, schedule, check figures."""
+    params = adalora_params(model)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    if trainable != [n for n, _ in params]:
+        raise AssertionError(f"adalora-{arch}: trainable params are not exactly lora_A/B/E: {trainable}")
+    cfg = model.peft_config["default"]
+    ra = model.base_model.rankallocator
+    modules = adalora_modules(model)
+    final_step = cfg.total_step - cfg.tfinal
+    opt = torch.optim.AdamW([p for _, p in params], **OPT, **OPT_FLAGS)
+    res = {"loss": [], "task_loss": [], "orth_reg": [], "schedule": [], "stats": {}}
+    for step in range(ADALORA_STEPS):
+        b = bl[step % len(bl)]
+        opt.zero_grad(set_to_none=True)
+        loss, task, reg = adalora_forward(arch, model, b, cfg.orth_reg_weight, res["stats"])
+        loss.backward()
+        if step == 0:
+            res["stats"]["min_grad_norm_step1"] = {
+                k: min(float(p.grad.norm()) for n, p in params if k in n) for k in ADALORA_KINDS
+            }
+        res["loss"].append(float(loss.detach()))
+        res["task_loss"].append(float(task.detach()))
+        res["orth_reg"].append(float(reg))
+        opt.step()
+
+        budget, mask_ind = ra.budget_schedule(step)
+        # scores the allocator masks by: at the final allocation (step == total_step - tfinal)
+        # update_ipt is skipped and reset_ipt runs afterwards, so read them before the call
+        scores = triplet_scores(ra, modules) if step == final_step else None
+        before = cfg.rank_pattern
+        model.base_model.update_and_allocate(step)
+        new_pattern = cfg.rank_pattern is not before
+        if step < final_step:
+            kind = "mask_to_budget" if mask_ind else "none"
+            if mask_ind:
+                scores = triplet_scores(ra, modules)
+        elif step == final_step:
+            kind = "mask_to_budget_final"
+        else:
+            kind = "mask_using_rank_pattern"
+        masked = kind != "none"
+        if new_pattern != kind.startswith("mask_to_budget"):
+            raise AssertionError(f"adalora-{arch}: step {step}: rank_pattern set={new_pattern} but kind={kind}")
+        entry = {"step": step, "budget": int(budget), "mask_step": masked, "kind": kind, "kept": None}
+        if masked:
+            from_e = kept_from_E(model)
+            from_rp = {module_label(k): [bool(x) for x in v] for k, v in cfg.rank_pattern.items()}
+            if from_e != from_rp:
+                raise AssertionError(f"adalora-{arch}: step {step}: E zeros {from_e} != rank_pattern {from_rp}")
+            entry["kept"] = dict(sorted(from_rp.items()))
+            entry["n_kept"] = sum(sum(v) for v in from_rp.values())
+        if scores is not None:
+            k = ra.init_bgt - budget
+            allsc = torch.cat([scores[m] for m in modules])
+            thr = torch.kthvalue(allsc, k=k)[0].item()
+            mine = {m: (~(scores[m] <= thr)).tolist() for m in modules}
+            if mine != entry["kept"]:
+                raise AssertionError(f"adalora-{arch}: step {step}: recomputed mask {mine} != PEFT's {entry['kept']}")
+            entry["k_masked"] = int(k)
+            entry["threshold"] = thr
+            entry["score"] = {m: scores[m].tolist() for m in modules}
+            srt = sorted(allsc.tolist())
+            entry["score_gap_at_threshold"] = srt[k] - srt[k - 1]  # margin between last masked and first kept
+            entry["relative_score_gap_at_threshold"] = (srt[k] - srt[k - 1]) / srt[k]
+        entry["zero_E_entries_after_step"] = int(sum(int((p == 0).sum()) for n, p in params if ".lora_E." in n))
+        res["schedule"].append(entry)
+    return res
+
+
+def record_adalora(arch: str, out_dir: Path) -> dict:
+    spec = TRAIN[arch]
+    rec = base_recording(arch)
+    rows = make_bert_data(spec) if arch == "bert" else make_llama_data(spec)
+    bl = batches(rows, spec["batch_size"])
+    n_batches = len(bl)
+
+    cfg = peft.AdaLoraConfig(**ADALORA_TASK[arch], **ADALORA)
+    init_seed = seed_of("adalora", arch, "init")
+    torch.manual_seed(init_seed)  # PEFT's init (E zeros, A/B normal(0, 0.02)) draws from the global RNG
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(rec.model, cfg)
+    with torch.no_grad():
+        g = gen("adalora", arch, "lora_E")
+        for n, p in adalora_params(model):
+            if ".lora_E." in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * E_STD_ADALORA)
+    model.eval()  # dropout inactive everywhere
+    modules = adalora_modules(model)
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, AdaLoraLayer)}
+    ranknum0 = {k: float(m.ranknum["default"]) for k, m in layers.items()}
+    if set(ranknum0.values()) != {float(ADALORA["init_r"])}:
+        raise AssertionError(f"adalora-{arch}: ranknum {ranknum0}")
+    ra = model.base_model.rankallocator
+    budgets = [ra.budget_schedule(s) for s in range(ADALORA_STEPS)]
+    if len({b for b, _ in budgets}) < 3 or ra.init_bgt == ra.target_bgt:
+        raise AssertionError(f"adalora-{arch}: the budget does not change inside the run: {budgets}")
+
+    # with task_type=None, PeftModel.forward skips AdaLoraModel.forward: no regularizer added
+    with torch.no_grad():
+        b0 = bl[0]
+        if arch == "bert":
+            kw = dict(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"], token_type_ids=b0["token_type_ids"], labels=b0["label"])
+            plain = model(**kw, return_dict=True).loss
+            via_base = model.base_model(**kw, return_dict=True).loss
+        else:
+            kw = dict(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"], labels=b0["labels"], use_cache=False)
+            plain = model(**kw, return_dict=True).loss
+            via_base = model.base_model(**kw, return_dict=True).loss
+        reg0 = float(orth_regularizer(model.base_model.model))
+    # PeftModel's own forward adds the regularizer iff it goes through AdaLoraModel.forward
+    peft_model_forward_adds_reg = float(plain) == float(via_base)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    data_text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+    (out_dir / "data.jsonl").write_text(data_text)
+    train_data = out_dir.parent / f"train-{arch}" / "data.jsonl"
+    data_same_as_train = train_data.read_text() == data_text if train_data.exists() else None
+    if data_same_as_train is False:
+        raise AssertionError(f"adalora-{arch}: data.jsonl differs from {train_data}")
+    initial = adalora_tensors(model)
+    save_adapter(model, out_dir / "initial_adapter")
+    saved0 = safetensors.torch.load_file(str(out_dir / "initial_adapter" / "adapter_model.safetensors"))
+    want0 = {f"base_model.model.{k}": v for k, v in initial.items()}
+    if saved0.keys() != want0.keys() or not all(torch.equal(saved0[k], want0[k]) for k in want0):
+        raise AssertionError(f"adalora-{arch}: initial_adapter/ != the live tensors: {sorted(saved0)[:3]}")
+
+    run = adalora_loop(arch, model, bl)
+    final = adalora_tensors(model)
+    safetensors.torch.save_file({k: final[k].contiguous() for k in sorted(final)}, str(out_dir / "final_full.safetensors"))
+    final_pattern = {module_label(k): [bool(x) for x in v] for k, v in model.peft_config["default"].rank_pattern.items()}
+    save_adapter(model, out_dir / "final_adapter")
+    written_cfg = json.loads((out_dir / "final_adapter" / "adapter_config.json").read_text())
+    # PEFT's save truncates every tensor to the kept ranks of the final rank_pattern
+    saved = safetensors.torch.load_file(str(out_dir / "final_adapter" / "adapter_model.safetensors"))
+    for m in modules:
+        keep = torch.tensor(final_pattern[m])
+        want = {
+            "lora_A": final[f"{m}.lora_A"][keep],
+            "lora_B": final[f"{m}.lora_B"][:, keep],
+            "lora_E": final[f"{m}.lora_E"][keep],
+        }
+        for k, v in want.items():
+            if not torch.equal(saved[f"base_model.model.{m}.{k}"], v):
+                raise AssertionError(f"adalora-{arch}: final_adapter {m}.{k} != final_full truncated by the rank pattern")
+    if len(saved) != 3 * len(modules):
+        raise AssertionError(f"adalora-{arch}: final_adapter holds {sorted(saved)}")
+    (out_dir / "losses.json").write_text(json.dumps({"loss": run["loss"], "task_loss": run["task_loss"], "orth_reg": run["orth_reg"]}) + "\n")
+    (out_dir / "schedule.json").write_text(json.dumps(run["schedule"], indent=1) + "\n")
+
+    # replay: fresh base + initial_adapter/ from disk + the recipe gives the same run
+    fresh = base_recording(arch)
+    replay = PeftModel.from_pretrained(fresh.model, str(out_dir / "initial_adapter"), is_trainable=True)
+    replay.eval()
+    replay_init = adalora_tensors(replay)
+    replay_init_same = replay_init.keys() == initial.keys() and all(torch.equal(replay_init[k], initial[k]) for k in initial)
+    replay_run = adalora_loop(arch, replay, bl)
+    replay_final = adalora_tensors(replay)
+    replay_diff = {
+        "initial_tensors_identical": replay_init_same,
+        "loss_identical": replay_run["loss"] == run["loss"],
+        "task_loss_identical": replay_run["task_loss"] == run["task_loss"],
+        "orth_reg_identical": replay_run["orth_reg"] == run["orth_reg"],
+        "schedule_identical": replay_run["schedule"] == run["schedule"],
+        "final_tensors_identical": replay_final.keys() == final.keys() and all(torch.equal(replay_final[k], final[k]) for k in final),
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(replay_run["loss"], run["loss"])),
+        "max_abs_final_tensor_diff": max(float((replay_final[k] - final[k]).abs().max()) for k in final),
+    }
+    replay_ok = all(v for k, v in replay_diff.items() if k.endswith("identical"))
+    if not replay_ok:
+        raise AssertionError(f"adalora-{arch}: replay from initial_adapter/ does not reproduce the run: {replay_diff}")
+
+    # outputs of the trained (unmerged) model, of final_adapter/ reloaded, and merged
+    feeds = fixture_arrays(arch, "legacy", "inputs")
+    out = run_outputs(rec, model, feeds)
+    fresh2 = base_recording(arch)
+    with warnings.catch_warnings():
+        # LoraModel's injection reads AdaLoRA's rank_pattern ('<module>.lora_E': [bool]) as LoRA's
+        # per-module rank override, matches no module and warns; AdaLoRA then resizes the modules itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loaded = PeftModel.from_pretrained(fresh2.model, str(out_dir / "final_adapter"))
+    loaded.eval()
+    loaded_layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules() if isinstance(m, AdaLoraLayer)}
+    reload_info = {
+        "r": {k: m.r["default"] for k, m in sorted(loaded_layers.items())},
+        "ranknum": {k: float(m.ranknum["default"]) for k, m in sorted(loaded_layers.items())},
+        "max_abs_outputs_vs_outputs_final": max_diff(run_outputs(fresh2, loaded, feeds), out),
+    }
+    if set(reload_info["ranknum"].values()) != {float(ADALORA["init_r"])}:
+        raise AssertionError(f"adalora-{arch}: reloaded ranknum {reload_info['ranknum']}")
+    if reload_info["max_abs_outputs_vs_outputs_final"] > MERGE_TOL:
+        raise AssertionError(f"adalora-{arch}: final_adapter/ reloaded differs from outputs_final by {reload_info}")
+    merged = model.merge_and_unload()
+    merged.eval()
+    merged_out = run_outputs(rec, merged, feeds)
+    d_merge = max_diff(out, merged_out)
+    if d_merge > MERGE_TOL:
+        raise AssertionError(f"adalora-{arch}: unmerged vs merged differ by {d_merge:.3g}")
+    G.write_npz(out_dir / "outputs_final.npz", out)
+    G.write_npz(out_dir / "merged_outputs_final.npz", merged_out)
+    plain_base = base_recording(arch)
+    d_base = max_diff(out, run_outputs(plain_base, plain_base.model, feeds))
+
+    sched = run["schedule"]
+    recipe = adalora_recipe(arch, rec, rows, bl, init_seed, run, layers, modules)
+    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return {
+        "peft_model_forward_adds_regularizer_with_this_task_type": peft_model_forward_adds_reg,
+        "regularizer_check_step0": {"PeftModel_forward_loss": float(plain), "AdaLoraModel_forward_loss": float(via_base), "orth_reg": reg0},
+        "data_identical_to_train_recording": data_same_as_train,
+        "max_abs_loss_minus_task_minus_weighted_reg": run["stats"]["max_abs_loss_minus_task_minus_weighted_reg"],
+        "max_abs_hf_loss_vs_explicit_definition": run["stats"].get("max_abs_hf_loss_vs_explicit_definition"),
+        "min_grad_norm_step1": {k.strip("."): v for k, v in run["stats"]["min_grad_norm_step1"].items()},
+        "init_bgt": int(ra.init_bgt),
+        "target_bgt": int(ra.target_bgt),
+        "budget_per_step": [e["budget"] for e in sched],
+        "mask_steps": {e["kind"]: [x["step"] for x in sched if x["kind"] == e["kind"]] for e in sched if e["mask_step"]},
+        "n_kept_per_mask_step": {str(e["step"]): e["n_kept"] for e in sched if e["mask_step"]},
+        "final_rank_pattern": final_pattern,
+        "final_adapter_config_rank_pattern": written_cfg.get("rank_pattern"),
+        "final_adapter_config": {k: written_cfg.get(k) for k in ("peft_type", "task_type", "init_r", "target_r", "r", "lora_alpha", "total_step", "target_modules")},
+        "final_adapter_reloaded": reload_info,
+        "replay_from_initial_adapter": replay_diff,
+        "replay_from_initial_adapter_bit_identical": replay_ok,
+        "first_loss": run["loss"][0],
+        "last_loss": run["loss"][-1],
+        "first_task_loss": run["task_loss"][0],
+        "last_task_loss": run["task_loss"][-1],
+        "max_abs_unmerged_vs_merged": d_merge,
+        "max_abs_trained_vs_base_outputs": d_base,
+        "tensors": safetensors_summary(out_dir / "final_adapter" / "adapter_model.safetensors"),
+        "initial_tensors": safetensors_summary(out_dir / "initial_adapter" / "adapter_model.safetensors"),
+    }
+
+
+def adalora_recipe(arch, rec, rows, bl, init_seed, run, layers, modules) -> dict:
+    spec = TRAIN[arch]
+    c = ADALORA
+    n_mod = len(modules)
+    init_bgt, target_bgt = c["init_r"] * n_mod, c["target_r"] * n_mod
+    final_step = c["total_step"] - c["tfinal"]
+    n_batches = len(bl)
+    shapes = {k: list(v) for k, v in adalora_tensors_shapes(layers).items()}
+    if arch == "bert":
+        forward_call = (
+            "model.base_model(input_ids, attention_mask, token_type_ids, labels=label) i.e. AdaLoraModel.forward "
+            "(with task_type=None, PeftModel.forward would call the HF model directly and add no regularizer; "
+            "PEFT's task wrappers PeftModelForSequenceClassification/ForCausalLM call model.base_model(...) like this)"
+        )
+        task_loss = "F.cross_entropy(logits[batch, 2], label[batch]), mean over the batch (= BertForSequenceClassification's loss with labels, single_label_classification)"
+        trainable_note = "only lora_A/lora_B/lora_E; task_type=None so PeftModel adds no modules_to_save: the classifier (and everything else) is frozen"
+    else:
+        forward_call = "model(input_ids, attention_mask, labels=labels, use_cache=False): PeftModelForCausalLM.forward -> AdaLoraModel.forward -> LlamaForCausalLM"
+        task_loss = (
+            "HF ForCausalLMLoss (transformers 5.24.0): logits[:, :-1] vs labels[:, 1:], F.cross_entropy(ignore_index=-100, reduction='mean'), "
+            "the mean over all (example, position) pairs of the batch whose shifted label != -100"
+        )
+        trainable_note = "only lora_A/lora_B/lora_E (task_type=CAUSAL_LM adds no modules_to_save); embeddings, lm_head, norms frozen"
+    return {
+        "base_model": {
+            "fixtures": [f"{arch}-legacy", f"{arch}-dynamo"],
+            "torch": f"generate.py REGISTRY['{arch}']() ({type(rec.model).__name__}, eval mode, float32)",
+        },
+        "task": "sequence-classification" if arch == "bert" else "causal-lm",
+        "data": f"data.jsonl: the same lines as train-{arch}/data.jsonl (same format, see that recording's recipe.json)",
+        "peft": {"version": peft.__version__, "class": "peft.AdaLoraConfig -> AdaLoraModel with SVDLinear layers"},
+        "adalora_config": {**c, **ADALORA_TASK[arch], "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False},
+        "modules": modules,
+        "n_modules": n_mod,
+        "tensor_shapes": {
+            "lora_A": "[r, in_features] (right singular vectors, rows = ranks)",
+            "lora_E": "[r, 1] (singular values)",
+            "lora_B": "[out_features, r] (left singular vectors, columns = ranks)",
+            "per_module": shapes,
+            "r": c["init_r"],
+        },
+        "forward": {
+            "formula": "y = base(x) + ((dropout(x) @ (A * E)^T @ B^T) * lora_alpha) / (ranknum + 1e-5)",
+            "evaluation_order": "t = (A * E) (E [r,1] broadcast over A's columns, i.e. row i of A times E[i]); u = x @ t^T; v = u @ B^T; "
+            "v = v * lora_alpha (Python int 8); v = v / (ranknum + 1e-5) (ranknum a float32 tensor of shape [1]); result += v",
+            "lora_alpha": c["lora_alpha"],
+            "scaling": "lora_alpha (self.scaling = lora_alpha when lora_alpha > 0), then divided by (ranknum + 1e-5)",
+            "ranknum": f"float32 [1], filled with float(init_r) = {float(c['init_r'])} at creation; never changed by masking (masked ranks only get E = 0); "
+            "not saved in the adapter file; after PeftModel.from_pretrained of a truncated adapter, resize_modules_by_rank_pattern restores the old "
+            f"ranknum (init_r = {c['init_r']}), so the effective scale stays lora_alpha / (init_r + 1e-5) = {c['lora_alpha'] / (c['init_r'] + 1e-5)!r} "
+            "(not lora_alpha / kept_rank)",
+            "effective_scale_float64": c["lora_alpha"] / (c["init_r"] + 1e-5),
+            "merged_delta_weight": "W += (B @ (A * E)) * lora_alpha / (ranknum + 1e-5)  (W [out, in]; get_delta_weight)",
+            "dropout": "lora_dropout=0 -> nn.Identity",
+        },
+        "init": {
+            "peft_default": f"torch.manual_seed({init_seed}) then get_peft_model; per SVDLinear (in injection order) update_layer draws from the "
+            "global RNG: randn lora_A, randn lora_E, randn lora_B, randn(1) for ranknum (then filled with init_r), and reset_lora_parameters: "
+            "E zeros, normal_(A, 0, 0.02), normal_(B, 0, 0.02)",
+            "lora_E_overwrite": f"every lora_E <- randn(r, 1) * {E_STD_ADALORA} from torch.Generator seeded {seed_of('adalora', arch, 'lora_E')}, "
+            "in sorted parameter-name order (so A and B get non-zero gradients at step 1)",
+            "exact_values": "initial_adapter/adapter_model.safetensors (rank_pattern null there, so full rank r = init_r)",
+        },
+        "trainable": trainable_note,
+        "n_trainable": int(sum(int(np.prod(s)) for s in shapes.values())),
+        "regularizer": {
+            "definition": "R = (1/N) * sum over P in {every lora_A, every lora_B of the adapter} of ||C(P) - I_r||_F, "
+            "C(A) = A @ A^T ([r, r]), C(B) = B^T @ B ([r, r]), torch.norm(p='fro')",
+            "N": 2 * n_mod,
+            "includes_masked_ranks": "yes: all r = init_r rows/columns enter C, masking only zeroes E",
+            "E_excluded": True,
+            "sum_order": "model.named_parameters() order (layer by layer, module order; A before B within a module); sum starts from Python 0",
+            "total_loss": f"outputs.loss = task_loss + orth_reg_weight * R, orth_reg_weight = {c['orth_reg_weight']} (added in place in AdaLoraModel.forward)",
+            "gradient": "flows through R into every lora_A and lora_B",
+        },
+        "forward_call": forward_call,
+        "task_loss": task_loss,
+        "losses_json": "loss[s] = outputs.loss of step s (task + 0.5*R), task_loss[s], orth_reg[s] = R (unweighted); all computed in the forward of step s, "
+        "before that step's optimizer update; float32 values written as JSON float64",
+        "optimizer": {
+            "name": "torch.optim.AdamW",
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in OPT.items()},
+            **OPT_FLAGS,
+            "params": "every lora_A, lora_B, lora_E (sorted by parameter name), one param group",
+            "update": "t += 1; p -= lr*weight_decay*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; "
+            "p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)  (decoupled weight decay on every tensor incl. E; m, v start at 0)",
+            "state_and_masking": "masking only overwrites E entries in place; AdamW's m/v of E are not touched, so a masked E entry becomes "
+            "non-zero again at the next optimizer.step (its gradient and momentum are non-zero) unless it is masked again",
+        },
+        "lr_schedule": "constant lr, no warmup",
+        "grad_clipping": None,
+        "grad_accumulation": 1,
+        "steps": ADALORA_STEPS,
+        "batch_size": spec["batch_size"],
+        "batch_of_step": f"step s (0-based) uses data.jsonl lines [B*(s mod {n_batches}), B*(s mod {n_batches})+B), B={spec['batch_size']}; no shuffling",
+        "step_order": "for s in 0..23: optimizer.zero_grad(set_to_none=True); out = forward(batch(s), labels); out.loss.backward(); "
+        "record losses; optimizer.step(); model.base_model.update_and_allocate(s)",
+        "step_numbering": "0-based: the global_step passed to update_and_allocate is s = 0..23 (the same s as the losses.json index and schedule.json step)",
+        "update_and_allocate": {
+            "s < total_step - tfinal (= %d)" % final_step: "RankAllocator.update_ipt, then (budget, mask_ind) = budget_schedule(s); if mask_ind: "
+            "rank_pattern = mask_to_budget(budget) (E masked in place), stored in config.rank_pattern",
+            "s == total_step - tfinal": "NO update_ipt; budget_schedule(s) gives the target budget; mask_to_budget(budget) (force_mask); "
+            "config.rank_pattern = it; reset_ipt() (the EMAs are discarded)",
+            "s > total_step - tfinal": "mask_using_rank_pattern(config.rank_pattern): E entries of the final pattern's dropped ranks re-zeroed after every step; "
+            "no importance update, no new pattern",
+        },
+        "importance": {
+            "ipt": "for every P in lora_A, lora_B, lora_E (elementwise): ipt(P) = |P_after_step * grad_P| where P_after_step is the value after "
+            "this step's optimizer.step() and grad_P the gradient of this step's backward (computed before the step)",
+            "ema": f"I(P) = beta1*I(P) + (1-beta1)*ipt(P); U(P) = beta2*U(P) + (1-beta2)*|ipt(P) - I(P)| (U uses the already updated I); "
+            f"beta1 = {c['beta1']}, beta2 = {c['beta2']}; I, U start at zeros at the first update (step 0); beta and 1-beta are Python floats times float32 tensors",
+            "element_score": "S(P) = I(P) * U(P) elementwise",
+            "triplet_score": "for rank i of a module: score_i = S(E)[i, 0] + ( mean_j S(A)[i, j] + mean_o S(B)[o, i] ) "
+            "(torch.mean over A's in_features and over B's out_features; the two means are added first, then added to S(E))",
+        },
+        "budget_schedule": {
+            "init_bgt": f"sum of r over modules = init_r * n_modules = {init_bgt}",
+            "target_bgt": f"target_r * n_modules = {target_bgt}",
+            "rule": "s <= tinit: (init_bgt, no mask); s > total_step - tfinal: (target_bgt, mask); otherwise "
+            "mul = 1 - (s - tinit) / (total_step - tfinal - tinit); budget = int((init_bgt - target_bgt) * mul**3 + target_bgt) "
+            "(Python float arithmetic, int() truncates), mask iff s % deltaT == 0",
+            "budget_per_step": [e["budget"] for e in run["schedule"]],
+        },
+        "masking_rule": "k = init_bgt - budget; threshold = torch.kthvalue(cat(all modules' triplet scores), k).value (the k-th smallest over all "
+        "n_modules * init_r scores); every rank with score <= threshold is masked: E[i] = 0 (masked_fill_), A, B untouched; "
+        "rank_pattern[module] = [score_i > threshold for i in ranks] (ties at the threshold would mask more than k)",
+        "schedule_json": "one entry per step: step, budget = budget_schedule(step)[0], mask_step (E masked after that step's update), "
+        "kind (none | mask_to_budget | mask_to_budget_final | mask_using_rank_pattern), kept = {module: [bool per rank]} after masking "
+        "(from E != 0, asserted equal to PEFT's rank_pattern), n_kept; at mask_to_budget steps also k_masked, threshold, score (the "
+        "triplet scores, recomputed from the allocator state and checked to give PEFT's mask) and score_gap_at_threshold; "
+        "zero_E_entries_after_step (0 between mask steps where masked entries have been revived by AdamW)",
+        "final_full_safetensors": "every lora_A/lora_B/lora_E after step 24 (after the last update_and_allocate), full rank r = init_r, "
+        "masked ranks have E = 0 (A/B rows/cols of masked ranks are kept and keep training); keys '<module>.lora_A|lora_B|lora_E'",
+        "final_adapter": "PeftModel.save_pretrained after training: the saved config's rank_pattern is the final pattern (keys "
+        "'<module>.lora_E', adapter name removed), and each tensor is truncated to the kept ranks (A rows, E rows, B columns); "
+        "ranknum is not saved; reloading restores ranknum = init_r",
+        "seeds": {
+            "ref_seed": REF_SEED,
+            "peft_init_torch_manual_seed": init_seed,
+            "lora_E_generator_seed": seed_of("adalora", arch, "lora_E"),
+            "fixture_model_seed": G.SEED,
+        },
+        "dtype": "float32",
+        "determinism": "torch.set_num_threads(1), torch.use_deterministic_algorithms(True), CPU",
+        "dropout": "model.eval() during training (base model dropout inactive); lora_dropout=0",
+    }
+
+
+def adalora_tensors_shapes(layers) -> dict[str, torch.Size]:
+    out = {}
+    for m, layer in sorted(layers.items()):
+        for k in ("lora_A", "lora_B", "lora_E"):
+            out[f"{m}.{k}"] = getattr(layer, k)["default"].shape
+    return out
+
+
+# --------------------------------------------------------------------------------------
 
 
 RECORDINGS = {
@@ -655,6 +1178,8 @@ RECORDINGS = {
     "peft-gpt2": lambda d: record_peft("gpt2", d),
     "train-bert": lambda d: record_train("bert", d),
     "train-llama": lambda d: record_train("llama", d),
+    "adalora-bert": lambda d: record_adalora("bert", d),
+    "adalora-llama": lambda d: record_adalora("llama", d),
 }
 
 
@@ -668,6 +1193,11 @@ def versions() -> dict:
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
     }
+
+
+def machine() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"arch": platform.machine(), "cpu": model or platform.processor(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def tree_bytes(root: Path) -> int:
@@ -695,12 +1225,23 @@ def main(argv=None) -> int:
     manifest_path = out_root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"fixture_rebuild": {}, "recordings": {}}
 
+    # manifest["fixture_rebuild"][arch] describes the machine that recorded the arch's recordings:
+    # it is replaced only when this run re-records all of them (or it is missing).  Every
+    # recording entry also carries the figures of the run that made it.
+    fixture_here = {}
     for arch in sorted({n.split("-", 1)[1] for n in names}):
-        manifest["fixture_rebuild"][arch] = check_fixture_rebuild(arch)
-        print(f"[fixture {arch}] rebuilt torch model vs outputs.npz: {manifest['fixture_rebuild'][arch]}", flush=True)
+        fixture_here[arch] = check_fixture_rebuild(arch)
+        print(f"[fixture {arch}] rebuilt torch model vs outputs.npz: {fixture_here[arch]}", flush=True)
+        of_arch = [n for n in RECORDINGS if n.split("-", 1)[1] == arch]
+        if arch not in manifest["fixture_rebuild"] or all(n in names for n in of_arch):
+            manifest["fixture_rebuild"][arch] = fixture_here[arch]
+        elif manifest["fixture_rebuild"][arch] != fixture_here[arch]:
+            print(f"[fixture {arch}] note: kept the manifest's fixture_rebuild entry of the earlier run; this machine differs", flush=True)
 
     for name in names:
         info = RECORDINGS[name](out_root / name)
+        info["fixture_rebuild_on_recording_machine"] = fixture_here[name.split("-", 1)[1]]
+        info["recording_machine"] = machine()
         info["bytes"] = tree_bytes(out_root / name)
         manifest["recordings"][name] = info
         brief = {k: v for k, v in info.items() if k != "tensors"}
