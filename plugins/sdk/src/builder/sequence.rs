@@ -1,0 +1,261 @@
+//! Insertions that lengthen a sequence axis: soft prompts, key/value prefixes, and the
+//! attention-mask extension both need.
+
+use super::{attr_int, splitmix64, PatchBuilder};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::patch::Init;
+
+/// Names created by [`PatchBuilder::prepend_to_sequence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptNames {
+    /// The learned prompt `[n_virtual, hidden]`; `None` when `n_virtual` is 0.
+    pub prompt: Option<String>,
+    /// The extended sequence (the input value itself when `n_virtual` is 0).
+    pub output: String,
+    /// The extended attention mask, when a mask was given.
+    pub mask_output: Option<String>,
+    /// Every node emitted, in order.
+    pub nodes: Vec<String>,
+}
+
+/// Names created by [`PatchBuilder::extend_mask`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskNames {
+    /// The extended mask (the mask itself when nothing was prepended).
+    pub output: String,
+    /// Every node emitted, in order.
+    pub nodes: Vec<String>,
+}
+
+/// Names created by [`PatchBuilder::prefix_key_values`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixNames {
+    /// Learned key prefix `[1, heads, n_prefix, head_dim]`; `None` when `n_prefix` is 0.
+    pub key_prefix: Option<String>,
+    /// Learned value prefix `[1, heads, n_prefix, head_dim]`; `None` when `n_prefix` is 0.
+    pub value_prefix: Option<String>,
+    /// The extended keys.
+    pub key_output: String,
+    /// The extended values.
+    pub value_output: String,
+    /// Every node emitted, in order.
+    pub nodes: Vec<String>,
+}
+
+impl PatchBuilder<'_> {
+    /// Prepends a learned soft prompt to a sequence (prompt tuning): `P [n_virtual, hidden]`
+    /// (trainable, `embedding_output`'s type, initialised by `init`) is broadcast over the
+    /// batch and concatenated before `embedding_output` `[batch, seq, hidden]` along axis 1.
+    /// When `attention_mask` names the mask graph input, it is extended the same way
+    /// ([`PatchBuilder::extend_mask`]). `n_virtual = 0` emits nothing.
+    ///
+    /// Nodes: `Constant`, `Unsqueeze(P, [0])`, `Shape(e)`, `Gather(·, [0])` (the batch size),
+    /// `Constant([1, 1])`, `Concat` (the target `[batch, 1, 1]`), `Expand`,
+    /// `Concat(P_batch, e, axis = 1)`. Rewires `e`. Every downstream value's sequence axis,
+    /// graph outputs included, grows by `n_virtual`; the loss must skip those positions.
+    pub fn prepend_to_sequence(
+        &mut self,
+        embedding_output: &str,
+        attention_mask: Option<&str>,
+        n_virtual: usize,
+        hidden: usize,
+        init: Init,
+    ) -> Result<PromptNames> {
+        let first = self.patch.nodes.len();
+        if n_virtual == 0 {
+            return Ok(PromptNames {
+                prompt: None,
+                output: self.current(embedding_output),
+                mask_output: attention_mask.map(|m| self.current(m)),
+                nodes: vec![],
+            });
+        }
+        let dtype = self.value_dtype(embedding_output)?;
+        let stem = self.stem(&format!("{}.prompt", self.prefix));
+        let prompt = self.parameter(
+            &format!("{stem}.embedding"),
+            dtype,
+            vec![n_virtual, hidden],
+            init,
+            true,
+        );
+        let e = self.current(embedding_output);
+        let axes = self.constant_ints(&format!("{stem}.axes"), &[0]);
+        let p3 = self.op(
+            &format!("{stem}.unsqueeze"),
+            "Unsqueeze",
+            &[&prompt, &axes],
+            &[],
+        );
+        let output = self.prepend_over_batch(&stem, &p3, &e, &[1, 1], 1);
+        let mask_output = match attention_mask {
+            Some(mask) => Some(self.extend_mask(mask, n_virtual)?.output),
+            None => None,
+        };
+        let nodes = self.nodes_since(first);
+        Ok(PromptNames {
+            prompt: Some(prompt),
+            output,
+            mask_output,
+            nodes,
+        })
+    }
+
+    /// Prepends `n` ones to an attention mask `[batch, seq]` along axis 1, so positions
+    /// prepended by [`PatchBuilder::prepend_to_sequence`] or
+    /// [`PatchBuilder::prefix_key_values`] are attended. Every consumer of the mask reads
+    /// `Concat(ones[batch, n], mask, axis = 1)`. `n = 0` emits nothing.
+    ///
+    /// Nodes: `Shape(mask)`, `Gather(·, [0])`, `Constant([n])`, `Concat` (the shape
+    /// `[batch, n]`), `Constant([1])`, `Expand` (int64 ones; `ConstantOfShape` would need a
+    /// tensor attribute), `Cast(to = mask type)` unless the mask is `int64` or of unknown
+    /// type, `Concat`.
+    pub fn extend_mask(&mut self, mask: &str, n: usize) -> Result<MaskNames> {
+        let m = self.current(mask);
+        if n == 0 {
+            return Ok(MaskNames {
+                output: m,
+                nodes: vec![],
+            });
+        }
+        let first = self.patch.nodes.len();
+        let stem = self.stem(&format!("{}.mask", self.prefix));
+        let batch = self.batch_size(&stem, &m);
+        let len = self.constant_ints(&format!("{stem}.len"), &[n as i64]);
+        let shape = self.op(
+            &format!("{stem}.shape"),
+            "Concat",
+            &[&batch, &len],
+            &[attr_int("axis", 0)],
+        );
+        let one = self.constant_ints(&format!("{stem}.one"), &[1]);
+        let mut ones = self.op(&format!("{stem}.ones"), "Expand", &[&one, &shape], &[]);
+        let dtype = self.graph.dtype_of(mask).unwrap_or(DType::Int64);
+        if dtype != DType::Int64 {
+            ones = self.op(
+                &format!("{stem}.cast"),
+                "Cast",
+                &[&ones],
+                &[attr_int("to", dtype.onnx_code() as i64)],
+            );
+        }
+        let output = self.op(
+            &format!("{stem}.concat"),
+            "Concat",
+            &[&ones, &m],
+            &[attr_int("axis", 1)],
+        );
+        self.rewire(&m, &output);
+        Ok(MaskNames {
+            output,
+            nodes: self.nodes_since(first),
+        })
+    }
+
+    /// Prepends learned keys and values to one attention (prefix tuning): `Pk` and `Pv`, each
+    /// `[1, n_heads, n_prefix, head_dim]` (trainable, `key_states`' type; `Pk` initialised by
+    /// `init`, `Pv` by `init` with a seed derived from its seed), are broadcast over the batch
+    /// and concatenated before `key_states` and `value_states` `[batch, n_heads, seq,
+    /// head_dim]` along axis 2. `n_heads` is the number of key/value heads (`n_kv_heads`
+    /// under grouped-query attention). `n_prefix = 0` emits nothing.
+    ///
+    /// The attention mask must be extended the same way (call
+    /// [`PatchBuilder::extend_mask`] once on the mask input for the whole model), and a
+    /// causal mask built inside the graph must admit the prefix positions; this helper
+    /// touches only the keys and values. Nodes per side: `Shape`, `Gather(·, [0])`,
+    /// `Constant([1, 1, 1])`, `Concat`, `Expand`, `Concat(axis = 2)`.
+    pub fn prefix_key_values(
+        &mut self,
+        key_states: &str,
+        value_states: &str,
+        n_heads: usize,
+        head_dim: usize,
+        n_prefix: usize,
+        init: Init,
+    ) -> Result<PrefixNames> {
+        if n_prefix == 0 {
+            return Ok(PrefixNames {
+                key_prefix: None,
+                value_prefix: None,
+                key_output: self.current(key_states),
+                value_output: self.current(value_states),
+                nodes: vec![],
+            });
+        }
+        let dtype = self.value_dtype(key_states)?;
+        let first = self.patch.nodes.len();
+        let value_init = match init.seed() {
+            Some(seed) => init.clone().with_seed(splitmix64(seed)),
+            None => init.clone(),
+        };
+        let mut made = Vec::new();
+        for (states, side, init) in [
+            (key_states, "key", init),
+            (value_states, "value", value_init),
+        ] {
+            let stem = self.stem(&format!("{}.{states}", self.prefix));
+            let prefix = self.parameter(
+                &format!("{stem}.{side}_prefix"),
+                dtype,
+                vec![1, n_heads, n_prefix, head_dim],
+                init,
+                true,
+            );
+            let s = self.current(states);
+            let output = self.prepend_over_batch(&stem, &prefix, &s, &[1, 1, 1], 2);
+            made.push((prefix, output));
+        }
+        let (value_prefix, value_output) = made.pop().unwrap_or_default();
+        let (key_prefix, key_output) = made.pop().unwrap_or_default();
+        Ok(PrefixNames {
+            key_prefix: Some(key_prefix),
+            value_prefix: Some(value_prefix),
+            key_output,
+            value_output,
+            nodes: self.nodes_since(first),
+        })
+    }
+
+    /// Repeats `block` (leading dimension 1) over the batch of `onto` and prepends it to `onto`
+    /// along `axis`; later readers of `onto` read the result. Nodes, named under `stem`: the
+    /// batch size of `onto`, `Constant(tail)` (the block's other dims), `Concat` (the target
+    /// shape), `Expand`, `Concat(axis)`. Returns the concatenation.
+    fn prepend_over_batch(
+        &mut self,
+        stem: &str,
+        block: &str,
+        onto: &str,
+        tail: &[i64],
+        axis: i64,
+    ) -> String {
+        let batch = self.batch_size(stem, onto);
+        let tail = self.constant_ints(&format!("{stem}.tail"), tail);
+        let target = self.op(
+            &format!("{stem}.target"),
+            "Concat",
+            &[&batch, &tail],
+            &[attr_int("axis", 0)],
+        );
+        let expanded = self.op(&format!("{stem}.expand"), "Expand", &[block, &target], &[]);
+        let output = self.op(
+            &format!("{stem}.concat"),
+            "Concat",
+            &[&expanded, onto],
+            &[attr_int("axis", axis)],
+        );
+        self.rewire(onto, &output);
+        output
+    }
+
+    fn batch_size(&mut self, stem: &str, value: &str) -> String {
+        let shape = self.op(&format!("{stem}.input_shape"), "Shape", &[value], &[]);
+        let index = self.constant_ints(&format!("{stem}.batch_index"), &[0]);
+        self.op(
+            &format!("{stem}.batch"),
+            "Gather",
+            &[&shape, &index],
+            &[attr_int("axis", 0)],
+        )
+    }
+}
