@@ -799,3 +799,291 @@ fn payload_checks_catch_mismatches() {
     int4.tensors[0].data = vec![0; 1];
     assert!(int4.to_frame().is_err());
 }
+
+fn node_names(p: &Patch) -> Vec<String> {
+    p.nodes.iter().map(|n| n.name.clone()).collect()
+}
+
+#[test]
+fn block_returns_exactly_the_nodes_added_in_order_and_nests() {
+    let g = view(DType::Float);
+    let q = site_of(&g, 0, SiteKind::Q);
+    let mut b = PatchBuilder::new(&g, "m");
+    let before = b.constant_ints("m.before", &[1]);
+    let ((value, inner_nodes, lora), outer_nodes) = b
+        .block(|b| {
+            let first = b.constant_scalar("m.first", 2.0, DType::Float16);
+            let ((value, lora), inner_nodes) = b.block(|b| {
+                let lora = b.low_rank_branch(&q, 2, 1.0, Init::Zeros, Init::Zeros, None)?;
+                let value = b.op("m.inner", "Mul", &[&lora.output, &first], &[]);
+                Ok((value, lora))
+            })?;
+            b.op("m.last", "Relu", &[&value], &[]);
+            Ok((value, inner_nodes, lora))
+        })
+        .unwrap();
+    assert_eq!(value, "m.inner.out");
+    let all = node_names(b.patch());
+    assert_eq!(all[0], "m.before");
+    assert_eq!(b.patch().nodes[0].outputs, [before]);
+    assert_eq!(outer_nodes, all[1..]);
+    assert_eq!(&outer_nodes[..2], ["m.first", "m.first.cast"]);
+    assert_eq!(outer_nodes.last().map(String::as_str), Some("m.last"));
+    let mut expected_inner = lora.nodes.clone();
+    expected_inner.push("m.inner".into());
+    assert_eq!(inner_nodes, expected_inner);
+    assert_eq!(outer_nodes[2..outer_nodes.len() - 1], inner_nodes[..]);
+    match &b.patch().folds[0] {
+        Fold::LowRank { branch_nodes, .. } => assert_eq!(branch_nodes, &lora.nodes),
+        other => panic!("unexpected fold {other:?}"),
+    }
+
+    let ((), empty) = b
+        .block(|b| {
+            b.parameter(
+                "m.only_a_parameter",
+                DType::Float,
+                vec![1],
+                Init::Zeros,
+                true,
+            );
+            Ok(())
+        })
+        .unwrap();
+    assert!(empty.is_empty());
+    assert_valid(&b);
+}
+
+#[test]
+fn block_lists_a_helpers_nodes_and_passes_errors_through() {
+    let g = view(DType::Float);
+    let k = site_of(&g, 1, SiteKind::K);
+    let mut b = PatchBuilder::new(&g, "m");
+    let (names, nodes) = b.block(|b| b.scale_output(&k, Init::Ones)).unwrap();
+    assert_eq!(names.nodes, nodes);
+    let (prompt, nodes) = b
+        .block(|b| {
+            b.prepend_to_sequence("embeddings", Some("attention_mask"), 2, HIDDEN, Init::Zeros)
+        })
+        .unwrap();
+    assert_eq!(prompt.nodes, nodes);
+    assert!(nodes.iter().any(|n| n.starts_with("m.mask.")));
+
+    let n_nodes = b.patch().nodes.len();
+    let error = b
+        .block(|b| {
+            b.op("m.kept", "Relu", &["embeddings"], &[]);
+            b.scale_output(&site_of(&g, 0, SiteKind::Norm), Init::Ones)
+        })
+        .unwrap_err();
+    assert!(matches!(error, Error::Build(_)), "{error}");
+    assert_eq!(node_names(b.patch())[n_nodes..], ["m.kept"]);
+    assert_valid(&b);
+}
+
+#[test]
+fn a_block_records_a_plugins_own_fold() {
+    let g = view(DType::Float);
+    let v = site_of(&g, 0, SiteKind::V);
+    let mut b = PatchBuilder::new(&g, "custom");
+    let a = b.parameter("custom.A", DType::Float, vec![HIDDEN, 2], Init::Zeros, true);
+    let up = b.parameter("custom.B", DType::Float, vec![2, HIDDEN], Init::Zeros, true);
+    let ((output, base), branch_nodes) = b
+        .block(|b| {
+            let h = b.op("custom.down", "MatMul", &[&v.input, &a], &[]);
+            let u = b.op("custom.up", "MatMul", &[&h, &up], &[]);
+            let base = b.current(&v.output);
+            let output = b.op("custom.add", "Add", &[&base, &u], &[]);
+            b.rewire(&base, &output);
+            Ok((output, base))
+        })
+        .unwrap();
+    assert_eq!(branch_nodes, ["custom.down", "custom.up", "custom.add"]);
+    b.fold(Fold::LowRank {
+        weight: v.weight.clone(),
+        a,
+        b: up,
+        scale: 1.0,
+        layout: v.layout,
+        branch_nodes,
+        branch_output: output,
+        base_output: base,
+    });
+    assert_valid(&b);
+}
+
+#[test]
+fn scale_output_by_a_computed_value_reads_it_and_creates_no_parameter() {
+    let g = view(DType::Float);
+    let k = site_of(&g, 0, SiteKind::K);
+    let mut b = PatchBuilder::new(&g, "ia3x");
+    let logits = b.parameter("ia3x.logits", DType::Float, vec![HIDDEN], Init::Zeros, true);
+    let vector = b.op("ia3x.sigmoid", "Sigmoid", &[&logits], &[]);
+    let (n_parameters, n_nodes) = (b.patch().parameters.len(), b.patch().nodes.len());
+    let names = b.scale_output_by(&k, &vector).unwrap();
+    let p = b.patch();
+    assert_eq!(p.parameters.len(), n_parameters);
+    assert_eq!(names.vector, vector);
+    assert_eq!(names.nodes, node_names(p)[n_nodes..]);
+    let mul = p.nodes.last().unwrap();
+    assert_eq!(
+        (mul.op_type.as_str(), mul.inputs.clone()),
+        ("Mul", vec![k.output.clone(), vector.clone()])
+    );
+    assert_eq!(mul.outputs, std::slice::from_ref(&names.output));
+    assert_eq!(
+        p.rewires,
+        [Rewire {
+            value: k.output.clone(),
+            replacement: names.output.clone(),
+            keep: vec![],
+            only: vec![]
+        }]
+    );
+    assert!(p.folds.is_empty(), "a computed scale cannot be folded");
+    assert_eq!(b.current(&k.output), names.output);
+
+    let norm_scale = b.scale_output_by(&site_of(&g, 1, SiteKind::K), "l0.norm.weight");
+    assert_eq!(norm_scale.unwrap().vector, "l0.norm.weight");
+    assert!(b.patch().folds.is_empty());
+    assert_eq!(b.patch().parameters.len(), n_parameters);
+    assert_valid(&b);
+}
+
+#[test]
+fn scale_by_a_callers_parameter_of_the_right_shape_folds() {
+    let g = view(DType::Float);
+    let mut b = PatchBuilder::new(&g, "shared");
+    let shared = b.parameter("shared.out", DType::Float, vec![HIDDEN], Init::Ones, true);
+    let wide = b.parameter("shared.in", DType::Float, vec![FFN], Init::Ones, true);
+    let scalar = b.parameter("shared.scalar", DType::Float, vec![1], Init::Ones, true);
+    let k0 = site_of(&g, 0, SiteKind::K);
+    let k1 = site_of(&g, 1, SiteKind::K);
+    let down = site_of(&g, 0, SiteKind::FfnDown);
+    let first = b.scale_output_by(&k0, &shared).unwrap();
+    let second = b.scale_output_by(&k1, &shared).unwrap();
+    let input = b.scale_input_by(&down, &wide).unwrap();
+    b.scale_output_by(&site_of(&g, 0, SiteKind::Q), &scalar)
+        .unwrap();
+    let p = b.patch();
+    assert_eq!(p.parameters.len(), 3);
+    assert_eq!(
+        p.folds,
+        [
+            Fold::ScaleOutput {
+                weight: k0.weight.clone(),
+                bias: k0.bias.clone(),
+                vector: shared.clone(),
+                layout: k0.layout,
+                branch_nodes: first.nodes.clone(),
+                branch_output: first.output.clone(),
+                base_output: k0.output.clone(),
+            },
+            Fold::ScaleOutput {
+                weight: k1.weight.clone(),
+                bias: k1.bias.clone(),
+                vector: shared.clone(),
+                layout: k1.layout,
+                branch_nodes: second.nodes.clone(),
+                branch_output: second.output.clone(),
+                base_output: k1.output.clone(),
+            },
+            Fold::ScaleInput {
+                weight: down.weight.clone(),
+                vector: wide.clone(),
+                layout: down.layout,
+                branch_nodes: input.nodes.clone(),
+                branch_output: input.output.clone(),
+                base_output: down.input.clone(),
+            },
+        ],
+        "a [1] parameter broadcasts but is not a foldable vector"
+    );
+    assert_valid(&b);
+}
+
+#[test]
+fn scale_input_by_rewires_only_the_site_node() {
+    let g = view(DType::Float);
+    let down = site_of(&g, 1, SiteKind::FfnDown);
+    let mut b = PatchBuilder::new(&g, "ia3x");
+    let half = b.constant_scalar("ia3x.half", 0.5, DType::Float);
+    let names = b.scale_input_by(&down, &half).unwrap();
+    let p = b.patch();
+    assert!(p.parameters.is_empty());
+    assert_eq!(p.nodes.last().unwrap().inputs, [down.input.clone(), half]);
+    assert_eq!(
+        p.rewires,
+        [Rewire {
+            value: down.input.clone(),
+            replacement: names.output.clone(),
+            keep: vec![],
+            only: vec![down.node.clone()]
+        }]
+    );
+    assert_eq!(b.current_for(&down.input, &down.node), names.output);
+    assert_eq!(b.current(&down.input), down.input);
+    assert!(p.folds.is_empty());
+    assert_valid(&b);
+}
+
+#[test]
+fn gate_by_a_computed_value_reads_it_and_creates_no_parameter() {
+    let g = view(DType::Float);
+    let mut b = PatchBuilder::new(&g, "llama_adapter");
+    let raw = b.parameter(
+        "llama_adapter.raw_gate",
+        DType::Float,
+        vec![1],
+        Init::Zeros,
+        true,
+    );
+    let gate = b.op("llama_adapter.tanh", "Tanh", &[&raw], &[]);
+    let first = b.gate_by("l0.context", "l0.o.out", &gate).unwrap();
+    let second = b.gate_by("l1.context", "l1.o.out", &gate).unwrap();
+    let p = b.patch();
+    assert_eq!(p.parameters.len(), 1);
+    assert_eq!(
+        (first.gate.as_str(), second.gate.as_str()),
+        (gate.as_str(), gate.as_str())
+    );
+    let ops: Vec<&str> = p.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["Tanh", "Mul", "Add", "Mul", "Add"]);
+    assert_eq!(p.nodes[1].inputs, ["l0.context".to_string(), gate.clone()]);
+    assert_eq!(
+        p.nodes[2].inputs,
+        ["l0.o.out".to_string(), p.nodes[1].outputs[0].clone()]
+    );
+    assert_eq!(first.nodes, node_names(p)[1..3]);
+    assert_eq!(b.current("l0.o.out"), first.output);
+    assert!(p.folds.is_empty());
+    assert_valid(&b);
+}
+
+#[test]
+fn by_variants_reject_unknown_or_mistyped_values_and_change_nothing() {
+    let g = view(DType::Float);
+    let k = site_of(&g, 0, SiteKind::K);
+    let mut b = PatchBuilder::new(&g, "x");
+    let half = b.parameter("x.half", DType::Float16, vec![HIDDEN], Init::Ones, true);
+    let before = b.patch().clone();
+    assert_eq!(
+        b.scale_output_by(&k, "nowhere").unwrap_err().to_string(),
+        "scale_output_by on encoder.layers.0.k: unknown value \"nowhere\""
+    );
+    assert_eq!(
+        b.scale_input_by(&k, &half).unwrap_err().to_string(),
+        "scale_input_by on encoder.layers.0.k: \"x.half\" is float16, not float"
+    );
+    assert!(b
+        .scale_output_by(&site_of(&g, 0, SiteKind::Norm), "l0.norm.weight")
+        .is_err());
+    assert!(b.gate_by("l0.context", "l0.o.out", "input_ids").is_err());
+    assert!(b.gate_by("l0.context", "l0.o.out", "nowhere").is_err());
+    assert_eq!(b.patch(), &before);
+    let again = b.scale_output(&k, Init::Ones).unwrap();
+    assert_eq!(
+        again.vector, "x.encoder.layers.0.k.scale",
+        "failed calls reserve no names"
+    );
+}

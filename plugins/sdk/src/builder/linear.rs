@@ -19,10 +19,11 @@ pub struct LowRankNames {
     pub nodes: Vec<String>,
 }
 
-/// Names created by [`PatchBuilder::scale_output`] and [`PatchBuilder::scale_input`].
+/// Names created by [`PatchBuilder::scale_output`], [`PatchBuilder::scale_input`] and their
+/// `_by` variants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScaleNames {
-    /// The learned scale vector.
+    /// The scale: the learned vector, or the value a `_by` variant read.
     pub vector: String,
     /// The scaled value.
     pub output: String,
@@ -67,7 +68,6 @@ impl PatchBuilder<'_> {
         }
         let dtype = self.weight_dtype(site)?;
         let stem = self.site_stem(site);
-        let first = self.patch.nodes.len();
         let a = self.parameter(
             &format!("{stem}.A"),
             dtype,
@@ -82,24 +82,26 @@ impl PatchBuilder<'_> {
             init_b,
             true,
         );
-        let mut x = self.current(&site.input);
-        if let Some(p) = dropout.filter(|p| *p > 0.0) {
-            let ratio = self.op(
-                &format!("{stem}.dropout_ratio"),
-                "Constant",
-                &[],
-                &[("value_float", AttributeValue::Float(p))],
-            );
-            x = self.op(&format!("{stem}.dropout"), "Dropout", &[&x, &ratio], &[]);
-        }
-        let h = self.op(&format!("{stem}.matmul_a"), "MatMul", &[&x, &a], &[]);
-        let u = self.op(&format!("{stem}.matmul_b"), "MatMul", &[&h, &b], &[]);
-        let s = self.constant_scalar(&format!("{stem}.scale"), scale as f64, dtype);
-        let d = self.op(&format!("{stem}.mul_scale"), "Mul", &[&u, &s], &[]);
-        let base = self.current(&site.output);
-        let output = self.op(&format!("{stem}.add"), "Add", &[&base, &d], &[]);
-        self.rewire(&base, &output);
-        let nodes = self.nodes_since(first);
+        let ((output, base), nodes) = self.block(|builder| {
+            let mut x = builder.current(&site.input);
+            if let Some(p) = dropout.filter(|p| *p > 0.0) {
+                let ratio = builder.op(
+                    &format!("{stem}.dropout_ratio"),
+                    "Constant",
+                    &[],
+                    &[("value_float", AttributeValue::Float(p))],
+                );
+                x = builder.op(&format!("{stem}.dropout"), "Dropout", &[&x, &ratio], &[]);
+            }
+            let h = builder.op(&format!("{stem}.matmul_a"), "MatMul", &[&x, &a], &[]);
+            let u = builder.op(&format!("{stem}.matmul_b"), "MatMul", &[&h, &b], &[]);
+            let s = builder.constant_scalar(&format!("{stem}.scale"), scale as f64, dtype);
+            let d = builder.op(&format!("{stem}.mul_scale"), "Mul", &[&u, &s], &[]);
+            let base = builder.current(&site.output);
+            let output = builder.op(&format!("{stem}.add"), "Add", &[&base, &d], &[]);
+            builder.rewire(&base, &output);
+            Ok((output, base))
+        })?;
         self.fold(Fold::LowRank {
             weight: site.weight.clone(),
             a: a.clone(),
@@ -121,11 +123,11 @@ impl PatchBuilder<'_> {
     /// Scales a linear site's output (IA³ on keys and values): `y' = y ⊙ s` with `s`
     /// `[out]` trainable in the weight's type, initialised by `init` (ones for a no-op).
     /// Nodes: `Mul(y, s)`. Rewires `y` to `y'` and records [`Fold::ScaleOutput`].
+    /// [`PatchBuilder::scale_output_by`] scales by a value the caller made instead.
     pub fn scale_output(&mut self, site: &Site, init: Init) -> Result<ScaleNames> {
         require_linear(site, "scale_output")?;
         let dtype = self.weight_dtype(site)?;
         let stem = self.site_stem(site);
-        let first = self.patch.nodes.len();
         let vector = self.parameter(
             &format!("{stem}.scale"),
             dtype,
@@ -133,35 +135,38 @@ impl PatchBuilder<'_> {
             init,
             true,
         );
-        let base = self.current(&site.output);
-        let output = self.op(&format!("{stem}.mul"), "Mul", &[&base, &vector], &[]);
-        self.rewire(&base, &output);
-        let nodes = self.nodes_since(first);
-        self.fold(Fold::ScaleOutput {
-            weight: site.weight.clone(),
-            bias: site.bias.clone(),
-            vector: vector.clone(),
-            layout: site.layout,
-            branch_nodes: nodes.clone(),
-            branch_output: output.clone(),
-            base_output: base,
-        });
-        Ok(ScaleNames {
-            vector,
-            output,
-            nodes,
-        })
+        self.scale_output_at(site, &stem, vector)
+    }
+
+    /// Scales a linear site's output by an existing value: `y' = y ⊙ v`, `v` (as left by
+    /// earlier rewires) a value the view knows or the patch creates — a parameter the caller
+    /// added with [`PatchBuilder::parameter`], or a node output such as a computed or shared
+    /// scale — of the weight's type and broadcastable over `y`'s last axis. Creates no
+    /// parameter. Nodes: `Mul(y, v)`. Rewires `y` to `y'`.
+    ///
+    /// Records [`Fold::ScaleOutput`] when `v` is a parameter of this patch of shape `[out]`,
+    /// the one form `graft merge` folds; otherwise records no fold and the `Mul` stays in
+    /// merged graphs. Folds on the same site are then merged around it, which is exact only
+    /// for low-rank branches and scales added before it. Errors for a `norm` site, an unknown
+    /// weight, an unknown `v`, or a `v` whose known type is not the weight's.
+    pub fn scale_output_by(&mut self, site: &Site, vector: &str) -> Result<ScaleNames> {
+        require_linear(site, "scale_output_by")?;
+        let dtype = self.weight_dtype(site)?;
+        let helper = format!("scale_output_by on {}", site.display_name());
+        let vector = self.operand(&helper, vector, dtype)?;
+        let stem = self.site_stem(site);
+        self.scale_output_at(site, &stem, vector)
     }
 
     /// Scales a linear site's input for that linear only (IA³ on the FFN down projection):
     /// the site's node reads `x' = x ⊙ s` with `s` `[in]` trainable in the weight's type,
     /// initialised by `init`; other consumers of `x` are untouched. Nodes: `Mul(x, s)`.
     /// Rewires `x` to `x'` with `only = [site.node]` and records [`Fold::ScaleInput`].
+    /// [`PatchBuilder::scale_input_by`] scales by a value the caller made instead.
     pub fn scale_input(&mut self, site: &Site, init: Init) -> Result<ScaleNames> {
         require_linear(site, "scale_input")?;
         let dtype = self.weight_dtype(site)?;
         let stem = self.site_stem(site);
-        let first = self.patch.nodes.len();
         let vector = self.parameter(
             &format!("{stem}.scale_in"),
             dtype,
@@ -169,18 +174,72 @@ impl PatchBuilder<'_> {
             init,
             true,
         );
-        let base = self.current_for(&site.input, &site.node);
-        let output = self.op(&format!("{stem}.mul_in"), "Mul", &[&base, &vector], &[]);
-        self.rewire_only(&base, &output, &[&site.node]);
-        let nodes = self.nodes_since(first);
-        self.fold(Fold::ScaleInput {
-            weight: site.weight.clone(),
-            vector: vector.clone(),
-            layout: site.layout,
-            branch_nodes: nodes.clone(),
-            branch_output: output.clone(),
-            base_output: base,
-        });
+        self.scale_input_at(site, &stem, vector)
+    }
+
+    /// Scales a linear site's input for that linear only by an existing value: the site's
+    /// node reads `x' = x ⊙ v`, `v` (as left by earlier rewires) a value the view knows or the
+    /// patch creates, of the weight's type and broadcastable over `x`'s last axis; other
+    /// consumers of `x` are untouched. Creates no parameter. Nodes: `Mul(x, v)`. Rewires `x`
+    /// to `x'` with `only = [site.node]`.
+    ///
+    /// Records [`Fold::ScaleInput`] when `v` is a parameter of this patch of shape `[in]`;
+    /// otherwise records no fold and the `Mul` stays in merged graphs, where a low-rank
+    /// branch on the same site would no longer be merged exactly. Errors as
+    /// [`PatchBuilder::scale_output_by`] does.
+    pub fn scale_input_by(&mut self, site: &Site, vector: &str) -> Result<ScaleNames> {
+        require_linear(site, "scale_input_by")?;
+        let dtype = self.weight_dtype(site)?;
+        let helper = format!("scale_input_by on {}", site.display_name());
+        let vector = self.operand(&helper, vector, dtype)?;
+        let stem = self.site_stem(site);
+        self.scale_input_at(site, &stem, vector)
+    }
+
+    /// The nodes, rewire and fold of an output scale by `vector`, named under `stem`.
+    fn scale_output_at(&mut self, site: &Site, stem: &str, vector: String) -> Result<ScaleNames> {
+        let ((output, base), nodes) = self.block(|builder| {
+            let base = builder.current(&site.output);
+            let output = builder.op(&format!("{stem}.mul"), "Mul", &[&base, &vector], &[]);
+            builder.rewire(&base, &output);
+            Ok((output, base))
+        })?;
+        if self.is_parameter_of_shape(&vector, &[site.out_features]) {
+            self.fold(Fold::ScaleOutput {
+                weight: site.weight.clone(),
+                bias: site.bias.clone(),
+                vector: vector.clone(),
+                layout: site.layout,
+                branch_nodes: nodes.clone(),
+                branch_output: output.clone(),
+                base_output: base,
+            });
+        }
+        Ok(ScaleNames {
+            vector,
+            output,
+            nodes,
+        })
+    }
+
+    /// The nodes, rewire and fold of an input scale by `vector`, named under `stem`.
+    fn scale_input_at(&mut self, site: &Site, stem: &str, vector: String) -> Result<ScaleNames> {
+        let ((output, base), nodes) = self.block(|builder| {
+            let base = builder.current_for(&site.input, &site.node);
+            let output = builder.op(&format!("{stem}.mul_in"), "Mul", &[&base, &vector], &[]);
+            builder.rewire_only(&base, &output, &[&site.node]);
+            Ok((output, base))
+        })?;
+        if self.is_parameter_of_shape(&vector, &[site.in_features]) {
+            self.fold(Fold::ScaleInput {
+                weight: site.weight.clone(),
+                vector: vector.clone(),
+                layout: site.layout,
+                branch_nodes: nodes.clone(),
+                branch_output: output.clone(),
+                base_output: base,
+            });
+        }
         Ok(ScaleNames {
             vector,
             output,

@@ -42,6 +42,15 @@ pub use sequence::{MaskNames, PrefixNames, PromptNames};
 /// earlier helpers ([`PatchBuilder::current`]) and rewires that head of the chain, so
 /// several insertions on the same value stack (for example a low-rank branch, then an
 /// output scale) and their folds merge correctly in order.
+///
+/// Blocks: [`PatchBuilder::block`] runs a closure and returns, beside its result, the names
+/// of the nodes it added, in order. That list is what a [`Fold`]'s `branch_nodes` (or a
+/// plugin's own bookkeeping of a subgraph) needs; every helper's `nodes` field comes from it.
+///
+/// Operands: where a helper creates its own parameter, a `_by` variant
+/// ([`PatchBuilder::scale_output_by`], [`PatchBuilder::scale_input_by`],
+/// [`PatchBuilder::gate_by`]) reads a value the caller passes instead — a parameter it added
+/// with [`PatchBuilder::parameter`], or any node output — and creates none.
 #[derive(Debug, Clone)]
 pub struct PatchBuilder<'g> {
     graph: &'g GraphView,
@@ -330,6 +339,38 @@ impl<'g> PatchBuilder<'g> {
         });
     }
 
+    /// Runs `build` on this builder and returns its result with the names of the nodes it
+    /// added, in the order they were added. Nodes only ever accumulate, so these are exactly
+    /// the patch's nodes from the first `build` added to the last; blocks nest (an outer
+    /// block's list contains an inner block's nodes where they were added), and parameters,
+    /// rewires and folds are not listed. When `build` fails its error is returned as is; what
+    /// it added before failing stays in the builder, which does not roll back.
+    ///
+    /// ```
+    /// # use graft_plugin_sdk::{GraphView, PatchBuilder, DType};
+    /// let graph = GraphView::default();
+    /// let mut b = PatchBuilder::new(&graph, "demo").with_default_dtype(DType::Float);
+    /// let (output, nodes) = b.block(|b| {
+    ///     let two = b.constant_scalar("demo.two", 2.0, DType::Float);
+    ///     Ok(b.op("demo.double", "Mul", &[&two, &two], &[]))
+    /// })?;
+    /// assert_eq!(output, "demo.double.out");
+    /// assert_eq!(nodes, ["demo.two", "demo.double"]);
+    /// # Ok::<(), graft_plugin_sdk::Error>(())
+    /// ```
+    pub fn block<T>(
+        &mut self,
+        build: impl FnOnce(&mut PatchBuilder<'g>) -> Result<T>,
+    ) -> Result<(T, Vec<String>)> {
+        let first = self.patch.nodes.len();
+        let value = build(self)?;
+        let nodes = self.patch.nodes[first..]
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        Ok((value, nodes))
+    }
+
     /// Appends a fold.
     pub fn fold(&mut self, fold: Fold) {
         self.patch.folds.push(fold);
@@ -382,6 +423,47 @@ impl<'g> PatchBuilder<'g> {
         self.stem(&hint)
     }
 
+    /// `value` as an operand a `*_by` helper reads in place of a parameter it would create:
+    /// it must be known to the view or created by this patch (a parameter, a node output or a
+    /// graph input), and of element type `dtype` where its type is known. Returns it as left by
+    /// earlier rewires ([`PatchBuilder::current`]).
+    fn operand(&self, helper: &str, value: &str, dtype: DType) -> Result<String> {
+        let parameter = self.patch.parameters.iter().find(|p| p.name == value);
+        let input = self.patch.graph_inputs.iter().find(|v| v.name == value);
+        let produced = self
+            .patch
+            .nodes
+            .iter()
+            .any(|n| n.outputs.iter().any(|o| o == value));
+        if parameter.is_none()
+            && input.is_none()
+            && !produced
+            && !self.graph.known_names().contains(value)
+        {
+            return Err(Error::Build(format!("{helper}: unknown value \"{value}\"")));
+        }
+        let known = self
+            .graph
+            .dtype_of(value)
+            .or(parameter.map(|p| p.dtype))
+            .or(input.map(|v| v.dtype));
+        if let Some(found) = known.filter(|found| *found != dtype) {
+            return Err(Error::Build(format!(
+                "{helper}: \"{value}\" is {found}, not {dtype}"
+            )));
+        }
+        Ok(self.current(value))
+    }
+
+    /// True when `value` is a parameter of this patch of shape `shape`: the only form of scale
+    /// vector that `graft merge` can fold into a weight.
+    fn is_parameter_of_shape(&self, value: &str, shape: &[usize]) -> bool {
+        self.patch
+            .parameters
+            .iter()
+            .any(|p| p.name == value && p.shape == shape)
+    }
+
     fn weight_dtype(&self, site: &Site) -> Result<DType> {
         self.graph
             .tensor(&site.weight)
@@ -393,13 +475,6 @@ impl<'g> PatchBuilder<'g> {
                     site.weight
                 ))
             })
-    }
-
-    fn nodes_since(&self, first: usize) -> Vec<String> {
-        self.patch.nodes[first..]
-            .iter()
-            .map(|n| n.name.clone())
-            .collect()
     }
 }
 

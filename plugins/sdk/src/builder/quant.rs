@@ -10,9 +10,11 @@ use crate::quant::check_blocks;
 /// Names created by [`PatchBuilder::dequantize_weight`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DequantNames {
-    /// Packed codes, `uint8 [numel / 2]`, frozen, carried as [`Init::Data`].
+    /// Packed codes, `uint8 [numel / 2]`, frozen, carried as
+    /// [`Init::Data`](crate::Init::Data).
     pub codes: String,
-    /// Block scales, `float [numel / block_size, 1]`, frozen, carried as [`Init::Data`].
+    /// Block scales, `float [numel / block_size, 1]`, frozen, carried as
+    /// [`Init::Data`](crate::Init::Data).
     pub absmax: String,
     /// The dequantized weight, of the original type and shape.
     pub output: String,
@@ -26,9 +28,9 @@ impl PatchBuilder<'_> {
     /// absmax[i / block_size]`, the indices packed two per byte in `codes`, high nibble first
     /// ([`crate::quant::pack_nibbles`]). `codes` (`uint8 [numel / 2]`) and `absmax`
     /// (`float [numel / block_size, 1]`) become frozen parameters carried as
-    /// [`Init::Data`]. The original initializer is left without consumers (the core drops
-    /// it). A weight whose values are all codebook entries is reproduced exactly with
-    /// `absmax` all ones.
+    /// [`Init::Data`](crate::Init::Data). The original initializer is left without consumers
+    /// (the core drops it). A weight whose values are all codebook entries is reproduced
+    /// exactly with `absmax` all ones.
     ///
     /// Nodes: `Constant(4)` + `Cast(uint8)`; `BitShift(codes, 4, RIGHT)` (high nibbles);
     /// `BitShift(codes, 4, LEFT)`, `BitShift(·, 4, RIGHT)` (low nibbles); `Cast(int64)` of
@@ -73,7 +75,6 @@ impl PatchBuilder<'_> {
         let dtype = info.dtype;
         let shape = info.shape.clone();
         let stem = self.stem(&format!("{}.{weight}", self.prefix));
-        let first = self.patch.nodes.len();
         let codes_init = self.data(
             &format!("{stem}.codes"),
             DType::Uint8,
@@ -101,88 +102,91 @@ impl PatchBuilder<'_> {
             absmax_init,
             false,
         );
-        let four = self.constant_scalar(&format!("{stem}.four"), 4.0, DType::Uint8);
-        let right = ("direction", AttributeValue::String("RIGHT".into()));
-        let left = ("direction", AttributeValue::String("LEFT".into()));
-        let high = self.op(
-            &format!("{stem}.high"),
-            "BitShift",
-            &[&codes, &four],
-            std::slice::from_ref(&right),
-        );
-        let shifted = self.op(
-            &format!("{stem}.shift_left"),
-            "BitShift",
-            &[&codes, &four],
-            &[left],
-        );
-        let low = self.op(
-            &format!("{stem}.low"),
-            "BitShift",
-            &[&shifted, &four],
-            &[right],
-        );
-        let to_i64 = [attr_int("to", DType::Int64.onnx_code() as i64)];
-        let high = self.op(&format!("{stem}.high_i64"), "Cast", &[&high], &to_i64);
-        let low = self.op(&format!("{stem}.low_i64"), "Cast", &[&low], &to_i64);
-        let axes = self.constant_ints(&format!("{stem}.axes"), &[1]);
-        let high = self.op(
-            &format!("{stem}.high_col"),
-            "Unsqueeze",
-            &[&high, &axes],
-            &[],
-        );
-        let low = self.op(&format!("{stem}.low_col"), "Unsqueeze", &[&low, &axes], &[]);
-        let pairs = self.op(
-            &format!("{stem}.pairs"),
-            "Concat",
-            &[&high, &low],
-            &[attr_int("axis", 1)],
-        );
-        let block_shape = self.constant_ints(
-            &format!("{stem}.block_shape"),
-            &[n_blocks as i64, block_size as i64],
-        );
-        let indices = self.op(
-            &format!("{stem}.indices"),
-            "Reshape",
-            &[&pairs, &block_shape],
-            &[],
-        );
-        let table = self.op(
-            &format!("{stem}.codebook"),
-            "Constant",
-            &[],
-            &[("value_floats", AttributeValue::Floats(codebook.to_vec()))],
-        );
-        let values = self.op(
-            &format!("{stem}.lookup"),
-            "Gather",
-            &[&table, &indices],
-            &[attr_int("axis", 0)],
-        );
-        let scaled = self.op(&format!("{stem}.scaled"), "Mul", &[&values, &absmax], &[]);
-        let weight_shape = self.constant_ints(&format!("{stem}.weight_shape"), &shape);
-        let mut output = self.op(
-            &format!("{stem}.reshape"),
-            "Reshape",
-            &[&scaled, &weight_shape],
-            &[],
-        );
-        if dtype != DType::Float {
-            output = self.op(
-                &format!("{stem}.cast"),
-                "Cast",
-                &[&output],
-                &[attr_int("to", dtype.onnx_code() as i64)],
+        let (output, nodes) = self.block(|builder| {
+            let four = builder.constant_scalar(&format!("{stem}.four"), 4.0, DType::Uint8);
+            let right = ("direction", AttributeValue::String("RIGHT".into()));
+            let left = ("direction", AttributeValue::String("LEFT".into()));
+            let high = builder.op(
+                &format!("{stem}.high"),
+                "BitShift",
+                &[&codes, &four],
+                std::slice::from_ref(&right),
             );
-        }
-        self.rewire(weight, &output);
+            let shifted = builder.op(
+                &format!("{stem}.shift_left"),
+                "BitShift",
+                &[&codes, &four],
+                &[left],
+            );
+            let low = builder.op(
+                &format!("{stem}.low"),
+                "BitShift",
+                &[&shifted, &four],
+                &[right],
+            );
+            let to_i64 = [attr_int("to", DType::Int64.onnx_code() as i64)];
+            let high = builder.op(&format!("{stem}.high_i64"), "Cast", &[&high], &to_i64);
+            let low = builder.op(&format!("{stem}.low_i64"), "Cast", &[&low], &to_i64);
+            let axes = builder.constant_ints(&format!("{stem}.axes"), &[1]);
+            let high = builder.op(
+                &format!("{stem}.high_col"),
+                "Unsqueeze",
+                &[&high, &axes],
+                &[],
+            );
+            let low = builder.op(&format!("{stem}.low_col"), "Unsqueeze", &[&low, &axes], &[]);
+            let pairs = builder.op(
+                &format!("{stem}.pairs"),
+                "Concat",
+                &[&high, &low],
+                &[attr_int("axis", 1)],
+            );
+            let block_shape = builder.constant_ints(
+                &format!("{stem}.block_shape"),
+                &[n_blocks as i64, block_size as i64],
+            );
+            let indices = builder.op(
+                &format!("{stem}.indices"),
+                "Reshape",
+                &[&pairs, &block_shape],
+                &[],
+            );
+            let table = builder.op(
+                &format!("{stem}.codebook"),
+                "Constant",
+                &[],
+                &[("value_floats", AttributeValue::Floats(codebook.to_vec()))],
+            );
+            let values = builder.op(
+                &format!("{stem}.lookup"),
+                "Gather",
+                &[&table, &indices],
+                &[attr_int("axis", 0)],
+            );
+            let scaled = builder.op(&format!("{stem}.scaled"), "Mul", &[&values, &absmax], &[]);
+            let weight_shape = builder.constant_ints(&format!("{stem}.weight_shape"), &shape);
+            let mut output = builder.op(
+                &format!("{stem}.reshape"),
+                "Reshape",
+                &[&scaled, &weight_shape],
+                &[],
+            );
+            if dtype != DType::Float {
+                output = builder.op(
+                    &format!("{stem}.cast"),
+                    "Cast",
+                    &[&output],
+                    &[attr_int("to", dtype.onnx_code() as i64)],
+                );
+            }
+            builder.rewire(weight, &output);
+            Ok(output)
+        })?;
         Ok(DequantNames {
             codes,
             absmax,
             output,
-            nodes: self.nodes_since(first),
+            nodes,
         })
     }
 }

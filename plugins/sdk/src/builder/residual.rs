@@ -24,10 +24,11 @@ pub struct ResidualNames {
     pub nodes: Vec<String>,
 }
 
-/// Names created by [`PatchBuilder::gate`].
+/// Names created by [`PatchBuilder::gate`] and [`PatchBuilder::gate_by`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateNames {
-    /// The learned gate, `[1]` or `[width]`.
+    /// The gate: the learned `[1]` or `[width]` parameter, or the value
+    /// [`PatchBuilder::gate_by`] read.
     pub gate: String,
     /// The new value `base + gate ⊙ branch`.
     pub output: String,
@@ -106,7 +107,6 @@ impl PatchBuilder<'_> {
         }
         let dtype = self.value_dtype(value)?;
         let stem = self.stem(&format!("{}.{value}", self.prefix));
-        let first = self.patch.nodes.len();
         let down = self.parameter(
             &format!("{stem}.down"),
             dtype,
@@ -135,29 +135,31 @@ impl PatchBuilder<'_> {
             Init::Zeros,
             true,
         );
-        let h = self.current(value);
-        let src = match &placement {
-            Placement::Sequential => h.clone(),
-            Placement::Parallel { from } => self.current(from),
-        };
-        let t = self.op(
-            &format!("{stem}.matmul_down"),
-            "MatMul",
-            &[&src, &down],
-            &[],
-        );
-        let t = self.op(
-            &format!("{stem}.add_down_bias"),
-            "Add",
-            &[&t, &down_bias],
-            &[],
-        );
-        let t = self.activation(&stem, activation, &t, dtype);
-        let t = self.op(&format!("{stem}.matmul_up"), "MatMul", &[&t, &up], &[]);
-        let t = self.op(&format!("{stem}.add_up_bias"), "Add", &[&t, &up_bias], &[]);
-        let output = self.op(&format!("{stem}.add"), "Add", &[&h, &t], &[]);
-        self.rewire(&h, &output);
-        let nodes = self.nodes_since(first);
+        let (output, nodes) = self.block(|builder| {
+            let h = builder.current(value);
+            let src = match &placement {
+                Placement::Sequential => h.clone(),
+                Placement::Parallel { from } => builder.current(from),
+            };
+            let t = builder.op(
+                &format!("{stem}.matmul_down"),
+                "MatMul",
+                &[&src, &down],
+                &[],
+            );
+            let t = builder.op(
+                &format!("{stem}.add_down_bias"),
+                "Add",
+                &[&t, &down_bias],
+                &[],
+            );
+            let t = builder.activation(&stem, activation, &t, dtype);
+            let t = builder.op(&format!("{stem}.matmul_up"), "MatMul", &[&t, &up], &[]);
+            let t = builder.op(&format!("{stem}.add_up_bias"), "Add", &[&t, &up_bias], &[]);
+            let output = builder.op(&format!("{stem}.add"), "Add", &[&h, &t], &[]);
+            builder.rewire(&h, &output);
+            Ok(output)
+        })?;
         Ok(ResidualNames {
             down,
             down_bias,
@@ -173,7 +175,7 @@ impl PatchBuilder<'_> {
     /// `base_output`'s type, initialised by `init` (zeros make it a no-op). `branch_output` is
     /// a value not yet added anywhere (for example a module built with
     /// [`PatchBuilder::op`]). Nodes: `Mul(branch, g)`, `Add(base, ·)`. Rewires `base`.
-    /// Records no fold.
+    /// Records no fold. [`PatchBuilder::gate_by`] gates by a value the caller made instead.
     pub fn gate(
         &mut self,
         branch_output: &str,
@@ -183,7 +185,6 @@ impl PatchBuilder<'_> {
     ) -> Result<GateNames> {
         let dtype = self.value_dtype(base_output)?;
         let stem = self.stem(&format!("{}.{base_output}.gate", self.prefix));
-        let first = self.patch.nodes.len();
         let gate = self.parameter(
             &format!("{stem}.g"),
             dtype,
@@ -191,15 +192,47 @@ impl PatchBuilder<'_> {
             init,
             true,
         );
-        let branch = self.current(branch_output);
-        let gated = self.op(&format!("{stem}.mul"), "Mul", &[&branch, &gate], &[]);
-        let base = self.current(base_output);
-        let output = self.op(&format!("{stem}.add"), "Add", &[&base, &gated], &[]);
-        self.rewire(&base, &output);
+        self.gate_at(&stem, branch_output, base_output, gate)
+    }
+
+    /// Adds a branch gated by an existing value: `base' = base + g ⊙ branch`, `g` (as left by
+    /// earlier rewires) a value the view knows or the patch creates — for example
+    /// `tanh` of a parameter, or one gate shared by several branches — in `base_output`'s
+    /// type and broadcastable over the branch. Creates no parameter. Nodes and rewire as
+    /// [`PatchBuilder::gate`]; records no fold. Errors when `g` is unknown, when its known type
+    /// is not `base_output`'s, or when `base_output`'s type is unknown.
+    pub fn gate_by(
+        &mut self,
+        branch_output: &str,
+        base_output: &str,
+        gate: &str,
+    ) -> Result<GateNames> {
+        let dtype = self.value_dtype(base_output)?;
+        let gate = self.operand(&format!("gate_by on {base_output}"), gate, dtype)?;
+        let stem = self.stem(&format!("{}.{base_output}.gate", self.prefix));
+        self.gate_at(&stem, branch_output, base_output, gate)
+    }
+
+    /// The nodes and rewire of a gate by `gate`, named under `stem`.
+    fn gate_at(
+        &mut self,
+        stem: &str,
+        branch_output: &str,
+        base_output: &str,
+        gate: String,
+    ) -> Result<GateNames> {
+        let (output, nodes) = self.block(|builder| {
+            let branch = builder.current(branch_output);
+            let gated = builder.op(&format!("{stem}.mul"), "Mul", &[&branch, &gate], &[]);
+            let base = builder.current(base_output);
+            let output = builder.op(&format!("{stem}.add"), "Add", &[&base, &gated], &[]);
+            builder.rewire(&base, &output);
+            Ok(output)
+        })?;
         Ok(GateNames {
             gate,
             output,
-            nodes: self.nodes_since(first),
+            nodes,
         })
     }
 

@@ -62,7 +62,6 @@ impl PatchBuilder<'_> {
         hidden: usize,
         init: Init,
     ) -> Result<PromptNames> {
-        let first = self.patch.nodes.len();
         if n_virtual == 0 {
             return Ok(PromptNames {
                 prompt: None,
@@ -80,20 +79,22 @@ impl PatchBuilder<'_> {
             init,
             true,
         );
-        let e = self.current(embedding_output);
-        let axes = self.constant_ints(&format!("{stem}.axes"), &[0]);
-        let p3 = self.op(
-            &format!("{stem}.unsqueeze"),
-            "Unsqueeze",
-            &[&prompt, &axes],
-            &[],
-        );
-        let output = self.prepend_over_batch(&stem, &p3, &e, &[1, 1], 1);
-        let mask_output = match attention_mask {
-            Some(mask) => Some(self.extend_mask(mask, n_virtual)?.output),
-            None => None,
-        };
-        let nodes = self.nodes_since(first);
+        let ((output, mask_output), nodes) = self.block(|builder| {
+            let e = builder.current(embedding_output);
+            let axes = builder.constant_ints(&format!("{stem}.axes"), &[0]);
+            let p3 = builder.op(
+                &format!("{stem}.unsqueeze"),
+                "Unsqueeze",
+                &[&prompt, &axes],
+                &[],
+            );
+            let output = builder.prepend_over_batch(&stem, &p3, &e, &[1, 1], 1);
+            let mask_output = match attention_mask {
+                Some(mask) => Some(builder.extend_mask(mask, n_virtual)?.output),
+                None => None,
+            };
+            Ok((output, mask_output))
+        })?;
         Ok(PromptNames {
             prompt: Some(prompt),
             output,
@@ -119,38 +120,37 @@ impl PatchBuilder<'_> {
                 nodes: vec![],
             });
         }
-        let first = self.patch.nodes.len();
         let stem = self.stem(&format!("{}.mask", self.prefix));
-        let batch = self.batch_size(&stem, &m);
-        let len = self.constant_ints(&format!("{stem}.len"), &[n as i64]);
-        let shape = self.op(
-            &format!("{stem}.shape"),
-            "Concat",
-            &[&batch, &len],
-            &[attr_int("axis", 0)],
-        );
-        let one = self.constant_ints(&format!("{stem}.one"), &[1]);
-        let mut ones = self.op(&format!("{stem}.ones"), "Expand", &[&one, &shape], &[]);
         let dtype = self.graph.dtype_of(mask).unwrap_or(DType::Int64);
-        if dtype != DType::Int64 {
-            ones = self.op(
-                &format!("{stem}.cast"),
-                "Cast",
-                &[&ones],
-                &[attr_int("to", dtype.onnx_code() as i64)],
+        let (output, nodes) = self.block(|builder| {
+            let batch = builder.batch_size(&stem, &m);
+            let len = builder.constant_ints(&format!("{stem}.len"), &[n as i64]);
+            let shape = builder.op(
+                &format!("{stem}.shape"),
+                "Concat",
+                &[&batch, &len],
+                &[attr_int("axis", 0)],
             );
-        }
-        let output = self.op(
-            &format!("{stem}.concat"),
-            "Concat",
-            &[&ones, &m],
-            &[attr_int("axis", 1)],
-        );
-        self.rewire(&m, &output);
-        Ok(MaskNames {
-            output,
-            nodes: self.nodes_since(first),
-        })
+            let one = builder.constant_ints(&format!("{stem}.one"), &[1]);
+            let mut ones = builder.op(&format!("{stem}.ones"), "Expand", &[&one, &shape], &[]);
+            if dtype != DType::Int64 {
+                ones = builder.op(
+                    &format!("{stem}.cast"),
+                    "Cast",
+                    &[&ones],
+                    &[attr_int("to", dtype.onnx_code() as i64)],
+                );
+            }
+            let output = builder.op(
+                &format!("{stem}.concat"),
+                "Concat",
+                &[&ones, &m],
+                &[attr_int("axis", 1)],
+            );
+            builder.rewire(&m, &output);
+            Ok(output)
+        })?;
+        Ok(MaskNames { output, nodes })
     }
 
     /// Prepends learned keys and values to one attention (prefix tuning): `Pk` and `Pv`, each
@@ -184,28 +184,30 @@ impl PatchBuilder<'_> {
             });
         }
         let dtype = self.value_dtype(key_states)?;
-        let first = self.patch.nodes.len();
         let value_init = match init.seed() {
             Some(seed) => init.clone().with_seed(splitmix64(seed)),
             None => init.clone(),
         };
-        let mut made = Vec::new();
-        for (states, side, init) in [
-            (key_states, "key", init),
-            (value_states, "value", value_init),
-        ] {
-            let stem = self.stem(&format!("{}.{states}", self.prefix));
-            let prefix = self.parameter(
-                &format!("{stem}.{side}_prefix"),
-                dtype,
-                vec![1, n_heads, n_prefix, head_dim],
-                init,
-                true,
-            );
-            let s = self.current(states);
-            let output = self.prepend_over_batch(&stem, &prefix, &s, &[1, 1, 1], 2);
-            made.push((prefix, output));
-        }
+        let (mut made, nodes) = self.block(|builder| {
+            let mut made = Vec::new();
+            for (states, side, init) in [
+                (key_states, "key", init),
+                (value_states, "value", value_init),
+            ] {
+                let stem = builder.stem(&format!("{}.{states}", builder.prefix));
+                let prefix = builder.parameter(
+                    &format!("{stem}.{side}_prefix"),
+                    dtype,
+                    vec![1, n_heads, n_prefix, head_dim],
+                    init,
+                    true,
+                );
+                let s = builder.current(states);
+                let output = builder.prepend_over_batch(&stem, &prefix, &s, &[1, 1, 1], 2);
+                made.push((prefix, output));
+            }
+            Ok(made)
+        })?;
         let (value_prefix, value_output) = made.pop().unwrap_or_default();
         let (key_prefix, key_output) = made.pop().unwrap_or_default();
         Ok(PrefixNames {
@@ -213,18 +215,18 @@ impl PatchBuilder<'_> {
             value_prefix: Some(value_prefix),
             key_output,
             value_output,
-            nodes: self.nodes_since(first),
+            nodes,
         })
     }
 
-    /// Repeats `block` (leading dimension 1) over the batch of `onto` and prepends it to `onto`
+    /// Repeats `tile` (leading dimension 1) over the batch of `onto` and prepends it to `onto`
     /// along `axis`; later readers of `onto` read the result. Nodes, named under `stem`: the
-    /// batch size of `onto`, `Constant(tail)` (the block's other dims), `Concat` (the target
+    /// batch size of `onto`, `Constant(tail)` (the tile's other dims), `Concat` (the target
     /// shape), `Expand`, `Concat(axis)`. Returns the concatenation.
     fn prepend_over_batch(
         &mut self,
         stem: &str,
-        block: &str,
+        tile: &str,
         onto: &str,
         tail: &[i64],
         axis: i64,
@@ -237,7 +239,7 @@ impl PatchBuilder<'_> {
             &[&batch, &tail],
             &[attr_int("axis", 0)],
         );
-        let expanded = self.op(&format!("{stem}.expand"), "Expand", &[block, &target], &[]);
+        let expanded = self.op(&format!("{stem}.expand"), "Expand", &[tile, &target], &[]);
         let output = self.op(
             &format!("{stem}.concat"),
             "Concat",
