@@ -72,7 +72,7 @@ fn lora_on_q_and_v(registry: &PluginRegistry, model_path: &Path) -> Model {
     let mut model = onnx::load(model_path).expect("load");
     let config = json!({"targets": "q,v", "r": RANK, "alpha": 16});
     apply_method(registry, &mut model, "lora", &config).expect("apply lora to q and v");
-    let record = GraftRecord::read(&model).unwrap();
+    let record = graft::patch::read_record(&model).unwrap();
     let b_names: Vec<String> = record
         .folds
         .iter()
@@ -99,7 +99,7 @@ fn lora_on_q_and_v(registry: &PluginRegistry, model_path: &Path) -> Model {
 /// Checks a few merged elements of the first fold against `W + Σₖ (scale·A[i,k])·B[k,j]`
 /// accumulated in f32 in order of k, then rounded to float16, as the merge defines it.
 fn check_first_fold(patched: &Model, merged: &Model) {
-    let record = GraftRecord::read(patched).unwrap();
+    let record = graft::patch::read_record(patched).unwrap();
     let Some(Fold::LowRank {
         weight,
         a,
@@ -166,7 +166,7 @@ fn main() {
     let (_, apply_time) = timed(|| {
         apply_method(&registry, &mut model, "lora", &config).expect("apply lora to all linears")
     });
-    let record = GraftRecord::read(&model).unwrap();
+    let record = graft::patch::read_record(&model).unwrap();
     let n_trainable: usize = record
         .trainable()
         .map(|name| model.graph.initializer(name).unwrap().n_elements())
@@ -259,7 +259,7 @@ fn main() {
     println!(
         "\n(c) the same merge on weights held in memory (rewritten in place), {rounds} rounds:"
     );
-    let targets: Vec<String> = GraftRecord::read(&patched)
+    let targets: Vec<String> = graft::patch::read_record(&patched)
         .unwrap()
         .folds
         .iter()

@@ -6,7 +6,6 @@ use std::path::Path;
 use safetensors::SafeTensors;
 
 use crate::ir::{Model, Tensor, TensorData};
-use crate::patch::GraftRecord;
 use crate::{Error, Result};
 
 /// Replaces the values of `model`'s trainable tensors with those in the safetensors file at
@@ -17,7 +16,7 @@ pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     let trainable: Vec<&str> = record.trainable().collect();
     let mut loaded = 0;
     for (name, view) in file.tensors() {
@@ -57,7 +56,7 @@ pub fn safetensors_dtype(tensor: &Tensor) -> Option<safetensors::Dtype> {
 /// Writes every trainable tensor of a patched model to a safetensors file (atomically), keyed by
 /// graft's tensor names.
 pub fn save(model: &Model, path: &Path) -> Result<()> {
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     let mut views = Vec::new();
     for name in record.trainable() {
         let tensor = model.graph.initializer(name).ok_or_else(|| Error::Tensor {

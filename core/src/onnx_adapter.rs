@@ -21,7 +21,6 @@ use flatbuffers::{
 use graft_plugin_sdk::Fold;
 
 use crate::ir::{DataType, Model, Tensor, TensorData};
-use crate::patch::GraftRecord;
 use crate::{Error, Result};
 
 /// The FlatBuffers file identifier of adapter files.
@@ -244,7 +243,7 @@ impl OnnxAdapter {
 
     /// The adapter holding the current values of every trainable tensor of a patched model.
     pub fn from_trainable(model: &Model) -> Result<Self> {
-        let record = GraftRecord::read(model)?;
+        let record = crate::patch::read_record(model)?;
         let mut parameters = Vec::new();
         for name in record.trainable() {
             let tensor = model.graph.initializer(name).ok_or_else(|| Error::Tensor {
@@ -359,7 +358,7 @@ pub struct ExportReport {
 /// base values when trained values are loaded afterwards rather than stored in the model.
 /// Nothing is written unless everything can be; on failure no new file is left behind.
 pub fn export(model: &Model, dir: &Path) -> Result<ExportReport> {
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     if record.trainable().next().is_none() {
         return Err(Error::Config(
             "the model has no trainable tensors to export (it was not written by `graft apply`)"
@@ -375,6 +374,18 @@ pub fn export(model: &Model, dir: &Path) -> Result<ExportReport> {
                 (1.0, vec![vector])
             }
             Fold::InPlace { .. } => continue,
+            Fold::Delta { weight, .. } => {
+                return Err(Error::Config(format!(
+                    "the branch on {weight:?} is a delta fold, which has no neutral value an \
+                     ONNX Runtime adapter could default to; export it as a patched graph or merge it"
+                )))
+            }
+            Fold::Bake { value, .. } => {
+                return Err(Error::Config(format!(
+                    "{value:?} is computed by a subgraph to bake; merge the model before an \
+                     ONNX Runtime adapter export"
+                )))
+            }
         };
         for name in names {
             set_constant(&mut graph_model, name, neutral)?;

@@ -12,7 +12,6 @@ use serde_json::json;
 
 use crate::atomic_file::write_atomically;
 use crate::ir::Model;
-use crate::patch::GraftRecord;
 use crate::plugins::{apply_method, graph_view, PluginRegistry};
 use crate::{Error, Result};
 
@@ -46,7 +45,7 @@ pub struct PeftLora {
 /// module path. Fails naming the weight when a branch's site has no label, since PEFT files are
 /// keyed by module paths.
 pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     let mut branches = Vec::new();
     for fold in &record.folds {
         let Fold::LowRank {
@@ -126,7 +125,7 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// 16.000002. Base-model tensors replaced by an import (`modules_to_save`) are not written.
 pub fn export(model: &Model, dir: &Path) -> Result<()> {
     let branches = lora_branches(model)?;
-    let rslora = GraftRecord::read(model)?.methods.iter().any(|m| {
+    let rslora = crate::patch::read_record(model)?.methods.iter().any(|m| {
         m.method == "lora"
             && matches!(m.config.get("rslora"), Some(v) if v == &json!(true) || v == &json!("true"))
     });
@@ -373,7 +372,7 @@ pub fn load_values(model: &mut Model, path: &Path) -> Result<usize> {
 /// layout; every check passes before the first tensor changes.
 fn load_lora_tensors(model: &mut Model, file: &Path, tensors: &[PeftTensor]) -> Result<usize> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     let mut by_module: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
     for fold in &record.folds {
         if let Fold::LowRank { weight, a, b, .. } = fold {

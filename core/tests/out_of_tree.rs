@@ -161,7 +161,7 @@ fn the_rust_example_plugin_applies_runs_and_merges() {
     let plugin = rust_plugin();
     apply_run_merge(dir.path(), &plugin, "lora_scaled", &["r=4", "targets=q,v"]);
     let patched = onnx::load(&dir.path().join("lora_scaled.onnx")).unwrap();
-    let record = graft::patch::GraftRecord::read(&patched).unwrap();
+    let record = graft::patch::read_record(&patched).unwrap();
     assert_eq!(record.methods[0].plugin, "lora-scaled");
     assert_eq!(
         record.methods[0].trainable.len(),

@@ -116,7 +116,7 @@ fn methods_stack_and_merge_together() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("trainable parameters:"), "{stdout}");
     let mut patched = onnx::load(&patched_path).unwrap();
-    let record = graft::patch::GraftRecord::read(&patched).unwrap();
+    let record = graft::patch::read_record(&patched).unwrap();
     assert_eq!(record.methods.len(), 2);
     assert_eq!(record.methods[0].config["r"], json!("4"));
     assert_eq!(

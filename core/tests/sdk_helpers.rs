@@ -581,7 +581,7 @@ fn nf4_dequantization_reproduces_codebook_weights_exactly() {
                 "{fixture}: the replaced weight {weight} is still stored"
             );
         }
-        let record = GraftRecord::read(&model).unwrap();
+        let record = graft::patch::read_record(&model).unwrap();
         assert_eq!(record.trainable().count(), 0, "codes and scales are frozen");
         let dequantized = run_model(&model, &inputs);
         assert_unchanged(
@@ -622,7 +622,7 @@ fn marking_norms_trainable_records_them_once_and_trains_them_in_place() {
         unique.dedup();
         assert!(!unique.is_empty(), "{fixture}: no norms");
 
-        let record = GraftRecord::read(&model).unwrap();
+        let record = graft::patch::read_record(&model).unwrap();
         let mut trainable: Vec<&str> = record.trainable().collect();
         trainable.sort();
         assert_eq!(trainable, unique, "{fixture}: trainable tensors");

@@ -513,8 +513,10 @@ static int32_t example_call(const graft_host *host, const uint8_t *request, size
 
 static void example_free(graft_bytes reply) { free(reply.ptr); }
 
+/* ABI version 1: requests arrive as plain JSON, which is all this plugin parses. The host
+   still speaks version 1 (GRAFT_PLUGIN_ABI_MIN_VERSION); a version-2 plugin receives frames. */
 static const graft_plugin_table TABLE = {
-    GRAFT_PLUGIN_ABI_VERSION, sizeof(graft_plugin_table), "example-c", "0.1.0",
+    1, sizeof(graft_plugin_table), "example-c", "0.1.0",
     example_call,            example_free,
 };
 

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use graft::onnx::{self, SaveOptions};
-use graft::patch::GraftRecord;
 use graft::plugins::{apply_method, PluginRegistry};
 use serde_json::{Map, Value};
 
@@ -92,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     onnx::save(&model, &args.output, &SaveOptions::default())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let record = GraftRecord::read(&model)?;
+    let record = graft::patch::read_record(&model)?;
     let n_trainable: usize = record
         .trainable()
         .filter_map(|name| model.graph.initializer(name))

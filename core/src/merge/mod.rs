@@ -10,6 +10,7 @@ use crate::patch::GraftRecord;
 use crate::{Error, Result};
 use rows::{add_low_rank_columns, multiply, update_weight, LowRankRows};
 
+mod evaluate;
 mod rows;
 
 /// What a merge did.
@@ -28,7 +29,7 @@ pub struct MergeReport {
 /// Folds every recorded branch of `model` into its base weights and removes the graft record.
 /// Only the targeted weights are read and rewritten; every other tensor keeps its storage.
 pub fn merge(model: &mut Model) -> Result<MergeReport> {
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     if record.methods.is_empty() {
         return Err(Error::Config(
             "the model has no grafted methods to merge (it was not written by `graft apply`)"
@@ -116,22 +117,46 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                     &mut report,
                 )?;
             }
+            Fold::Delta {
+                weight,
+                layout,
+                delta_nodes,
+                delta,
+                ..
+            } => {
+                let nodes = delta_nodes.iter().map(crate::patch::node_from_patch).collect();
+                let values = evaluate::evaluate(model, nodes, delta)?.float_values()?;
+                add_dense(&mut model.graph, weight, *layout, &values, &mut report)?;
+            }
+            Fold::Bake { value, nodes } => {
+                let subgraph: Vec<_> = model
+                    .graph
+                    .nodes
+                    .iter()
+                    .filter(|n| nodes.contains(&n.name))
+                    .cloned()
+                    .collect();
+                let baked = evaluate::evaluate(model, subgraph, value)?;
+                model.graph.nodes.retain(|n| !nodes.contains(&n.name));
+                report.removed_nodes += nodes.len();
+                model.graph.initializers.push(baked);
+            }
             Fold::InPlace { .. } => {}
         }
-        if let Some((branch_nodes, branch_output, base_output)) = branch_of(fold) {
+        if let Some(branch) = fold.branch() {
             remove_branch(
                 &mut model.graph,
-                branch_nodes,
-                &resolve(&redirects, branch_output),
-                &resolve(&redirects, base_output),
+                branch.nodes,
+                &resolve(&redirects, branch.output),
+                &resolve(&redirects, branch.base_output),
                 &mut report,
             );
-            redirects.insert(branch_output.to_owned(), base_output.to_owned());
+            redirects.insert(branch.output.to_owned(), branch.base_output.to_owned());
         }
     }
     collapse_output_identities(&mut model.graph);
     drop_unused_parameters(model, &record, &mut report);
-    GraftRecord::default().write(model);
+    crate::patch::write_record(&Default::default(), model);
     model.graph.validate()?;
     Ok(report)
 }
@@ -182,29 +207,34 @@ fn scale_weight(
     Ok(scale)
 }
 
-/// The nodes, output and base value of a fold's branch; `None` for in-place folds.
-pub fn branch_of(fold: &Fold) -> Option<(&[String], &str, &str)> {
-    match fold {
-        Fold::LowRank {
-            branch_nodes,
-            branch_output,
-            base_output,
-            ..
+/// Adds the dense `[in, out]` matrix `delta` (row-major) to the weight `name`, whatever its
+/// layout.
+fn add_dense(
+    graph: &mut Graph,
+    name: &str,
+    layout: WeightLayout,
+    delta: &[f32],
+    report: &mut MergeReport,
+) -> Result<()> {
+    let (n_in, n_out) = linear_dims(graph, name, layout)?;
+    check_len(name, delta, n_in * n_out)?;
+    let update = |first: usize, rows: &mut [f32]| match layout {
+        WeightLayout::InOut => {
+            let start = first * n_out;
+            for (w, d) in rows.iter_mut().zip(&delta[start..]) {
+                *w += d;
+            }
         }
-        | Fold::ScaleOutput {
-            branch_nodes,
-            branch_output,
-            base_output,
-            ..
+        WeightLayout::OutIn => {
+            for (offset, row) in rows.chunks_exact_mut(n_in.max(1)).enumerate() {
+                let output = first + offset;
+                for (input, w) in row.iter_mut().enumerate() {
+                    *w += delta[input * n_out + output];
+                }
+            }
         }
-        | Fold::ScaleInput {
-            branch_nodes,
-            branch_output,
-            base_output,
-            ..
-        } => Some((branch_nodes, branch_output, base_output)),
-        Fold::InPlace { .. } => None,
-    }
+    };
+    update_weight(graph, name, layout, [n_in, n_out], report, update)
 }
 
 fn dims_of(graph: &Graph, name: &str) -> Result<Vec<i64>> {

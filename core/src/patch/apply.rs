@@ -7,7 +7,7 @@ use graft_plugin_sdk::{AttributeValue, Fold, NewNode, PatchReply};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::AttributeProto;
 
-use super::record::{AppliedMethod, GraftRecord};
+use super::record::AppliedMethod;
 use super::{data_type, materialize};
 use crate::ir::{Dim, Graph, Model, Node, ValueInfo};
 use crate::{Error, Result};
@@ -58,6 +58,9 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     for input in &patch.graph_inputs {
         claim(&input.name, "graph input")?;
     }
+    for input in &patch.host_inputs {
+        claim(&input.name, "host input")?;
+    }
 
     let mut trainable = Vec::new();
     for parameter in &patch.parameters {
@@ -74,6 +77,12 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
                     .collect::<Vec<_>>(),
             ));
         }
+        graph.initializers.push(tensor);
+    }
+    for input in &patch.host_inputs {
+        let tensor = super::init::materialize_host_input(input)?;
+        let dims: Vec<Dim> = tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect();
+        graph.inputs.push(ValueInfo::tensor(&input.name, tensor.dtype, &dims));
         graph.initializers.push(tensor);
     }
     for input in &patch.graph_inputs {
@@ -167,7 +176,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     graph.validate()?;
     check_new_node_types(model, &new_node_names)?;
 
-    let mut record = GraftRecord::read(model)?;
+    let mut record = crate::patch::read_record(model)?;
     for existing in record.trainable() {
         if trainable.iter().any(|t| t == existing) {
             return Err(invalid(format!(
@@ -177,6 +186,10 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     }
     method.trainable = trainable;
     method.parameters = patch.parameters.iter().map(|p| p.name.clone()).collect();
+    method.nodes = patch.nodes.iter().map(|n| n.name.clone()).collect();
+    method.loss_terms = patch.loss_terms.clone();
+    method.host_inputs = patch.host_inputs.clone();
+    method.step_hook = patch.step_hook.clone();
     record.methods.push(method);
     // A later method's branches attach to the sites' base outputs, inside the branches of
     // earlier methods, so they must be folded first: its folds go before the earlier ones (the
@@ -184,10 +197,14 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     let new_folds: Vec<Fold> = patch
         .folds
         .iter()
-        .map(|fold| rename_in_fold(fold, &renamed))
+        .map(|fold| {
+            let mut fold = fold.clone();
+            fold.rename_base_output(|name| renamed.get(name).cloned());
+            fold
+        })
         .collect();
     record.folds.splice(0..0, new_folds);
-    record.write(model);
+    crate::patch::write_record(&record, model);
     Ok(())
 }
 
@@ -214,23 +231,8 @@ fn rename_definition(graph: &mut Graph, value: &str, fresh: &str) -> Result<()> 
     )))
 }
 
-fn rename_in_fold(fold: &Fold, renamed: &HashMap<String, String>) -> Fold {
-    let rename = |name: &mut String| {
-        if let Some(fresh) = renamed.get(name.as_str()) {
-            *name = fresh.clone();
-        }
-    };
-    let mut fold = fold.clone();
-    match &mut fold {
-        Fold::LowRank { base_output, .. }
-        | Fold::ScaleOutput { base_output, .. }
-        | Fold::ScaleInput { base_output, .. } => rename(base_output),
-        _ => {}
-    }
-    fold
-}
-
-fn node_from_patch(node: &NewNode) -> Node {
+/// The IR node for a node a patch describes.
+pub fn node_from_patch(node: &NewNode) -> Node {
     let attributes = node
         .attributes
         .iter()

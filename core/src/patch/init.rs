@@ -112,3 +112,40 @@ fn encode(dtype: DataType, values: &[f64]) -> Option<Vec<u8>> {
         _ => return None,
     })
 }
+
+/// Builds the default tensor of a host-fed input (see [`graft_plugin_sdk::HostInput`]), after
+/// checking that its type and shape suit its kind.
+pub fn materialize_host_input(input: &graft_plugin_sdk::HostInput) -> Result<Tensor> {
+    use graft_plugin_sdk::HostInputKind as Kind;
+    let scalar = input.shape.iter().product::<usize>() == 1 && input.shape.len() <= 1;
+    let fits = match input.kind {
+        Kind::TrainingMode => {
+            input.dtype == DType::Bool && input.shape.is_empty() && input.default == Init::Zeros
+        }
+        Kind::Step => scalar && (input.dtype.is_float() || input.dtype == DType::Int64),
+        Kind::Progress => scalar && input.dtype.is_float(),
+        Kind::Uniform => input.dtype.is_float(),
+        Kind::Value => true,
+    };
+    if !fits {
+        return Err(Error::Tensor {
+            name: input.name.clone(),
+            reason: format!(
+                "a {:?} host input cannot be {} {:?} with default {:?} (training_mode: bool [] \
+                 zeros; step: a float or int64 scalar; progress and uniform: float types)",
+                input.kind,
+                input.dtype.name(),
+                input.shape,
+                input.default
+            ),
+        });
+    }
+    let parameter = NewParameter {
+        name: input.name.clone(),
+        dtype: input.dtype,
+        shape: input.shape.clone(),
+        init: input.default.clone(),
+        trainable: false,
+    };
+    materialize(&parameter, &[])
+}

@@ -6,6 +6,6 @@ mod apply;
 mod init;
 mod record;
 
-pub use apply::{apply_patch, topological_sort};
+pub use apply::{apply_patch, node_from_patch, topological_sort};
 pub use init::{data_type, materialize};
-pub use record::{AppliedMethod, GraftRecord};
+pub use record::{read_record, write_record, AppliedMethod, GraftRecord, RECORD_KEY};

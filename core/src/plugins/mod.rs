@@ -55,8 +55,7 @@ pub fn apply_method(
         plugin: plugin.description.name.clone(),
         plugin_version: plugin.description.version.clone(),
         config: effective_config(description, config),
-        trainable: Vec::new(),
-        parameters: Vec::new(),
+        ..AppliedMethod::default()
     };
     apply_patch(model, &reply, applied).map_err(|e| Error::Plugin {
         plugin: plugin.display_name(),
@@ -67,7 +66,7 @@ pub fn apply_method(
 
 /// Stores the label of every base weight the recorded folds touch.
 fn record_labels(model: &mut Model, view: &graft_plugin_sdk::GraphView) -> Result<()> {
-    let mut record = crate::patch::GraftRecord::read(model)?;
+    let mut record = crate::patch::read_record(model)?;
     for site in view.sites().map(|s| s.site) {
         let Some(label) = &site.label else { continue };
         let touched = record
@@ -78,18 +77,15 @@ fn record_labels(model: &mut Model, view: &graft_plugin_sdk::GraphView) -> Resul
             record.labels.insert(site.weight.clone(), label.clone());
         }
     }
-    record.write(model);
+    crate::patch::write_record(&record, model);
     Ok(())
 }
 
 /// The base weight a fold updates.
 pub fn fold_weight(fold: &graft_plugin_sdk::Fold) -> Option<&str> {
-    use graft_plugin_sdk::Fold;
     match fold {
-        Fold::LowRank { weight, .. }
-        | Fold::ScaleOutput { weight, .. }
-        | Fold::ScaleInput { weight, .. } => Some(weight),
-        Fold::InPlace { tensor } => Some(tensor),
+        graft_plugin_sdk::Fold::InPlace { tensor } => Some(tensor),
+        _ => fold.weight(),
     }
 }
 

@@ -19,7 +19,6 @@ use crate::autodiff::{gradient_graph, loss};
 use crate::ir::attributes::int_attribute;
 use crate::ir::{Graph, Model, Tensor, ValueInfo};
 use crate::optimize::narrow_unread_rows;
-use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
 use checkpoint::CheckpointState;
@@ -191,7 +190,7 @@ pub struct TrainingGraph {
 /// own random seed derived from `seed` (so that a run's masks repeat from run to run), and the
 /// rows the loss never reads are not computed ([`narrow_unread_rows`]).
 pub fn training_graph(patched: &Model, task: Task, seed: u64) -> Result<TrainingGraph> {
-    let record = GraftRecord::read(patched)?;
+    let record = crate::patch::read_record(patched)?;
     let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
     if trainable.is_empty() {
         return Err(Error::Config(
@@ -229,7 +228,7 @@ pub struct EvaluationGraph {
 /// Outputs are the loss, then the first output; the trainable tensors become graph inputs so
 /// that the current values are fed at each evaluation.
 pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> {
-    let record = GraftRecord::read(patched)?;
+    let record = crate::patch::read_record(patched)?;
     let parameters: Vec<String> = record.trainable().map(str::to_owned).collect();
     let mut model = patched.clone();
     let logits = first_output(&model)?;
@@ -276,12 +275,12 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
 /// masks in every run with the same seed. (A resumed run starts the masks over: ONNX Runtime's
 /// generator lives in the session.)
 fn enable_dropout(model: &mut Model, seed: u64) -> Result<()> {
-    let record = GraftRecord::read(model)?;
+    let record = crate::patch::read_record(model)?;
     let branch_nodes: std::collections::HashSet<&str> = record
         .folds
         .iter()
-        .filter_map(crate::merge::branch_of)
-        .flat_map(|(nodes, _, _)| nodes.iter().map(String::as_str))
+        .filter_map(|fold| fold.branch())
+        .flat_map(|branch| branch.nodes.iter().map(String::as_str))
         .collect();
     let dropouts: Vec<usize> = model
         .graph

@@ -167,7 +167,7 @@ pub fn apply_lora(fixture: &str, settings: &[&str], out: &std::path::Path) {
 /// (around 1 for tensors that start at one, such as IA3 scales), so that a branch changes
 /// the outputs.
 pub fn randomize_trainable(model: &mut Model) {
-    let record = graft::patch::GraftRecord::read(model).unwrap();
+    let record = graft::patch::read_record(model).unwrap();
     let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     for tensor in model.graph.initializers.iter_mut() {

@@ -3,8 +3,14 @@
 
 use std::ffi::{c_char, c_void};
 
-/// The ABI version this SDK speaks; a table carrying another number is refused.
-pub const GRAFT_PLUGIN_ABI_VERSION: u32 = 1;
+/// The ABI version this SDK speaks. Version 2 sends every request as a frame (JSON, then a
+/// safetensors blob, like a reply) and adds the `step` request; version 1 sends requests as
+/// plain JSON and knows `describe` and `patch` only.
+pub const GRAFT_PLUGIN_ABI_VERSION: u32 = 2;
+
+/// The oldest ABI version the host still speaks; a table carrying a number outside
+/// `GRAFT_PLUGIN_ABI_MIN_VERSION..=GRAFT_PLUGIN_ABI_VERSION` is refused.
+pub const GRAFT_PLUGIN_ABI_MIN_VERSION: u32 = 1;
 
 /// The one symbol a plugin library exports, NUL-terminated for `dlsym`-style lookups.
 pub const ENTRY_SYMBOL: &[u8] = b"graft_plugin_entry\0";

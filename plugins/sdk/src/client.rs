@@ -1,11 +1,14 @@
 //! The core's side of the ABI: validating a plugin table and calling through it safely.
 
-use crate::abi::{GraftBytes, GraftPluginTable, GRAFT_PLUGIN_ABI_VERSION};
+use crate::abi::{
+    GraftBytes, GraftPluginTable, GRAFT_PLUGIN_ABI_MIN_VERSION, GRAFT_PLUGIN_ABI_VERSION,
+};
 use crate::describe::PluginDescription;
 use crate::error::{Error, Result};
 use crate::graph::GraphView;
 use crate::host::{raw_host, TensorSource};
 use crate::protocol::{decode_frame, PatchReply};
+use crate::training::{StepReply, StepRequest};
 use serde::Serialize;
 use serde_json::Value;
 use std::ffi::{c_char, CStr};
@@ -28,7 +31,8 @@ struct PatchRequestRef<'a> {
 }
 
 impl<'lib> PluginClient<'lib> {
-    /// Validates the table: non-null, `abi_version` equal to [`GRAFT_PLUGIN_ABI_VERSION`],
+    /// Validates the table: non-null, `abi_version` between [`GRAFT_PLUGIN_ABI_MIN_VERSION`]
+    /// and [`GRAFT_PLUGIN_ABI_VERSION`],
     /// `table_size` at least this SDK's table size, non-null UTF-8 `name` and `version`,
     /// non-null `call` and `free`. Errors are [`Error::Abi`].
     ///
@@ -40,9 +44,15 @@ impl<'lib> PluginClient<'lib> {
         let table = table
             .as_ref()
             .ok_or_else(|| Error::Abi("graft_plugin_entry returned null".into()))?;
-        if table.abi_version != GRAFT_PLUGIN_ABI_VERSION {
+        if !(GRAFT_PLUGIN_ABI_MIN_VERSION..=GRAFT_PLUGIN_ABI_VERSION).contains(&table.abi_version) {
+            let name = if table.name.is_null() {
+                "(unnamed)".into()
+            } else {
+                CStr::from_ptr(table.name).to_string_lossy()
+            };
             return Err(Error::Abi(format!(
-                "plugin speaks ABI version {}, this build speaks {GRAFT_PLUGIN_ABI_VERSION}",
+                "plugin {name} speaks ABI version {}, this build speaks versions \
+                 {GRAFT_PLUGIN_ABI_MIN_VERSION} to {GRAFT_PLUGIN_ABI_VERSION}",
                 table.abi_version
             )));
         }
@@ -82,7 +92,40 @@ impl<'lib> PluginClient<'lib> {
         self.version
     }
 
-    /// Sends raw request JSON, lending `source`'s tensors for the call, and returns a copy of
+    /// The ABI version the plugin speaks.
+    pub fn abi_version(&self) -> u32 {
+        self.table.abi_version
+    }
+
+    /// Sends a request given as JSON and a blob: as a frame to an ABI 2 plugin, as the JSON
+    /// alone to an ABI 1 plugin (which cannot take a blob).
+    fn request(&self, source: &dyn TensorSource, json: &[u8], blob: &[u8]) -> Result<Vec<u8>> {
+        if self.table.abi_version >= 2 {
+            self.call(source, &crate::protocol::encode_frame(json, blob))
+        } else if blob.is_empty() {
+            self.call(source, json)
+        } else {
+            Err(Error::Abi(format!(
+                "plugin {} speaks ABI version 1, which cannot carry this request",
+                self.name
+            )))
+        }
+    }
+
+    /// Sends a step request (ABI 2) and decodes the [`StepReply`]. An ABI 1 plugin has no
+    /// step hook: the call fails with [`Error::Abi`] naming it.
+    pub fn step(&self, request: &StepRequest) -> Result<StepReply> {
+        if self.table.abi_version < 2 {
+            return Err(Error::Abi(format!(
+                "plugin {} speaks ABI version 1, which has no step hook",
+                self.name
+            )));
+        }
+        let (json, blob) = request.encode()?;
+        StepReply::from_frame(&self.request(&crate::host::NoTensors, &json, &blob)?)
+    }
+
+    /// Sends raw request bytes (a frame for ABI 2, JSON for ABI 1), lending `source`'s tensors for the call, and returns a copy of
     /// the response frame after handing the plugin's buffer back to its `free`. An error reply
     /// becomes [`Error::Plugin`] with the plugin's message.
     pub fn call(&self, source: &dyn TensorSource, request: &[u8]) -> Result<Vec<u8>> {
@@ -116,7 +159,7 @@ impl<'lib> PluginClient<'lib> {
 
     /// Sends `{"op":"describe"}` and decodes the [`PluginDescription`].
     pub fn describe(&self) -> Result<PluginDescription> {
-        let frame = self.call(&crate::host::NoTensors, br#"{"op":"describe"}"#)?;
+        let frame = self.request(&crate::host::NoTensors, br#"{"op":"describe"}"#, &[])?;
         let (json, _) = decode_frame(&frame)?;
         serde_json::from_slice(json)
             .map_err(|e| Error::Frame(format!("invalid description from {}: {e}", self.name)))
@@ -137,7 +180,7 @@ impl<'lib> PluginClient<'lib> {
             graph,
         })
         .map_err(|e| Error::Frame(format!("cannot encode request: {e}")))?;
-        let reply = PatchReply::from_frame(&self.call(source, &request)?)?;
+        let reply = PatchReply::from_frame(&self.request(source, &request, &[])?)?;
         reply.check_payloads()?;
         Ok(reply)
     }

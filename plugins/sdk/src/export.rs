@@ -6,7 +6,8 @@ use crate::config::MethodConfig;
 use crate::describe::{MethodDescription, PluginDescription};
 use crate::graph::GraphView;
 use crate::host::Host;
-use crate::protocol::{encode_frame, PatchReply, Request};
+use crate::protocol::{decode_frame, encode_frame, PatchReply, Request};
+use crate::training::{StepReply, StepRequest};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// A method plugin. Implement it on a unit struct and pass the struct to
@@ -29,6 +30,17 @@ pub trait Plugin {
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String>;
+
+    /// The step hook (ABI 2): called after every optimizer step of a run that trains a
+    /// method whose patch declared a [`crate::StepHook`]. Plugins without step hooks keep
+    /// this default, which refuses.
+    fn step(_host: &Host<'_>, request: &StepRequest) -> Result<StepReply, String> {
+        Err(format!(
+            "plugin {} has no step hook for method {}",
+            Self::NAME,
+            request.method
+        ))
+    }
 
     /// The full description: [`Plugin::NAME`], [`Plugin::VERSION`], [`Plugin::methods`].
     fn describe() -> PluginDescription {
@@ -168,8 +180,14 @@ pub mod __private {
     }
 
     fn handle<P: Plugin>(host: &Host<'_>, request: &[u8]) -> Result<Vec<u8>, String> {
-        let request: Request = serde_json::from_slice(request)
-            .map_err(|e| format!("plugin {} got an invalid request: {e}", P::NAME))?;
+        let invalid = |e: &dyn std::fmt::Display| format!("plugin {} got an invalid request: {e}", P::NAME);
+        let (json, blob) = decode_frame(request).map_err(|e| invalid(&e))?;
+        let json: serde_json::Value = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
+        if json["op"] == "step" {
+            let request = StepRequest::decode(&json, blob).map_err(|e| invalid(&e))?;
+            return Ok(P::step(host, &request)?.to_frame()?);
+        }
+        let request: Request = serde_json::from_value(json).map_err(|e| invalid(&e))?;
         match request {
             Request::Describe => {
                 let json = serde_json::to_vec(&P::describe()).map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 //! The read-only description of a model graph that the core hands to plugins.
 
 use crate::dtype::DType;
+use crate::record::GraftRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -35,6 +36,9 @@ pub struct GraphView {
     /// The graph output names, in order.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// What earlier methods grafted onto this model (empty for an unpatched model).
+    #[serde(default, skip_serializing_if = "GraftRecord::is_empty")]
+    pub record: GraftRecord,
 }
 
 /// A run of identical transformer layers (an encoder, a decoder, a vision tower).

@@ -148,8 +148,10 @@ mod graph;
 mod host;
 mod patch;
 mod protocol;
+mod record;
 pub mod quant;
 mod select;
+mod training;
 
 pub use builder::{
     Activation, DequantNames, GateNames, LowRankNames, MaskNames, PatchBuilder, Placement,
@@ -171,6 +173,12 @@ pub use graph::{
     Stack, TensorInfo, ValueInfo, WeightLayout,
 };
 pub use host::{raw_host, Host, NoTensors, TensorSource};
-pub use patch::{AttributeValue, Fold, Init, NewNode, NewParameter, NewValue, Patch, Rewire};
+pub use patch::{
+    AttributeValue, Branch, Fold, Init, NewNode, NewParameter, NewValue, Patch, Rewire,
+};
 pub use protocol::{decode_frame, encode_frame, PatchReply, Request, TensorPayload};
+pub use record::{AppliedMethod, GraftRecord};
 pub use select::{PatternMap, SiteSelector};
+pub use training::{
+    HostArray, HostInput, HostInputKind, LossTerm, StepHook, StepReply, StepRequest,
+};

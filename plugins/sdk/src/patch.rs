@@ -2,6 +2,7 @@
 
 use crate::dtype::DType;
 use crate::graph::{Dim, GraphView, WeightLayout};
+use crate::training::{HostInput, LossTerm, StepHook};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,6 +35,16 @@ pub struct Patch {
     /// How `graft merge` folds each branch back into base weights, in the order to apply.
     #[serde(default)]
     pub folds: Vec<Fold>,
+    /// Scalars the training graph adds to the task loss (ABI 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_terms: Vec<LossTerm>,
+    /// Inputs the host feeds at every training and evaluation step (ABI 2); outside training
+    /// they are overridable initializers holding their defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_inputs: Vec<HostInput>,
+    /// Asks the host to call the plugin after every optimizer step (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_hook: Option<StepHook>,
 }
 
 /// A new initializer.
@@ -292,12 +303,126 @@ pub enum Fold {
         /// The input that was scaled.
         base_output: String,
     },
+    /// `branch_output = base_output + x · D`, where `D` (`[in, out]`) is the value `delta`
+    /// that the side subgraph `delta_nodes` computes from parameters and constants only (an
+    /// AdaLoRA `(A ⊙ E) · B · s`, a LoHa Hadamard or LoKr Kronecker product). The side
+    /// subgraph is not part of the model: merge evaluates it once and adds `D` to `weight`
+    /// (its transpose for `out_in`).
+    Delta {
+        /// The base weight receiving the update.
+        weight: String,
+        /// `weight`'s layout.
+        layout: WeightLayout,
+        /// Nodes computing `delta`; they may read any initializer of the patched model and
+        /// each other's outputs, and their names need only be unique among themselves.
+        delta_nodes: Vec<NewNode>,
+        /// The `[in, out]` value `delta_nodes` produce.
+        delta: String,
+        /// Nodes of the branch, the final `Add` included.
+        branch_nodes: Vec<String>,
+        /// The value the branch produces (the `Add`'s output).
+        branch_output: String,
+        /// The value the branch added onto.
+        base_output: String,
+    },
+    /// The value `value`, computed in the graph by `nodes` from parameters and constants only
+    /// (a prefix-tuning MLP, a P-Tuning prompt encoder), is evaluated once at merge time and
+    /// stored as an initializer of the same name; `nodes` are removed.
+    Bake {
+        /// The value to bake.
+        value: String,
+        /// The nodes computing it (every node between the parameters and `value`).
+        nodes: Vec<String>,
+    },
     /// The trained tensor replaces the base tensor of the same name (BitFit and other
     /// `mark_trainable` tensors); no nodes change.
     InPlace {
         /// The trained initializer.
         tensor: String,
     },
+}
+
+/// A fold's branch: the nodes merge removes, the value they produced and the value its
+/// consumers read instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Branch<'f> {
+    /// Nodes removed by the merge.
+    pub nodes: &'f [String],
+    /// The value the branch produced.
+    pub output: &'f str,
+    /// The value that replaces it.
+    pub base_output: &'f str,
+}
+
+impl Fold {
+    /// The branch this fold removes; `None` for `in_place` and `bake` (which keep the value's
+    /// name).
+    pub fn branch(&self) -> Option<Branch<'_>> {
+        match self {
+            Fold::LowRank { branch_nodes, branch_output, base_output, .. }
+            | Fold::ScaleOutput { branch_nodes, branch_output, base_output, .. }
+            | Fold::ScaleInput { branch_nodes, branch_output, base_output, .. }
+            | Fold::Delta { branch_nodes, branch_output, base_output, .. } => Some(Branch {
+                nodes: branch_nodes,
+                output: branch_output,
+                base_output,
+            }),
+            Fold::Bake { .. } | Fold::InPlace { .. } => None,
+        }
+    }
+
+    /// Every graph node the merge removes: the branch's, or the baked value's.
+    pub fn removed_nodes(&self) -> &[String] {
+        match self {
+            Fold::Bake { nodes, .. } => nodes,
+            _ => self.branch().map_or(&[], |b| b.nodes),
+        }
+    }
+
+    /// The graph values the fold names (branch output and base output, or the baked value).
+    pub fn values(&self) -> Vec<&str> {
+        match self {
+            Fold::Bake { value, .. } => vec![value],
+            _ => self
+                .branch()
+                .map_or_else(Vec::new, |b| vec![b.output, b.base_output]),
+        }
+    }
+
+    /// The base weight the fold updates, if any.
+    pub fn weight(&self) -> Option<&str> {
+        match self {
+            Fold::LowRank { weight, .. }
+            | Fold::ScaleOutput { weight, .. }
+            | Fold::ScaleInput { weight, .. }
+            | Fold::Delta { weight, .. } => Some(weight),
+            Fold::Bake { .. } | Fold::InPlace { .. } => None,
+        }
+    }
+
+    /// The new parameters the fold reads by name (`a`, `b`, `vector`); the side subgraph of a
+    /// delta fold is not included.
+    pub fn new_parameters(&self) -> Vec<&str> {
+        match self {
+            Fold::LowRank { a, b, .. } => vec![a, b],
+            Fold::ScaleOutput { vector, .. } | Fold::ScaleInput { vector, .. } => vec![vector],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Renames the base output through `rename` (the core uses it when a rewire gave a graph
+    /// output's producer a new name).
+    pub fn rename_base_output(&mut self, rename: impl Fn(&str) -> Option<String>) {
+        if let Fold::LowRank { base_output, .. }
+        | Fold::ScaleOutput { base_output, .. }
+        | Fold::ScaleInput { base_output, .. }
+        | Fold::Delta { base_output, .. } = self
+        {
+            if let Some(fresh) = rename(base_output) {
+                *base_output = fresh;
+            }
+        }
+    }
 }
 
 impl Patch {
@@ -310,6 +435,9 @@ impl Patch {
             && self.graph_outputs.is_empty()
             && self.mark_trainable.is_empty()
             && self.folds.is_empty()
+            && self.loss_terms.is_empty()
+            && self.host_inputs.is_empty()
+            && self.step_hook.is_none()
     }
 
     /// Checks the patch's names against `graph` and itself, returning every problem found:
@@ -349,6 +477,9 @@ impl Patch {
         for v in &self.graph_inputs {
             claim(&v.name, "graph input", &known, &mut created, &mut problems);
         }
+        for v in &self.host_inputs {
+            claim(&v.name, "host input", &known, &mut created, &mut problems);
+        }
         let params: BTreeSet<&str> = self.parameters.iter().map(|p| p.name.as_str()).collect();
         let node_names: BTreeSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         let exists = |name: &str| {
@@ -385,58 +516,18 @@ impl Patch {
             }
         }
         for f in &self.folds {
-            let (weight, new_params, nodes, outputs): (
-                &str,
-                Vec<&String>,
-                &[String],
-                [&String; 2],
-            ) = match f {
-                Fold::LowRank {
-                    weight,
-                    a,
-                    b,
-                    branch_nodes,
-                    branch_output,
-                    base_output,
-                    ..
-                } => (
-                    weight,
-                    vec![a, b],
-                    branch_nodes,
-                    [branch_output, base_output],
-                ),
-                Fold::ScaleOutput {
-                    weight,
-                    vector,
-                    branch_nodes,
-                    branch_output,
-                    base_output,
-                    ..
+            if let Fold::InPlace { tensor } = f {
+                if graph.tensor(tensor).is_none() {
+                    problems.push(format!(
+                        "in_place fold names unknown initializer \"{tensor}\""
+                    ));
                 }
-                | Fold::ScaleInput {
-                    weight,
-                    vector,
-                    branch_nodes,
-                    branch_output,
-                    base_output,
-                    ..
-                } => (
-                    weight,
-                    vec![vector],
-                    branch_nodes,
-                    [branch_output, base_output],
-                ),
-                Fold::InPlace { tensor } => {
-                    if graph.tensor(tensor).is_none() {
-                        problems.push(format!(
-                            "in_place fold names unknown initializer \"{tensor}\""
-                        ));
-                    }
-                    continue;
+                continue;
+            }
+            if let Some(weight) = f.weight() {
+                if graph.tensor(weight).is_none() {
+                    problems.push(format!("fold names unknown weight \"{weight}\""));
                 }
-            };
-            if graph.tensor(weight).is_none() {
-                problems.push(format!("fold names unknown weight \"{weight}\""));
             }
             if let Fold::ScaleOutput {
                 bias: Some(bias), ..
@@ -446,20 +537,50 @@ impl Patch {
                     problems.push(format!("fold names unknown bias \"{bias}\""));
                 }
             }
-            for p in new_params {
-                if !params.contains(p.as_str()) {
+            for p in f.new_parameters() {
+                if !params.contains(p) {
                     problems.push(format!("fold names \"{p}\", which is not a new parameter"));
                 }
             }
-            for n in nodes {
+            if let Fold::Delta { delta_nodes, delta, .. } = f {
+                let side: BTreeSet<&str> = delta_nodes
+                    .iter()
+                    .flat_map(|n| n.outputs.iter().map(String::as_str))
+                    .collect();
+                if !side.contains(delta.as_str()) {
+                    problems.push(format!("delta fold: no delta node produces \"{delta}\""));
+                }
+                for i in delta_nodes.iter().flat_map(|n| &n.inputs) {
+                    if !i.is_empty() && !side.contains(i.as_str()) && !exists(i) {
+                        problems.push(format!("delta fold reads unknown value \"{i}\""));
+                    }
+                }
+            }
+            for n in f.removed_nodes() {
                 if !node_names.contains(n.as_str()) {
                     problems.push(format!("fold names \"{n}\", which is not a new node"));
                 }
             }
-            for v in outputs {
+            for v in f.values() {
                 if !exists(v) {
                     problems.push(format!("fold names unknown value \"{v}\""));
                 }
+            }
+        }
+        for term in &self.loss_terms {
+            if !exists(&term.value) {
+                problems.push(format!(
+                    "loss term \"{}\" reads unknown value \"{}\"",
+                    term.name, term.value
+                ));
+            }
+            if !term.weight.is_finite() {
+                problems.push(format!("loss term \"{}\" has weight {}", term.name, term.weight));
+            }
+        }
+        for tensor in self.step_hook.iter().flat_map(|h| &h.tensors) {
+            if graph.tensor(tensor).is_none() && !params.contains(tensor.as_str()) {
+                problems.push(format!("step hook names unknown tensor \"{tensor}\""));
             }
         }
         if problems.is_empty() {

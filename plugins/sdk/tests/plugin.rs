@@ -237,7 +237,8 @@ fn the_client_refuses_bad_tables() {
     };
     let size = std::mem::size_of::<GraftPluginTable>() as u32;
     let cases = [
-        make(2, size, true),
+        make(3, size, true),
+        make(0, size, true),
         make(1, size - 8, true),
         make(1, size, false),
     ];
