@@ -34,10 +34,23 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// continues from a checkpoint with the same per-step results as an uninterrupted run (with
 /// LoRA dropout above 0, the resumed part draws its dropout masks afresh: ONNX Runtime keeps the
 /// dropout generator in the session, so only the loss curve's shape, not each value, repeats).
+///
+/// Methods take part in training through their plugins: loss terms (logged per step under
+/// `loss_terms`), inputs graft feeds at every step, and step hooks that run after each optimizer
+/// step (AdaLoRA's rank allocation; their figures are logged under `plugin`, their state is
+/// checkpointed). `--train METHOD` trains some methods and keeps the others frozen.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model written by `graft apply`.
     patched: PathBuf,
+    /// Train only these methods (comma separated or repeated; default: every method); the
+    /// tensors of the others stay frozen, byte for byte.
+    #[arg(long = "train", value_name = "METHOD", value_delimiter = ',')]
+    train_methods: Vec<String>,
+    /// Load a plugin library (repeatable), for methods with step hooks; plugins are also found
+    /// through GRAFT_PLUGIN_PATH and beside the graft binary.
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
     /// What to train for (decides the loss on the model's first output).
     #[arg(long, value_enum)]
     task: Task,
@@ -202,9 +215,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             threads: args.threads,
             exact: false,
         },
+        train_methods: args.train_methods.clone(),
     };
+    let record = graft::patch::read_record(&model)?;
+    let needs_plugins = record.methods.iter().any(|m| m.step_hook.is_some());
+    let registry = if needs_plugins {
+        graft::plugins::PluginRegistry::discover(&args.plugins)?
+    } else {
+        graft::plugins::PluginRegistry::default()
+    };
+    let hooks = graft::plugins::RegistryStepHooks(&registry);
     let mut progress = Progress::new(std::io::stderr().is_terminal(), args.log_every);
-    let result = train(&model, &options, |event| progress.show(event));
+    let result = train(&model, &options, &hooks, |event| progress.show(event));
     progress.finish();
     let summary = result.with_context(|| format!("training {}", args.patched.display()))?;
     print_summary(&summary);

@@ -124,7 +124,10 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 delta,
                 ..
             } => {
-                let nodes = delta_nodes.iter().map(crate::patch::node_from_patch).collect();
+                let nodes = delta_nodes
+                    .iter()
+                    .map(crate::patch::node_from_patch)
+                    .collect();
                 let values = evaluate::evaluate(model, nodes, delta)?.float_values()?;
                 add_dense(&mut model.graph, weight, *layout, &values, &mut report)?;
             }

@@ -82,7 +82,9 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     for input in &patch.host_inputs {
         let tensor = super::init::materialize_host_input(input)?;
         let dims: Vec<Dim> = tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect();
-        graph.inputs.push(ValueInfo::tensor(&input.name, tensor.dtype, &dims));
+        graph
+            .inputs
+            .push(ValueInfo::tensor(&input.name, tensor.dtype, &dims));
         graph.initializers.push(tensor);
     }
     for input in &patch.graph_inputs {

@@ -104,3 +104,30 @@ fn effective_config(
     }
     serde_json::Value::Object(effective)
 }
+
+/// Step hooks served by the plugins of a registry: each method's hook goes to the plugin that
+/// provides a method of that name.
+pub struct RegistryStepHooks<'r>(pub &'r PluginRegistry);
+
+impl crate::train::participation::StepHooks for RegistryStepHooks<'_> {
+    fn step(
+        &self,
+        method: &graft_plugin_sdk::AppliedMethod,
+        request: &graft_plugin_sdk::StepRequest,
+    ) -> Result<graft_plugin_sdk::StepReply> {
+        let (plugin, _) = self.0.find_method(&method.method).map_err(|e| {
+            Error::Config(format!(
+                "method {} has a step hook, but its plugin {} is not loaded ({e}); pass it with \
+                 --plugin or GRAFT_PLUGIN_PATH",
+                method.method, method.plugin
+            ))
+        })?;
+        plugin.client().step(request).map_err(|e| Error::Plugin {
+            plugin: plugin.display_name(),
+            reason: format!(
+                "step hook of method {} at step {}: {e}",
+                method.method, request.step
+            ),
+        })
+    }
+}

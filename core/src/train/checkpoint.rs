@@ -27,6 +27,7 @@ const PREVIOUS_DIR: &str = "checkpoint.old";
 const STATE_FILE: &str = "state.json";
 const ADAPTER_FILE: &str = "adapter.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const PARTICIPATION_FILE: &str = "participation.safetensors";
 
 /// What `state.json` records.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +58,10 @@ pub struct CheckpointState {
     pub optimizer_step: u64,
     /// The trainable tensors, in training order.
     pub parameters: Vec<String>,
+    /// The methods' step-hook states (see [`super::participation`]); their tensors are in
+    /// `participation.safetensors`.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub participation: serde_json::Value,
 }
 
 impl CheckpointState {
@@ -130,6 +135,8 @@ pub struct Checkpoint {
     pub parameters: Vec<Vec<f32>>,
     /// The optimizer, moments included.
     pub optimizer: Optimizer,
+    /// The step hooks' state tensors and the value inputs, by name.
+    pub participation: Vec<(String, Vec<f32>)>,
 }
 
 /// Writes a checkpoint of `parameters` (named and shaped by `names` and `dims`) and `optimizer`
@@ -141,6 +148,7 @@ pub fn save(
     dims: &[Vec<i64>],
     parameters: &[Vec<f32>],
     optimizer: &Optimizer,
+    participation: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<PathBuf> {
     let target = run_dir.join(CHECKPOINT_DIR);
     let temporary = run_dir.join(TEMPORARY_DIR);
@@ -174,6 +182,13 @@ pub fn save(
         }
     }
     write_tensors(&temporary.join(OPTIMIZER_FILE), &moments)?;
+    if !participation.is_empty() {
+        let tensors: Vec<(String, &[usize], &[f32])> = participation
+            .iter()
+            .map(|(name, shape, values)| (name.clone(), shape.as_slice(), values.as_slice()))
+            .collect();
+        write_tensors(&temporary.join(PARTICIPATION_FILE), &tensors)?;
+    }
     let state_json = serde_json::to_vec_pretty(state)
         .map_err(|e| Error::Config(format!("cannot encode the checkpoint state: {e}")))?;
     write_atomically(&temporary.join(STATE_FILE), &state_json)?;
@@ -220,6 +235,12 @@ pub fn load(run_dir: &Path) -> Result<Checkpoint> {
     })?;
     let adapter = read_tensors(&path.join(ADAPTER_FILE))?;
     let moments = read_tensors(&path.join(OPTIMIZER_FILE))?;
+    let participation_path = path.join(PARTICIPATION_FILE);
+    let participation = if participation_path.is_file() {
+        read_tensors(&participation_path)?
+    } else {
+        Vec::new()
+    };
     let take = |tensors: &[(String, Vec<f32>)], key: &str, file: &str| {
         tensors
             .iter()
@@ -261,6 +282,7 @@ pub fn load(run_dir: &Path) -> Result<Checkpoint> {
         state,
         parameters,
         optimizer,
+        participation,
     })
 }
 

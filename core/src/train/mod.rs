@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optimizer;
+pub mod participation;
 pub mod plot;
 pub mod text;
 
@@ -19,11 +20,13 @@ use crate::autodiff::{gradient_graph, loss};
 use crate::ir::attributes::int_attribute;
 use crate::ir::{Graph, Model, Tensor, ValueInfo};
 use crate::optimize::narrow_unread_rows;
+use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
 use checkpoint::CheckpointState;
 use data::{collate, read_data, DataFormat, DataOptions, Dataset, Example, Target};
 use optimizer::{clip_global_norm, global_norm, Optimizer, OptimizerKind, Schedule};
+use participation::{Participation, StepHooks};
 
 /// What the model is trained to do; decides the loss appended to its first output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -88,6 +91,8 @@ pub struct TrainOptions {
     pub skip_bad_lines: bool,
     /// Execution provider and threads.
     pub session: SessionOptions,
+    /// The methods whose tensors train (empty: every method); the others stay frozen.
+    pub train_methods: Vec<String>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -103,6 +108,13 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Tokens (non-padding input positions) processed per second in this step.
     pub tokens_per_s: f64,
+    /// The methods' loss terms (unweighted, mean over the step's micro-batches), by
+    /// `<method>.<term>`; `loss` includes them weighted.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub loss_terms: std::collections::BTreeMap<String, f64>,
+    /// Figures the methods' step hooks reported, by `<method>.<name>`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub plugin: std::collections::BTreeMap<String, f64>,
 }
 
 /// One evaluation line of `metrics.jsonl`.
@@ -182,16 +194,53 @@ pub struct TrainingGraph {
     pub loss: String,
     /// (trainable tensor, gradient output), in the order of [`GraftRecord::trainable`].
     pub gradients: Vec<(String, String)>,
+    /// (`<method>.<term>`, output) of each loss term, after the gradients.
+    pub loss_terms: Vec<(String, String)>,
 }
 
-/// Builds the training graph of a patched model: the task's loss on its first output, and the
-/// gradients of every tensor the graft record marks trainable (which become graph inputs; frozen
-/// weights stay initializers). LoRA dropout nodes are switched to training mode, each with its
-/// own random seed derived from `seed` (so that a run's masks repeat from run to run), and the
-/// rows the loss never reads are not computed ([`narrow_unread_rows`]).
+/// Builds the training graph of a patched model with every method trained; see
+/// [`training_graph_for`].
 pub fn training_graph(patched: &Model, task: Task, seed: u64) -> Result<TrainingGraph> {
+    training_graph_for(patched, task, seed, &[])
+}
+
+/// The tensors trained when `methods` train (every method's when `methods` is empty), in the
+/// order of [`GraftRecord::trainable`]. Errors name an unknown method.
+pub fn trained_tensors(record: &GraftRecord, methods: &[String]) -> Result<Vec<String>> {
+    if let Some(unknown) = methods
+        .iter()
+        .find(|m| !record.methods.iter().any(|a| &a.method == *m))
+    {
+        let known: Vec<&str> = record.methods.iter().map(|m| m.method.as_str()).collect();
+        return Err(Error::Config(format!(
+            "--train {unknown}: the model has no such method; it has {}",
+            known.join(", ")
+        )));
+    }
+    Ok(record
+        .methods
+        .iter()
+        .filter(|m| methods.is_empty() || methods.contains(&m.method))
+        .flat_map(|m| m.trainable.iter().cloned())
+        .collect())
+}
+
+/// Builds the training graph of a patched model: the task's loss on its first output plus the
+/// weighted loss terms of the trained methods, and the gradients of the tensors those
+/// `methods` train (every method when empty; see [`trained_tensors`]), which become graph
+/// inputs — other methods' tensors and frozen weights stay initializers. Host-fed inputs
+/// become plain graph inputs. LoRA dropout nodes are switched to training mode, each with its
+/// own random seed derived from `seed` (so that a run's masks repeat from run to run), and the
+/// rows the loss never reads are not computed ([`narrow_unread_rows`]). Outputs: the loss,
+/// the gradients, then the loss terms.
+pub fn training_graph_for(
+    patched: &Model,
+    task: Task,
+    seed: u64,
+    methods: &[String],
+) -> Result<TrainingGraph> {
     let record = crate::patch::read_record(patched)?;
-    let trainable: Vec<String> = record.trainable().map(str::to_owned).collect();
+    let trainable = trained_tensors(&record, methods)?;
     if trainable.is_empty() {
         return Err(Error::Config(
             "the model has no trainable tensors; run `graft apply` first".into(),
@@ -199,15 +248,114 @@ pub fn training_graph(patched: &Model, task: Task, seed: u64) -> Result<Training
     }
     let mut model = patched.clone();
     enable_dropout(&mut model, seed)?;
+    host_inputs_to_graph_inputs(&mut model, &record);
     let logits = first_output(&model)?.name;
-    let loss = append_loss(&mut model, task, &logits)?;
+    let task_loss = append_loss(&mut model, task, &logits)?;
+    let terms: Vec<(String, f64, String)> = record
+        .methods
+        .iter()
+        .filter(|m| methods.is_empty() || methods.contains(&m.method))
+        .flat_map(|m| {
+            m.loss_terms.iter().map(|t| {
+                (
+                    format!("{}.{}", m.method, t.name),
+                    t.weight,
+                    t.value.clone(),
+                )
+            })
+        })
+        .collect();
+    let (loss, term_outputs) = add_loss_terms(&mut model, &task_loss, &terms)?;
     narrow_unread_rows(&mut model)?;
-    let graph = gradient_graph(&model, &loss, &trainable)?;
+    let mut graph = gradient_graph(&model, &loss, &trainable)?;
+    for (_, output) in &term_outputs {
+        graph
+            .model
+            .graph
+            .outputs
+            .push(ValueInfo::tensor(output, crate::ir::DataType::Float, &[]));
+    }
     Ok(TrainingGraph {
         model: graph.model,
         loss: graph.loss,
         gradients: graph.gradients,
+        loss_terms: term_outputs,
     })
+}
+
+/// Makes the host-fed inputs plain graph inputs (the host feeds them at every step).
+fn host_inputs_to_graph_inputs(model: &mut Model, record: &GraftRecord) {
+    let names: Vec<&str> = record
+        .methods
+        .iter()
+        .flat_map(|m| m.host_inputs.iter().map(|i| i.name.as_str()))
+        .collect();
+    model.graph.initializers_to_inputs(&names);
+}
+
+/// Appends `loss = task_loss + Σ weight · term` for `terms` (label, weight, value); each
+/// term is summed to a float32 scalar first, exposed as an output named after its label.
+/// Returns the total loss and the (label, output) of each term.
+fn add_loss_terms(
+    model: &mut Model,
+    task_loss: &str,
+    terms: &[(String, f64, String)],
+) -> Result<(String, Vec<(String, String)>)> {
+    if terms.is_empty() {
+        return Ok((task_loss.to_owned(), Vec::new()));
+    }
+    let mut taken = model.graph.taken_names();
+    let mut fresh = |hint: &str| {
+        let name = Graph::first_free_name(hint, |n| taken.contains(n));
+        taken.insert(name.clone());
+        name
+    };
+    let mut total = task_loss.to_owned();
+    let mut outputs = Vec::new();
+    for (label, weight, value) in terms {
+        let scalar = fresh(&format!("graft.loss_term.{label}"));
+        let mut reduce = crate::ir::Node::new(
+            fresh(&format!("{scalar}.sum")),
+            "ReduceSum",
+            vec![value.clone()],
+            vec![scalar.clone()],
+        );
+        reduce.attributes.push(int_attribute("keepdims", 0));
+        let weight_value = fresh(&format!("{scalar}.weight"));
+        let mut constant = crate::ir::Node::new(
+            fresh(&format!("{scalar}.weight_constant")),
+            "Constant",
+            vec![],
+            vec![weight_value.clone()],
+        );
+        constant
+            .attributes
+            .push(crate::ir::attributes::float_attribute(
+                "value_float",
+                *weight as f32,
+            ));
+        let weighted = fresh(&format!("{scalar}.weighted"));
+        let multiply = crate::ir::Node::new(
+            fresh(&format!("{scalar}.mul")),
+            "Mul",
+            vec![scalar.clone(), weight_value],
+            vec![weighted.clone()],
+        );
+        let sum = fresh("graft.loss_with_terms");
+        let add = crate::ir::Node::new(
+            fresh(&format!("{sum}.add")),
+            "Add",
+            vec![total.clone(), weighted],
+            vec![sum.clone()],
+        );
+        model.graph.nodes.extend([reduce, constant, multiply, add]);
+        total = sum;
+        outputs.push((label.clone(), scalar));
+    }
+    if let Some(output) = model.graph.outputs.iter_mut().find(|o| o.name == task_loss) {
+        output.name.clone_from(&total);
+    }
+    Ok((total, outputs))
 }
 
 /// A model's evaluation graph: forward and loss, no gradients, dropout off.
@@ -228,9 +376,20 @@ pub struct EvaluationGraph {
 /// Outputs are the loss, then the first output; the trainable tensors become graph inputs so
 /// that the current values are fed at each evaluation.
 pub fn evaluation_graph(patched: &Model, task: Task) -> Result<EvaluationGraph> {
+    evaluation_graph_for(patched, task, &[])
+}
+
+/// [`evaluation_graph`] for a run that trains `methods` only (every method when empty): the
+/// tensors they train are the graph inputs.
+pub fn evaluation_graph_for(
+    patched: &Model,
+    task: Task,
+    methods: &[String],
+) -> Result<EvaluationGraph> {
     let record = crate::patch::read_record(patched)?;
-    let parameters: Vec<String> = record.trainable().map(str::to_owned).collect();
+    let parameters = trained_tensors(&record, methods)?;
     let mut model = patched.clone();
+    host_inputs_to_graph_inputs(&mut model, &record);
     let logits = first_output(&model)?;
     let loss = append_loss(&mut model, task, &logits.name)?;
     model.graph.initializers_to_inputs(&parameters);
@@ -334,6 +493,7 @@ fn enable_dropout(model: &mut Model, seed: u64) -> Result<()> {
 pub fn train(
     patched: &Model,
     options: &TrainOptions,
+    hooks: &dyn StepHooks,
     mut on_event: impl FnMut(TrainEvent<'_>),
 ) -> Result<TrainSummary> {
     let started = std::time::Instant::now();
@@ -354,13 +514,24 @@ pub fn train(
         None => None,
     };
     let examples = &dataset.examples;
-    let graph = training_graph(patched, options.task, options.seed)?;
+    let graph = training_graph_for(patched, options.task, options.seed, &options.train_methods)?;
+    let record = crate::patch::read_record(patched)?;
+    let trained_methods: Vec<&str> = record
+        .methods
+        .iter()
+        .map(|m| m.method.as_str())
+        .filter(|m| {
+            options.train_methods.is_empty() || options.train_methods.iter().any(|t| t == m)
+        })
+        .collect();
+    let mut participation = Participation::new(patched, &record, &trained_methods, options.seed)?;
     let mut session =
         OrtSession::from_bytes(&crate::onnx::to_bytes(&graph.model)?, options.session)?;
     let mut evaluator = match &eval_set {
         Some(eval_set) => Some(Evaluator::new(
             patched,
             options.task,
+            &options.train_methods,
             &eval_set.examples,
             options.batch_size.max(1),
             options.session,
@@ -409,6 +580,7 @@ pub fn train(
         optimizer: options.optimizer,
         optimizer_step: 0,
         parameters: names.clone(),
+        participation: serde_json::Value::Null,
     };
 
     std::fs::create_dir_all(&options.out).map_err(|e| Error::io(&options.out, e))?;
@@ -429,6 +601,7 @@ pub fn train(
         }
         parameters = saved.parameters;
         optimizer = saved.optimizer;
+        participation.restore(&saved.state.participation, &saved.participation)?;
         order.restore(saved.state.epoch, saved.state.position);
         history = History::keep_until(&metrics_path, saved.state.step)?;
         last_checkpoint = Some((saved.state.step, saved.path));
@@ -460,8 +633,9 @@ pub fn train(
         let n_parameters = feeds.len();
         let mut gradients: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
         let mut loss_sum = 0.0;
+        let mut term_sums = vec![0.0; graph.loss_terms.len()];
         let mut tokens = 0usize;
-        for _ in 0..accumulation {
+        for micro in 0..accumulation {
             let batch: Vec<&Example> = order
                 .next_batch(batch_size)
                 .into_iter()
@@ -473,13 +647,13 @@ pub fn train(
                     .into_iter()
                     .filter(|(name, _)| session.input_names.contains(name)),
             );
+            feeds.extend(participation.feeds(true, step_number, total_steps, micro)?);
             tokens += batch.iter().map(|e| sequence_length(e)).sum::<usize>();
             let outputs = session.run(&feeds)?;
-            loss_sum += output(&outputs, &graph.loss, "training")?
-                .to_f64()
-                .first()
-                .copied()
-                .unwrap_or(f64::NAN);
+            for (sum, (_, term)) in term_sums.iter_mut().zip(&graph.loss_terms) {
+                *sum += scalar(&outputs, term, "training")?;
+            }
+            loss_sum += scalar(&outputs, &graph.loss, "training")?;
             for (accumulated, (_, gradient_name)) in gradients.iter_mut().zip(&graph.gradients) {
                 let gradient = output(&outputs, gradient_name, "training")?.to_f64();
                 for (a, g) in accumulated.iter_mut().zip(gradient) {
@@ -495,12 +669,23 @@ pub fn train(
         let lr = options
             .schedule
             .lr(options.lr, step, options.warmup, total_steps);
+        let mut plugin_metrics = participation::HookMetrics::new();
         let fault = if !loss.is_finite() || !grad_norm.is_finite() {
             Some(format!(
                 "the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm})"
             ))
         } else {
             optimizer.update(&mut parameters, &gradients, lr);
+            plugin_metrics = participation.after_step(
+                hooks,
+                patched,
+                step_number,
+                total_steps,
+                &names,
+                &dims,
+                &mut parameters,
+                &gradients,
+            )?;
             names
                 .iter()
                 .zip(&parameters)
@@ -528,6 +713,13 @@ pub fn train(
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            loss_terms: graph
+                .loss_terms
+                .iter()
+                .zip(&term_sums)
+                .map(|((label, _), sum)| (label.clone(), sum / accumulation as f64))
+                .collect(),
+            plugin: plugin_metrics,
         };
         write_line(serde_json::to_string(&metrics).unwrap_or_default())?;
         history.training.push((step_number, loss));
@@ -540,7 +732,9 @@ pub fn train(
                     .eval_every
                     .is_some_and(|k| k > 0 && step_number % k == 0)
             {
-                let evaluation = evaluator.evaluate(step_number, &names, &parameters, &dims)?;
+                let host_feeds = participation.feeds(false, step_number, total_steps, 0)?;
+                let evaluation =
+                    evaluator.evaluate(step_number, &names, &parameters, &dims, &host_feeds)?;
                 write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
                 history.evaluations.push(evaluation.clone());
                 on_event(TrainEvent::Evaluated(&evaluation));
@@ -554,7 +748,16 @@ pub fn train(
             state.step = step_number;
             (state.epoch, state.position) = (order.epoch, order.position);
             state.optimizer_step = optimizer.step;
-            let path = checkpoint::save(&options.out, &state, &dims, &parameters, &optimizer)?;
+            let (participation_state, participation_tensors) = participation.snapshot();
+            state.participation = participation_state;
+            let path = checkpoint::save(
+                &options.out,
+                &state,
+                &dims,
+                &parameters,
+                &optimizer,
+                &participation_tensors,
+            )?;
             on_event(TrainEvent::Checkpoint {
                 step: step_number,
                 path: &path,
@@ -572,6 +775,12 @@ pub fn train(
             .find(|t| &t.name == name)
         {
             *tensor = Tensor::from_f32(name, shape.clone(), values);
+        }
+    }
+    for (name, value) in participation.value_inputs() {
+        if let Some(tensor) = trained.graph.initializer_mut(name) {
+            let dims = tensor.dims.clone();
+            tensor.set_float_values(dims, &value.data)?;
         }
     }
     let mut files = vec![metrics_path.clone()];
@@ -669,11 +878,12 @@ impl<'a> Evaluator<'a> {
     fn new(
         patched: &Model,
         task: Task,
+        methods: &[String],
         examples: &'a [Example],
         batch_size: usize,
         session_options: SessionOptions,
     ) -> Result<Self> {
-        let graph = evaluation_graph(patched, task)?;
+        let graph = evaluation_graph_for(patched, task, methods)?;
         let bytes = crate::onnx::to_bytes(&graph.model)?;
         let session = OrtSession::from_bytes(&bytes, session_options)?;
         let batches = examples
@@ -696,8 +906,10 @@ impl<'a> Evaluator<'a> {
         names: &[String],
         parameters: &[Vec<f32>],
         dims: &[Vec<i64>],
+        host_feeds: &[(String, HostTensor)],
     ) -> Result<EvalMetrics> {
         let mut feeds = parameter_feeds(names, parameters, dims)?;
+        feeds.extend(host_feeds.iter().cloned());
         let n_parameters = feeds.len();
         let (mut loss_sum, mut scored) = (0.0, 0usize);
         let (mut correct, mut counted) = (0usize, 0usize);
@@ -797,6 +1009,15 @@ fn parameter_feeds(
             Ok((name.clone(), HostTensor::F32(array)))
         })
         .collect()
+}
+
+/// The first element of the output `name`, as f64.
+fn scalar(outputs: &[(String, HostTensor)], name: &str, graph: &str) -> Result<f64> {
+    Ok(output(outputs, name, graph)?
+        .to_f64()
+        .first()
+        .copied()
+        .unwrap_or(f64::NAN))
 }
 
 fn output<'o>(

@@ -180,7 +180,8 @@ pub mod __private {
     }
 
     fn handle<P: Plugin>(host: &Host<'_>, request: &[u8]) -> Result<Vec<u8>, String> {
-        let invalid = |e: &dyn std::fmt::Display| format!("plugin {} got an invalid request: {e}", P::NAME);
+        let invalid =
+            |e: &dyn std::fmt::Display| format!("plugin {} got an invalid request: {e}", P::NAME);
         let (json, blob) = decode_frame(request).map_err(|e| invalid(&e))?;
         let json: serde_json::Value = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
         if json["op"] == "step" {

@@ -148,8 +148,8 @@ mod graph;
 mod host;
 mod patch;
 mod protocol;
-mod record;
 pub mod quant;
+mod record;
 mod select;
 mod training;
 

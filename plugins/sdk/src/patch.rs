@@ -359,10 +359,30 @@ impl Fold {
     /// name).
     pub fn branch(&self) -> Option<Branch<'_>> {
         match self {
-            Fold::LowRank { branch_nodes, branch_output, base_output, .. }
-            | Fold::ScaleOutput { branch_nodes, branch_output, base_output, .. }
-            | Fold::ScaleInput { branch_nodes, branch_output, base_output, .. }
-            | Fold::Delta { branch_nodes, branch_output, base_output, .. } => Some(Branch {
+            Fold::LowRank {
+                branch_nodes,
+                branch_output,
+                base_output,
+                ..
+            }
+            | Fold::ScaleOutput {
+                branch_nodes,
+                branch_output,
+                base_output,
+                ..
+            }
+            | Fold::ScaleInput {
+                branch_nodes,
+                branch_output,
+                base_output,
+                ..
+            }
+            | Fold::Delta {
+                branch_nodes,
+                branch_output,
+                base_output,
+                ..
+            } => Some(Branch {
                 nodes: branch_nodes,
                 output: branch_output,
                 base_output,
@@ -542,7 +562,10 @@ impl Patch {
                     problems.push(format!("fold names \"{p}\", which is not a new parameter"));
                 }
             }
-            if let Fold::Delta { delta_nodes, delta, .. } = f {
+            if let Fold::Delta {
+                delta_nodes, delta, ..
+            } = f
+            {
                 let side: BTreeSet<&str> = delta_nodes
                     .iter()
                     .flat_map(|n| n.outputs.iter().map(String::as_str))
@@ -575,7 +598,10 @@ impl Patch {
                 ));
             }
             if !term.weight.is_finite() {
-                problems.push(format!("loss term \"{}\" has weight {}", term.name, term.weight));
+                problems.push(format!(
+                    "loss term \"{}\" has weight {}",
+                    term.name, term.weight
+                ));
             }
         }
         for tensor in self.step_hook.iter().flat_map(|h| &h.tensors) {

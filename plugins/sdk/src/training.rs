@@ -287,13 +287,10 @@ fn decode_arrays(
             .find(|p| key.starts_with(**p))
             .ok_or_else(|| Error::Frame(format!("unexpected step tensor \"{key}\"")))?;
         let data = crate::dtype::bytes_to_f32(DType::Float, view.data()).unwrap_or_default();
-        groups
-            .entry(*prefix)
-            .or_insert_with(BTreeMap::new)
-            .insert(
-                key[prefix.len()..].to_owned(),
-                HostArray::new(view.shape().to_vec(), data)?,
-            );
+        groups.entry(*prefix).or_insert_with(BTreeMap::new).insert(
+            key[prefix.len()..].to_owned(),
+            HostArray::new(view.shape().to_vec(), data)?,
+        );
     }
     Ok(groups)
 }
@@ -327,7 +324,10 @@ mod tests {
             set: [("e".to_owned(), array(1).unwrap())].into(),
             metrics: [("budget".to_owned(), 12.0)].into(),
         };
-        assert_eq!(StepReply::from_frame(&reply.to_frame().unwrap()).unwrap(), reply);
+        assert_eq!(
+            StepReply::from_frame(&reply.to_frame().unwrap()).unwrap(),
+            reply
+        );
         assert!(HostArray::new(vec![2, 2], vec![0.0; 3]).is_err());
     }
 }
