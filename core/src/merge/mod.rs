@@ -158,6 +158,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
         }
     }
     collapse_output_identities(&mut model.graph);
+    drop_unread_method_nodes(&mut model.graph, &record, &mut report);
     drop_unused_parameters(model, &record, &mut report);
     crate::patch::write_record(&Default::default(), model);
     model.graph.validate()?;
@@ -367,6 +368,31 @@ fn collapse_output_identities(graph: &mut Graph) {
                 *output = target.clone();
             }
         }
+    }
+}
+
+/// Removes the nodes the methods added whose outputs nothing reads any more (a loss term's
+/// subgraph, which only the training graph used), until none is left.
+fn drop_unread_method_nodes(graph: &mut Graph, record: &GraftRecord, report: &mut MergeReport) {
+    let added: HashSet<&str> = record
+        .methods
+        .iter()
+        .flat_map(|m| m.nodes.iter().map(String::as_str))
+        .collect();
+    loop {
+        let mut read: HashSet<String> =
+            graph.read_values().into_iter().map(str::to_owned).collect();
+        read.extend(graph.outputs.iter().map(|o| o.name.clone()));
+        let before = graph.nodes.len();
+        graph.nodes.retain(|node| {
+            !added.contains(node.name.as_str())
+                || node.outputs.iter().any(|o| read.contains(o.as_str()))
+        });
+        let removed = before - graph.nodes.len();
+        if removed == 0 {
+            break;
+        }
+        report.removed_nodes += removed;
     }
 }
 

@@ -192,6 +192,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     method.loss_terms = patch.loss_terms.clone();
     method.host_inputs = patch.host_inputs.clone();
     method.step_hook = patch.step_hook.clone();
+    method.peft = patch.peft.clone();
     record.methods.push(method);
     // A later method's branches attach to the sites' base outputs, inside the branches of
     // earlier methods, so they must be folded first: its folds go before the earlier ones (the

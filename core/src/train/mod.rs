@@ -1100,7 +1100,11 @@ pub fn save_adapter(trained: &Model, dir: &Path) -> Result<Vec<PathBuf>> {
     let adapter = dir.join("adapter.safetensors");
     crate::adapter::save(trained, &adapter)?;
     let mut files = vec![adapter];
-    if crate::peft::lora_branches(trained).is_ok() {
+    let declares_peft = crate::patch::read_record(trained)?
+        .methods
+        .iter()
+        .any(|m| m.peft.is_some());
+    if declares_peft || crate::peft::lora_branches(trained).is_ok() {
         crate::peft::export(trained, dir)?;
         files.push(dir.join("adapter_model.safetensors"));
         files.push(dir.join("adapter_config.json"));

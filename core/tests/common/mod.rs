@@ -122,6 +122,7 @@ pub const PLUGIN_PACKAGES: &[&str] = &[
     "graft-plugin-lora",
     "graft-plugin-bitfit",
     "graft-plugin-ia3",
+    "graft-plugin-adalora",
     "graft-test-plugin-wrong-abi",
     "graft-test-plugin-panics",
     "graft-test-plugin-invalid-patch",
@@ -153,8 +154,14 @@ pub fn run_graft(args: &[&str]) -> (i32, String, String) {
 /// `graft apply FIXTURE -m lora --set S… -o OUT` for each `settings` entry `S` (`key=value`),
 /// asserting success.
 pub fn apply_lora(fixture: &str, settings: &[&str], out: &std::path::Path) {
+    apply_method(fixture, "lora", settings, out)
+}
+
+/// `graft apply FIXTURE -m METHOD --set S… -o OUT` for each `settings` entry `S`
+/// (`key=value`), asserting success.
+pub fn apply_method(fixture: &str, method: &str, settings: &[&str], out: &std::path::Path) {
     let model = fixture_model(fixture);
-    let mut args = vec!["apply", model.to_str().unwrap(), "-m", "lora"];
+    let mut args = vec!["apply", model.to_str().unwrap(), "-m", method];
     for setting in settings {
         args.extend(["--set", setting]);
     }

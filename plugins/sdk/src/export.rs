@@ -33,8 +33,13 @@ pub trait Plugin {
 
     /// The step hook (ABI 2): called after every optimizer step of a run that trains a
     /// method whose patch declared a [`crate::StepHook`]. Plugins without step hooks keep
-    /// this default, which refuses.
-    fn step(_host: &Host<'_>, request: &StepRequest) -> Result<StepReply, String> {
+    /// this default, which refuses. `config` is the method's recorded config, checked like
+    /// [`Plugin::patch`]'s (`request.config` holds the same as raw JSON).
+    fn step(
+        _host: &Host<'_>,
+        _config: &MethodConfig,
+        request: &StepRequest,
+    ) -> Result<StepReply, String> {
         Err(format!(
             "plugin {} has no step hook for method {}",
             Self::NAME,
@@ -179,6 +184,20 @@ pub mod __private {
         }
     }
 
+    fn find_method<'m, P: Plugin>(
+        methods: &'m [MethodDescription],
+        method: &str,
+    ) -> Result<&'m MethodDescription, String> {
+        methods.iter().find(|m| m.name == method).ok_or_else(|| {
+            let names: Vec<&str> = methods.iter().map(|m| m.name.as_str()).collect();
+            format!(
+                "unknown method \"{method}\" for plugin {}; valid methods: {}",
+                P::NAME,
+                names.join(", ")
+            )
+        })
+    }
+
     fn handle<P: Plugin>(host: &Host<'_>, request: &[u8]) -> Result<Vec<u8>, String> {
         let invalid =
             |e: &dyn std::fmt::Display| format!("plugin {} got an invalid request: {e}", P::NAME);
@@ -186,7 +205,12 @@ pub mod __private {
         let json: serde_json::Value = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
         if json["op"] == "step" {
             let request = StepRequest::decode(&json, blob).map_err(|e| invalid(&e))?;
-            return Ok(P::step(host, &request)?.to_frame()?);
+            let methods = P::methods();
+            let config = MethodConfig::new(
+                find_method::<P>(&methods, &request.method)?,
+                &request.config,
+            )?;
+            return Ok(P::step(host, &config, &request)?.to_frame()?);
         }
         let request: Request = serde_json::from_value(json).map_err(|e| invalid(&e))?;
         match request {
@@ -200,14 +224,7 @@ pub mod __private {
                 graph,
             } => {
                 let methods = P::methods();
-                let description = methods.iter().find(|m| m.name == method).ok_or_else(|| {
-                    let names: Vec<&str> = methods.iter().map(|m| m.name.as_str()).collect();
-                    format!(
-                        "unknown method \"{method}\" for plugin {}; valid methods: {}",
-                        P::NAME,
-                        names.join(", ")
-                    )
-                })?;
+                let description = find_method::<P>(&methods, &method)?;
                 let config = MethodConfig::new(description, &config)?;
                 let reply = P::patch(host, &method, &config, &graph)?;
                 reply.check_payloads()?;

@@ -180,5 +180,6 @@ pub use protocol::{decode_frame, encode_frame, PatchReply, Request, TensorPayloa
 pub use record::{AppliedMethod, GraftRecord};
 pub use select::{PatternMap, SiteSelector};
 pub use training::{
-    HostArray, HostInput, HostInputKind, LossTerm, StepHook, StepReply, StepRequest,
+    HostArray, HostInput, HostInputKind, LossTerm, PeftFiles, PeftTensor, StepHook, StepReply,
+    StepRequest,
 };

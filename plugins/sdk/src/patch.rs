@@ -2,7 +2,7 @@
 
 use crate::dtype::DType;
 use crate::graph::{Dim, GraphView, WeightLayout};
-use crate::training::{HostInput, LossTerm, StepHook};
+use crate::training::{HostInput, LossTerm, PeftFiles, StepHook};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +45,10 @@ pub struct Patch {
     /// Asks the host to call the plugin after every optimizer step (ABI 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_hook: Option<StepHook>,
+    /// How the method's tensors are written as (and read from) HF PEFT adapter files, for
+    /// methods other than LoRA (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftFiles>,
 }
 
 /// A new initializer.
@@ -458,6 +462,7 @@ impl Patch {
             && self.loss_terms.is_empty()
             && self.host_inputs.is_empty()
             && self.step_hook.is_none()
+            && self.peft.is_none()
     }
 
     /// Checks the patch's names against `graph` and itself, returning every problem found:

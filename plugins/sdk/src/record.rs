@@ -4,7 +4,7 @@
 //! earlier methods grafted.
 
 use crate::patch::Fold;
-use crate::training::{HostInput, LossTerm, StepHook};
+use crate::training::{HostInput, LossTerm, PeftFiles, StepHook};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -35,6 +35,9 @@ pub struct AppliedMethod {
     /// The step hook, when the method has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_hook: Option<StepHook>,
+    /// The method's HF PEFT file layout, when it declared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftFiles>,
 }
 
 /// Everything graft knows about the PEFT methods grafted onto a model.

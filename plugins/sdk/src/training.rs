@@ -331,3 +331,30 @@ mod tests {
         assert!(HostArray::new(vec![2, 2], vec![0.0; 3]).is_err());
     }
 }
+
+/// Where one of a method's tensors goes in HF PEFT's adapter files, for methods the core's
+/// LoRA export does not cover (AdaLoRA, LoHa, ...): `graft export --format peft` and
+/// `graft train` write it, `graft train --init-adapter` reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeftTensor {
+    /// The key in `adapter_model.safetensors` without PEFT's `base_model.model.` prefix, e.g.
+    /// `bert.encoder.layer.0.attention.self.query.lora_A` (a `.weight` suffix is accepted on
+    /// reading).
+    pub key: String,
+    /// The graft tensor.
+    pub tensor: String,
+    /// The PEFT tensor is the transpose of the (2-D) graft tensor.
+    #[serde(default)]
+    pub transpose: bool,
+    /// The PEFT tensor's shape (same element count as the graft tensor).
+    pub shape: Vec<usize>,
+}
+
+/// A method's HF PEFT adapter files: the whole `adapter_config.json` and the tensor map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeftFiles {
+    /// `adapter_config.json`, as PEFT reads it (`peft_type` included).
+    pub config: Value,
+    /// The tensors.
+    pub tensors: Vec<PeftTensor>,
+}

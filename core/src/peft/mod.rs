@@ -15,6 +15,8 @@ use crate::ir::Model;
 use crate::plugins::{apply_method, graph_view, PluginRegistry};
 use crate::{Error, Result};
 
+mod mapped;
+
 /// The adapter folder's config file.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The adapter folder's tensor file.
@@ -114,7 +116,9 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Writes the model's LoRA branches as an HF PEFT adapter in `dir` (created if needed).
+/// Writes the model's adapter as HF PEFT files in `dir` (created if needed): the layout a
+/// method declared ([`graft_plugin_sdk::PeftFiles`], e.g. AdaLoRA) when one did, otherwise the
+/// LoRA branches.
 ///
 /// The config's `target_modules` is the sorted list of the targeted module paths: PEFT selects a
 /// module when its path equals an entry, so the list is exact, needs no regular-expression
@@ -124,6 +128,9 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// precision of an f32 scale), so that α = 16 with rsLoRA at r = 2 reads back as 16, not
 /// 16.000002. Base-model tensors replaced by an import (`modules_to_save`) are not written.
 pub fn export(model: &Model, dir: &Path) -> Result<()> {
+    if mapped::export(model, dir)? {
+        return Ok(());
+    }
     let branches = lora_branches(model)?;
     let rslora = crate::patch::read_record(model)?.methods.iter().any(|m| {
         m.method == "lora"
@@ -192,6 +199,16 @@ pub fn export(model: &Model, dir: &Path) -> Result<()> {
             bytes(&branch.b),
         ));
     }
+    write_files(dir, &config, &tensors)
+}
+
+/// Writes `adapter_model.safetensors` (float32 `tensors`: key, shape, little-endian bytes) and
+/// `adapter_config.json` into `dir`, each atomically.
+fn write_files(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -203,7 +220,7 @@ pub fn export(model: &Model, dir: &Path) -> Result<()> {
     let safetensors_bytes = safetensors::serialize(views, &None)
         .map_err(|e| Error::Config(format!("cannot encode safetensors: {e}")))?;
     write_atomically(&dir.join(WEIGHTS_FILE), &safetensors_bytes)?;
-    let config_text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let config_text = serde_json::to_string_pretty(config).unwrap_or_default();
     write_atomically(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
     Ok(())
 }
@@ -347,13 +364,17 @@ fn weights_file(path: &Path) -> std::path::PathBuf {
     }
 }
 
-/// Loads the LoRA tensors of an HF PEFT adapter folder (or `adapter_model.safetensors` file)
+/// Loads the tensors of an HF PEFT adapter folder (or `adapter_model.safetensors` file): by
+/// the layout a method declared when one did (see [`export`]), otherwise as LoRA tensors
 /// into a patched model whose LoRA branches sit on the same modules: `lora_A.weight` [r, in] into
 /// A [in, r] and `lora_B.weight` [out, r] into B [r, out]. Fails naming the key when a tensor
 /// matches no branch, has another shape, or is not a LoRA factor (use [`import`] for adapters
 /// with `modules_to_save`). Returns the number of tensors loaded.
 pub fn load_values(model: &mut Model, path: &Path) -> Result<usize> {
     let file = weights_file(path);
+    if let Some(n) = mapped::load_values(model, &file)? {
+        return Ok(n);
+    }
     let tensors = read_peft_tensors(&file)?;
     if let Some(other) = tensors
         .iter()

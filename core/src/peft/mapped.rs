@@ -1,0 +1,131 @@
+//! HF PEFT files for methods that declare their own layout ([`PeftFiles`] in the patch):
+//! AdaLoRA today. The plugin knows PEFT's config keys and tensor names; this module only
+//! writes and reads what it declared.
+
+use std::path::Path;
+
+use graft_plugin_sdk::{AppliedMethod, PeftFiles};
+
+use super::{transpose, write_files, KEY_PREFIX};
+use crate::ir::Model;
+use crate::{Error, Result};
+
+/// The one method of `model` that declared PEFT files, if any; two are an error (a PEFT
+/// adapter folder holds one adapter).
+fn declared(model: &Model) -> Result<Option<(AppliedMethod, PeftFiles)>> {
+    let record = crate::patch::read_record(model)?;
+    let mut found = record
+        .methods
+        .into_iter()
+        .filter_map(|m| m.peft.clone().map(|files| (m, files)));
+    let first = found.next();
+    if let (Some((a, _)), Some((b, _))) = (&first, found.next()) {
+        return Err(Error::Config(format!(
+            "methods {} and {} both have HF PEFT files; a PEFT adapter holds one of them",
+            a.method, b.method
+        )));
+    }
+    Ok(first)
+}
+
+/// Writes the declared files into `dir`; `false` (nothing written) when no method declared
+/// any.
+pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
+    let Some((_, files)) = declared(model)? else {
+        return Ok(false);
+    };
+    let mut tensors = Vec::new();
+    for mapping in &files.tensors {
+        let tensor = model
+            .graph
+            .initializer(&mapping.tensor)
+            .ok_or_else(|| Error::Tensor {
+                name: mapping.tensor.clone(),
+                reason: "a method declared it for its PEFT files, but the model lacks it".into(),
+            })?;
+        let mut values = tensor.float_values()?;
+        if mapping.transpose {
+            let [rows, cols] = matrix(&mapping.tensor, &tensor.dims)?;
+            values = transpose(&values, rows, cols);
+        }
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((
+            format!("{KEY_PREFIX}{}", mapping.key),
+            mapping.shape.clone(),
+            bytes,
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_files(dir, &files.config, &tensors)?;
+    Ok(true)
+}
+
+/// Loads `file`'s tensors into the declared tensors; `None` when no method declared PEFT
+/// files. Every key must map to a declared tensor of the declared shape; nothing changes
+/// unless all do.
+pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize>> {
+    let Some((method, files)) = declared(model)? else {
+        return Ok(None);
+    };
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let stored = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let mut updates = Vec::new();
+    for (key, view) in stored.tensors() {
+        let short = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+        let mapping = files
+            .tensors
+            .iter()
+            .find(|m| m.key == short || format!("{}.weight", m.key) == short)
+            .ok_or_else(|| {
+                fail(format!(
+                    "key {key:?} matches no tensor of method {} (it expects keys such as {:?})",
+                    method.method,
+                    files.tensors.first().map(|m| &m.key)
+                ))
+            })?;
+        if view.shape() != mapping.shape.as_slice() || view.dtype() != safetensors::Dtype::F32 {
+            return Err(fail(format!(
+                "{key:?} is {:?} {:?}; method {} needs float32 {:?}",
+                view.dtype(),
+                view.shape(),
+                method.method,
+                mapping.shape
+            )));
+        }
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if mapping.transpose {
+            let [rows, cols] = [mapping.shape[0], mapping.shape[1]];
+            values = transpose(&values, rows, cols);
+        }
+        updates.push((mapping.tensor.clone(), values));
+    }
+    let n = updates.len();
+    for (name, values) in updates {
+        let tensor = model
+            .graph
+            .initializer_mut(&name)
+            .ok_or_else(|| Error::Tensor {
+                name: name.clone(),
+                reason: "declared for PEFT files but missing from the model".into(),
+            })?;
+        let dims = tensor.dims.clone();
+        tensor.set_float_values(dims, &values)?;
+    }
+    Ok(Some(n))
+}
+
+fn matrix(name: &str, dims: &[i64]) -> Result<[usize; 2]> {
+    match dims {
+        [rows, cols] => Ok([*rows as usize, *cols as usize]),
+        other => Err(Error::Tensor {
+            name: name.to_owned(),
+            reason: format!("a transposed PEFT tensor must be a matrix, not {other:?}"),
+        }),
+    }
+}
