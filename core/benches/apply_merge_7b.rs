@@ -17,7 +17,6 @@ use common::{generate, mib, peak_rss_kib, reset_peak_rss, timed, DATA_FILE, HIDD
 use graft::ir::{DataType, Model, Tensor, TensorData};
 use graft::merge::merge;
 use graft::onnx::{self, DataPlacement, SaveOptions};
-use graft::patch::GraftRecord;
 use graft::plugins::{apply_method, PluginRegistry};
 use graft_plugin_sdk::Fold;
 use serde_json::json;

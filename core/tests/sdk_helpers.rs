@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use graft::ir::{Model, Tensor};
 use graft::onnx;
-use graft::patch::{apply_patch, AppliedMethod, GraftRecord};
+use graft::patch::{apply_patch, AppliedMethod};
 use graft::plugins::graph_view;
 use graft::runtime::HostTensor;
 use graft_plugin_sdk::quant::{dequantize_blockwise, quantize_blockwise, NF4_CODEBOOK};
@@ -37,8 +37,7 @@ fn patched<T>(base: &Model, build: impl FnOnce(&GraphView, &mut PatchBuilder) ->
         plugin: "core/tests/sdk_helpers.rs".into(),
         plugin_version: "0".into(),
         config: serde_json::json!({}),
-        trainable: vec![],
-        parameters: vec![],
+        ..AppliedMethod::default()
     };
     apply_patch(&mut model, &reply, method).expect("apply the patch");
     (model, built)

@@ -158,10 +158,11 @@ fn bert_lora_with_dropout(dir: &std::path::Path, dropout: &str) -> graft::ir::Mo
     model
 }
 
-/// The gradient outputs of two runs of `model`'s training graph, in one session, on the same
-/// batch (the fixture's inputs, every label 0) and the same trainable values.
-fn two_gradient_runs(model: &graft::ir::Model) -> [Vec<(String, HostTensor)>; 2] {
-    let training = graft::train::training_graph(model, graft::train::Task::SeqCls, 0).unwrap();
+/// The gradient outputs of `model`'s training graph, in one session, on the same batch (the
+/// fixture's inputs, every label 0) and the same trainable values, with the dropout masks
+/// graft draws for (seed, step) at each of `steps`.
+fn gradient_runs(model: &graft::ir::Model, steps: &[(u64, u64)]) -> Vec<Vec<(String, HostTensor)>> {
+    let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
     let mut feeds = fixture_inputs("bert-legacy");
     let batch = match &feeds.iter().find(|(n, _)| n == "input_ids").unwrap().1 {
         HostTensor::I64(ids) => ids.shape()[0],
@@ -187,22 +188,28 @@ fn two_gradient_runs(model: &graft::ir::Model) -> [Vec<(String, HostTensor)>; 2]
         .into_iter()
         .filter(|(name, _)| session.input_names.contains(name))
         .collect();
-    let gradients = |outputs: Vec<(String, HostTensor)>| -> Vec<(String, HostTensor)> {
-        outputs
-            .into_iter()
-            .filter(|(name, _)| training.gradients.iter().any(|(_, g)| g == name))
-            .collect()
-    };
-    let first = gradients(session.run(&wanted).unwrap());
-    let second = gradients(session.run(&wanted).unwrap());
-    assert_eq!(first.len(), training.gradients.len());
-    [first, second]
+    steps
+        .iter()
+        .map(|&(seed, step)| {
+            let mut run_feeds = wanted.clone();
+            run_feeds.extend(training.dropout_feeds(&wanted, seed, step, 0).unwrap());
+            let gradients: Vec<_> = session
+                .run(&run_feeds)
+                .unwrap()
+                .into_iter()
+                .filter(|(name, _)| training.gradients.iter().any(|(_, g)| g == name))
+                .collect();
+            assert_eq!(gradients.len(), training.gradients.len());
+            gradients
+        })
+        .collect()
 }
 
 /// LoRA's `dropout` acts in training graphs only: the patched graph (inference) gives the
-/// outputs of the same branch without dropout, while the training graph runs its Dropout nodes
-/// in training mode, so two runs on one batch give different gradients (and a new session with
-/// the same seed the same ones again) — and without dropout the same gradients twice.
+/// outputs of the same branch without dropout, while the training graph multiplies by masks
+/// graft draws per (seed, step), so two steps on one batch give different gradients (and the
+/// same step the same ones again, in a new session too) — and without dropout the same
+/// gradients at every step.
 #[test]
 fn lora_dropout_acts_in_training_graphs_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,23 +237,34 @@ fn lora_dropout_acts_in_training_graphs_only() {
         "inference with dropout 0.5 differs from dropout 0 by {diff}"
     );
 
-    let [first, second] = two_gradient_runs(&with_dropout);
-    let diff = max_diff(&first, &second);
+    // Masks come from graft's generator: another step draws other masks, the same (seed,
+    // step) the same ones again, in any session and after a resume.
+    let runs = gradient_runs(&with_dropout, &[(0, 1), (0, 2), (0, 1), (1, 1)]);
+    let diff = max_diff(&runs[0], &runs[1]);
     assert!(
         diff > 1e-6,
-        "dropout 0.5: two training runs' gradients differ by only {diff}"
+        "dropout 0.5: two steps' gradients differ by only {diff}"
     );
-    // The masks come from the run's seed: a new session draws the same ones again.
-    let [again, _] = two_gradient_runs(&with_dropout);
-    let diff = max_diff(&first, &again);
+    let diff = max_diff(&runs[0], &runs[3]);
+    assert!(
+        diff > 1e-6,
+        "dropout 0.5: two seeds' gradients differ by only {diff}"
+    );
+    let diff = max_diff(&runs[0], &runs[2]);
     assert!(
         diff == 0.0,
-        "dropout 0.5, same seed: a new session's gradients differ by {diff}"
+        "dropout 0.5, same seed and step: gradients differ by {diff}"
     );
-    let [first, second] = two_gradient_runs(&without);
-    let diff = max_diff(&first, &second);
+    let again = gradient_runs(&with_dropout, &[(0, 1)]);
+    let diff = max_diff(&runs[0], &again[0]);
     assert!(
         diff == 0.0,
-        "no dropout: two training runs' gradients differ by {diff}"
+        "dropout 0.5, same seed and step: a new session's gradients differ by {diff}"
+    );
+    let runs = gradient_runs(&without, &[(0, 1), (0, 2)]);
+    let diff = max_diff(&runs[0], &runs[1]);
+    assert!(
+        diff == 0.0,
+        "no dropout: two steps' gradients differ by {diff}"
     );
 }

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dropout;
 pub mod optimizer;
 pub mod participation;
 pub mod plot;
@@ -196,12 +197,35 @@ pub struct TrainingGraph {
     pub gradients: Vec<(String, String)>,
     /// (`<method>.<term>`, output) of each loss term, after the gradients.
     pub loss_terms: Vec<(String, String)>,
+    /// The dropout masks the host feeds (see [`dropout`]).
+    pub dropout_masks: Vec<dropout::DropoutMask>,
+}
+
+impl TrainingGraph {
+    /// The dropout masks for micro-batch `micro` of step `step` of a run seeded `seed`, sized
+    /// by the batch's `feeds`.
+    pub fn dropout_feeds(
+        &self,
+        feeds: &[(String, HostTensor)],
+        seed: u64,
+        step: u64,
+        micro: usize,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        dropout::mask_feeds(
+            &self.dropout_masks,
+            &self.model.graph.inputs,
+            feeds,
+            seed,
+            step,
+            micro,
+        )
+    }
 }
 
 /// Builds the training graph of a patched model with every method trained; see
 /// [`training_graph_for`].
-pub fn training_graph(patched: &Model, task: Task, seed: u64) -> Result<TrainingGraph> {
-    training_graph_for(patched, task, seed, &[])
+pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
+    training_graph_for(patched, task, &[])
 }
 
 /// The tensors trained when `methods` train (every method's when `methods` is empty), in the
@@ -229,14 +253,13 @@ pub fn trained_tensors(record: &GraftRecord, methods: &[String]) -> Result<Vec<S
 /// weighted loss terms of the trained methods, and the gradients of the tensors those
 /// `methods` train (every method when empty; see [`trained_tensors`]), which become graph
 /// inputs — other methods' tensors and frozen weights stay initializers. Host-fed inputs
-/// become plain graph inputs. LoRA dropout nodes are switched to training mode, each with its
-/// own random seed derived from `seed` (so that a run's masks repeat from run to run), and the
-/// rows the loss never reads are not computed ([`narrow_unread_rows`]). Outputs: the loss,
+/// become plain graph inputs. The methods' `Dropout` nodes become products with masks the host
+/// draws at every micro-batch ([`TrainingGraph::dropout_feeds`]), and the rows the loss never
+/// reads are not computed ([`narrow_unread_rows`]). Outputs: the loss,
 /// the gradients, then the loss terms.
 pub fn training_graph_for(
     patched: &Model,
     task: Task,
-    seed: u64,
     methods: &[String],
 ) -> Result<TrainingGraph> {
     let record = crate::patch::read_record(patched)?;
@@ -247,7 +270,7 @@ pub fn training_graph_for(
         ));
     }
     let mut model = patched.clone();
-    enable_dropout(&mut model, seed)?;
+    let dropout_masks = dropout::host_masks(&mut model, &record)?;
     host_inputs_to_graph_inputs(&mut model, &record);
     let logits = first_output(&model)?.name;
     let task_loss = append_loss(&mut model, task, &logits)?;
@@ -280,6 +303,7 @@ pub fn training_graph_for(
         loss: graph.loss,
         gradients: graph.gradients,
         loss_terms: term_outputs,
+        dropout_masks,
     })
 }
 
@@ -428,58 +452,6 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
     }
 }
 
-/// Turns on the `Dropout` nodes inside grafted branches (their `training_mode` input), gives
-/// each its mask output (which the gradient reads) and the seed `seed + i` for the i-th of them,
-/// so that dropout is active in training graphs, absent in evaluation graphs, and draws the same
-/// masks in every run with the same seed. (A resumed run starts the masks over: ONNX Runtime's
-/// generator lives in the session.)
-fn enable_dropout(model: &mut Model, seed: u64) -> Result<()> {
-    let record = crate::patch::read_record(model)?;
-    let branch_nodes: std::collections::HashSet<&str> = record
-        .folds
-        .iter()
-        .filter_map(|fold| fold.branch())
-        .flat_map(|branch| branch.nodes.iter().map(String::as_str))
-        .collect();
-    let dropouts: Vec<usize> = model
-        .graph
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.is("Dropout") && branch_nodes.contains(n.name.as_str()))
-        .map(|(i, _)| i)
-        .collect();
-    if dropouts.is_empty() {
-        return Ok(());
-    }
-    let flag = "graft.training_mode";
-    model.graph.initializers.push(Tensor::from_raw(
-        flag,
-        crate::ir::DataType::Bool,
-        vec![],
-        vec![1],
-    ));
-    let mut taken = model.graph.taken_names();
-    for (i, index) in dropouts.into_iter().enumerate() {
-        let node = &mut model.graph.nodes[index];
-        node.inputs.resize(3, String::new());
-        node.inputs[2] = flag.to_owned();
-        node.attributes.retain(|a| a.name != "seed");
-        let node_seed = seed.wrapping_add(i as u64) as i64;
-        node.attributes.push(int_attribute("seed", node_seed));
-        // The backward reads which elements were kept from the mask output.
-        if node.outputs.get(1).is_none_or(String::is_empty) {
-            let mask = Graph::first_free_name(&format!("{}.mask", node.outputs[0]), |name| {
-                taken.contains(name)
-            });
-            taken.insert(mask.clone());
-            node.outputs.resize(2, String::new());
-            node.outputs[1] = mask;
-        }
-    }
-    Ok(())
-}
-
 /// Runs training as `options` say, starting from the trainable values in `patched` (or those of
 /// an adapter loaded into it beforehand, or those of the checkpoint in `options.out` when
 /// `options.resume` is set), and writes into `options.out`: `metrics.jsonl` (a [`StepMetrics`]
@@ -514,7 +486,7 @@ pub fn train(
         None => None,
     };
     let examples = &dataset.examples;
-    let graph = training_graph_for(patched, options.task, options.seed, &options.train_methods)?;
+    let graph = training_graph_for(patched, options.task, &options.train_methods)?;
     let record = crate::patch::read_record(patched)?;
     let trained_methods: Vec<&str> = record
         .methods
@@ -648,6 +620,8 @@ pub fn train(
                     .filter(|(name, _)| session.input_names.contains(name)),
             );
             feeds.extend(participation.feeds(true, step_number, total_steps, micro)?);
+            let masks = graph.dropout_feeds(&feeds, options.seed, step_number, micro)?;
+            feeds.extend(masks);
             tokens += batch.iter().map(|e| sequence_length(e)).sum::<usize>();
             let outputs = session.run(&feeds)?;
             for (sum, (_, term)) in term_sums.iter_mut().zip(&graph.loss_terms) {

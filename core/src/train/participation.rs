@@ -413,7 +413,7 @@ fn host_tensor(input: &HostInput, values: Vec<f64>) -> Result<HostTensor> {
 
 /// A seed mixed from several words (splitmix64 steps), so that nearby words give unrelated
 /// streams.
-fn mix(words: &[u64]) -> u64 {
+pub(crate) fn mix(words: &[u64]) -> u64 {
     let mut z = 0x9E37_79B9_7F4A_7C15u64;
     for &w in words {
         z = (z ^ w).wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -193,6 +193,57 @@ fn sum_of(terms: Vec<String>) -> Dim {
     Dim::Symbol(symbols.join(" + "))
 }
 
+/// The size `dim` stands for when each plain symbol has the size `sizes` gives it: fixed sizes
+/// as they are, and the canonical forms this module builds (sums `a + b + -1`, products
+/// `2*a*(b + 1)`, `min(a, b)`, `max(a, b)`) evaluated. `None` for an unknown dimension, a symbol
+/// `sizes` lacks, or an overflow.
+pub fn evaluate(dim: &Dim, sizes: &std::collections::BTreeMap<String, i64>) -> Option<i64> {
+    match dim {
+        Dim::Fixed(n) => Some(*n),
+        Dim::Unknown => None,
+        Dim::Symbol(s) => evaluate_text(s.trim(), sizes),
+    }
+}
+
+fn evaluate_text(text: &str, sizes: &std::collections::BTreeMap<String, i64>) -> Option<i64> {
+    if let Ok(n) = text.parse::<i64>() {
+        return Some(n);
+    }
+    if let Some(size) = sizes.get(text) {
+        return Some(*size);
+    }
+    let terms = split_top_level(text, " + ");
+    if terms.len() > 1 {
+        return terms.iter().try_fold(0i64, |total, t| {
+            total.checked_add(evaluate_text(t.trim(), sizes)?)
+        });
+    }
+    let factors = split_top_level(text, "*");
+    if factors.len() > 1 {
+        return factors.iter().try_fold(1i64, |total, f| {
+            total.checked_mul(evaluate_text(f.trim(), sizes)?)
+        });
+    }
+    if let Some(inner) = text.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        return evaluate_text(inner.trim(), sizes);
+    }
+    for (name, pick) in [
+        ("min(", i64::min as fn(i64, i64) -> i64),
+        ("max(", i64::max),
+    ] {
+        if let Some(inner) = text.strip_prefix(name).and_then(|t| t.strip_suffix(')')) {
+            let operands = split_top_level(inner, ", ");
+            if let [a, b] = operands.as_slice() {
+                return Some(pick(
+                    evaluate_text(a.trim(), sizes)?,
+                    evaluate_text(b.trim(), sizes)?,
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Splits `text` on `separator` where it is not inside parentheses.
 fn split_top_level<'t>(text: &'t str, separator: &str) -> Vec<&'t str> {
     let mut parts = Vec::new();
@@ -306,6 +357,26 @@ mod tests {
 
     fn symbol(s: &str) -> Dim {
         Dim::Symbol(s.to_owned())
+    }
+
+    #[test]
+    fn canonical_forms_evaluate() {
+        let sizes: std::collections::BTreeMap<String, i64> =
+            [("batch".to_owned(), 3), ("sequence".to_owned(), 7)].into();
+        let batch = symbol("batch");
+        let sequence = symbol("sequence");
+        let cases = [
+            (add(&sequence, &Dim::Fixed(4)), 11),
+            (mul(&batch, &add(&sequence, &Dim::Fixed(-1))), 18),
+            (mul(&Dim::Fixed(2), &batch), 6),
+            (min(&batch, &sequence), 3),
+            (max(&batch, &sequence), 7),
+        ];
+        for (dim, want) in cases {
+            assert_eq!(evaluate(&dim, &sizes), Some(want), "{dim:?}");
+        }
+        assert_eq!(evaluate(&symbol("past"), &sizes), None);
+        assert_eq!(evaluate(&Dim::Unknown, &sizes), None);
     }
 
     #[test]

@@ -174,6 +174,7 @@ pub fn view(dtype: DType) -> GraphView {
         values,
         inputs: vec!["input_ids".into(), "attention_mask".into()],
         outputs: vec!["l1.norm.out".into()],
+        record: Default::default(),
     }
 }
 
