@@ -108,15 +108,48 @@ fn checkpoint_step(run_dir: &Path) -> u64 {
 #[test]
 fn killed_run_resumes_with_the_losses_of_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
-    let patched = patched_bert(dir.path());
+    check_kill_and_resume(dir.path(), &patched_bert(dir.path()));
+}
 
-    let whole = dir.path().join("whole");
+/// The same with LoRA dropout 0.3: graft draws the masks per (seed, step), so the resumed
+/// part draws the masks of the uninterrupted run.
+#[test]
+fn killed_run_with_dropout_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    apply_lora(
+        "bert-legacy",
+        &["r=4", "targets=q,v", "dropout=0.3"],
+        &patched,
+    );
+    check_kill_and_resume(dir.path(), &patched);
+}
+
+/// The same with AdaLoRA, whose step hook keeps importance averages and a rank pattern
+/// between steps: the checkpoint carries them, so the resumed run prunes as the whole run did.
+#[test]
+fn killed_adalora_run_resumes_its_step_hook_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    apply_method(
+        "bert-legacy",
+        "adalora",
+        &["init_r=4", "target_r=2", "tinit=2", "tfinal=5", "deltaT=2"],
+        &patched,
+    );
+    check_kill_and_resume(dir.path(), &patched);
+}
+
+fn check_kill_and_resume(dir: &Path, patched: &Path) {
+    let patched = patched.to_path_buf();
+
+    let whole = dir.join("whole");
     let (code, stdout, stderr) = run(&train_args(&patched, &["--out", text(&whole)]));
     assert_eq!(code, 0, "{stdout}{stderr}");
     let (expected_training, expected_evaluation) = curves(&whole);
     assert_eq!(expected_training.len() as u64, STEPS);
 
-    let interrupted = dir.path().join("interrupted");
+    let interrupted = dir.join("interrupted");
     let args = train_args(&patched, &["--out", text(&interrupted)]);
     let mut child = graft_command()
         .args(&args[..])

@@ -1,0 +1,199 @@
+//! Methods taking part in training (SDK ABI 2) through `graft train` and the training graph:
+//! a loss term's gradient against central differences, `--train` freezing the other methods
+//! byte for byte, and step-hook metrics in `metrics.jsonl`. (Resume with step-hook state and
+//! dropout is in train_resume.rs; AdaLoRA parity with PEFT in adalora.rs.)
+
+mod common;
+
+use common::*;
+use graft::runtime::{HostTensor, OrtSession, SessionOptions};
+use std::path::PathBuf;
+
+fn repository(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// The loss and every gradient of `model`'s training graph on the fixture's inputs (labels 0),
+/// with `overrides` replacing trainable values.
+fn loss_and_gradients(
+    model: &graft::ir::Model,
+    overrides: &[(String, Vec<f32>)],
+) -> (f64, Vec<(String, Vec<f64>)>) {
+    let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
+    let mut feeds = fixture_inputs("bert-legacy");
+    let batch = feeds
+        .iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1
+        .shape()[0];
+    feeds.push((
+        "labels".into(),
+        HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[batch]))),
+    ));
+    for (name, _) in &training.gradients {
+        let tensor = model.graph.initializer(name).unwrap();
+        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+        let values = overrides
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| tensor.to_f32().unwrap());
+        let array = ndarray::ArrayD::from_shape_vec(dims, values).unwrap();
+        feeds.push((name.clone(), HostTensor::F32(array)));
+    }
+    let bytes = graft::onnx::to_bytes(&training.model).unwrap();
+    let options = SessionOptions {
+        threads: 1,
+        exact: true,
+        ..Default::default()
+    };
+    let mut session = OrtSession::from_bytes(&bytes, options).unwrap();
+    let feeds: Vec<_> = feeds
+        .into_iter()
+        .filter(|(name, _)| session.input_names.contains(name))
+        .collect();
+    let outputs = session.run(&feeds).unwrap();
+    let get = |name: &str| outputs.iter().find(|(n, _)| n == name).unwrap().1.to_f64();
+    let gradients = training
+        .gradients
+        .iter()
+        .map(|(tensor, gradient)| (tensor.clone(), get(gradient)))
+        .collect();
+    (get(&training.loss)[0], gradients)
+}
+
+/// AdaLoRA's orthogonality term enters the loss: the gradient of A (which the task loss
+/// barely reaches at E ≈ 0) matches central differences of the whole loss, and differs from
+/// the gradient without the term.
+#[test]
+fn a_loss_term_changes_gradients_as_central_differences_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let apply = |weight: &str| {
+        let path = dir.path().join(format!("adalora-{weight}.onnx"));
+        apply_method(
+            "bert-legacy",
+            "adalora",
+            &[
+                "init_r=4",
+                "target_r=2",
+                &format!("orth_reg_weight={weight}"),
+            ],
+            &path,
+        );
+        let mut model = graft::onnx::load(&path).unwrap();
+        randomize_trainable(&mut model);
+        model
+    };
+    let with_term = apply("0.5");
+    let without = apply("0");
+    let (_, gradients) = loss_and_gradients(&with_term, &[]);
+    let (_, plain) = loss_and_gradients(&without, &[]);
+    let (name, analytic) = gradients.iter().find(|(n, _)| n.ends_with(".A")).unwrap();
+    let (_, analytic_plain) = plain.iter().find(|(n, _)| n == name).unwrap();
+    let change = analytic
+        .iter()
+        .zip(analytic_plain)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        change > 1e-3,
+        "the loss term changes {name}'s gradient by only {change}"
+    );
+
+    let values = with_term.graph.initializer(name).unwrap().to_f32().unwrap();
+    // float32 graph: a step of 1e-2 keeps the rounding error of the loss difference (~1e-7 /
+    // 1e-2) well below the 1e-2 relative bar, and the curvature error (~h²) too.
+    let h = 1e-2f32;
+    for index in [0, 7, values.len() / 2, values.len() - 1] {
+        let mut shifted = |delta: f32| {
+            let mut v = values.clone();
+            v[index] += delta;
+            loss_and_gradients(&with_term, &[(name.clone(), v)]).0
+        };
+        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+        let got = analytic[index];
+        assert!(
+            (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+            "{name}[{index}]: gradient {got} vs central difference {numeric}"
+        );
+    }
+}
+
+/// `graft train --train lora` on a model with LoRA and BitFit trains LoRA only: BitFit's
+/// tensors come out byte-identical; an unknown method is refused with the known ones named.
+#[test]
+fn frozen_methods_stay_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    let model = fixture_model("bert-legacy");
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        model.to_str().unwrap(),
+        "-m",
+        "lora",
+        "-m",
+        "bitfit",
+        "-o",
+        patched.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let data = repository("examples/data/sentiment.jsonl");
+    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
+    let run = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            patched.to_str().unwrap(),
+            "--task",
+            "seq-cls",
+            "--data",
+            data.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--lr",
+            "1e-2",
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        run_graft(&args)
+    };
+    let (code, stdout, stderr) = train(&["--train", "lora"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let record = graft::patch::read_record(&graft::onnx::load(&patched).unwrap()).unwrap();
+    let base = graft::onnx::load(&patched).unwrap();
+    let trained = read_tensors(&run.join("adapter.safetensors"));
+    let (mut frozen, mut changed) = (0, 0);
+    for method in &record.methods {
+        for name in &method.trainable {
+            let (_, _, values) = trained.iter().find(|(n, _, _)| n == name).unwrap();
+            let before = base.graph.initializer(name).unwrap().to_f32().unwrap();
+            let same = values
+                .iter()
+                .zip(&before)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            if method.method == "bitfit" {
+                assert!(same, "frozen bitfit tensor {name} changed");
+                frozen += 1;
+            } else if !same {
+                changed += 1;
+            }
+        }
+    }
+    assert!(
+        frozen > 0 && changed > 0,
+        "frozen {frozen}, changed {changed}"
+    );
+
+    let (code, _, stderr) = train(&["--train", "adapter"]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--train adapter") && stderr.contains("lora, bitfit"),
+        "{stderr}"
+    );
+}
