@@ -170,6 +170,80 @@ fn the_rust_example_plugin_applies_runs_and_merges() {
     );
 }
 
+/// The Rust example's step hook runs after every optimizer step of `graft train`: the rank
+/// scales it clips stay within the limit, and its figures and state reach `metrics.jsonl`.
+#[test]
+fn the_rust_example_plugin_s_step_hook_clips_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = rust_plugin();
+    let patched = dir.path().join("patched.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        path(&fixture_model("bert-legacy")),
+        "--plugin",
+        path(&plugin),
+        "-m",
+        "lora_scaled",
+        "--set",
+        "r=4",
+        "--set",
+        "clip_e=0.001",
+        "-o",
+        path(&patched),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let run = dir.path().join("run");
+    let (code, stdout, stderr) = run_graft(&[
+        "train",
+        path(&patched),
+        "--plugin",
+        path(&plugin),
+        "--task",
+        "seq-cls",
+        "--data",
+        path(&repository().join("examples/data/sentiment.jsonl")),
+        "--tokenizer",
+        path(&repository().join("models/tokenizers/bert/tokenizer.json")),
+        "--steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--out",
+        path(&run),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let mut so_far = 0.0;
+    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let metrics: serde_json::Value = serde_json::from_str(line).unwrap();
+        let Some(clipped) = metrics["plugin"]["lora_scaled.clipped"].as_f64() else {
+            continue;
+        };
+        so_far += clipped;
+        assert_eq!(
+            metrics["plugin"]["lora_scaled.clipped_so_far"].as_f64(),
+            Some(so_far)
+        );
+    }
+    assert!(
+        so_far > 0.0,
+        "the hook never clipped (lr 1e-2 moves e past 1e-3)"
+    );
+    let scales: Vec<_> = read_tensors(&run.join("adapter.safetensors"))
+        .into_iter()
+        .filter(|(name, _, _)| name.ends_with(".E"))
+        .collect();
+    assert_eq!(scales.len(), 4);
+    for (name, _, values) in scales {
+        assert!(
+            values.iter().all(|v| v.abs() <= 0.001),
+            "{name}: {values:?}"
+        );
+    }
+}
+
 #[test]
 fn the_c_example_plugin_applies_runs_and_merges() {
     let dir = tempfile::tempdir().unwrap();

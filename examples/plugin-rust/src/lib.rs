@@ -18,6 +18,16 @@
 //! sees the plain branch `scale · (x · A) · B'` and adds `scale · A · B'` into `W`. Two folds
 //! that the core already has express a method it has never heard of.
 //!
+//! # Taking part in training: a step hook
+//!
+//! With `clip_e = c > 0` the patch also declares a [`StepHook`] on the rank scales: after
+//! every optimizer step `graft train` sends the plugin their values and gradients
+//! ([`StepRequest`]), and the plugin answers with the scales clipped to `[-c, c]`
+//! ([`StepReply::set`]) — a projected-gradient constraint — a `clipped` figure for
+//! `metrics.jsonl`, and its state (how many entries it has clipped so far), which the host
+//! checkpoints and hands back at the next step, after a `--resume` too. A plugin keeps no state
+//! of its own between calls; everything travels through the host as bytes.
+//!
 //! # Building and loading
 //!
 //! ```text
@@ -28,7 +38,7 @@
 
 use graft_plugin_sdk::{
     export_plugin, ConfigKey, Fold, GraphView, Host, Init, MethodConfig, MethodDescription,
-    PatchBuilder, PatchReply, Plugin, Site, WeightLayout,
+    PatchBuilder, PatchReply, Plugin, Site, StepHook, StepReply, StepRequest, WeightLayout,
 };
 
 /// The plugin: one method, `lora_scaled`.
@@ -52,6 +62,11 @@ impl Plugin for LoraScaled {
                 ),
                 ConfigKey::float("init_std", 0.02, "standard deviation of A and B at init"),
                 ConfigKey::int("seed", 0, "seed of A and B"),
+                ConfigKey::float(
+                    "clip_e",
+                    0.0,
+                    "after every training step, clip the rank scales to [-clip_e, clip_e] (0: never)",
+                ),
             ],
         )]
     }
@@ -80,21 +95,56 @@ impl Plugin for LoraScaled {
         if sites.is_empty() {
             return Err(format!("{method}: the targets select no linear site"));
         }
+        let mut rank_scales = Vec::new();
         for site in sites {
-            scaled_branch(&mut builder, site, r, scale, std)?;
+            rank_scales.push(scaled_branch(&mut builder, site, r, scale, std)?);
         }
-        Ok(builder.finish())
+        let mut reply = builder.finish();
+        if config.get_f64("clip_e")? > 0.0 {
+            reply.patch.step_hook = Some(StepHook {
+                tensors: rank_scales,
+                state: graft_plugin_sdk::serde_json::json!({ "clipped_so_far": 0 }),
+            });
+        }
+        Ok(reply)
+    }
+
+    /// Clips every rank scale to `[-clip_e, clip_e]` and counts what it clipped.
+    fn step(
+        _host: &Host<'_>,
+        config: &MethodConfig,
+        request: &StepRequest,
+    ) -> Result<StepReply, String> {
+        let limit = config.get_f32("clip_e")?;
+        let mut reply = StepReply::default();
+        let mut clipped = 0u64;
+        for (name, value) in &request.values {
+            let mut value = value.clone();
+            for v in value.data.iter_mut() {
+                if v.abs() > limit {
+                    *v = v.clamp(-limit, limit);
+                    clipped += 1;
+                }
+            }
+            reply.set.insert(name.clone(), value);
+        }
+        let so_far = request.state["clipped_so_far"].as_u64().unwrap_or(0) + clipped;
+        reply.state = graft_plugin_sdk::serde_json::json!({ "clipped_so_far": so_far });
+        reply.metrics.insert("clipped".into(), clipped as f64);
+        reply.metrics.insert("clipped_so_far".into(), so_far as f64);
+        Ok(reply)
     }
 }
 
-/// Adds `y' = y + scale · ((x · A) ⊙ e) · B` on `site`, and the two folds that merge it.
+/// Adds `y' = y + scale · ((x · A) ⊙ e) · B` on `site`, and the two folds that merge it;
+/// returns the name of `e`.
 fn scaled_branch(
     builder: &mut PatchBuilder<'_>,
     site: &Site,
     r: usize,
     scale: f32,
     std: f64,
-) -> graft_plugin_sdk::Result<()> {
+) -> graft_plugin_sdk::Result<String> {
     let dtype = builder.value_dtype(&site.weight)?;
     let stem = builder.stem(&format!("lora_scaled.{}", site.display_name()));
     let gaussian = |seed| Init::Normal {
@@ -120,27 +170,27 @@ fn scaled_branch(
         true,
     );
 
-    let first_node = builder.patch().nodes.len();
-    let x = builder.current(&site.input);
-    let h = builder.op(&format!("{stem}.matmul_a"), "MatMul", &[&x, &a], &[]);
-    let scaled = builder.op(&format!("{stem}.mul_e"), "Mul", &[&h, &rank_scale], &[]);
-    let rank_scale_node = builder.patch().nodes.last().map(|n| n.name.clone());
-    let u = builder.op(&format!("{stem}.matmul_b"), "MatMul", &[&scaled, &b], &[]);
-    let s = builder.constant_scalar(&format!("{stem}.scale"), scale as f64, dtype);
-    let d = builder.op(&format!("{stem}.mul_scale"), "Mul", &[&u, &s], &[]);
-    let base = builder.current(&site.output);
-    let output = builder.op(&format!("{stem}.add"), "Add", &[&base, &d], &[]);
-    builder.rewire(&base, &output);
-    let nodes: Vec<String> = builder.patch().nodes[first_node..]
-        .iter()
-        .map(|n| n.name.clone())
-        .collect();
+    // `block` hands back the names of the nodes built inside it, for the folds.
+    let ((h, scaled, rank_scale_nodes, base, output), nodes) = builder.block(|builder| {
+        let x = builder.current(&site.input);
+        let h = builder.op(&format!("{stem}.matmul_a"), "MatMul", &[&x, &a], &[]);
+        let (scaled, rank_scale_nodes) = builder.block(|builder| {
+            Ok(builder.op(&format!("{stem}.mul_e"), "Mul", &[&h, &rank_scale], &[]))
+        })?;
+        let u = builder.op(&format!("{stem}.matmul_b"), "MatMul", &[&scaled, &b], &[]);
+        let s = builder.constant_scalar(&format!("{stem}.scale"), scale as f64, dtype);
+        let d = builder.op(&format!("{stem}.mul_scale"), "Mul", &[&u, &s], &[]);
+        let base = builder.current(&site.output);
+        let output = builder.op(&format!("{stem}.add"), "Add", &[&base, &d], &[]);
+        builder.rewire(&base, &output);
+        Ok((h, scaled, rank_scale_nodes, base, output))
+    })?;
 
     builder.fold(Fold::ScaleInput {
         weight: b.clone(),
-        vector: rank_scale,
+        vector: rank_scale.clone(),
         layout: WeightLayout::InOut,
-        branch_nodes: rank_scale_node.into_iter().collect(),
+        branch_nodes: rank_scale_nodes,
         branch_output: scaled,
         base_output: h,
     });
@@ -154,7 +204,7 @@ fn scaled_branch(
         branch_output: output,
         base_output: base,
     });
-    Ok(())
+    Ok(rank_scale)
 }
 
 export_plugin!(LoraScaled);

@@ -179,6 +179,9 @@ pub use patch::{
 pub use protocol::{decode_frame, encode_frame, PatchReply, Request, TensorPayload};
 pub use record::{AppliedMethod, GraftRecord};
 pub use select::{PatternMap, SiteSelector};
+/// The JSON library of the SDK's messages (configs, step-hook state), re-exported so that a
+/// plugin needs no dependency of its own to build them.
+pub use serde_json;
 pub use training::{
     HostArray, HostInput, HostInputKind, LossTerm, PeftFiles, PeftTensor, StepHook, StepReply,
     StepRequest,
