@@ -197,3 +197,71 @@ fn frozen_methods_stay_byte_identical() {
         "{stderr}"
     );
 }
+
+/// ARCHITECTURE.md's training-graph invariant on a model with a loss term, a step hook and
+/// a second, frozen method: default-domain ops only; the trained tensors are graph inputs and
+/// no longer initializers, the frozen method's stay initializers; outputs are the loss, then
+/// one `<tensor>_grad` per trained tensor, then the loss terms.
+#[test]
+fn training_graphs_keep_their_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        fixture_model("bert-legacy").to_str().unwrap(),
+        "-m",
+        "adalora",
+        "--set",
+        "adalora.init_r=4",
+        "--set",
+        "adalora.target_r=2",
+        "-m",
+        "bitfit",
+        "-o",
+        patched.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let model = graft::onnx::load(&patched).unwrap();
+    let record = graft::patch::read_record(&model).unwrap();
+    let methods = vec!["adalora".to_owned()];
+    let training =
+        graft::train::training_graph_for(&model, graft::train::Task::SeqCls, &methods).unwrap();
+    let graph = &training.model.graph;
+    assert!(graph.nodes.iter().all(|n| n.domain.is_empty()));
+    let adalora = record
+        .methods
+        .iter()
+        .find(|m| m.method == "adalora")
+        .unwrap();
+    let bitfit = record
+        .methods
+        .iter()
+        .find(|m| m.method == "bitfit")
+        .unwrap();
+    for name in &adalora.trainable {
+        assert!(
+            graph.inputs.iter().any(|i| &i.name == name),
+            "{name} is not an input"
+        );
+        assert!(
+            graph.initializer(name).is_none(),
+            "{name} is still an initializer"
+        );
+    }
+    for name in &bitfit.trainable {
+        assert!(
+            graph.initializer(name).is_some(),
+            "frozen {name} is not an initializer"
+        );
+    }
+    let outputs: Vec<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let mut expected = vec![training.loss.clone()];
+    expected.extend(adalora.trainable.iter().map(|t| format!("{t}_grad")));
+    expected.extend(training.loss_terms.iter().map(|(_, output)| output.clone()));
+    assert_eq!(
+        outputs,
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(training.loss_terms.len(), 1);
+    assert_eq!(training.loss_terms[0].0, "adalora.orthogonality");
+}

@@ -13,14 +13,43 @@
 //! from it. Because merge reads only folds, it is generic: a plugin that records folds is
 //! mergeable without the core knowing the method.
 //!
+//! # Taking part in training
+//!
+//! Most methods act while they train, not only when they are grafted. A [`Patch`] may declare,
+//! besides its graph edits:
+//!
+//! - **loss terms** ([`LossTerm`]): scalars the training graph adds, weighted, to the task loss
+//!   (AdaLoRA's orthogonality regularizer), logged per step in `metrics.jsonl`;
+//! - **host-fed inputs** ([`HostInput`]): graph inputs the host feeds at every step —
+//!   training or evaluation mode, the step, the run's progress, seeded uniform draws, or
+//!   values the method's step hook chooses (masks, gates, skip switches); outside training
+//!   they are overridable initializers holding their defaults, so exports run without graft;
+//! - **a step hook** ([`StepHook`]): after every optimizer step the host calls
+//!   [`Plugin::step`] with the step, the values and gradients of the tensors the hook asked
+//!   for, and the state the hook returned last time ([`StepRequest`]); the [`StepReply`] sets
+//!   tensors and value inputs for the next step, reports figures, and carries the next state,
+//!   which the host checkpoints so that `graft train --resume` continues bit for bit;
+//! - **PEFT files** ([`PeftFiles`]): where its tensors go in HF PEFT's adapter files.
+//!
+//! Dropout needs nothing declared: a standard ONNX `Dropout` node without a training-mode
+//! input is the identity in exported graphs, and in training graphs the host replaces it by a
+//! product with masks drawn from graft's own seeded generator. A later method sees what earlier
+//! ones grafted in [`GraphView::record`] ([`GraftRecord`]: methods, configs, tensors, nodes,
+//! folds), and `graft train --train METHOD` trains some methods while the others stay frozen.
+//! Besides [`Fold::LowRank`] and the scale folds, [`Fold::Delta`] folds any branch whose weight
+//! update a small side subgraph of parameters computes, and [`Fold::Bake`] turns a
+//! parameter-only subgraph (a prefix MLP) into a tensor at merge time. `plugins/adalora` uses all
+//! of it; `examples/plugin-rust` shows a step hook in a few lines.
+//!
 //! # The ABI in a paragraph
 //!
 //! A plugin is a shared library (a Rust `cdylib`) exporting one C symbol,
 //! `graft_plugin_entry`, which returns a static [`abi::GraftPluginTable`]: ABI version
-//! ([`abi::GRAFT_PLUGIN_ABI_VERSION`]), table size, NUL-terminated name and version, and two
-//! functions. `call(host, request, request_len, reply)` takes a UTF-8 JSON request and
-//! stores a plugin-allocated buffer in `*reply`: on 0 a response frame, otherwise a UTF-8
-//! error message. `free(reply)` gives that buffer back to the plugin. During a call the
+//! ([`abi::GRAFT_PLUGIN_ABI_VERSION`], 2; the host still loads version 1), table size,
+//! NUL-terminated name and version, and two functions. `call(host, request, request_len,
+//! reply)` takes a request — a frame (JSON, then a safetensors blob) under ABI 2, plain UTF-8
+//! JSON under ABI 1 — and stores a plugin-allocated buffer in `*reply`: on 0 a response frame,
+//! otherwise a UTF-8 error message. `free(reply)` gives that buffer back to the plugin. During a call the
 //! plugin may borrow the bytes of existing initializers through the [`abi::GraftHost`]
 //! callback `tensor_view` (wrapped as [`Host`]); the view lives until `call` returns. The C
 //! header is `include/graft_plugin.h`; [`abi`] mirrors it.
@@ -30,7 +59,8 @@
 //! The core first sends `{"op":"describe"}`; the plugin answers with a
 //! [`PluginDescription`]: its methods and, for each, every config key with its kind, default
 //! and help. To adapt a model the core sends
-//! `{"op":"patch","method":"lora","config":{...},"graph":{...}}` ([`Request`]). Every
+//! `{"op":"patch","method":"lora","config":{...},"graph":{...}}` ([`Request`]); during
+//! training, `{"op":"step",...}` with the tensors in the blob ([`StepRequest::encode`]). Every
 //! successful answer is a response frame ([`encode_frame`], [`decode_frame`]): an 8-byte
 //! little-endian length `N`, `N` bytes of JSON, then a safetensors blob, empty unless the
 //! patch has [`Init::Data`] parameters whose bytes it carries ([`PatchReply`]). The core's
@@ -123,7 +153,7 @@
 //! written for users. `?` turns any SDK [`Error`] into the `String` a plugin returns. An
 //! `Err` from [`Plugin::patch`] reaches the user verbatim; a panic is caught at the
 //! boundary and reported as `plugin <name> panicked: <message>`. A plugin must not print,
-//! exit, or keep state between calls.
+//! exit, or keep state between calls (a step hook's state travels through the host).
 //!
 //! # Writing patches
 //!
