@@ -1,7 +1,7 @@
 //! AdaLoRA through `graft train`, against HF PEFT's own AdaLoRA training recorded by the
 //! fixture generator (models/references/adalora-*): every step's loss and orthogonality term,
-//! the ranks PEFT kept at every pruning step, the final tensors, PEFT's files in and out, and
-//! an exact merge. This is the end-to-end proof of the SDK's training participation: a loss
+//! the ranks PEFT kept at every pruning step, the final tensors, PEFT's files in (full rank,
+//! and truncated to a rank pattern) and out, and an exact merge. This is the end-to-end proof of the SDK's training participation: a loss
 //! term, a step hook that sets tensors and keeps state, and a delta fold.
 
 mod common;

@@ -71,6 +71,7 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
     let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
     let stored = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let rank_pattern = read_rank_pattern(file)?;
     let mut updates = Vec::new();
     for (key, view) in stored.tensors() {
         let short = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
@@ -85,7 +86,24 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
                     files.tensors.first().map(|m| &m.key)
                 ))
             })?;
-        if view.shape() != mapping.shape.as_slice() || view.dtype() != safetensors::Dtype::F32 {
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let module = mapping.key.rsplit_once('.').map_or("", |(m, _)| m);
+        let kept = rank_pattern
+            .iter()
+            .find(|(k, _)| k.rsplit_once('.').is_some_and(|(m, _)| m == module))
+            .map(|(_, kept)| kept.as_slice());
+        let mut shape = view.shape().to_vec();
+        if let (Some(kept), Some(axis)) = (kept, mapping.rank_axis) {
+            if shape.get(axis) == Some(&kept.iter().filter(|k| **k).count()) {
+                values = expand_ranks(&values, &shape, axis, kept);
+                shape[axis] = kept.len();
+            }
+        }
+        if shape != mapping.shape || view.dtype() != safetensors::Dtype::F32 {
             return Err(fail(format!(
                 "{key:?} is {:?} {:?}; method {} needs float32 {:?}",
                 view.dtype(),
@@ -94,13 +112,8 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
                 mapping.shape
             )));
         }
-        let mut values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         if mapping.transpose {
-            let [rows, cols] = [mapping.shape[0], mapping.shape[1]];
+            let [rows, cols] = [shape[0], shape[1]];
             values = transpose(&values, rows, cols);
         }
         updates.push((mapping.tensor.clone(), values));
@@ -118,6 +131,48 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
         tensor.set_float_values(dims, &values)?;
     }
     Ok(Some(n))
+}
+
+/// The `rank_pattern` of the `adapter_config.json` beside `file`: module key → kept ranks
+/// (AdaLoRA's lists of booleans; other forms and a missing config give none).
+fn read_rank_pattern(file: &Path) -> Result<Vec<(String, Vec<bool>)>> {
+    let config = file.with_file_name(super::CONFIG_FILE);
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return Ok(Vec::new());
+    };
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config.display())))?;
+    let Some(pattern) = value.get("rank_pattern").and_then(|p| p.as_object()) else {
+        return Ok(Vec::new());
+    };
+    Ok(pattern
+        .iter()
+        .filter_map(|(key, kept)| {
+            let kept: Option<Vec<bool>> = kept
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_bool)
+                .collect();
+            Some((key.clone(), kept?))
+        })
+        .collect())
+}
+
+/// `values` (row-major, `shape`) with axis `axis` spread back to `kept.len()` slots: the kept
+/// ranks in order, zeros in the pruned ones.
+fn expand_ranks(values: &[f32], shape: &[usize], axis: usize, kept: &[bool]) -> Vec<f32> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let slots: Vec<usize> = (0..kept.len()).filter(|&k| kept[k]).collect();
+    let mut out = vec![0.0; outer * kept.len() * inner];
+    for o in 0..outer {
+        for (position, &slot) in slots.iter().enumerate() {
+            let from = (o * shape[axis] + position) * inner;
+            let to = (o * kept.len() + slot) * inner;
+            out[to..to + inner].copy_from_slice(&values[from..from + inner]);
+        }
+    }
+    out
 }
 
 fn matrix(name: &str, dims: &[i64]) -> Result<[usize; 2]> {

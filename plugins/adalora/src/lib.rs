@@ -151,16 +151,17 @@ impl Plugin for AdaLora {
             }
             if let Some(label) = &site.label {
                 let (n_in, n_out) = (site.in_features, site.out_features);
-                for (suffix, tensor, transpose, shape) in [
-                    ("lora_A", &a, true, vec![r, n_in]),
-                    ("lora_E", &e, false, vec![r, 1]),
-                    ("lora_B", &bm, true, vec![n_out, r]),
+                for (suffix, tensor, transpose, shape, rank_axis) in [
+                    ("lora_A", &a, true, vec![r, n_in], 0),
+                    ("lora_E", &e, false, vec![r, 1], 0),
+                    ("lora_B", &bm, true, vec![n_out, r], 1),
                 ] {
                     peft_tensors.push(PeftTensor {
                         key: format!("{label}.{suffix}"),
                         tensor: tensor.clone(),
                         transpose,
                         shape,
+                        rank_axis: Some(rank_axis),
                     });
                 }
             }

@@ -348,6 +348,11 @@ pub struct PeftTensor {
     pub transpose: bool,
     /// The PEFT tensor's shape (same element count as the graft tensor).
     pub shape: Vec<usize>,
+    /// The axis of the PEFT shape that PEFT truncates to the kept ranks when the config has a
+    /// `rank_pattern` of booleans per module (AdaLoRA); reading such a file puts the kept
+    /// ranks back in place and zeros in the pruned ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_axis: Option<usize>,
 }
 
 /// A method's HF PEFT adapter files: the whole `adapter_config.json` and the tensor map.
