@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use graft::runtime::{HostTensor, OrtSession, SessionOptions};
 use std::path::PathBuf;
 
 fn repository(path: &str) -> PathBuf {
@@ -22,39 +21,8 @@ fn loss_and_gradients(
     overrides: &[(String, Vec<f32>)],
 ) -> (f64, Vec<(String, Vec<f64>)>) {
     let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
-    let mut feeds = fixture_inputs("bert-legacy");
-    let batch = feeds
-        .iter()
-        .find(|(n, _)| n == "input_ids")
-        .unwrap()
-        .1
-        .shape()[0];
-    feeds.push((
-        "labels".into(),
-        HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[batch]))),
-    ));
-    for (name, _) in &training.gradients {
-        let tensor = model.graph.initializer(name).unwrap();
-        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-        let values = overrides
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| tensor.to_f32().unwrap());
-        let array = ndarray::ArrayD::from_shape_vec(dims, values).unwrap();
-        feeds.push((name.clone(), HostTensor::F32(array)));
-    }
-    let bytes = graft::onnx::to_bytes(&training.model).unwrap();
-    let options = SessionOptions {
-        threads: 1,
-        exact: true,
-        ..Default::default()
-    };
-    let mut session = OrtSession::from_bytes(&bytes, options).unwrap();
-    let feeds: Vec<_> = feeds
-        .into_iter()
-        .filter(|(name, _)| session.input_names.contains(name))
-        .collect();
+    let mut session = training_session(&training, true);
+    let feeds = bert_training_feeds(model, &training, &session, overrides);
     let outputs = session.run(&feeds).unwrap();
     let get = |name: &str| outputs.iter().find(|(n, _)| n == name).unwrap().1.to_f64();
     let gradients = training
@@ -108,7 +76,7 @@ fn a_loss_term_changes_gradients_as_central_differences_say() {
     // 1e-2) well below the 1e-2 relative bar, and the curvature error (~h²) too.
     let h = 1e-2f32;
     for index in [0, 7, values.len() / 2, values.len() - 1] {
-        let mut shifted = |delta: f32| {
+        let shifted = |delta: f32| {
             let mut v = values.clone();
             v[index] += delta;
             loss_and_gradients(&with_term, &[(name.clone(), v)]).0

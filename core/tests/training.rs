@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use graft::runtime::{HostTensor, SessionOptions};
+use graft::runtime::HostTensor;
 use std::path::PathBuf;
 
 fn reference(name: &str) -> PathBuf {
@@ -163,31 +163,8 @@ fn bert_lora_with_dropout(dir: &std::path::Path, dropout: &str) -> graft::ir::Mo
 /// graft draws for (seed, step) at each of `steps`.
 fn gradient_runs(model: &graft::ir::Model, steps: &[(u64, u64)]) -> Vec<Vec<(String, HostTensor)>> {
     let training = graft::train::training_graph(model, graft::train::Task::SeqCls).unwrap();
-    let mut feeds = fixture_inputs("bert-legacy");
-    let batch = match &feeds.iter().find(|(n, _)| n == "input_ids").unwrap().1 {
-        HostTensor::I64(ids) => ids.shape()[0],
-        other => panic!("input_ids is {other:?}"),
-    };
-    feeds.push((
-        "labels".into(),
-        HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[batch]))),
-    ));
-    for (name, _) in &training.gradients {
-        let tensor = model.graph.initializer(name).unwrap();
-        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-        let values = ndarray::ArrayD::from_shape_vec(dims, tensor.to_f32().unwrap()).unwrap();
-        feeds.push((name.clone(), HostTensor::F32(values)));
-    }
-    let bytes = graft::onnx::to_bytes(&training.model).unwrap();
-    let options = SessionOptions {
-        threads: 1,
-        ..Default::default()
-    };
-    let mut session = graft::runtime::OrtSession::from_bytes(&bytes, options).unwrap();
-    let wanted: Vec<_> = feeds
-        .into_iter()
-        .filter(|(name, _)| session.input_names.contains(name))
-        .collect();
+    let mut session = training_session(&training, false);
+    let wanted = bert_training_feeds(model, &training, &session, &[]);
     steps
         .iter()
         .map(|&(seed, step)| {

@@ -218,7 +218,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         train_methods: args.train_methods.clone(),
     };
     let record = graft::patch::read_record(&model)?;
-    let needs_plugins = record.methods.iter().any(|m| m.step_hook.is_some());
+    let needs_plugins = record
+        .methods
+        .iter()
+        .any(|m| m.training.step_hook.is_some());
     let registry = if needs_plugins {
         graft::plugins::PluginRegistry::discover(&args.plugins)?
     } else {

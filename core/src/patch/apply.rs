@@ -58,7 +58,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     for input in &patch.graph_inputs {
         claim(&input.name, "graph input")?;
     }
-    for input in &patch.host_inputs {
+    for input in &patch.training.host_inputs {
         claim(&input.name, "host input")?;
     }
 
@@ -79,7 +79,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
         }
         graph.initializers.push(tensor);
     }
-    for input in &patch.host_inputs {
+    for input in &patch.training.host_inputs {
         let tensor = super::init::materialize_host_input(input)?;
         let dims: Vec<Dim> = tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect();
         graph
@@ -189,10 +189,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     method.trainable = trainable;
     method.parameters = patch.parameters.iter().map(|p| p.name.clone()).collect();
     method.nodes = patch.nodes.iter().map(|n| n.name.clone()).collect();
-    method.loss_terms = patch.loss_terms.clone();
-    method.host_inputs = patch.host_inputs.clone();
-    method.step_hook = patch.step_hook.clone();
-    method.peft = patch.peft.clone();
+    method.training = patch.training.clone();
     record.methods.push(method);
     // A later method's branches attach to the sites' base outputs, inside the branches of
     // earlier methods, so they must be folded first: its folds go before the earlier ones (the

@@ -17,7 +17,7 @@ fn declared(model: &Model) -> Result<Option<(AppliedMethod, PeftFiles)>> {
     let mut found = record
         .methods
         .into_iter()
-        .filter_map(|m| m.peft.clone().map(|files| (m, files)));
+        .filter_map(|m| m.training.peft.clone().map(|files| (m, files)));
     let first = found.next();
     if let (Some((a, _)), Some((b, _))) = (&first, found.next()) {
         return Err(Error::Config(format!(

@@ -279,7 +279,7 @@ pub fn training_graph_for(
         .iter()
         .filter(|m| methods.is_empty() || methods.contains(&m.method))
         .flat_map(|m| {
-            m.loss_terms.iter().map(|t| {
+            m.training.loss_terms.iter().map(|t| {
                 (
                     format!("{}.{}", m.method, t.name),
                     t.weight,
@@ -312,7 +312,7 @@ fn host_inputs_to_graph_inputs(model: &mut Model, record: &GraftRecord) {
     let names: Vec<&str> = record
         .methods
         .iter()
-        .flat_map(|m| m.host_inputs.iter().map(|i| i.name.as_str()))
+        .flat_map(|m| m.training.host_inputs.iter().map(|i| i.name.as_str()))
         .collect();
     model.graph.initializers_to_inputs(&names);
 }
@@ -1077,7 +1077,7 @@ pub fn save_adapter(trained: &Model, dir: &Path) -> Result<Vec<PathBuf>> {
     let declares_peft = crate::patch::read_record(trained)?
         .methods
         .iter()
-        .any(|m| m.peft.is_some());
+        .any(|m| m.training.peft.is_some());
     if declares_peft || crate::peft::lora_branches(trained).is_ok() {
         crate::peft::export(trained, dir)?;
         files.push(dir.join("adapter_model.safetensors"));

@@ -71,7 +71,7 @@ impl Participation {
     /// defaults from `model`.
     pub fn new(model: &Model, record: &GraftRecord, trained: &[&str], seed: u64) -> Result<Self> {
         let mut inputs = Vec::new();
-        for input in record.methods.iter().flat_map(|m| &m.host_inputs) {
+        for input in record.methods.iter().flat_map(|m| &m.training.host_inputs) {
             let tensor = model
                 .graph
                 .initializer(&input.name)
@@ -102,7 +102,7 @@ impl Participation {
         let hooks = methods
             .iter()
             .filter_map(|m| {
-                m.step_hook.as_ref().map(|hook| HookState {
+                m.training.step_hook.as_ref().map(|hook| HookState {
                     method: m.method.clone(),
                     state: hook.state.clone(),
                     ..HookState::default()
@@ -185,6 +185,7 @@ impl Participation {
                 .cloned()
                 .unwrap_or_default();
             let wanted = method
+                .training
                 .step_hook
                 .as_ref()
                 .map(|h| h.tensors.clone())
@@ -229,7 +230,11 @@ impl Participation {
             }
             for fed in self.inputs.iter().filter(|f| {
                 f.input.kind == HostInputKind::Value
-                    && method.host_inputs.iter().any(|i| i.name == f.input.name)
+                    && method
+                        .training
+                        .host_inputs
+                        .iter()
+                        .any(|i| i.name == f.input.name)
             }) {
                 request
                     .values

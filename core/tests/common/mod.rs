@@ -231,3 +231,54 @@ pub fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
 }
+
+/// The feeds of `training` (a training graph of `model`, a bert-legacy patch) for one batch:
+/// the fixture's inputs, every label 0, and the trainable values of `model` unless `overrides`
+/// gives others; only the inputs `session` takes.
+pub fn bert_training_feeds(
+    model: &Model,
+    training: &graft::train::TrainingGraph,
+    session: &graft::runtime::OrtSession,
+    overrides: &[(String, Vec<f32>)],
+) -> Vec<(String, HostTensor)> {
+    let mut feeds = fixture_inputs("bert-legacy");
+    let batch = feeds
+        .iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1
+        .shape()[0];
+    feeds.push((
+        "labels".into(),
+        HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[batch]))),
+    ));
+    for (name, _) in &training.gradients {
+        let tensor = model.graph.initializer(name).unwrap();
+        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+        let values = overrides
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| tensor.to_f32().unwrap());
+        let array = ndarray::ArrayD::from_shape_vec(dims, values).unwrap();
+        feeds.push((name.clone(), HostTensor::F32(array)));
+    }
+    feeds
+        .into_iter()
+        .filter(|(name, _)| session.input_names.contains(name))
+        .collect()
+}
+
+/// A one-thread ONNX Runtime session of `training`'s graph (`exact`: no graph rewrites).
+pub fn training_session(
+    training: &graft::train::TrainingGraph,
+    exact: bool,
+) -> graft::runtime::OrtSession {
+    let bytes = graft::onnx::to_bytes(&training.model).unwrap();
+    let options = graft::runtime::SessionOptions {
+        threads: 1,
+        exact,
+        ..Default::default()
+    };
+    graft::runtime::OrtSession::from_bytes(&bytes, options).unwrap()
+}

@@ -101,7 +101,7 @@ impl Plugin for LoraScaled {
         }
         let mut reply = builder.finish();
         if config.get_f64("clip_e")? > 0.0 {
-            reply.patch.step_hook = Some(StepHook {
+            reply.patch.training.step_hook = Some(StepHook {
                 tensors: rank_scales,
                 state: graft_plugin_sdk::serde_json::json!({ "clipped_so_far": 0 }),
             });

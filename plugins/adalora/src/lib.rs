@@ -187,18 +187,18 @@ impl Plugin for AdaLora {
         );
         let term = b.op("adalora.orthogonality", "Mul", &[&sum, &inverse_count], &[]);
         let mut reply = b.finish();
-        reply.patch.loss_terms.push(LossTerm {
+        reply.patch.training.loss_terms.push(LossTerm {
             name: "orthogonality".into(),
             value: term,
             weight: config.get_f64("orth_reg_weight")?,
         });
         if peft_tensors.len() == 3 * modules.len() {
-            reply.patch.peft = Some(PeftFiles {
+            reply.patch.training.peft = Some(PeftFiles {
                 config: peft_config(config, &modules)?,
                 tensors: peft_tensors,
             });
         }
-        reply.patch.step_hook = Some(StepHook {
+        reply.patch.training.step_hook = Some(StepHook {
             tensors: modules
                 .iter()
                 .flat_map(|m| [m.a.clone(), m.e.clone(), m.b.clone()])

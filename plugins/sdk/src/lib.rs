@@ -214,5 +214,5 @@ pub use select::{PatternMap, SiteSelector};
 pub use serde_json;
 pub use training::{
     HostArray, HostInput, HostInputKind, LossTerm, PeftFiles, PeftTensor, StepHook, StepReply,
-    StepRequest,
+    StepRequest, TrainingSpec,
 };

@@ -2,7 +2,7 @@
 
 use crate::dtype::DType;
 use crate::graph::{Dim, GraphView, WeightLayout};
-use crate::training::{HostInput, LossTerm, PeftFiles, StepHook};
+use crate::training::TrainingSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,20 +35,10 @@ pub struct Patch {
     /// How `graft merge` folds each branch back into base weights, in the order to apply.
     #[serde(default)]
     pub folds: Vec<Fold>,
-    /// Scalars the training graph adds to the task loss (ABI 2).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub loss_terms: Vec<LossTerm>,
-    /// Inputs the host feeds at every training and evaluation step (ABI 2); outside training
-    /// they are overridable initializers holding their defaults.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub host_inputs: Vec<HostInput>,
-    /// Asks the host to call the plugin after every optimizer step (ABI 2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_hook: Option<StepHook>,
-    /// How the method's tensors are written as (and read from) HF PEFT adapter files, for
-    /// methods other than LoRA (ABI 2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peft: Option<PeftFiles>,
+    /// What the method contributes to training and to PEFT files (ABI 2); serialized as
+    /// fields of the patch itself.
+    #[serde(flatten)]
+    pub training: TrainingSpec,
 }
 
 /// A new initializer.
@@ -459,10 +449,7 @@ impl Patch {
             && self.graph_outputs.is_empty()
             && self.mark_trainable.is_empty()
             && self.folds.is_empty()
-            && self.loss_terms.is_empty()
-            && self.host_inputs.is_empty()
-            && self.step_hook.is_none()
-            && self.peft.is_none()
+            && self.training.is_empty()
     }
 
     /// Checks the patch's names against `graph` and itself, returning every problem found:
@@ -502,7 +489,7 @@ impl Patch {
         for v in &self.graph_inputs {
             claim(&v.name, "graph input", &known, &mut created, &mut problems);
         }
-        for v in &self.host_inputs {
+        for v in &self.training.host_inputs {
             claim(&v.name, "host input", &known, &mut created, &mut problems);
         }
         let params: BTreeSet<&str> = self.parameters.iter().map(|p| p.name.as_str()).collect();
@@ -595,7 +582,7 @@ impl Patch {
                 }
             }
         }
-        for term in &self.loss_terms {
+        for term in &self.training.loss_terms {
             if !exists(&term.value) {
                 problems.push(format!(
                     "loss term \"{}\" reads unknown value \"{}\"",
@@ -609,7 +596,7 @@ impl Patch {
                 ));
             }
         }
-        for tensor in self.step_hook.iter().flat_map(|h| &h.tensors) {
+        for tensor in self.training.step_hook.iter().flat_map(|h| &h.tensors) {
             if graph.tensor(tensor).is_none() && !params.contains(tensor.as_str()) {
                 problems.push(format!("step hook names unknown tensor \"{tensor}\""));
             }

@@ -4,7 +4,7 @@
 //! earlier methods grafted.
 
 use crate::patch::Fold;
-use crate::training::{HostInput, LossTerm, PeftFiles, StepHook};
+use crate::training::TrainingSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -26,18 +26,9 @@ pub struct AppliedMethod {
     /// The nodes this method added.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
-    /// Scalars added to the training loss.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub loss_terms: Vec<LossTerm>,
-    /// Inputs the host feeds at every step.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub host_inputs: Vec<HostInput>,
-    /// The step hook, when the method has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_hook: Option<StepHook>,
-    /// The method's HF PEFT file layout, when it declared one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peft: Option<PeftFiles>,
+    /// What the method's patch contributes to training and to PEFT files, as it declared it.
+    #[serde(flatten)]
+    pub training: TrainingSpec,
 }
 
 /// Everything graft knows about the PEFT methods grafted onto a model.

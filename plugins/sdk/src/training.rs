@@ -12,6 +12,36 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// What a method contributes to training and to PEFT files beside its graph edits: part of
+/// its [`crate::Patch`] and, once applied, of its [`crate::AppliedMethod`] record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSpec {
+    /// Scalars the training graph adds to the task loss (ABI 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_terms: Vec<LossTerm>,
+    /// Inputs the host feeds at every training and evaluation step (ABI 2); outside training
+    /// they are overridable initializers holding their defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_inputs: Vec<HostInput>,
+    /// Asks the host to call the plugin after every optimizer step (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_hook: Option<StepHook>,
+    /// How the method's tensors are written as (and read from) HF PEFT adapter files, for
+    /// methods other than LoRA (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftFiles>,
+}
+
+impl TrainingSpec {
+    /// True when the method contributes nothing beyond its graph edits.
+    pub fn is_empty(&self) -> bool {
+        self.loss_terms.is_empty()
+            && self.host_inputs.is_empty()
+            && self.step_hook.is_none()
+            && self.peft.is_none()
+    }
+}
+
 /// A scalar the training graph adds to the task loss: `loss = task_loss + Σ weight · value`.
 /// Its value (unweighted) is logged per step in `metrics.jsonl` under `loss_terms.<name>`.
 /// Evaluation graphs score the task loss only.
