@@ -464,3 +464,56 @@ fn tokenizer_beside_the_model_and_log_every() {
         .collect();
     assert_eq!(logged, ["2", "4", "5"], "{stdout}");
 }
+
+/// Pre-tokenized lines may carry float features (nested lists, or lists with a fractional
+/// number): they batch as float32 with the batch axis first, while flat integer lists stay
+/// sequences.
+#[test]
+fn float_features_batch_beside_sequences() {
+    use graft::train::data::{collate, read_data, DataFormat, DataOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("features.jsonl");
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"input_ids":[1,2,3],"pixel_values":[[0.5,1],[2,3]],"scores":[0.25,1],"label":1}"#,
+            "\n",
+            r#"{"input_ids":[4,5],"pixel_values":[[4,5],[6,7.5]],"scores":[2,3.5],"label":0}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let options = DataOptions {
+        format: DataFormat::Tokenized,
+        tokenizer: None,
+        max_len: 16,
+        skip_bad_lines: false,
+    };
+    let dataset = read_data(&path, &options).unwrap();
+    let batch: Vec<_> = dataset.examples.iter().collect();
+    let tensors = collate(&batch);
+    let get = |name: &str| &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+    assert_eq!(get("pixel_values").shape(), &[2, 2, 2]);
+    assert_eq!(
+        get("pixel_values").to_f64(),
+        vec![0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.5]
+    );
+    assert_eq!(get("scores").shape(), &[2, 2]);
+    assert_eq!(get("input_ids").shape(), &[2, 3]);
+
+    std::fs::write(
+        &path,
+        concat!(
+            r#"{"input_ids":[1],"pixel_values":[[0.5,1]],"label":1}"#,
+            "\n",
+            r#"{"input_ids":[4],"pixel_values":[[4,5,6]],"label":0}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let error = read_data(&path, &options).unwrap_err().to_string();
+    assert!(
+        error.contains(":2:") && error.contains("pixel_values"),
+        "{error}"
+    );
+}

@@ -3,7 +3,9 @@
 //! Pre-tokenized JSONL (`--data-format tokenized`) has one JSON object per line of integer lists
 //! keyed by model input name (`input_ids`, `attention_mask`, `token_type_ids`, ...) plus the
 //! target: `"label"` (an integer class or a number for regression) or `"labels"` (a list, for
-//! causal LM and token classification). The text formats (classification text, instructions,
+//! causal LM and token classification). A value holding nested lists or a non-integer number
+//! is a float feature (`"pixel_values": [[[0.1, ...]]]`), batched as float32 with the batch axis
+//! first; every example of a file must give a feature the same shape. The text formats (classification text, instructions,
 //! plain documents) are tokenized by [`super::text`].
 
 use std::collections::BTreeMap;
@@ -12,31 +14,12 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 use serde::Serialize;
 
+use super::example::{json_object, label_target};
 use super::text::{self, TextEncoder};
 use crate::runtime::HostTensor;
 use crate::{Error, Result};
 
-pub use crate::autodiff::loss::IGNORE_INDEX;
-
-/// One example: integer sequences by input name, and its target.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Example {
-    /// Sequences by model input name.
-    pub sequences: BTreeMap<String, Vec<i64>>,
-    /// The target.
-    pub target: Target,
-}
-
-/// What an example should predict.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Target {
-    /// A class index.
-    Class(i64),
-    /// A real value (regression).
-    Value(f32),
-    /// One label per token (`IGNORE_INDEX` where no loss applies).
-    Tokens(Vec<i64>),
-}
+pub use super::example::{Example, Feature, Target, IGNORE_INDEX};
 
 /// How a data file is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -194,7 +177,11 @@ fn read_lines(
         if line.trim().is_empty() {
             continue;
         }
-        match parse(line) {
+        let parsed = parse(line).and_then(|example| match examples.first() {
+            Some(first) => same_features(first, &example).map(|()| example),
+            None => Ok(example),
+        });
+        match parsed {
             Ok(example) => examples.push(example),
             Err(_) if skip_bad_lines => skipped += 1,
             Err(reason) => {
@@ -221,16 +208,22 @@ fn read_lines(
 }
 
 fn parse_example(line: &str) -> std::result::Result<Example, String> {
-    let object = text::json_object(line)?;
+    let object = json_object(line)?;
     let mut sequences = BTreeMap::new();
+    let mut features = BTreeMap::new();
     let mut target = None;
     for (key, value) in &object {
         match key.as_str() {
-            "label" => target = Some(text::label_target(value)?),
+            "label" => target = Some(label_target(value)?),
             "labels" => target = Some(Target::Tokens(int_list(key, value)?)),
-            _ => {
-                sequences.insert(key.clone(), int_list(key, value)?);
-            }
+            _ => match Feature::parse(value) {
+                Some(feature) => {
+                    features.insert(key.clone(), feature);
+                }
+                None => {
+                    sequences.insert(key.clone(), int_list(key, value)?);
+                }
+            },
         }
     }
     let input_ids = sequences.get("input_ids").ok_or("missing \"input_ids\"")?;
@@ -256,7 +249,31 @@ fn parse_example(line: &str) -> std::result::Result<Example, String> {
             ));
         }
     }
-    Ok(Example { sequences, target })
+    Ok(Example {
+        sequences,
+        features,
+        target,
+    })
+}
+
+/// `Ok` when `example` has the float features of `first`, each of the same shape.
+fn same_features(first: &Example, example: &Example) -> std::result::Result<(), String> {
+    let shapes = |e: &Example| -> Vec<(String, Vec<usize>)> {
+        e.features
+            .iter()
+            .map(|(k, f)| (k.clone(), f.shape.clone()))
+            .collect()
+    };
+    if shapes(first) == shapes(example) {
+        Ok(())
+    } else {
+        Err(format!(
+            "float features {:?} differ from the first example's {:?} (every example needs the \
+             same features with the same shapes)",
+            shapes(example),
+            shapes(first)
+        ))
+    }
 }
 
 fn int_list(key: &str, value: &serde_json::Value) -> std::result::Result<Vec<i64>, String> {
@@ -339,6 +356,20 @@ pub fn collate(examples: &[&Example]) -> Vec<(String, HostTensor)> {
         }
     };
     tensors.push(("labels".into(), labels));
+    for name in examples[0].features.keys() {
+        let shape = &examples[0].features[name].shape;
+        let mut data = Vec::new();
+        for example in examples {
+            match example.features.get(name) {
+                Some(feature) if &feature.shape == shape => data.extend(&feature.values),
+                _ => data.extend(std::iter::repeat_n(0.0, shape.iter().product())),
+            }
+        }
+        let mut batched = vec![batch];
+        batched.extend(shape);
+        let array = ArrayD::from_shape_vec(IxDyn(&batched), data).expect("shape matches data");
+        tensors.push((name.clone(), HostTensor::F32(array)));
+    }
     tensors
 }
 

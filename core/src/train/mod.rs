@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod dropout;
+pub mod example;
 pub mod optimizer;
 pub mod participation;
 pub mod plot;

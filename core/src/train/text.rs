@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
-use super::data::{Example, Target, IGNORE_INDEX};
+use super::example::{json_object, label_target, Example, Target, IGNORE_INDEX};
 use crate::{Error, Result};
 
 /// Token names taken as the end-of-sequence token when no `tokenizer_config.json` beside the
@@ -272,24 +272,6 @@ pub fn parse_document(encoder: &TextEncoder, line: &str) -> std::result::Result<
     encoder.document(required_string(&object, "text")?)
 }
 
-/// A `"label"` value as a target: an integer is a class, any other number a regression value.
-pub(super) fn label_target(label: &serde_json::Value) -> std::result::Result<Target, String> {
-    Ok(match label.as_i64() {
-        Some(class) => Target::Class(class),
-        None => Target::Value(label.as_f64().ok_or("\"label\" must be a number")? as f32),
-    })
-}
-
-/// A JSONL line that must be a JSON object.
-pub(super) fn json_object(
-    line: &str,
-) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
-    match serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))? {
-        serde_json::Value::Object(object) => Ok(object),
-        _ => Err("expected a JSON object".into()),
-    }
-}
-
 fn required_string<'a>(
     object: &'a serde_json::Map<String, serde_json::Value>,
     key: &str,
@@ -344,5 +326,9 @@ fn example(ids: Vec<i64>, type_ids: Vec<i64>, target: Target) -> Example {
     sequences.insert("attention_mask".to_owned(), vec![1; ids.len()]);
     sequences.insert("token_type_ids".to_owned(), type_ids);
     sequences.insert("input_ids".to_owned(), ids);
-    Example { sequences, target }
+    Example {
+        sequences,
+        features: Default::default(),
+        target,
+    }
 }
