@@ -8,6 +8,7 @@ pub mod data;
 pub mod dropout;
 pub mod example;
 pub mod optimizer;
+pub mod parameters;
 pub mod participation;
 pub mod plot;
 pub mod text;
@@ -15,12 +16,11 @@ pub mod text;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{gradient_graph, loss};
 use crate::ir::attributes::int_attribute;
-use crate::ir::{Graph, Model, Tensor, ValueInfo};
+use crate::ir::{Graph, Model, ValueInfo};
 use crate::optimize::narrow_unread_rows;
 use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
@@ -28,6 +28,7 @@ use crate::{Error, Result};
 use checkpoint::CheckpointState;
 use data::{collate, read_data, DataFormat, DataOptions, Dataset, Example, Target};
 use optimizer::{clip_global_norm, global_norm, Optimizer, OptimizerKind, Schedule};
+use parameters::ParameterStore;
 use participation::{Participation, StepHooks};
 
 /// What the model is trained to do; decides the loss appended to its first output.
@@ -513,20 +514,8 @@ pub fn train(
     };
 
     let names: Vec<String> = graph.gradients.iter().map(|(n, _)| n.clone()).collect();
-    let mut parameters: Vec<Vec<f32>> = Vec::new();
-    let mut dims: Vec<Vec<i64>> = Vec::new();
-    for name in &names {
-        let tensor = patched
-            .graph
-            .initializer(name)
-            .ok_or_else(|| Error::Tensor {
-                name: name.clone(),
-                reason: "trainable tensor missing from the model".into(),
-            })?;
-        parameters.push(tensor.to_f32()?);
-        dims.push(tensor.dims.clone());
-    }
-    let lengths: Vec<usize> = parameters.iter().map(Vec::len).collect();
+    let mut store = ParameterStore::from_model(patched, names.clone())?;
+    let lengths = store.lengths();
     let mut optimizer = Optimizer::new(options.optimizer, &lengths);
 
     let batch_size = options.batch_size.max(1);
@@ -572,7 +561,7 @@ pub fn train(
                 )));
             }
         }
-        parameters = saved.parameters;
+        store.values = saved.parameters;
         optimizer = saved.optimizer;
         participation.restore(&saved.state.participation, &saved.participation)?;
         order.restore(saved.state.epoch, saved.state.position);
@@ -602,7 +591,7 @@ pub fn train(
         let step_number = step + 1;
         let step_started = std::time::Instant::now();
         // The parameters first, each batch's inputs after them (replaced batch by batch).
-        let mut feeds = parameter_feeds(&names, &parameters, &dims)?;
+        let mut feeds = store.feeds()?;
         let n_parameters = feeds.len();
         let mut gradients: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0.0; n]).collect();
         let mut loss_sum = 0.0;
@@ -650,24 +639,18 @@ pub fn train(
                 "the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm})"
             ))
         } else {
-            optimizer.update(&mut parameters, &gradients, lr);
+            optimizer.update(&mut store.values, &gradients, lr);
             plugin_metrics = participation.after_step(
                 hooks,
                 patched,
                 step_number,
                 total_steps,
-                &names,
-                &dims,
-                &mut parameters,
+                &mut store,
                 &gradients,
             )?;
-            names
-                .iter()
-                .zip(&parameters)
-                .find(|(_, values)| values.iter().any(|v| !v.is_finite()))
-                .map(|(name, _)| {
-                    format!("the update (lr {lr:e}) made trainable tensor {name:?} not finite")
-                })
+            store.first_not_finite().map(|name| {
+                format!("the update (lr {lr:e}) made trainable tensor {name:?} not finite")
+            })
         };
         if let Some(fault) = fault {
             let kept = match &last_checkpoint {
@@ -708,8 +691,7 @@ pub fn train(
                     .is_some_and(|k| k > 0 && step_number % k == 0)
             {
                 let host_feeds = participation.feeds(false, step_number, total_steps, 0)?;
-                let evaluation =
-                    evaluator.evaluate(step_number, &names, &parameters, &dims, &host_feeds)?;
+                let evaluation = evaluator.evaluate(step_number, &store, &host_feeds)?;
                 write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
                 history.evaluations.push(evaluation.clone());
                 on_event(TrainEvent::Evaluated(&evaluation));
@@ -728,8 +710,8 @@ pub fn train(
             let path = checkpoint::save(
                 &options.out,
                 &state,
-                &dims,
-                &parameters,
+                &store.dims,
+                &store.values,
                 &optimizer,
                 &participation_tensors,
             )?;
@@ -742,16 +724,7 @@ pub fn train(
     }
 
     let mut trained = patched.clone();
-    for ((name, values), shape) in names.iter().zip(&parameters).zip(&dims) {
-        if let Some(tensor) = trained
-            .graph
-            .initializers
-            .iter_mut()
-            .find(|t| &t.name == name)
-        {
-            *tensor = Tensor::from_f32(name, shape.clone(), values);
-        }
-    }
+    store.write_into(&mut trained)?;
     for (name, value) in participation.value_inputs() {
         if let Some(tensor) = trained.graph.initializer_mut(name) {
             let dims = tensor.dims.clone();
@@ -878,12 +851,10 @@ impl<'a> Evaluator<'a> {
     fn evaluate(
         &mut self,
         step: u64,
-        names: &[String],
-        parameters: &[Vec<f32>],
-        dims: &[Vec<i64>],
+        store: &ParameterStore,
         host_feeds: &[(String, HostTensor)],
     ) -> Result<EvalMetrics> {
-        let mut feeds = parameter_feeds(names, parameters, dims)?;
+        let mut feeds = store.feeds()?;
         feeds.extend(host_feeds.iter().cloned());
         let n_parameters = feeds.len();
         let (mut loss_sum, mut scored) = (0.0, 0usize);
@@ -962,28 +933,6 @@ fn scored_labels(task: Task, batch: &[&Example]) -> usize {
 
 fn sequence_length(example: &Example) -> usize {
     example.sequences.get("input_ids").map_or(0, Vec::len)
-}
-
-/// The current trainable values as graph inputs.
-fn parameter_feeds(
-    names: &[String],
-    parameters: &[Vec<f32>],
-    dims: &[Vec<i64>],
-) -> Result<Vec<(String, HostTensor)>> {
-    names
-        .iter()
-        .zip(parameters.iter().zip(dims))
-        .map(|(name, (values, shape))| {
-            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            let array = ArrayD::from_shape_vec(IxDyn(&shape), values.clone()).map_err(|e| {
-                Error::Tensor {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-            Ok((name.clone(), HostTensor::F32(array)))
-        })
-        .collect()
 }
 
 /// The first element of the output `name`, as f64.

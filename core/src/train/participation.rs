@@ -14,6 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::parameters::ParameterStore;
 use crate::ir::Model;
 use crate::runtime::HostTensor;
 use crate::{Error, Result};
@@ -160,8 +161,8 @@ impl Participation {
     }
 
     /// Runs the trained methods' step hooks after optimizer step `step`: each sees its
-    /// tensors' values (from `parameters` for the trained tensors `names`, else from `model`)
-    /// and gradients, and may set trained tensors (in `parameters`) and its value inputs.
+    /// tensors' values (from `store` for the trained tensors, else from `model`) and
+    /// gradients, and may set trained tensors (in `store`) and its value inputs.
     /// Returns the hooks' metrics keyed `<method>.<name>`.
     #[allow(clippy::too_many_arguments)]
     pub fn after_step(
@@ -170,9 +171,7 @@ impl Participation {
         model: &Model,
         step: u64,
         total_steps: u64,
-        names: &[String],
-        dims: &[Vec<i64>],
-        parameters: &mut [Vec<f32>],
+        store: &mut ParameterStore,
         gradients: &[Vec<f32>],
     ) -> Result<HookMetrics> {
         let mut metrics = HookMetrics::new();
@@ -201,13 +200,13 @@ impl Participation {
                 ..StepRequest::default()
             };
             for tensor in &wanted {
-                if let Some(index) = names.iter().position(|n| n == tensor) {
-                    let shape: Vec<usize> = dims[index].iter().map(|&d| d as usize).collect();
+                if let Some(index) = store.position(tensor) {
+                    let shape = store.shape(index);
                     request.values.insert(
                         tensor.clone(),
                         HostArray {
                             shape: shape.clone(),
-                            data: parameters[index].clone(),
+                            data: store.values[index].clone(),
                         },
                     );
                     request.gradients.insert(
@@ -249,18 +248,18 @@ impl Participation {
                 ),
             };
             for (name, array) in &reply.set {
-                if let Some(index) = names.iter().position(|n| n == name) {
-                    if array.data.len() != parameters[index].len() {
+                if let Some(index) = store.position(name) {
+                    if array.data.len() != store.values[index].len() {
                         return Err(refuse(
                             name,
                             format!(
                                 "{} values for a tensor of {}",
                                 array.data.len(),
-                                parameters[index].len()
+                                store.values[index].len()
                             ),
                         ));
                     }
-                    parameters[index].clone_from(&array.data);
+                    store.values[index].clone_from(&array.data);
                 } else if let Some(fed) = self
                     .inputs
                     .iter_mut()
