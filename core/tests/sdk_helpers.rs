@@ -642,3 +642,78 @@ fn marking_norms_trainable_records_them_once_and_trains_them_in_place() {
         assert_changed_and_finite(&base_outputs, &trained, &format!("{fixture} norms"));
     }
 }
+
+/// A bake fold: a weight computed in the graph from parameters only (`tanh(P) · Q`, as a
+/// reparameterized prefix or prompt encoder computes its table) becomes a stored tensor at merge
+/// time — the nodes computing it and the parameters they read are gone, and the merged model
+/// computes what the patched model computes.
+#[test]
+fn a_bake_fold_stores_a_parameter_only_subgraph_as_a_tensor() {
+    let base = onnx::load(&fixture_model("bert-legacy")).unwrap();
+    let inputs = fixture_inputs("bert-legacy");
+    let (mut model, (baked, p, q)) = patched(&base, |view, b| {
+        let s = view
+            .sites()
+            .find(|s| s.site.kind == SiteKind::V)
+            .unwrap()
+            .site;
+        let dtype = b.value_dtype(&s.output).unwrap();
+        let seed_p = b.next_seed();
+        let p = b.parameter(
+            "helper.bake.P",
+            dtype,
+            vec![s.in_features, 3],
+            Init::linear_default(3, seed_p),
+            true,
+        );
+        let seed_q = b.next_seed();
+        let q = b.parameter(
+            "helper.bake.Q",
+            dtype,
+            vec![3, s.out_features],
+            Init::linear_default(3, seed_q),
+            true,
+        );
+        let (weight, nodes) = b
+            .block(|b| {
+                let t = b.op("helper.bake.tanh", "Tanh", &[&p], &[]);
+                Ok(b.op("helper.bake.weight", "MatMul", &[&t, &q], &[]))
+            })
+            .unwrap();
+        let x = b.current(&s.input);
+        let side = b.op("helper.bake.matmul", "MatMul", &[&x, &weight], &[]);
+        let y = b.current(&s.output);
+        let sum = b.op("helper.bake.add", "Add", &[&y, &side], &[]);
+        b.rewire(&y, &sum);
+        b.fold(Fold::Bake {
+            value: weight.clone(),
+            nodes,
+        });
+        (weight, p, q)
+    });
+    randomize_trainable(&mut model);
+    let patched_outputs = run_model(&model, &inputs);
+    assert_changed_and_finite(&run_model(&base, &inputs), &patched_outputs, "bake branch");
+    let mut merged = model.clone();
+    graft::merge::merge(&mut merged).unwrap();
+    assert!(
+        merged.graph.initializer(&baked).is_some(),
+        "{baked} is not a tensor"
+    );
+    let remaining: Vec<&str> = (merged.graph.nodes.iter())
+        .map(|n| n.name.as_str())
+        .filter(|n| n.starts_with("helper.bake.tanh") || n.starts_with("helper.bake.weight"))
+        .collect();
+    assert!(
+        remaining.is_empty(),
+        "the baked nodes remain: {remaining:?}"
+    );
+    for parameter in [&p, &q] {
+        assert!(
+            merged.graph.initializer(parameter).is_none(),
+            "{parameter} remains"
+        );
+    }
+    let diff = max_diff(&patched_outputs, &run_model(&merged, &inputs));
+    assert!(diff <= 1e-6, "merged vs patched {diff}");
+}
