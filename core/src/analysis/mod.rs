@@ -6,7 +6,7 @@ pub mod labels;
 pub mod shapes;
 pub mod sites;
 
-pub use shapes::{infer_shapes, ShapeMap};
+pub use shapes::{infer_shapes, ShapeConflict, ShapeMap};
 pub use sites::{
     detect, AttentionKind, Embedding, EmbeddingKind, Head, Layer, Site, SiteKind, Stack, Structure,
     WeightLayout,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use graft_plugin_sdk::{AttributeValue, Fold, NewNode, PatchReply};
+use graft_plugin_sdk::{AttributeValue, Fold, GraphView, NewNode, PatchReply};
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::AttributeProto;
 
@@ -12,13 +12,32 @@ use super::{data_type, materialize};
 use crate::ir::{Dim, Graph, Model, Node, ValueInfo};
 use crate::{Error, Result};
 
-/// Applies a plugin's reply to `model`, or leaves `model` untouched and explains what is wrong:
-/// name clashes, dangling values, element-type mismatches, cycles, unknown tensors to mark
-/// trainable. New trainable parameters become initializers that are also listed as graph inputs
-/// (so a runtime can override them), and the method is recorded in the model's metadata.
+/// Applies a plugin's reply to `model`, or leaves `model` untouched and explains what is wrong.
+///
+/// The patch is first checked by the SDK's [`graft_plugin_sdk::Patch::check`] against the
+/// plugin's view of `model` ([`crate::plugins::graph_view`]): names, references and trainable
+/// tensors, every problem reported at once; then its tensor payloads. What needs the patched
+/// graph is checked on it: cycles (named as the model's own when the model alone has one),
+/// wiring, and the element types and shapes where new or rewired nodes join values
+/// ([`crate::analysis::ShapeConflict`]). New trainable parameters become initializers that are
+/// also listed as graph inputs (so a runtime can override them), and the method is recorded in
+/// the model's metadata.
 pub fn apply_patch(model: &mut Model, reply: &PatchReply, method: AppliedMethod) -> Result<()> {
+    let view = crate::plugins::graph_view(model)?;
+    apply_patch_with_view(model, &view, reply, method)
+}
+
+/// [`apply_patch`] with the plugin's view of `model` already built; `view` must be
+/// `graph_view(model)`.
+pub(crate) fn apply_patch_with_view(
+    model: &mut Model,
+    view: &GraphView,
+    reply: &PatchReply,
+    method: AppliedMethod,
+) -> Result<()> {
+    check_against_view(reply, view)?;
     let mut patched = model.clone();
-    apply_to(&mut patched, reply, method)?;
+    apply_to(&mut patched, &model.graph, reply, method)?;
     *model = patched;
     Ok(())
 }
@@ -27,40 +46,32 @@ fn invalid(message: String) -> Error {
     Error::InvalidGraph(message)
 }
 
-fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) -> Result<()> {
-    let patch = &reply.patch;
-    reply
-        .check_payloads()
-        .map_err(|e| invalid(format!("tensor payloads: {e}")))?;
-    let graph = &mut model.graph;
+/// Succeeds when `problems` is empty, else refuses the patch listing every one.
+fn refuse_if_any(mut problems: Vec<String>) -> Result<()> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(invalid(problems.remove(0))),
+        n => Err(invalid(format!("{n} problems: {}", problems.join("; ")))),
+    }
+}
 
-    let mut taken = graph.taken_names();
-    let mut claim = |name: &str, what: &str| -> Result<()> {
-        if name.is_empty() {
-            return Err(invalid(format!("a new {what} has an empty name")));
-        }
-        if !taken.insert(name.to_owned()) {
-            return Err(invalid(format!(
-                "new {what} {name:?} clashes with an existing name"
-            )));
-        }
-        Ok(())
-    };
-    for parameter in &patch.parameters {
-        claim(&parameter.name, "parameter")?;
+/// Every problem the SDK's checks find in `reply`: the patch against `view`, then the payloads.
+fn check_against_view(reply: &PatchReply, view: &GraphView) -> Result<()> {
+    let mut problems = reply.patch.check(view).err().unwrap_or_default();
+    if let Err(e) = reply.check_payloads() {
+        problems.push(format!("tensor payloads: {e}"));
     }
-    for node in &patch.nodes {
-        claim(&node.name, "node")?;
-        for output in node.outputs.iter().filter(|o| !o.is_empty()) {
-            claim(output, "value")?;
-        }
-    }
-    for input in &patch.graph_inputs {
-        claim(&input.name, "graph input")?;
-    }
-    for input in &patch.training.host_inputs {
-        claim(&input.name, "host input")?;
-    }
+    refuse_if_any(problems)
+}
+
+fn apply_to(
+    model: &mut Model,
+    base: &Graph,
+    reply: &PatchReply,
+    mut method: AppliedMethod,
+) -> Result<()> {
+    let patch = &reply.patch;
+    let graph = &mut model.graph;
 
     let mut trainable = Vec::new();
     for parameter in &patch.parameters {
@@ -101,6 +112,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
     }
 
     let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut rewired: HashSet<String> = HashSet::new();
     for rewire in &patch.rewires {
         let is_output = graph.outputs.iter().any(|o| o.name == rewire.value);
         if is_output && rewire.only.is_empty() {
@@ -114,6 +126,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
                     && !rewire.keep.contains(&node.name);
                 for input in node.inputs.iter_mut().filter(|i| **i == rewire.value) {
                     *input = if moves {
+                        rewired.insert(node.name.clone());
                         rewire.replacement.clone()
                     } else {
                         fresh.clone()
@@ -140,6 +153,7 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
             if selected {
                 for input in node.inputs.iter_mut().filter(|i| **i == rewire.value) {
                     *input = rewire.replacement.clone();
+                    rewired.insert(node.name.clone());
                 }
             }
         }
@@ -153,18 +167,8 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
         ));
     }
     for name in &patch.mark_trainable {
-        let Some(tensor) = graph.initializer(name) else {
-            return Err(invalid(format!(
-                "cannot mark {name:?} trainable: no initializer has that name"
-            )));
-        };
-        if !tensor.dtype.is_float() {
-            return Err(invalid(format!(
-                "cannot mark {name:?} trainable: it is {}",
-                tensor.dtype
-            )));
-        }
-        if !graph.inputs.iter().any(|i| &i.name == name) {
+        let needs_input = !graph.inputs.iter().any(|i| &i.name == name);
+        if let Some(tensor) = graph.initializer(name).filter(|_| needs_input) {
             let dims: Vec<Dim> = tensor.dims.iter().map(|&d| Dim::Fixed(d)).collect();
             let dtype = tensor.dtype;
             graph.inputs.push(ValueInfo::tensor(name, dtype, &dims));
@@ -172,20 +176,13 @@ fn apply_to(model: &mut Model, reply: &PatchReply, mut method: AppliedMethod) ->
         trainable.push(name.clone());
     }
 
-    topological_sort(graph)?;
+    sort_patched(graph, base)?;
     drop_unread_rewired_initializers(graph, patch);
     forget_annotations_downstream_of(graph, &new_node_names);
     graph.validate()?;
-    check_new_node_types(model, &new_node_names)?;
+    check_operands(model, &new_node_names, &rewired)?;
 
     let mut record = crate::patch::read_record(model)?;
-    for existing in record.trainable() {
-        if trainable.iter().any(|t| t == existing) {
-            return Err(invalid(format!(
-                "{existing:?} is already trainable by an earlier method"
-            )));
-        }
-    }
     method.trainable = trainable;
     method.parameters = patch.parameters.iter().map(|p| p.name.clone()).collect();
     method.nodes = patch.nodes.iter().map(|n| n.name.clone()).collect();
@@ -284,11 +281,52 @@ pub(crate) fn attribute(name: &str, value: &AttributeValue) -> AttributeProto {
 }
 
 /// Reorders `graph.nodes` so that every node comes after the producers of its inputs, keeping
-/// the existing order wherever it is already valid. Fails, naming a node, if the wiring has a
-/// cycle or reads an undefined value.
+/// the existing order wherever it is already valid. Fails, naming a node on the cycle, if the
+/// wiring has one; an input nobody produces is left for [`Graph::validate`], which names it.
 pub fn topological_sort(graph: &mut Graph) -> Result<()> {
-    let mut available: HashSet<String> = graph.inputs.iter().map(|v| v.name.clone()).collect();
-    available.extend(graph.initializers.iter().map(|t| t.name.clone()));
+    let order = topological_order(graph).map_err(|on_cycle| {
+        let node = &graph.nodes[on_cycle];
+        invalid(format!(
+            "the graph has a cycle through node {:?} ({})",
+            node.name, node.op_type
+        ))
+    })?;
+    reorder(graph, order);
+    Ok(())
+}
+
+/// Sorts the patched graph, or says whose cycle stops it: the model's own when `base` (the graph
+/// before the patch) has one too, else the patch's.
+fn sort_patched(graph: &mut Graph, base: &Graph) -> Result<()> {
+    match topological_order(graph) {
+        Ok(order) => {
+            reorder(graph, order);
+            Ok(())
+        }
+        Err(on_cycle) => Err(match topological_order(base) {
+            Err(on_base_cycle) => {
+                let node = &base.nodes[on_base_cycle];
+                invalid(format!(
+                    "the model already has a cycle through node {:?} ({})",
+                    node.name, node.op_type
+                ))
+            }
+            Ok(_) => {
+                let node = &graph.nodes[on_cycle];
+                invalid(format!(
+                    "the patch creates a cycle through node {:?} ({})",
+                    node.name, node.op_type
+                ))
+            }
+        }),
+    }
+}
+
+/// The node indices in an order where every node comes after the producers of its inputs
+/// (stable where the existing order is valid), or the index of a node on a cycle.
+fn topological_order(graph: &Graph) -> std::result::Result<Vec<usize>, usize> {
+    let mut available: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    available.extend(graph.initializers.iter().map(|t| t.name.as_str()));
     let producer: HashMap<&str, usize> = graph
         .nodes
         .iter()
@@ -300,29 +338,31 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
                 .map(move |o| (o.as_str(), i))
         })
         .collect();
+    let producers_of = |node: &Node| -> Vec<usize> {
+        let mut producers: Vec<usize> = (node.inputs.iter())
+            .filter(|i| !i.is_empty() && !available.contains(i.as_str()))
+            .filter_map(|i| producer.get(i.as_str()).copied())
+            .collect();
+        producers.sort_unstable();
+        producers.dedup();
+        producers
+    };
     let n_nodes = graph.nodes.len();
     let mut waiting_on: Vec<usize> = vec![0; n_nodes];
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
     for (i, node) in graph.nodes.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for input in node.inputs.iter().filter(|i| !i.is_empty()) {
-            if available.contains(input.as_str()) {
-                continue;
-            }
-            // An input nobody produces is left for validate(), which names it.
-            if let Some(&p) = producer.get(input.as_str()) {
-                if seen.insert(p) {
-                    waiting_on[i] += 1;
-                    dependents[p].push(i);
-                }
-            }
+        for p in producers_of(node) {
+            waiting_on[i] += 1;
+            dependents[p].push(i);
         }
     }
     let mut ready: std::collections::BTreeSet<usize> =
         (0..n_nodes).filter(|&i| waiting_on[i] == 0).collect();
     let mut order = Vec::with_capacity(n_nodes);
+    let mut emitted = vec![false; n_nodes];
     while let Some(next) = ready.pop_first() {
         order.push(next);
+        emitted[next] = true;
         for &d in &dependents[next] {
             waiting_on[d] -= 1;
             if waiting_on[d] == 0 {
@@ -330,33 +370,60 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
             }
         }
     }
-    if order.len() != n_nodes {
-        let stuck = (0..n_nodes).find(|&i| waiting_on[i] > 0).unwrap_or(0);
-        let node = &graph.nodes[stuck];
-        return Err(invalid(format!(
-            "the patch creates a cycle through node {:?} ({})",
-            node.name, node.op_type
-        )));
+    let Some(stuck) = (0..n_nodes).find(|&i| !emitted[i]) else {
+        return Ok(order);
+    };
+    // A node left over waits on a producer that is left over too; walking from producer to
+    // producer must come back to a node already seen, and that node is on a cycle.
+    let mut seen = HashSet::new();
+    let mut current = stuck;
+    while seen.insert(current) {
+        let waited_on = producers_of(&graph.nodes[current])
+            .into_iter()
+            .find(|&p| !emitted[p]);
+        match waited_on {
+            Some(p) => current = p,
+            None => break,
+        }
     }
+    Err(current)
+}
+
+/// Puts `graph.nodes` in `order` (a permutation of their indices).
+fn reorder(graph: &mut Graph, order: Vec<usize>) {
     let mut nodes: Vec<Option<Node>> = std::mem::take(&mut graph.nodes)
         .into_iter()
         .map(Some)
         .collect();
     graph.nodes = order.into_iter().filter_map(|i| nodes[i].take()).collect();
-    Ok(())
 }
 
-/// Checks element types where a new node joins values that must agree (elementwise arithmetic,
-/// MatMul, Concat): a float32 branch added onto a float16 stream is a bug in the plugin.
-fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> {
-    let types = crate::analysis::shapes::infer_shapes(model)?;
-    let graph = &model.graph;
+/// Checks, on the patched model's inferred types and shapes, every node the patch added or
+/// rewired: where it joins values that must agree (elementwise arithmetic, MatMul, Gemm,
+/// Concat) their element types must be equal, and no node may have input shapes its op cannot
+/// combine ([`crate::analysis::ShapeMap::conflicts`]). A float32 branch added onto a float16
+/// stream, or a LoRA factor of the wrong width, is a bug in the plugin.
+fn check_operands(
+    model: &Model,
+    new_nodes: &HashSet<&str>,
+    rewired: &HashSet<String>,
+) -> Result<()> {
+    let shapes = crate::analysis::shapes::infer_shapes(model)?;
+    let role = |node: &str| {
+        if new_nodes.contains(node) {
+            Some("new")
+        } else if rewired.contains(node) {
+            Some("rewired")
+        } else {
+            None
+        }
+    };
     const SAME_TYPE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "MatMul", "Concat", "Gemm"];
-    for node in graph
-        .nodes
-        .iter()
-        .filter(|n| new_nodes.contains(n.name.as_str()))
-    {
+    let mut problems = Vec::new();
+    for node in &model.graph.nodes {
+        let Some(role) = role(&node.name) else {
+            continue;
+        };
         if !SAME_TYPE_OPS.contains(&node.op_type.as_str()) {
             continue;
         }
@@ -364,13 +431,13 @@ fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> 
             .inputs
             .iter()
             .filter(|i| !i.is_empty())
-            .filter_map(|i| types.dtype(i).map(|d| (i.as_str(), d)))
+            .filter_map(|i| shapes.dtype(i).map(|d| (i.as_str(), d)))
             .collect();
         let mut distinct: Vec<_> = dtypes.values().collect();
         distinct.dedup();
         if distinct.len() > 1 {
-            return Err(invalid(format!(
-                "new node {:?} ({}) mixes element types: {}",
+            problems.push(format!(
+                "{role} node {:?} ({}) mixes element types: {}",
                 node.name,
                 node.op_type,
                 dtypes
@@ -378,10 +445,15 @@ fn check_new_node_types(model: &Model, new_nodes: &HashSet<&str>) -> Result<()> 
                     .map(|(v, d)| format!("{v:?} is {d}"))
                     .collect::<Vec<_>>()
                     .join(", ")
-            )));
+            ));
         }
     }
-    Ok(())
+    for conflict in shapes.conflicts() {
+        if let Some(role) = role(&conflict.node) {
+            problems.push(format!("{role} {conflict}"));
+        }
+    }
+    refuse_if_any(problems)
 }
 
 /// Removes initializers that a rewire replaced and nothing reads any more (a weight replaced by a

@@ -11,7 +11,7 @@ pub use view::graph_view;
 use graft_plugin_sdk::{MethodConfig, PatchReply, TensorSource};
 
 use crate::ir::Model;
-use crate::patch::{apply_patch, AppliedMethod};
+use crate::patch::{apply_patch_with_view, AppliedMethod};
 use crate::{Error, Result};
 
 /// Lends the model's initializer bytes to a plugin (mapped external data included; no copies).
@@ -57,7 +57,7 @@ pub fn apply_method(
         config: effective_config(description, config),
         ..AppliedMethod::default()
     };
-    apply_patch(model, &reply, applied).map_err(|e| Error::Plugin {
+    apply_patch_with_view(model, &view, &reply, applied).map_err(|e| Error::Plugin {
         plugin: plugin.display_name(),
         reason: format!("method {method} returned a patch graft cannot apply: {e}"),
     })?;

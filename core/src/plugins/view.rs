@@ -8,7 +8,8 @@ use crate::ir::{Dim, Model};
 use crate::Result;
 
 /// Describes `model` for a plugin: the structure `graft inspect` reports, every initializer's
-/// type and shape, and every value's inferred type and shape.
+/// type and shape, every value's inferred type and shape, every node's name, and the record of
+/// earlier methods.
 pub fn graph_view(model: &Model) -> Result<GraphView> {
     let (structure, shapes) = detect_with_shapes(model)?;
     let tensors = model
@@ -43,6 +44,10 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
         heads: structure.heads,
         tensors,
         values,
+        node_names: (model.graph.nodes.iter())
+            .filter(|n| !n.name.is_empty())
+            .map(|n| n.name.clone())
+            .collect(),
         inputs: model.graph.inputs.iter().map(|v| v.name.clone()).collect(),
         outputs: model.graph.outputs.iter().map(|v| v.name.clone()).collect(),
         record: crate::patch::read_record(model)?,

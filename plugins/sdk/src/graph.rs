@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 /// What the core found in a model: its transformer stacks with the sites a method may adapt,
-/// its embeddings and heads, and the type and shape of every initializer and of every value
-/// whose type is known. Plugins read it; they never see the ONNX protobuf.
+/// its embeddings and heads, every initializer and value with its type and shape where known,
+/// and every node's name. Plugins read it; they never see the ONNX protobuf.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GraphView {
     /// The model's default-domain opset version.
@@ -27,9 +27,13 @@ pub struct GraphView {
     /// Every initializer: name, element type, shape.
     #[serde(default)]
     pub tensors: Vec<TensorInfo>,
-    /// Every value (graph input, node output, graph output) whose type is known.
+    /// Every initializer, node output and tensor-typed graph input, with its element type and
+    /// shape where known.
     #[serde(default)]
     pub values: Vec<ValueInfo>,
+    /// The name of every node, in graph order (unnamed nodes left out).
+    #[serde(default)]
+    pub node_names: Vec<String>,
     /// The graph input names, in order, initializers excluded.
     #[serde(default)]
     pub inputs: Vec<String>,
@@ -386,12 +390,13 @@ impl GraphView {
             .or_else(|| self.tensor(name).map(|t| t.dtype))
     }
 
-    /// Every name the view mentions: initializers, values, graph inputs and outputs, and the
-    /// nodes, weights, biases and values named by sites, embeddings and heads.
+    /// Every name the view mentions: initializers, values, node names, graph inputs and
+    /// outputs, and the nodes, weights, biases and values named by sites, embeddings and heads.
     pub fn known_names(&self) -> BTreeSet<&str> {
         let mut names: BTreeSet<&str> = BTreeSet::new();
         names.extend(self.tensors.iter().map(|t| t.name.as_str()));
         names.extend(self.values.iter().map(|v| v.name.as_str()));
+        names.extend(self.node_names.iter().map(String::as_str));
         names.extend(self.inputs.iter().map(String::as_str));
         names.extend(self.outputs.iter().map(String::as_str));
         for s in self.sites() {

@@ -161,8 +161,10 @@
 //! method prefix and the site label and checks them. Helpers compose in call order (a value
 //! rewired by one helper is what the next reads), only standard ONNX ops are emitted, and
 //! every random [`Init`] carries a seed so patches are reproducible. Record a [`Fold`] for
-//! every branch that can be folded into base weights; [`Patch::check`] verifies the names a
-//! patch uses, which makes it a good assertion in plugin tests.
+//! every branch that can be folded into base weights. [`Patch::check`] verifies the names a
+//! patch uses and the tensors it makes trainable; the host runs the same check on every patch
+//! before applying it (then checks element types, shapes and cycles on the patched graph), so
+//! it is also a good assertion in plugin tests.
 
 #![warn(missing_docs)]
 

@@ -453,11 +453,13 @@ impl Patch {
     }
 
     /// Checks the patch's names against `graph` and itself, returning every problem found:
-    /// new names (parameters, nodes, node outputs, graph inputs) are unique and unknown to the
-    /// view; every node input, rewire end, graph output and fold reference names something
-    /// the view knows ([`GraphView::known_names`]) or the patch creates; `mark_trainable` and
-    /// fold weights name initializers; fold `a`, `b`, `vector` name new parameters and
-    /// `branch_nodes` name new nodes. It does not check types, shapes, op semantics or cycles.
+    /// new names (parameters, nodes, node outputs, graph inputs, host inputs) are unique and
+    /// unknown to the view; every node input, rewire end, graph output and fold reference names
+    /// something the view knows ([`GraphView::known_names`]) or the patch creates;
+    /// `mark_trainable` and fold weights name initializers; fold `a`, `b`, `vector` name new
+    /// parameters and `branch_nodes` name new nodes; tensors made trainable are floating point,
+    /// named once, and not already trainable by an earlier method (`graph.record`). It does
+    /// not check shapes, op semantics or cycles: the core checks those on the patched graph.
     pub fn check(&self, graph: &GraphView) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
         let known = graph.known_names();
@@ -494,8 +496,22 @@ impl Patch {
         }
         let params: BTreeSet<&str> = self.parameters.iter().map(|p| p.name.as_str()).collect();
         let node_names: BTreeSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        let base_values: BTreeSet<&str> = (graph.tensors.iter().map(|t| t.name.as_str()))
+            .chain(graph.values.iter().map(|v| v.name.as_str()))
+            .chain(
+                graph
+                    .inputs
+                    .iter()
+                    .chain(&graph.outputs)
+                    .map(String::as_str),
+            )
+            .collect();
+        let base_nodes: BTreeSet<&str> = graph.node_names.iter().map(String::as_str).collect();
+        // Node names and value names are separate namespaces in ONNX: a name only a node has
+        // is not a value to read.
         let exists = |name: &str| {
-            known.contains(name) || (created.contains(name) && !node_names.contains(name))
+            (known.contains(name) && (base_values.contains(name) || !base_nodes.contains(name)))
+                || (created.contains(name) && !node_names.contains(name))
         };
         for n in &self.nodes {
             if n.op_type.is_empty() {
@@ -522,10 +538,36 @@ impl Patch {
                 problems.push(format!("graph output \"{}\" is not produced", v.name));
             }
         }
+        let earlier: BTreeSet<&str> = graph.record.trainable().collect();
+        let mut marked: BTreeSet<&str> = BTreeSet::new();
         for t in &self.mark_trainable {
-            if graph.tensor(t).is_none() {
-                problems.push(format!("mark_trainable names unknown initializer \"{t}\""));
+            match graph.tensor(t) {
+                None => problems.push(format!("mark_trainable names unknown initializer \"{t}\"")),
+                Some(tensor) if !tensor.dtype.is_float() => problems.push(format!(
+                    "mark_trainable names \"{t}\", which is {}, not floating point",
+                    tensor.dtype
+                )),
+                Some(_) => {}
             }
+            if !marked.insert(t) {
+                problems.push(format!("mark_trainable names \"{t}\" twice"));
+            }
+        }
+        for p in self.parameters.iter().filter(|p| p.trainable) {
+            if !p.dtype.is_float() {
+                problems.push(format!(
+                    "trainable parameter \"{}\" is {}, not floating point",
+                    p.name, p.dtype
+                ));
+            }
+        }
+        let trainable = (self.parameters.iter())
+            .filter(|p| p.trainable)
+            .map(|p| p.name.as_str())
+            .chain(self.mark_trainable.iter().map(String::as_str));
+        let mut reported = BTreeSet::new();
+        for t in trainable.filter(|t| earlier.contains(t) && reported.insert(*t)) {
+            problems.push(format!("\"{t}\" is already trainable by an earlier method"));
         }
         for f in &self.folds {
             if let Fold::InPlace { tensor } = f {

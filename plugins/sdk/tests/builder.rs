@@ -578,6 +578,53 @@ fn mark_trainable_records_an_in_place_fold_once() {
 }
 
 #[test]
+fn check_reports_every_problem_with_names_and_trainability() {
+    let mut g = view(DType::Float);
+    g.tensors.push(graft_plugin_sdk::TensorInfo {
+        name: "position_ids".into(),
+        dtype: DType::Int64,
+        shape: vec![1, 16],
+    });
+    g.record.methods.push(graft_plugin_sdk::AppliedMethod {
+        method: "bitfit".into(),
+        trainable: vec!["l0.q.bias".into()],
+        ..Default::default()
+    });
+    let node = |name: &str, input: &str, output: &str| graft_plugin_sdk::NewNode {
+        name: name.into(),
+        op_type: "Identity".into(),
+        domain: String::new(),
+        inputs: vec![input.into()],
+        outputs: vec![output.into()],
+        attributes: Default::default(),
+    };
+    let patch = Patch {
+        nodes: vec![
+            // A base node's name is taken, and is not a value to read.
+            node("l0.q.MatMul", "embeddings", "fresh"),
+            node("reads_a_node", "l1.k.MatMul", "fresh_2"),
+        ],
+        mark_trainable: vec![
+            "position_ids".into(),
+            "l0.q.bias".into(),
+            "l0.q.bias".into(),
+        ],
+        ..Patch::default()
+    };
+    let problems = patch.check(&g).unwrap_err();
+    assert_eq!(
+        problems,
+        [
+            "node \"l0.q.MatMul\" already exists in the graph",
+            "node \"reads_a_node\" reads unknown value \"l1.k.MatMul\"",
+            "mark_trainable names \"position_ids\", which is int64, not floating point",
+            "mark_trainable names \"l0.q.bias\" twice",
+            "\"l0.q.bias\" is already trainable by an earlier method",
+        ]
+    );
+}
+
+#[test]
 fn helpers_reject_what_they_cannot_build() {
     let g = view(DType::Float);
     let norm = site_of(&g, 0, SiteKind::Norm);

@@ -1,7 +1,7 @@
 //! Shape rules of elementwise ops: unary maps, broadcasting arithmetic and comparisons, `Where`,
 //! `Cast`, variadic `Max`/`Min`/`Sum`/`Mean`; integer arithmetic on small tensors is folded.
 
-use super::symbolic::{self, broadcast_shapes};
+use super::symbolic::{self, broadcast_conflict, broadcast_shapes};
 use super::{Fact, OpContext, Rule, RuleTable};
 use crate::ir::{DataType, Dim};
 
@@ -136,8 +136,11 @@ fn is_special(context: &OpContext) -> Vec<Fact> {
     )]
 }
 
-/// The broadcast shape of every present input, when all their shapes are known.
+/// The broadcast shape of every present input, when all their shapes are known. Two inputs whose
+/// fixed sizes cannot broadcast are reported as a conflict.
 fn broadcast_inputs(context: &OpContext, slots: impl Iterator<Item = usize>) -> Option<Vec<Dim>> {
+    let slots: Vec<usize> = slots.collect();
+    report_broadcast_conflict(context, &slots);
     let mut shape: Option<Vec<Dim>> = None;
     for slot in slots {
         let input = context.shape(slot)?;
@@ -147,6 +150,22 @@ fn broadcast_inputs(context: &OpContext, slots: impl Iterator<Item = usize>) -> 
         });
     }
     shape
+}
+
+/// Reports the first pair of `slots` whose known shapes cannot broadcast.
+fn report_broadcast_conflict(context: &OpContext, slots: &[usize]) {
+    for (i, &right) in slots.iter().enumerate() {
+        for &left in &slots[..i] {
+            let (Some(a), Some(b)) = (context.shape(left), context.shape(right)) else {
+                continue;
+            };
+            if let Some((axis, x, y)) = broadcast_conflict(a, b) {
+                let reason = format!("sizes {x} and {y} at axis {axis} cannot broadcast");
+                context.report_conflict(left, right, reason);
+                return;
+            }
+        }
+    }
 }
 
 /// Folds a binary elementwise op over two small tensors whose shapes are equal or where one side

@@ -1,7 +1,7 @@
 //! Shape rules of linear-algebra and normalization ops: `MatMul`, `Gemm`, `Conv`,
 //! `LayerNormalization`, `RMSNormalization`.
 
-use super::symbolic::broadcast_shapes;
+use super::symbolic::{broadcast_conflict, broadcast_shapes};
 use super::{normalize_axis, Fact, OpContext, RuleTable};
 use crate::ir::Dim;
 
@@ -33,17 +33,67 @@ pub(super) fn matmul_shape(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     }
 }
 
+/// Why `MatMul(a, b)` cannot be computed, when fixed sizes show it: the inner dimensions differ
+/// or the batch dimensions cannot broadcast.
+fn matmul_conflict(a: &[Dim], b: &[Dim]) -> Option<String> {
+    let (rank_a, rank_b) = (a.len(), b.len());
+    if rank_a == 0 || rank_b == 0 {
+        return None;
+    }
+    let inner_b = &b[rank_b.saturating_sub(2)];
+    if let Some(reason) = inner_conflict(&a[rank_a - 1], inner_b) {
+        return Some(reason);
+    }
+    if rank_a < 2 || rank_b < 2 {
+        return None;
+    }
+    let (x, y) = (&a[..rank_a - 2], &b[..rank_b - 2]);
+    broadcast_conflict(x, y).map(|(axis, x, y)| {
+        format!(
+            "batch sizes {x} and {y} at axis {} cannot broadcast",
+            axis - 2
+        )
+    })
+}
+
+/// Why two inner (contracted) dimensions cannot meet: both fixed and different.
+fn inner_conflict(a: &Dim, b: &Dim) -> Option<String> {
+    match (a, b) {
+        (Dim::Fixed(x), Dim::Fixed(y)) if x != y => {
+            Some(format!("inner dimensions {x} and {y} differ"))
+        }
+        _ => None,
+    }
+}
+
 fn matmul(context: &OpContext) -> Vec<Fact> {
     let dtype = context.dtype(0).or_else(|| context.dtype(1));
-    let shape = context
-        .shape(0)
-        .zip(context.shape(1))
-        .and_then(|(a, b)| matmul_shape(a, b));
+    let (a, b) = (context.shape(0), context.shape(1));
+    if let Some(reason) = a.zip(b).and_then(|(a, b)| matmul_conflict(a, b)) {
+        context.report_conflict(0, 1, reason);
+    }
+    let shape = a.zip(b).and_then(|(a, b)| matmul_shape(a, b));
     vec![Fact::new(dtype, shape)]
 }
 
 fn gemm(context: &OpContext) -> Vec<Fact> {
     let dtype = context.dtype(0).or_else(|| context.dtype(1));
+    let (trans_a, trans_b) = (
+        context.node.attr_int("transA", 0),
+        context.node.attr_int("transB", 0),
+    );
+    let inner_a = match (context.shape(0), trans_a) {
+        (Some([_, k]), 0) | (Some([k, _]), _) => Some(k),
+        _ => None,
+    };
+    let inner_b = match (context.shape(1), trans_b) {
+        (Some([k, _]), 0) | (Some([_, k]), _) => Some(k),
+        _ => None,
+    };
+    if let Some(reason) = inner_a.zip(inner_b).and_then(|(a, b)| inner_conflict(a, b)) {
+        let reason = format!("{reason} (transA = {trans_a}, transB = {trans_b})");
+        context.report_conflict(0, 1, reason);
+    }
     let rows = match (context.shape(0), context.node.attr_int("transA", 0)) {
         (Some([m, _]), 0) | (Some([_, m]), _) => m.clone(),
         _ => Dim::Unknown,

@@ -17,6 +17,7 @@ pub mod symbolic;
 
 pub(crate) use reduce::reduce_axes_are_input;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -97,10 +98,46 @@ pub(crate) fn integer_elements(dtype: DataType, bytes: Option<&[u8]>) -> Option<
     Some(values.into_iter().map(Dim::Fixed).collect())
 }
 
-/// The inferred facts of a graph's values, by value name.
+/// Two inputs of a node whose shapes its op cannot combine: fixed sizes that differ where they
+/// must agree (a `MatMul`'s inner dimension, a broadcast axis, a `Concat`'s other axes). Symbolic
+/// and unknown sizes never conflict: only the run time knows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeConflict {
+    /// The node's name.
+    pub node: String,
+    /// Its op type.
+    pub op_type: String,
+    /// The two inputs that do not fit, in input order: value name and shape.
+    pub inputs: [(String, Vec<Dim>); 2],
+    /// Why they do not fit, e.g. "inner dimensions 32 and 16 differ".
+    pub reason: String,
+}
+
+impl std::fmt::Display for ShapeConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shape = |dims: &[Dim]| {
+            let dims: Vec<String> = dims.iter().map(Dim::to_string).collect();
+            format!("[{}]", dims.join(", "))
+        };
+        let [(left, left_shape), (right, right_shape)] = &self.inputs;
+        write!(
+            f,
+            "node {:?} ({}) cannot combine {left:?} {} with {right:?} {}: {}",
+            self.node,
+            self.op_type,
+            shape(left_shape),
+            shape(right_shape),
+            self.reason
+        )
+    }
+}
+
+/// The inferred facts of a graph's values, by value name, and the shape conflicts found on the
+/// way.
 #[derive(Clone, Debug, Default)]
 pub struct ShapeMap {
     facts: HashMap<String, Fact>,
+    conflicts: Vec<ShapeConflict>,
 }
 
 impl ShapeMap {
@@ -153,6 +190,12 @@ impl ShapeMap {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Fact)> {
         self.facts.iter().map(|(name, fact)| (name.as_str(), fact))
     }
+
+    /// The nodes whose input shapes their op cannot combine, in node order (at most one
+    /// conflict per node).
+    pub fn conflicts(&self) -> &[ShapeConflict] {
+        &self.conflicts
+    }
 }
 
 /// Infers the type and shape of every value in `model`'s main graph, in node order.
@@ -160,7 +203,8 @@ impl ShapeMap {
 /// Graph inputs and initializers seed the map; each node's outputs come from its op's rule.
 /// Where a rule leaves an output's type, shape or a dimension unknown, the graph's own
 /// `value_info` for that output (if any) fills the gap. Unknown ops and ops of other domains
-/// never cause an error.
+/// never cause an error, and neither do input shapes an op cannot combine: the rule still
+/// infers what it can, and the map lists the node among its [`ShapeMap::conflicts`].
 pub fn infer_shapes(model: &Model) -> Result<ShapeMap> {
     let graph = &model.graph;
     let opset = model.opset();
@@ -186,6 +230,7 @@ pub fn infer_shapes(model: &Model) -> Result<ShapeMap> {
         .filter_map(|info| Some((info.name.as_str(), info.value_type()?)))
         .collect();
     let table = rules();
+    let mut conflicts = Vec::new();
     for node in &graph.nodes {
         let inputs: Vec<Option<&Fact>> = node
             .inputs
@@ -201,11 +246,17 @@ pub fn infer_shapes(model: &Model) -> Result<ShapeMap> {
                 .all(|(name, fact)| name.is_empty() || fact.is_some_and(|f| f.constant));
         let default_domain = node.domain.is_empty() || node.domain == "ai.onnx";
         let outputs = match table.get(node.op_type.as_str()) {
-            Some(rule) if default_domain => rule(&OpContext {
-                node,
-                opset,
-                inputs,
-            }),
+            Some(rule) if default_domain => {
+                let context = OpContext {
+                    node,
+                    opset,
+                    inputs,
+                    conflict: RefCell::new(None),
+                };
+                let outputs = rule(&context);
+                conflicts.extend(context.conflict());
+                outputs
+            }
             _ => Vec::new(),
         };
         for (slot, name) in node.outputs.iter().enumerate() {
@@ -242,7 +293,7 @@ pub fn infer_shapes(model: &Model) -> Result<ShapeMap> {
             facts.insert(name.clone(), fact);
         }
     }
-    Ok(ShapeMap { facts })
+    Ok(ShapeMap { facts, conflicts })
 }
 
 fn is_random(op_type: &str) -> bool {
@@ -269,14 +320,42 @@ fn rules() -> &'static RuleTable {
     })
 }
 
-/// What a rule sees: the node, the model's opset, and the facts of its inputs.
+/// What a rule sees: the node, the model's opset, and the facts of its inputs; and where the
+/// rule reports inputs that cannot be combined.
 pub(super) struct OpContext<'a> {
     pub node: &'a Node,
     pub opset: i64,
     inputs: Vec<Option<&'a Fact>>,
+    conflict: RefCell<Option<(usize, usize, String)>>,
 }
 
 impl<'a> OpContext<'a> {
+    /// Reports that the shapes of inputs `left` and `right` (both known) cannot be combined,
+    /// and why. The first report of a node is kept.
+    pub fn report_conflict(&self, left: usize, right: usize, reason: String) {
+        self.conflict
+            .borrow_mut()
+            .get_or_insert((left, right, reason));
+    }
+
+    /// The conflict the rule reported, with the names and shapes of the two inputs.
+    fn conflict(&self) -> Option<ShapeConflict> {
+        let (left, right, reason) = self.conflict.borrow_mut().take()?;
+        let input = |slot: usize| {
+            let name = self.node.input(slot).unwrap_or_default().to_owned();
+            (
+                name,
+                self.shape(slot).map(<[Dim]>::to_vec).unwrap_or_default(),
+            )
+        };
+        Some(ShapeConflict {
+            node: self.node.name.clone(),
+            op_type: self.node.op_type.clone(),
+            inputs: [input(left), input(right)],
+            reason,
+        })
+    }
+
     /// The fact of input `slot`; `None` when omitted or unknown.
     pub fn fact(&self, slot: usize) -> Option<&'a Fact> {
         self.inputs.get(slot).copied().flatten()

@@ -109,9 +109,42 @@ fn transpose(context: &OpContext) -> Vec<Fact> {
     facts
 }
 
+/// Reports the first two inputs of a `Concat` whose known shapes cannot be joined: ranks that
+/// differ, or fixed sizes that differ on an axis other than the concatenation axis.
+fn report_concat_conflict(context: &OpContext) {
+    let shapes: Vec<(usize, &[Dim])> = (0..context.node.inputs.len())
+        .filter_map(|slot| Some((slot, context.shape(slot)?)))
+        .collect();
+    for (i, &(right, b)) in shapes.iter().enumerate() {
+        for &(left, a) in &shapes[..i] {
+            if a.len() != b.len() {
+                let reason = format!("ranks {} and {} differ", a.len(), b.len());
+                return context.report_conflict(left, right, reason);
+            }
+            let Some(axis) = normalize_axis(context.node.attr_int("axis", 0), a.len()) else {
+                return;
+            };
+            let differing =
+                (0..a.len())
+                    .filter(|&d| d != axis)
+                    .find_map(|d| match (&a[d], &b[d]) {
+                        (Dim::Fixed(x), Dim::Fixed(y)) if x != y => Some((d, x, y)),
+                        _ => None,
+                    });
+            if let Some((d, x, y)) = differing {
+                let reason = format!(
+                    "sizes {x} and {y} differ at axis {d} (the concatenation axis is {axis})"
+                );
+                return context.report_conflict(left, right, reason);
+            }
+        }
+    }
+}
+
 fn concat(context: &OpContext) -> Vec<Fact> {
     let n_inputs = context.node.inputs.len();
     let dtype = (0..n_inputs).find_map(|slot| context.dtype(slot));
+    report_concat_conflict(context);
     let shapes: Option<Vec<&[Dim]>> = (0..n_inputs).map(|slot| context.shape(slot)).collect();
     let shape: Option<Vec<Dim>> = shapes.and_then(|shapes| {
         let rank = shapes.first()?.len();

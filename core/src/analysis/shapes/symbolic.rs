@@ -160,6 +160,21 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Vec<Dim> {
         .collect()
 }
 
+/// The first axis where `a` and `b` cannot broadcast: two fixed sizes, neither 1, that differ.
+/// Returns the axis counted from the right (`-1` is the last) and the two sizes; symbolic and
+/// unknown sizes always fit, since only the run time knows them.
+pub fn broadcast_conflict(a: &[Dim], b: &[Dim]) -> Option<(i64, i64, i64)> {
+    let shared = a.len().min(b.len());
+    (1..=shared).find_map(
+        |from_right| match (&a[a.len() - from_right], &b[b.len() - from_right]) {
+            (Dim::Fixed(x), Dim::Fixed(y)) if x != y && *x != 1 && *y != 1 => {
+                Some((-(from_right as i64), *x, *y))
+            }
+            _ => None,
+        },
+    )
+}
+
 fn sum_terms(dim: &Dim) -> Vec<String> {
     match dim {
         Dim::Fixed(n) => vec![n.to_string()],
@@ -415,6 +430,27 @@ mod tests {
         );
         assert_eq!(broadcast_dim(&Dim::Fixed(1), &Dim::Unknown), Dim::Unknown);
         assert_eq!(broadcast_dim(&Dim::Fixed(4), &Dim::Unknown), Dim::Fixed(4));
+    }
+
+    #[test]
+    fn only_differing_fixed_sizes_conflict() {
+        let fixed = |dims: &[i64]| dims.iter().map(|&d| Dim::Fixed(d)).collect::<Vec<_>>();
+        assert_eq!(
+            broadcast_conflict(&fixed(&[2, 3, 4]), &fixed(&[5, 4])),
+            Some((-2, 3, 5))
+        );
+        assert_eq!(
+            broadcast_conflict(&fixed(&[2, 1, 4]), &fixed(&[7, 4])),
+            None
+        );
+        assert_eq!(
+            broadcast_conflict(
+                &[symbol("batch"), Dim::Fixed(8)],
+                &[symbol("sequence"), Dim::Unknown]
+            ),
+            None
+        );
+        assert_eq!(broadcast_conflict(&[symbol("n")], &fixed(&[3])), None);
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub fn view(dtype: DType) -> GraphView {
         }
         stack.layers.push(Layer { index: l, sites });
     }
+    let node_names = stack
+        .layers
+        .iter()
+        .flat_map(|layer| layer.sites.iter().map(|s| s.node.clone()))
+        .chain(["tok.Gather".to_string()])
+        .collect();
     GraphView {
         opset: 17,
         producer: "test".into(),
@@ -172,6 +178,7 @@ pub fn view(dtype: DType) -> GraphView {
         heads: vec![],
         tensors,
         values,
+        node_names,
         inputs: vec!["input_ids".into(), "attention_mask".into()],
         outputs: vec!["l1.norm.out".into()],
         record: Default::default(),
