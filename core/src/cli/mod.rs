@@ -28,7 +28,7 @@ pub struct Cli {
 enum Command {
     Inspect(inspect::Args),
     Apply(apply::Args),
-    Train(train::Args),
+    Train(Box<train::Args>),
     Merge(merge::Args),
     Export(export::Args),
     Plugins(plugins::Args),
@@ -41,7 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Apply(args) => apply::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Merge(args) => merge::run(args),
         Command::Export(args) => export::run(args),
         Command::Plugins(args) => plugins::run(args),

@@ -66,6 +66,9 @@ pub struct Participation {
 /// What a step hook pass reports for `metrics.jsonl`.
 pub type HookMetrics = BTreeMap<String, f64>;
 
+/// Named float32 tensors with their shapes, as a checkpoint stores them.
+pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 impl Participation {
     /// Collects the host inputs and step hooks that `record`'s `trained` methods declared
     /// (host inputs of every method are fed; only trained methods' hooks run), with their
@@ -300,7 +303,7 @@ impl Participation {
 
     /// The state to checkpoint: JSON (hook states and shapes) and the tensors (hook state
     /// tensors and the current value inputs), which the checkpoint stores bit for bit.
-    pub fn snapshot(&self) -> (serde_json::Value, Vec<(String, Vec<usize>, Vec<f32>)>) {
+    pub fn snapshot(&self) -> (serde_json::Value, NamedTensors) {
         let mut tensors = Vec::new();
         for (index, hook) in self.hooks.iter().enumerate() {
             for (key, array) in &hook.tensors {

@@ -135,7 +135,7 @@ impl Schedule {
             let remaining = 1.0 - (step - self.tinit) as f64 / span;
             let budget =
                 (init_budget - target_budget) as f64 * remaining.powi(3) + target_budget as f64;
-            (budget as usize, step % self.delta_t == 0)
+            (budget as usize, step.is_multiple_of(self.delta_t))
         }
     }
 }
