@@ -6,7 +6,9 @@ use std::path::Path;
 
 use graft_plugin_sdk::{AppliedMethod, PeftFiles};
 
-use super::{transpose, write_files, KEY_PREFIX};
+use super::export::write_files;
+use super::keys::KEY_PREFIX;
+use super::transpose;
 use crate::ir::Model;
 use crate::{Error, Result};
 

@@ -1,0 +1,150 @@
+//! The keys of a PEFT tensor file and what they name: LoRA factors, full base-model tensors and
+//! PEFT's frozen copies, read from `adapter_model.safetensors` into [`PeftTensor`]s.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// The adapter folder's tensor file.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The prefix of every key in a PEFT tensor file.
+pub(super) const KEY_PREFIX: &str = "base_model.model.";
+
+/// What a tensor of a PEFT file is.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum TensorRole {
+    /// `lora_A.weight`, [r, in].
+    LoraA,
+    /// `lora_B.weight`, [out, r].
+    LoraB,
+    /// A full base-model tensor (`modules_to_save`, or a bias trained with `bias="all"`):
+    /// the module's parameter `param` (`weight`, `bias`).
+    Full { param: String },
+    /// A frozen copy PEFT keeps beside a `modules_to_save` module (`original_module`).
+    OriginalCopy,
+}
+
+/// One tensor of a PEFT file, keyed by the module it belongs to.
+pub(super) struct PeftTensor {
+    pub(super) key: String,
+    pub(super) module: String,
+    pub(super) role: TensorRole,
+    pub(super) shape: Vec<usize>,
+    pub(super) values: Vec<f32>,
+}
+
+/// Reads every tensor of a PEFT `adapter_model.safetensors`, sorting its keys into LoRA
+/// factors and full tensors. Fails naming the key for anything else.
+pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
+    let mut entries = tensors.tensors();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut parsed = Vec::with_capacity(entries.len());
+    for (key, view) in entries {
+        let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
+            return Err(fail(format!(
+                "key {key:?} is not a PEFT key ({KEY_PREFIX}…)"
+            )));
+        };
+        let (module, role) = if let Some((module, role)) = lora_factor(rest) {
+            (module, role)
+        } else if let Some(part) = rest.split('.').find(|part| part.starts_with("lora_")) {
+            return Err(fail(format!(
+                "key {key:?} is a LoRA tensor of kind {part:?}; only lora_A/lora_B weights of linear modules are supported (no embedding LoRA, DoRA magnitudes or LoRA biases)"
+            )));
+        } else {
+            let Some((module, param)) = rest.rsplit_once('.') else {
+                return Err(fail(format!(
+                    "key {key:?} names no module parameter (<module>.<weight|bias>)"
+                )));
+            };
+            if let Some(index) = module.find(".original_module") {
+                (&module[..index], TensorRole::OriginalCopy)
+            } else {
+                let module = module
+                    .find(".modules_to_save")
+                    .map_or(module, |index| &module[..index]);
+                let param = param.to_owned();
+                (module, TensorRole::Full { param })
+            }
+        };
+        let dtype = graft_plugin_sdk::DType::from_safetensors(view.dtype())
+            .ok_or_else(|| fail(format!("{key:?} has unsupported type {:?}", view.dtype())))?;
+        let values = graft_plugin_sdk::bytes_to_f32(dtype, view.data())
+            .ok_or_else(|| fail(format!("{key:?} is not a float tensor")))?;
+        parsed.push(PeftTensor {
+            module: module.to_owned(),
+            role,
+            shape: view.shape().to_vec(),
+            values,
+            key,
+        });
+    }
+    Ok(parsed)
+}
+
+/// Splits `<module>.lora_A.weight` (or `<module>.lora_A.<adapter>.weight`, as in a PEFT model's
+/// raw state dict) into the module and the factor; likewise for `lora_B`.
+fn lora_factor(key: &str) -> Option<(&str, TensorRole)> {
+    let head = key.strip_suffix(".weight")?;
+    [
+        (".lora_A", TensorRole::LoraA),
+        (".lora_B", TensorRole::LoraB),
+    ]
+    .into_iter()
+    .find_map(|(marker, role)| {
+        let index = head.rfind(marker)?;
+        let adapter = &head[index + marker.len()..];
+        let plain = adapter.is_empty()
+            || adapter
+                .strip_prefix('.')
+                .is_some_and(|name| !name.is_empty() && !name.contains('.'));
+        plain.then(|| (&head[..index], role))
+    })
+}
+
+/// The PEFT tensor file of an adapter folder, or the file itself.
+pub(super) fn weights_file(path: &Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.join(WEIGHTS_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// GPT-2-style `Conv1D` modules store weights as [in, out]; PEFT needs `fan_in_fan_out` for them.
+pub(super) fn is_conv1d_module(module: &str) -> bool {
+    [".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj"]
+        .iter()
+        .any(|suffix| module.ends_with(suffix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_keys_may_carry_an_adapter_name() {
+        let module = "model.layers.0.self_attn.q_proj";
+        for (key, role) in [
+            (
+                "model.layers.0.self_attn.q_proj.lora_A.weight",
+                TensorRole::LoraA,
+            ),
+            (
+                "model.layers.0.self_attn.q_proj.lora_B.default.weight",
+                TensorRole::LoraB,
+            ),
+        ] {
+            assert_eq!(lora_factor(key), Some((module, role)));
+        }
+        assert_eq!(lora_factor("model.layers.0.mlp.lora_B.bias"), None);
+        assert_eq!(
+            lora_factor("model.embed_tokens.lora_embedding_A.weight"),
+            None
+        );
+    }
+}
