@@ -456,7 +456,8 @@ impl Patch {
     /// new names (parameters, nodes, node outputs, graph inputs, host inputs) are unique and
     /// unknown to the view; every node input, rewire end, graph output and fold reference names
     /// something the view knows ([`GraphView::known_names`]) or the patch creates;
-    /// `mark_trainable` and fold weights name initializers; fold `a`, `b`, `vector` name new
+    /// `mark_trainable` names initializers, fold weights initializers or new parameters (a fold
+    /// may update a parameter of the same patch, as `examples/plugin-rust` does); fold `a`, `b`, `vector` name new
     /// parameters and `branch_nodes` name new nodes; tensors made trainable are floating point,
     /// named once, and not already trainable by an earlier method (`graph.record`). It does
     /// not check shapes, op semantics or cycles: the core checks those on the patched graph.
@@ -579,7 +580,7 @@ impl Patch {
                 continue;
             }
             if let Some(weight) = f.weight() {
-                if graph.tensor(weight).is_none() {
+                if graph.tensor(weight).is_none() && !params.contains(weight) {
                     problems.push(format!("fold names unknown weight \"{weight}\""));
                 }
             }
