@@ -8,6 +8,6 @@ pub mod sites;
 
 pub use shapes::{infer_shapes, ShapeConflict, ShapeMap};
 pub use sites::{
-    detect, AttentionKind, Embedding, EmbeddingKind, Head, Layer, Site, SiteKind, Stack, Structure,
-    WeightLayout,
+    detect, Attention, AttentionKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole, Layer,
+    NormPlacement, Site, SiteKind, Stack, StackKind, Structure, WeightLayout,
 };

@@ -51,6 +51,7 @@ pub fn graph_view(model: &Model) -> Result<GraphView> {
         inputs: model.graph.inputs.iter().map(|v| v.name.clone()).collect(),
         outputs: model.graph.outputs.iter().map(|v| v.name.clone()).collect(),
         record: crate::patch::read_record(model)?,
+        input_roles: structure.inputs,
     })
 }
 

@@ -40,13 +40,17 @@ pub struct GraphView {
     /// The graph output names, in order.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// The graph inputs whose role the core found from what they feed, in graph-input order;
+    /// inputs of unknown role are absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_roles: Vec<GraphInput>,
     /// What earlier methods grafted onto this model (empty for an unpatched model).
     #[serde(default, skip_serializing_if = "GraftRecord::is_empty")]
     pub record: GraftRecord,
 }
 
 /// A run of identical transformer layers (an encoder, a decoder, a vision tower).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stack {
     /// A short name for the stack (`"encoder"`, `"decoder"`, ...), unique within the view.
     pub name: String,
@@ -64,6 +68,41 @@ pub struct Stack {
     pub head_dim: Option<usize>,
     /// The layers, in execution order.
     pub layers: Vec<Layer>,
+    /// Whether the stack's self-attention is bidirectional (encoder) or causal (decoder),
+    /// when the core could tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<StackKind>,
+    /// Whether the stack's layers also attend to another stack's output.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_attention: bool,
+    /// The residual stream entering layer 0 (the embeddings' sum, before any norm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// The stream leaving the stack: after the last layer and the final norm when the core
+    /// found one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// The kind of a stack's self-attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackKind {
+    /// Bidirectional self-attention.
+    Encoder,
+    /// Causal self-attention.
+    Decoder,
+}
+
+/// Where a layer's norms sit relative to its residual adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormPlacement {
+    /// Each block normalizes its input; the residual adds sum unnormalized values (GPT-2,
+    /// Llama, T5, ViT, CLIP).
+    Pre,
+    /// Each residual sum is normalized before the next block reads it (BERT).
+    Post,
 }
 
 impl Stack {
@@ -76,12 +115,98 @@ impl Stack {
 }
 
 /// One transformer layer and the sites found in it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Layer {
     /// Zero-based position of the layer in its stack.
     pub index: usize,
     /// The adaptable sites of this layer, in graph order.
     pub sites: Vec<Site>,
+    /// The residual stream entering the layer (view ops peeled off): what its first block adds
+    /// back onto, the previous layer's `output`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// The residual stream leaving the layer: its last residual sum, or that sum normalized in
+    /// a post-norm layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// The residual sum after the self-attention block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_sum: Option<String>,
+    /// The residual sum after the feed-forward block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_sum: Option<String>,
+    /// Where the layer's norms sit, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_placement: Option<NormPlacement>,
+    /// The layer's attention blocks (self-attention, then cross-attention), in graph order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention: Vec<Attention>,
+}
+
+/// One attention block of a layer: the values a method attaching to the attention itself
+/// (prefix tuning, attention-score adapters) needs. Its projections are the layer's sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attention {
+    /// Self- or cross-attention.
+    pub kind: AttentionKind,
+    /// Whether a query may only attend to keys at or before its position: a causal mask built
+    /// in the graph (triangular constant, `Trilu`, a comparison of positions), or the
+    /// self-attention of a stack that cross-attends (an encoder-decoder's decoder).
+    pub causal: bool,
+    /// The value added to the scores before `Softmax` nearest to it (the additive attention
+    /// mask, which may include a position bias), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// The `Softmax` input: the masked, scaled scores `[batch, heads, query, key]`.
+    pub scores: String,
+    /// The `Softmax` output: the attention probabilities.
+    pub probabilities: String,
+    /// The per-head key tensor entering attention (as on the `k`/`qkv` site), where found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_states: Option<String>,
+    /// The per-head value tensor entering attention (as on the `v`/`qkv` site), where found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_states: Option<String>,
+    /// The residual sum after this block, when found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sum: Option<String>,
+}
+
+/// What a graph input carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputRole {
+    /// Token ids read by the token embedding of an encoder or decoder-only stack.
+    TokenIds,
+    /// The padding mask that reaches the attention scores.
+    AttentionMask,
+    /// Position ids read by a position embedding.
+    PositionIds,
+    /// Segment ids read by the token-type embedding.
+    TokenTypeIds,
+    /// Token ids read by the token embedding of a cross-attending decoder.
+    DecoderInputIds,
+    /// Images read by the patch embedding.
+    PixelValues,
+    /// A cached key tensor concatenated in front of a layer's keys.
+    PastKey,
+    /// A cached value tensor concatenated in front of a layer's values.
+    PastValue,
+}
+
+/// A graph input and the role the core found for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphInput {
+    /// The graph input's name.
+    pub name: String,
+    /// What it carries.
+    pub role: InputRole,
+    /// For `past_key`/`past_value`: the stack holding the layer whose cache it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<String>,
+    /// For `past_key`/`past_value`: the layer whose cache it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
 }
 
 /// The role of a site in its layer.
@@ -383,6 +508,11 @@ impl GraphView {
         self.values.iter().find(|v| v.name == name)
     }
 
+    /// The graph inputs found to carry `role`, in graph-input order.
+    pub fn inputs_with_role(&self, role: InputRole) -> impl Iterator<Item = &GraphInput> {
+        self.input_roles.iter().filter(move |i| i.role == role)
+    }
+
     /// The element type of `name`: from its value info, else from the initializer of that name.
     pub fn dtype_of(&self, name: &str) -> Option<DType> {
         self.value(name)
@@ -409,6 +539,42 @@ impl GraphView {
                     .map(String::as_str),
             );
         }
+        for stack in &self.stacks {
+            names.extend(
+                [&stack.input, &stack.output]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            );
+            for layer in &stack.layers {
+                names.extend(
+                    [
+                        &layer.input,
+                        &layer.output,
+                        &layer.attention_sum,
+                        &layer.ffn_sum,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+                );
+                for attention in &layer.attention {
+                    names.extend([&attention.scores, &attention.probabilities].map(String::as_str));
+                    names.extend(
+                        [
+                            &attention.mask,
+                            &attention.key_states,
+                            &attention.value_states,
+                            &attention.sum,
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .map(String::as_str),
+                    );
+                }
+            }
+        }
+        names.extend(self.input_roles.iter().map(|i| i.name.as_str()));
         for e in &self.embeddings {
             names.extend([&e.node, &e.weight, &e.output].map(String::as_str));
         }

@@ -201,8 +201,9 @@ pub use error::{Error, Result};
 pub use export::__private;
 pub use export::Plugin;
 pub use graph::{
-    AttentionKind, Dim, Embedding, EmbeddingKind, GraphView, Head, Layer, Site, SiteKind, SiteRef,
-    Stack, TensorInfo, ValueInfo, WeightLayout,
+    Attention, AttentionKind, Dim, Embedding, EmbeddingKind, GraphInput, GraphView, Head,
+    InputRole, Layer, NormPlacement, Site, SiteKind, SiteRef, Stack, StackKind, TensorInfo,
+    ValueInfo, WeightLayout,
 };
 pub use host::{raw_host, Host, NoTensors, TensorSource};
 pub use patch::{

@@ -29,6 +29,14 @@ pub(super) struct AttentionCore {
     pub causal: bool,
     /// Whether the scores depend on a graph input other than through q, k, v (a padding mask).
     pub masked: bool,
+    /// The `Softmax` input.
+    pub scores: String,
+    /// The `Softmax` output.
+    pub probabilities: String,
+    /// The graph inputs the scores depend on other than through q, k, v, in the order found.
+    pub mask_inputs: Vec<String>,
+    /// The additive term nearest the `Softmax` on the path from the `Q·Kᵀ` product.
+    pub mask: Option<String>,
 }
 
 impl AttentionCore {
@@ -157,7 +165,8 @@ pub(super) fn find_attention(context: &Context, linears: &Linears) -> Vec<Attent
         let value_states = head_dim
             .zip(value_length)
             .and_then(|(d, length)| per_head_states(context, value_operand, &length, d));
-        let (causal, masked) = mask_kind(context, scores_input, scores);
+        let (causal, mask_inputs) = mask_kind(context, scores_input, scores);
+        let mask = additive_term(context, scores_input, scores);
         cores.push(AttentionCore {
             query,
             key,
@@ -169,7 +178,11 @@ pub(super) fn find_attention(context: &Context, linears: &Linears) -> Vec<Attent
             key_states,
             value_states,
             causal,
-            masked,
+            masked: !mask_inputs.is_empty(),
+            mask_inputs,
+            scores: scores_input.to_owned(),
+            probabilities: probabilities.clone(),
+            mask,
         });
     }
     cores
@@ -221,6 +234,62 @@ fn context_matmul(context: &Context, probabilities: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// Walking from the `Softmax` input back along the operand that reaches the `Q·Kᵀ` product at
+/// `scores`, the other operand of the first `Add` (or of a `Sub` subtracting it) that is not
+/// constant: the additive mask (or position bias) entering the scores.
+fn additive_term(context: &Context, scores_input: &str, scores: usize) -> Option<String> {
+    let mut current = scores_input;
+    for _ in 0..16 {
+        let (position, node) = context.producer(current)?;
+        if position == scores {
+            return None;
+        }
+        let op = node.op_type.as_str();
+        if !SCORE_OPS.contains(&op) {
+            return None;
+        }
+        let on_path: Vec<usize> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.is_empty() && reaches(context, i, scores))
+            .map(|(slot, _)| slot)
+            .collect();
+        let [slot] = on_path[..] else {
+            return None;
+        };
+        if matches!(op, "Add") || (op == "Sub" && slot == 0) {
+            let other = node.input(1 - slot)?;
+            if !context.is_constant(other) {
+                return Some(other.to_owned());
+            }
+        }
+        current = node.input(slot)?;
+    }
+    None
+}
+
+/// Whether `value` is computed from the output of the node at `target` through score ops.
+fn reaches(context: &Context, value: &str, target: usize) -> bool {
+    let mut queue = VecDeque::from([value]);
+    let mut visited = HashSet::new();
+    while let Some(current) = queue.pop_front() {
+        if visited.len() > 64 || !visited.insert(current) {
+            continue;
+        }
+        let Some((position, node)) = context.producer(current) else {
+            continue;
+        };
+        if position == target {
+            return true;
+        }
+        if SCORE_OPS.contains(&node.op_type.as_str()) {
+            queue.extend(context.dynamic_inputs(position));
+        }
+    }
+    false
 }
 
 /// The nearest linear whose output reaches `value` through data (not shape) dependencies.
@@ -318,10 +387,10 @@ fn per_head_states(
 }
 
 /// Whether the scores reaching `scores_input` (besides through the `Q·Kᵀ` `MatMul` at
-/// `scores`) are masked causally, and whether they depend on a graph input (a padding mask).
-fn mask_kind(context: &Context, scores_input: &str, scores: usize) -> (bool, bool) {
+/// `scores`) are masked causally, and the graph inputs they depend on (a padding mask).
+fn mask_kind(context: &Context, scores_input: &str, scores: usize) -> (bool, Vec<String>) {
     let mut causal = false;
-    let mut masked = false;
+    let mut inputs = Vec::new();
     let mut queue = VecDeque::from([scores_input]);
     let mut visited = HashSet::new();
     while let Some(current) = queue.pop_front() {
@@ -329,7 +398,7 @@ fn mask_kind(context: &Context, scores_input: &str, scores: usize) -> (bool, boo
             continue;
         }
         if context.is_graph_input(current) {
-            masked = true;
+            inputs.push(current.to_owned());
             continue;
         }
         if let Some(tensor) = context.initializer(current) {
@@ -359,7 +428,7 @@ fn mask_kind(context: &Context, scores_input: &str, scores: usize) -> (bool, boo
             queue.push_back(input);
         }
     }
-    (causal, masked)
+    (causal, inputs)
 }
 
 /// Whether a constant is a square mask that differs above and below the diagonal: the

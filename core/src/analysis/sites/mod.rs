@@ -8,12 +8,13 @@
 //! finds linears joined by an activation; `norm` finds LayerNorm and RMSNorm, fused or
 //! decomposed; `stacks` chains the blocks along the residual stream into layers and stacks and
 //! names them; `embeddings` finds token, position, token-type and patch embeddings and the
-//! heads after the last layer. [`Structure`] is the documented `graft inspect --json` schema.
+//! heads after the last layer; `inputs` gives graph inputs their roles. [`Structure`] is the documented `graft inspect --json` schema.
 
 mod attention;
 mod context;
 mod embeddings;
 mod ffn;
+mod inputs;
 mod linear;
 mod norm;
 mod stacks;
@@ -40,10 +41,14 @@ pub struct Structure {
     /// The linears after the last layer of a stack (LM head, classifier, pooler, projections),
     /// in graph order.
     pub heads: Vec<Head>,
+    /// The graph inputs whose role detection found, in graph-input order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<GraphInput>,
 }
 
 pub use graft_plugin_sdk::{
-    AttentionKind, Embedding, EmbeddingKind, Head, Layer, Site, SiteKind, Stack, WeightLayout,
+    Attention, AttentionKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole, Layer,
+    NormPlacement, Site, SiteKind, Stack, StackKind, WeightLayout,
 };
 
 /// Finds `model`'s transformer structure from the graph's shape.
@@ -64,6 +69,7 @@ pub fn detect_with_shapes(model: &Model) -> Result<(Structure, ShapeMap)> {
     let stacks = stacks::build_stacks(&context, &linears, &cores, &ffns, &norms);
     let embeddings = embeddings::find_embeddings(&context, &stacks);
     let heads = embeddings::find_heads(&context, &linears, &stacks);
+    let inputs = inputs::find_input_roles(&context, &stacks, &cores, &embeddings);
     let structure = Structure {
         opset: model.opset(),
         producer: model.producer_name.clone(),
@@ -71,6 +77,7 @@ pub fn detect_with_shapes(model: &Model) -> Result<(Structure, ShapeMap)> {
         stacks: stacks.into_iter().map(|s| s.stack).collect(),
         embeddings,
         heads,
+        inputs,
     };
     Ok((structure, context.shapes))
 }

@@ -11,7 +11,9 @@ use super::context::{Context, VIEW_OPS};
 use super::ffn::Ffn;
 use super::linear::{Linear, Linears};
 use super::norm::Norm;
-use super::{AttentionKind, Layer, Site, SiteKind, Stack, WeightLayout};
+use super::{
+    Attention, AttentionKind, Layer, NormPlacement, Site, SiteKind, Stack, StackKind, WeightLayout,
+};
 use crate::analysis::labels::{initializer_label, node_label};
 
 /// A stack with what later passes need to know about it.
@@ -223,14 +225,22 @@ impl Assembly<'_, '_> {
     fn stack(&self, chain: &[&Block], used_norms: &mut HashSet<usize>) -> DetectedStack {
         let context = self.context;
         let mut layers: Vec<Vec<(usize, Site)>> = Vec::new();
+        let mut flows: Vec<Layer> = Vec::new();
         let mut stack_linears = Vec::new();
         let mut post_norm_seen = false;
+        let cross_attention = chain
+            .iter()
+            .any(|b| matches!(b.kind, BlockKind::Attention { cross: true, .. }));
         for (position, block) in chain.iter().enumerate() {
             let starts_layer = matches!(block.kind, BlockKind::Attention { cross: false, .. });
             if starts_layer || layers.is_empty() {
                 layers.push(Vec::new());
+                flows.push(Layer {
+                    input: Some(block.skip.clone()),
+                    ..Layer::default()
+                });
             }
-            let Some(layer) = layers.last_mut() else {
+            let (Some(layer), Some(flow)) = (layers.last_mut(), flows.last_mut()) else {
                 continue;
             };
             let pre_norm = self.norms.iter().position(|n| {
@@ -247,6 +257,42 @@ impl Assembly<'_, '_> {
                 normalizes_sum && feeds_next
             });
             post_norm_seen |= post_norm.is_some();
+            let block_sum = context.source_of(&block.sum).to_owned();
+            flow.output = Some(match chain.get(position + 1) {
+                Some(next) => next.skip.clone(),
+                None => post_norm.map_or_else(
+                    || block_sum.clone(),
+                    |n| context.source_of(&self.norms[n].output).to_owned(),
+                ),
+            });
+            if pre_norm.is_some() {
+                flow.norm_placement = Some(NormPlacement::Pre);
+            } else if post_norm.is_some() && flow.norm_placement.is_none() {
+                flow.norm_placement = Some(NormPlacement::Post);
+            }
+            match block.kind {
+                BlockKind::Attention { core, cross } => {
+                    let core = &self.cores[core];
+                    if !cross {
+                        flow.attention_sum = Some(block_sum.clone());
+                    }
+                    flow.attention.push(Attention {
+                        kind: if cross {
+                            AttentionKind::Cross
+                        } else {
+                            AttentionKind::SelfAttention
+                        },
+                        causal: core.causal || (!cross && cross_attention),
+                        mask: core.mask.clone(),
+                        scores: core.scores.clone(),
+                        probabilities: core.probabilities.clone(),
+                        key_states: core.key_states.clone(),
+                        value_states: core.value_states.clone(),
+                        sum: Some(block_sum),
+                    });
+                }
+                BlockKind::Ffn(_) => flow.ffn_sum = Some(block_sum),
+            }
             for norm in [pre_norm, post_norm].into_iter().flatten() {
                 if used_norms.insert(norm) {
                     let site = norm_site(context, &self.norms[norm]);
@@ -265,12 +311,14 @@ impl Assembly<'_, '_> {
         }
         let layers: Vec<Layer> = layers
             .into_iter()
+            .zip(flows)
             .enumerate()
-            .map(|(index, mut sites)| {
+            .map(|(index, (mut sites, flow))| {
                 sites.sort_by_key(|(node, _)| *node);
                 Layer {
                     index,
                     sites: sites.into_iter().map(|(_, site)| site).collect(),
+                    ..flow
                 }
             })
             .collect();
@@ -297,6 +345,22 @@ impl Assembly<'_, '_> {
             }
             None => (0, 0, 0, None),
         };
+        let causal = layers
+            .iter()
+            .flat_map(|l| &l.attention)
+            .any(|a| a.kind == AttentionKind::SelfAttention && a.causal);
+        let last_sum = chain
+            .last()
+            .map(|b| context.source_of(&b.sum).to_owned())
+            .unwrap_or_default();
+        let output = self
+            .norms
+            .iter()
+            .find(|n| context.source_of(&n.input) == last_sum)
+            .map_or_else(
+                || last_sum.clone(),
+                |n| context.source_of(&n.output).to_owned(),
+            );
         DetectedStack {
             stack: Stack {
                 name: String::new(),
@@ -306,14 +370,15 @@ impl Assembly<'_, '_> {
                 n_kv_heads,
                 head_dim,
                 layers,
+                kind: causal.then_some(StackKind::Decoder),
+                cross_attention,
+                input: chain.first().map(|b| b.skip.clone()),
+                output: Some(output),
             },
             linears: stack_linears,
             last_node: chain.iter().map(|b| b.sum_node).max().unwrap_or(0),
             first_skip: chain.first().map(|b| b.skip.clone()).unwrap_or_default(),
-            last_sum: chain
-                .last()
-                .map(|b| context.source_of(&b.sum).to_owned())
-                .unwrap_or_default(),
+            last_sum,
             cores: stack_cores,
         }
     }
@@ -551,6 +616,10 @@ fn name_stacks(
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (stack_index, name) in names.iter().enumerate() {
         let base = name.unwrap_or("encoder");
+        let stack = &mut detected[stack_index].stack;
+        if stack.kind.is_none() && base != "decoder" {
+            stack.kind = Some(StackKind::Encoder);
+        }
         let count = seen.entry(base).or_insert(0);
         detected[stack_index].stack.name = if *count == 0 {
             base.to_owned()

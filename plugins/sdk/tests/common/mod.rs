@@ -43,6 +43,7 @@ pub fn view(dtype: DType) -> GraphView {
         n_kv_heads: 2,
         head_dim: None,
         layers: vec![],
+        ..Stack::default()
     };
     let mut tensors = vec![TensorInfo {
         name: "tok.weight".into(),
@@ -154,7 +155,11 @@ pub fn view(dtype: DType) -> GraphView {
                 shape: None,
             });
         }
-        stack.layers.push(Layer { index: l, sites });
+        stack.layers.push(Layer {
+            index: l,
+            sites,
+            ..Layer::default()
+        });
     }
     let node_names = stack
         .layers
@@ -182,6 +187,7 @@ pub fn view(dtype: DType) -> GraphView {
         inputs: vec!["input_ids".into(), "attention_mask".into()],
         outputs: vec!["l1.norm.out".into()],
         record: Default::default(),
+        ..GraphView::default()
     }
 }
 
