@@ -49,8 +49,9 @@ impl TrainingSpec {
 pub struct LossTerm {
     /// A short label (`"orthogonality"`), unique within the method.
     pub name: String,
-    /// The graph value holding the term: a float scalar (shape `[]` or `[1]`) that the patch
-    /// computes, usually from its own parameters.
+    /// The graph value holding the term: a float32 scalar (shape `[]` or `[1]`; it is summed
+    /// to `[]`) that the patch computes, usually from its own parameters. The task loss is
+    /// float32 too; a term of another type must be cast by the patch.
     pub value: String,
     /// The factor the term is multiplied by before it is added.
     pub weight: f64,
