@@ -233,3 +233,175 @@ fn training_graphs_keep_their_contract() {
     assert_eq!(training.loss_terms.len(), 1);
     assert_eq!(training.loss_terms[0].0, "adalora.orthogonality");
 }
+
+/// Host-fed inputs reach the graph and a step hook's values come back: a probe method reads
+/// the training mode, the step, the progress, an int64 value its hook sets, and 1000 uniform
+/// draws, through loss terms of weight 0 that `metrics.jsonl` logs. Per step k of 4: the mode
+/// is 1, the step k, the progress (k−1)/4, the value the hook set after step k−1 (k−1, 0 at
+/// first), and the draws' sum changes every step but repeats in a second run.
+#[test]
+fn host_inputs_are_fed_and_a_step_hook_sets_them() {
+    use graft::patch::{apply_patch, AppliedMethod};
+    use graft_plugin_sdk::{
+        DType, HostArray, HostInput, HostInputKind, Init, LossTerm, PatchBuilder, SiteKind,
+        StepHook, StepReply, StepRequest,
+    };
+
+    let mut model = graft::onnx::load(&fixture_model("bert-legacy")).unwrap();
+    let view = graft::plugins::graph_view(&model).unwrap();
+    let mut b = PatchBuilder::new(&view, "probe");
+    let site = view
+        .sites()
+        .find(|s| s.site.kind == SiteKind::V)
+        .unwrap()
+        .site
+        .clone();
+    let seed = b.next_seed();
+    b.low_rank_branch(
+        &site,
+        2,
+        1.0,
+        Init::linear_default(site.in_features, seed),
+        Init::Zeros,
+        None,
+    )
+    .unwrap();
+    let input = |name: &str, kind, dtype, shape: Vec<usize>| HostInput {
+        name: name.into(),
+        kind,
+        dtype,
+        shape,
+        default: Init::Zeros,
+    };
+    let host_inputs = vec![
+        input(
+            "probe.mode",
+            HostInputKind::TrainingMode,
+            DType::Bool,
+            vec![],
+        ),
+        input("probe.step", HostInputKind::Step, DType::Float, vec![]),
+        input(
+            "probe.progress",
+            HostInputKind::Progress,
+            DType::Float,
+            vec![1],
+        ),
+        input("probe.value", HostInputKind::Value, DType::Int64, vec![1]),
+        input(
+            "probe.uniform",
+            HostInputKind::Uniform,
+            DType::Float,
+            vec![1000],
+        ),
+    ];
+    let to_float = |b: &mut PatchBuilder, name: &str| {
+        b.op(
+            &format!("{name}.float"),
+            "Cast",
+            &[name],
+            &[("to", graft_plugin_sdk::AttributeValue::Int(1))],
+        )
+    };
+    let mode = to_float(&mut b, "probe.mode");
+    let value = to_float(&mut b, "probe.value");
+    let step_plus_mode = b.op("probe.step_plus_mode", "Add", &["probe.step", &mode], &[]);
+    let with_value = b.op("probe.with_value", "Add", &[&step_plus_mode, &value], &[]);
+    let draws = b.op("probe.draws", "ReduceSum", &["probe.uniform"], &[]);
+    let mut reply = b.finish();
+    let term = |name: &str, value: &str| LossTerm {
+        name: name.into(),
+        value: value.into(),
+        weight: 0.0,
+    };
+    reply.patch.training.loss_terms = vec![
+        term("inputs", &with_value),
+        term("progress", "probe.progress"),
+        term("draws", &draws),
+    ];
+    reply.patch.training.host_inputs = host_inputs;
+    reply.patch.training.step_hook = Some(StepHook::default());
+    let method = AppliedMethod {
+        method: "probe".into(),
+        plugin: "core/tests/participation.rs".into(),
+        ..AppliedMethod::default()
+    };
+    apply_patch(&mut model, &reply, method).unwrap();
+
+    /// Sets the value input to the step just finished, after checking it sees the last one.
+    struct Hooks;
+    impl graft::train::participation::StepHooks for Hooks {
+        fn step(&self, _: &AppliedMethod, request: &StepRequest) -> graft::Result<StepReply> {
+            let seen = request.values["probe.value"].data[0];
+            assert_eq!(
+                seen,
+                request.step as f32 - 1.0,
+                "the hook sees its last value"
+            );
+            let mut reply = StepReply::default();
+            let array = HostArray::new(vec![1], vec![request.step as f32]).unwrap();
+            reply.set.insert("probe.value".into(), array);
+            Ok(reply)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &str| {
+        let options = graft::train::TrainOptions {
+            task: graft::train::Task::SeqCls,
+            data: repository("examples/data/sentiment.jsonl"),
+            data_format: graft::train::data::DataFormat::Auto,
+            tokenizer: Some(repository("models/tokenizers/bert/tokenizer.json")),
+            max_len: 32,
+            eval_data: None,
+            eval_every: None,
+            save_every: None,
+            resume: false,
+            out: dir.path().join(out),
+            steps: Some(4),
+            epochs: 1,
+            batch_size: 4,
+            grad_accumulation: 1,
+            lr: 1e-3,
+            optimizer: graft::train::optimizer::OptimizerKind::Sgd {
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            warmup: 0,
+            schedule: graft::train::optimizer::Schedule::Constant,
+            clip_norm: None,
+            seed: 5,
+            shuffle: false,
+            skip_bad_lines: false,
+            session: Default::default(),
+            train_methods: vec![],
+        };
+        graft::train::train(&model, &options, &Hooks, |_| {}).unwrap();
+        std::fs::read_to_string(dir.path().join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_terms"].clone())
+            .collect::<Vec<_>>()
+    };
+    let first = run("first");
+    assert_eq!(first.len(), 4);
+    for (index, terms) in first.iter().enumerate() {
+        let k = index as f64 + 1.0;
+        assert_eq!(
+            terms["probe.inputs"].as_f64(),
+            Some(k + 1.0 + (k - 1.0)),
+            "step {k}"
+        );
+        assert_eq!(
+            terms["probe.progress"].as_f64(),
+            Some((k - 1.0) / 4.0),
+            "step {k}"
+        );
+        let draws = terms["probe.draws"].as_f64().unwrap();
+        assert!(
+            (400.0..600.0).contains(&draws),
+            "step {k}: 1000 draws sum to {draws}"
+        );
+    }
+    assert_ne!(first[0]["probe.draws"], first[1]["probe.draws"]);
+    assert_eq!(first, run("second"), "the same seed draws the same values");
+}

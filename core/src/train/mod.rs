@@ -725,12 +725,7 @@ pub fn train(
 
     let mut trained = patched.clone();
     store.write_into(&mut trained)?;
-    for (name, value) in participation.value_inputs() {
-        if let Some(tensor) = trained.graph.initializer_mut(name) {
-            let dims = tensor.dims.clone();
-            tensor.set_float_values(dims, &value.data)?;
-        }
-    }
+    participation.write_value_inputs(&mut trained)?;
     let mut files = vec![metrics_path.clone()];
     if let Some((_, path)) = &last_checkpoint {
         files.push(path.clone());

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::parameters::ParameterStore;
-use crate::ir::Model;
+use crate::ir::{DataType, Model};
 use crate::runtime::HostTensor;
 use crate::{Error, Result};
 
@@ -84,11 +84,7 @@ impl Participation {
                     reason: "host input missing from the model".into(),
                 })?;
             let shape = tensor.dims.iter().map(|&d| d as usize).collect();
-            let data = if tensor.dtype.is_float() {
-                tensor.float_values()?
-            } else {
-                vec![0.0; input.shape.iter().product()]
-            };
+            let data = numeric_values(tensor)?;
             inputs.push(FedInput {
                 input: input.clone(),
                 current: HostArray::new(shape, data).map_err(|e| Error::Tensor {
@@ -377,12 +373,50 @@ impl Participation {
         Ok(())
     }
 
-    /// The current values of the value inputs, to store in the trained model.
-    pub fn value_inputs(&self) -> impl Iterator<Item = (&str, &HostArray)> {
-        self.inputs
+    /// Stores the current values of the value inputs in `model` (the trained model), in each
+    /// input's element type, so that its exported graph runs with them.
+    pub fn write_value_inputs(&self, model: &mut Model) -> Result<()> {
+        for fed in self
+            .inputs
             .iter()
             .filter(|f| f.input.kind == HostInputKind::Value)
-            .map(|f| (f.input.name.as_str(), &f.current))
+        {
+            let Some(tensor) = model.graph.initializer_mut(&fed.input.name) else {
+                continue;
+            };
+            let dims = tensor.dims.clone();
+            let values = &fed.current.data;
+            match tensor.dtype {
+                DataType::Int64 => {
+                    let bytes = values
+                        .iter()
+                        .flat_map(|&v| (v as i64).to_le_bytes())
+                        .collect();
+                    *tensor =
+                        crate::ir::Tensor::from_raw(&fed.input.name, DataType::Int64, dims, bytes);
+                }
+                DataType::Bool => {
+                    let bytes = values.iter().map(|&v| u8::from(v != 0.0)).collect();
+                    *tensor =
+                        crate::ir::Tensor::from_raw(&fed.input.name, DataType::Bool, dims, bytes);
+                }
+                _ => tensor.set_float_values(dims, values)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A host input's stored values as f32: float types decoded, int64 and bool converted.
+fn numeric_values(tensor: &crate::ir::Tensor) -> Result<Vec<f32>> {
+    match tensor.dtype {
+        DataType::Int64 => Ok(tensor
+            .raw_bytes()?
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+            .collect()),
+        DataType::Bool => Ok(tensor.raw_bytes()?.iter().map(|&b| f32::from(b)).collect()),
+        _ => tensor.float_values(),
     }
 }
 
