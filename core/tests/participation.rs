@@ -6,13 +6,6 @@
 mod common;
 
 use common::*;
-use std::path::PathBuf;
-
-fn repository(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
 
 /// The loss and every gradient of `model`'s training graph on the fixture's inputs (labels 0),
 /// with `overrides` replacing trainable values.

@@ -16,12 +16,6 @@ use graft::runtime::{read_npz, HostTensor};
 
 const TOLERANCE: f64 = 1e-5;
 
-fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/references")
-        .join(name)
-}
-
 fn outputs_of(path: &Path, fixture: &str) -> Vec<(String, HostTensor)> {
     run_model(&graft::onnx::load(path).unwrap(), &fixture_inputs(fixture))
 }

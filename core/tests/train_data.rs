@@ -12,12 +12,6 @@ use graft::runtime::HostTensor;
 use graft::train::data::{collate, read_data, sniff_format, DataFormat, DataOptions, IGNORE_INDEX};
 use graft::train::text::{instruction_prompt, TextEncoder};
 
-fn repository(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
 fn example_data(name: &str) -> PathBuf {
     repository("examples/data").join(name)
 }

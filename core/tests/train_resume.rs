@@ -11,12 +11,6 @@ use common::*;
 
 const STEPS: u64 = 150;
 
-fn repository(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
 fn text(path: &Path) -> &str {
     path.to_str().unwrap()
 }

@@ -6,13 +6,6 @@ mod common;
 
 use common::*;
 use graft::runtime::HostTensor;
-use std::path::PathBuf;
-
-fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/references")
-        .join(name)
-}
 
 /// Applies LoRA to a fixture, trains it from the recorded initial adapter with the recorded
 /// recipe, and compares every step's loss and the final adapter with PyTorch's.

@@ -38,12 +38,18 @@ pub(super) fn evaluate(model: &Model, nodes: Vec<Node>, value: &str) -> Result<T
         })?;
         initializers.push(tensor.clone());
     }
-    let mut sub = model.clone();
-    sub.metadata.clear();
-    sub.graph = Graph {
-        nodes,
-        initializers,
-        ..Graph::default()
+    // Only the file-level fields the subgraph needs; cloning the whole model would copy every
+    // node of the graph once per fold.
+    let mut sub = Model {
+        ir_version: model.ir_version,
+        opset_imports: model.opset_imports.clone(),
+        functions: model.functions.clone(),
+        graph: Graph {
+            nodes,
+            initializers,
+            ..Graph::default()
+        },
+        ..Model::default()
     };
     let dtype = crate::analysis::infer_shapes(&sub)?
         .dtype(value)

@@ -230,9 +230,12 @@ pub fn training_graph(patched: &Model, task: Task) -> Result<TrainingGraph> {
     training_graph_for(patched, task, &[])
 }
 
-/// The tensors trained when `methods` train (every method's when `methods` is empty), in the
-/// order of [`GraftRecord::trainable`]. Errors name an unknown method.
-pub fn trained_tensors(record: &GraftRecord, methods: &[String]) -> Result<Vec<String>> {
+/// The recorded methods that train when `methods` (a `--train` selection) train: those named,
+/// or every method when `methods` is empty. Errors name an unknown method.
+pub fn selected_methods<'r>(
+    record: &'r GraftRecord,
+    methods: &[String],
+) -> Result<Vec<&'r graft_plugin_sdk::AppliedMethod>> {
     if let Some(unknown) = methods
         .iter()
         .find(|m| !record.methods.iter().any(|a| &a.method == *m))
@@ -247,6 +250,14 @@ pub fn trained_tensors(record: &GraftRecord, methods: &[String]) -> Result<Vec<S
         .methods
         .iter()
         .filter(|m| methods.is_empty() || methods.contains(&m.method))
+        .collect())
+}
+
+/// The tensors trained when `methods` train (see [`selected_methods`]), in the order of
+/// [`GraftRecord::trainable`].
+pub fn trained_tensors(record: &GraftRecord, methods: &[String]) -> Result<Vec<String>> {
+    Ok(selected_methods(record, methods)?
+        .into_iter()
         .flat_map(|m| m.trainable.iter().cloned())
         .collect())
 }
@@ -276,10 +287,8 @@ pub fn training_graph_for(
     host_inputs_to_graph_inputs(&mut model, &record);
     let logits = first_output(&model)?.name;
     let task_loss = append_loss(&mut model, task, &logits)?;
-    let terms: Vec<(String, f64, String)> = record
-        .methods
-        .iter()
-        .filter(|m| methods.is_empty() || methods.contains(&m.method))
+    let terms: Vec<(String, f64, String)> = selected_methods(&record, methods)?
+        .into_iter()
         .flat_map(|m| {
             m.training.loss_terms.iter().map(|t| {
                 (
@@ -490,13 +499,9 @@ pub fn train(
     let examples = &dataset.examples;
     let graph = training_graph_for(patched, options.task, &options.train_methods)?;
     let record = crate::patch::read_record(patched)?;
-    let trained_methods: Vec<&str> = record
-        .methods
-        .iter()
+    let trained_methods: Vec<&str> = selected_methods(&record, &options.train_methods)?
+        .into_iter()
         .map(|m| m.method.as_str())
-        .filter(|m| {
-            options.train_methods.is_empty() || options.train_methods.iter().any(|t| t == m)
-        })
         .collect();
     let mut participation = Participation::new(patched, &record, &trained_methods, options.seed)?;
     let mut session =

@@ -27,6 +27,20 @@ pub const FIXTURES: &[&str] = &[
 ];
 
 /// The folder of a fixture.
+/// `models/references/<name>`: what the fixture generator recorded with PyTorch and PEFT.
+pub fn reference(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/references")
+        .join(name)
+}
+
+/// A path inside the repository.
+pub fn repository(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../models/fixtures")
