@@ -6,6 +6,7 @@
 //! ([`merge`]) or exported. See ARCHITECTURE.md at the repository root.
 
 pub mod adapter;
+pub mod adapterhub;
 pub mod analysis;
 pub mod atomic_file;
 pub mod autodiff;

@@ -22,7 +22,10 @@ use serde_json::{Map, Value};
 /// (`adapter_config.json` + `adapter_model.safetensors`), so that the model computes what
 /// `PeftModel.from_pretrained` computes: branches on the modules PEFT targets, with PEFT's ranks
 /// and scales and the saved values, and the base tensors of `modules_to_save` replaced. Module
-/// paths are the site labels `graft inspect` shows.
+/// paths are the site labels `graft inspect` shows. `--from-adapterhub DIR` grafts a bottleneck
+/// adapter that AdapterHub's `adapters` library saved, with its settings, name and values.
+///
+/// Example: graft apply model.onnx -m adapter --set config=double_seq_bn -o out.onnx
 ///
 /// Example: graft apply model.onnx -m lora --set r=8 --set alpha=16 --set targets=q,v -o out.onnx
 ///
@@ -36,12 +39,17 @@ pub struct Args {
         short,
         long = "method",
         value_name = "METHOD",
-        required_unless_present = "from_peft"
+        required_unless_present_any = ["from_peft", "from_adapterhub"]
     )]
     methods: Vec<String>,
     /// Import the HF PEFT LoRA adapter saved in DIR instead of applying methods.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings"])]
     from_peft: Option<PathBuf>,
+    /// Import the AdapterHub bottleneck adapter saved in DIR (`adapter_config.json` and
+    /// `adapter.safetensors`, as `model.save_adapter(DIR, name, use_safetensors=True)` writes
+    /// them); repeat for several adapters.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings", "from_peft"])]
+    from_adapterhub: Vec<PathBuf>,
     /// A TOML file of settings.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -60,7 +68,12 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let registry = PluginRegistry::discover(&args.plugins)?;
     let mut model = onnx::load(&args.model)?;
-    if let Some(dir) = &args.from_peft {
+    if !args.from_adapterhub.is_empty() {
+        for dir in &args.from_adapterhub {
+            let (name, n) = graft::adapterhub::import(&registry, &mut model, dir)?;
+            println!("adapter {name}: loaded {n} tensors from {}", dir.display());
+        }
+    } else if let Some(dir) = &args.from_peft {
         let report = graft::peft::import(&registry, &mut model, dir)?;
         for warning in report.warnings() {
             eprintln!("warning: {warning}");

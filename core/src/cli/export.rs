@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 /// Export the adapter of a model written by `graft apply` (or trained by `graft train`).
 ///
 /// `--format peft` writes `adapter_config.json` and `adapter_model.safetensors` that HF PEFT
@@ -17,6 +19,15 @@ use std::path::PathBuf;
 /// leaves the base model unchanged (low-rank factors zero, scales one), and the adapter file
 /// holds the trained values, which `RunOptions::add_adapter` (or `graft run --adapter`) feeds
 /// by name. One loaded graph serves any number of adapters trained from the same patch.
+///
+/// `--format adapterhub` writes AdapterHub's `adapter_config.json` and `adapter.safetensors`
+/// for bottleneck adapters (`graft apply -m adapter`), which the `adapters` library loads with
+/// `model.load_adapter(DIR)`; a model with several named adapters gets one subfolder per
+/// adapter (or `--name` picks one). `graft apply --from-adapterhub DIR` reads such a folder.
+///
+/// `--format onnx` writes `model.onnx`: the patched graph with the trained values stored in
+/// it, which any ONNX runtime runs as is — the export for methods that cannot be merged
+/// (adapters are not linear).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A model written by `graft apply`.
@@ -27,6 +38,9 @@ pub struct Args {
     /// Trained adapter tensors (safetensors) to export instead of the values in the model.
     #[arg(long, value_name = "FILE")]
     adapter: Option<PathBuf>,
+    /// With `--format adapterhub`: the adapter to write (default: all of them).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     /// The output folder.
     #[arg(short, long)]
     output: PathBuf,
@@ -39,7 +53,14 @@ enum Format {
     Peft,
     /// ONNX Runtime's `.onnx_adapter`, with the graph that reads it.
     OnnxAdapter,
+    /// AdapterHub (the `adapters` library): bottleneck adapters.
+    Adapterhub,
+    /// The patched graph with the trained values in it (`model.onnx`).
+    Onnx,
 }
+
+/// The file `--format onnx` writes in the output folder.
+const GRAPH_FILE: &str = "model.onnx";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut model = graft::onnx::load(&args.patched)?;
@@ -48,6 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     match args.format {
         Format::Peft => {
+            refuse_methods_without_peft_type(&model)?;
             graft::peft::export(&model, &args.output)?;
             println!(
                 "wrote {}/adapter_config.json and adapter_model.safetensors",
@@ -65,6 +87,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 dir = args.output.display(),
             );
         }
+        Format::Adapterhub => {
+            let report = graft::adapterhub::export(&model, &args.output, args.name.as_deref())?;
+            for note in &report.not_carried {
+                eprintln!("warning: {note}");
+            }
+            for (name, folder) in &report.adapters {
+                println!(
+                    "wrote adapter {name}: {dir}/{} and {dir}/{}",
+                    graft::adapterhub::CONFIG_FILE,
+                    graft::adapterhub::WEIGHTS_FILE,
+                    dir = folder.display()
+                );
+            }
+        }
+        Format::Onnx => {
+            std::fs::create_dir_all(&args.output)
+                .with_context(|| format!("cannot create {}", args.output.display()))?;
+            let path = args.output.join(GRAPH_FILE);
+            graft::onnx::save(&model, &path, &graft::onnx::SaveOptions::default())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Errors for methods HF PEFT has no type for (bottleneck adapters), pointing to the format
+/// that holds them.
+fn refuse_methods_without_peft_type(model: &graft::ir::Model) -> anyhow::Result<()> {
+    let record = graft::patch::read_record(model)?;
+    if let Some(method) = record
+        .methods
+        .iter()
+        .find(|m| m.training.adapterhub.is_some() && m.training.peft.is_none())
+    {
+        anyhow::bail!(
+            "HF PEFT has no bottleneck-adapter type, so method {} cannot be written as PEFT \
+             files; use --format adapterhub (the adapters library) or --format onnx (the \
+             patched graph)",
+            method.method
+        );
     }
     Ok(())
 }

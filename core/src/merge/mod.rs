@@ -159,6 +159,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
     }
     collapse_output_identities(&mut model.graph);
     drop_unread_method_nodes(&mut model.graph, &record, &mut report);
+    refuse_unfolded_methods(&model.graph, &record)?;
     drop_unused_parameters(model, &record, &mut report);
     crate::patch::write_record(&Default::default(), model);
     model.graph.validate()?;
@@ -394,6 +395,34 @@ fn drop_unread_method_nodes(graph: &mut Graph, record: &GraftRecord, report: &mu
         }
         report.removed_nodes += removed;
     }
+}
+
+/// Errors when nodes a method added still compute the model's outputs after every fold ran:
+/// the method is not linear in its input (a bottleneck adapter), so no weight can absorb it.
+fn refuse_unfolded_methods(graph: &Graph, record: &GraftRecord) -> Result<()> {
+    let remaining: HashSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+    let unfolded: Vec<String> = record
+        .methods
+        .iter()
+        .filter_map(|m| {
+            let left = m
+                .nodes
+                .iter()
+                .filter(|n| remaining.contains(n.as_str()))
+                .count();
+            (left > 0).then(|| format!("{} ({left} of its {} nodes)", m.method, m.nodes.len()))
+        })
+        .collect();
+    if unfolded.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "cannot merge {}: the method is not linear in its input, so no base weight can absorb \
+         it. Keep it as a patched graph with the trained values stored in it (`graft export \
+         --format onnx`), or export its files (`graft export --format adapterhub` for \
+         adapters, `--format onnx-adapter` for ONNX Runtime)",
+        unfolded.join(", ")
+    )))
 }
 
 fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut MergeReport) {

@@ -108,6 +108,18 @@ pub(super) fn write_files(
     config: &serde_json::Value,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
+    write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
+    let config_text = serde_json::to_string_pretty(config).unwrap_or_default();
+    write_atomically(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
+    Ok(())
+}
+
+/// Writes float32 `(key, shape, little-endian bytes)` tensors as the safetensors file `path`,
+/// atomically.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -116,12 +128,9 @@ pub(super) fn write_files(
                 .map_err(|e| Error::Config(format!("tensor {name}: {e}")))
         })
         .collect::<Result<_>>()?;
-    let safetensors_bytes = safetensors::serialize(views, &None)
+    let bytes = safetensors::serialize(views, &None)
         .map_err(|e| Error::Config(format!("cannot encode safetensors: {e}")))?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &safetensors_bytes)?;
-    let config_text = serde_json::to_string_pretty(config).unwrap_or_default();
-    write_atomically(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
-    Ok(())
+    write_atomically(path, &bytes)
 }
 
 /// The value most items share; ties go to the one seen first.

@@ -36,6 +36,19 @@ pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
     let Some((_, files)) = declared(model)? else {
         return Ok(false);
     };
+    let tensors = declared_tensors(model, &files, KEY_PREFIX)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_files(dir, &files.config, &tensors)?;
+    Ok(true)
+}
+
+/// The float32 bytes of every tensor `files` declares, keyed `<key_prefix><key>` and
+/// transposed where declared, as `(key, shape, bytes)`.
+pub(crate) fn declared_tensors(
+    model: &Model,
+    files: &PeftFiles,
+    key_prefix: &str,
+) -> Result<Vec<(String, Vec<usize>, Vec<u8>)>> {
     let mut tensors = Vec::new();
     for mapping in &files.tensors {
         let tensor = model
@@ -43,7 +56,7 @@ pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
             .initializer(&mapping.tensor)
             .ok_or_else(|| Error::Tensor {
                 name: mapping.tensor.clone(),
-                reason: "a method declared it for its PEFT files, but the model lacks it".into(),
+                reason: "a method declared it for its adapter files, but the model lacks it".into(),
             })?;
         let mut values = tensor.float_values()?;
         if mapping.transpose {
@@ -52,14 +65,12 @@ pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
         }
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         tensors.push((
-            format!("{KEY_PREFIX}{}", mapping.key),
+            format!("{key_prefix}{}", mapping.key),
             mapping.shape.clone(),
             bytes,
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_files(dir, &files.config, &tensors)?;
-    Ok(true)
+    Ok(tensors)
 }
 
 /// Loads `file`'s tensors into the declared tensors; `None` when no method declared PEFT
@@ -69,14 +80,29 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
     let Some((method, files)) = declared(model)? else {
         return Ok(None);
     };
+    let rank_pattern = read_rank_pattern(file)?;
+    load_declared(model, &method, &files, file, KEY_PREFIX, &rank_pattern).map(Some)
+}
+
+/// Loads the safetensors `file` into the tensors `files` declares for `method`: each key,
+/// with `key_prefix` (and a trailing `.weight`) optional, must be a declared key of the
+/// declared shape in float32; ranks that `rank_pattern` pruned are put back as zeros. Nothing
+/// changes unless every key loads. Returns the number of tensors set.
+pub(crate) fn load_declared(
+    model: &mut Model,
+    method: &AppliedMethod,
+    files: &PeftFiles,
+    file: &Path,
+    key_prefix: &str,
+    rank_pattern: &[(String, Vec<bool>)],
+) -> Result<usize> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
     let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
     let stored = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
-    let rank_pattern = read_rank_pattern(file)?;
     let mut updates = Vec::new();
     for (key, view) in stored.tensors() {
-        let short = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+        let short = key.strip_prefix(key_prefix).unwrap_or(&key);
         let mapping = files
             .tensors
             .iter()
@@ -88,6 +114,13 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
                     files.tensors.first().map(|m| &m.key)
                 ))
             })?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(fail(format!(
+                "{key:?} is {:?}; method {} needs float32",
+                view.dtype(),
+                method.method
+            )));
+        }
         let mut values: Vec<f32> = view
             .data()
             .chunks_exact(4)
@@ -105,7 +138,7 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
                 shape[axis] = kept.len();
             }
         }
-        if shape != mapping.shape || view.dtype() != safetensors::Dtype::F32 {
+        if shape != mapping.shape {
             return Err(fail(format!(
                 "{key:?} is {:?} {:?}; method {} needs float32 {:?}",
                 view.dtype(),
@@ -127,12 +160,12 @@ pub(super) fn load_values(model: &mut Model, file: &Path) -> Result<Option<usize
             .initializer_mut(&name)
             .ok_or_else(|| Error::Tensor {
                 name: name.clone(),
-                reason: "declared for PEFT files but missing from the model".into(),
+                reason: "declared for adapter files but missing from the model".into(),
             })?;
         let dims = tensor.dims.clone();
         tensor.set_float_values(dims, &values)?;
     }
-    Ok(Some(n))
+    Ok(n)
 }
 
 /// The `rank_pattern` of the `adapter_config.json` beside `file`: module key → kept ranks

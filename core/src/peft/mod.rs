@@ -16,11 +16,12 @@ mod config;
 mod export;
 mod import;
 mod keys;
-mod mapped;
+pub(crate) mod mapped;
 mod select;
 
 pub use config::CONFIG_FILE;
 pub use export::export;
+pub(crate) use export::write_safetensors;
 pub use import::{import, load_values, ImportReport, ImportedBranch, ReplacedTensor};
 pub use keys::WEIGHTS_FILE;
 

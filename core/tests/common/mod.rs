@@ -137,6 +137,7 @@ pub const PLUGIN_PACKAGES: &[&str] = &[
     "graft-plugin-bitfit",
     "graft-plugin-ia3",
     "graft-plugin-adalora",
+    "graft-plugin-adapter",
     "graft-test-plugin-wrong-abi",
     "graft-test-plugin-panics",
     "graft-test-plugin-invalid-patch",

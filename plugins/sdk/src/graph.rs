@@ -141,6 +141,85 @@ pub struct Layer {
     /// The layer's attention blocks (self-attention, then cross-attention), in graph order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attention: Vec<Attention>,
+    /// The layer's residual blocks (self-attention, cross-attention, feed-forward), in graph
+    /// order: where each sublayer's result meets the residual stream, and the norms around it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<ResidualBlock>,
+}
+
+impl Layer {
+    /// The layer's first block of `kind`, if it has one.
+    pub fn block(&self, kind: BlockKind) -> Option<&ResidualBlock> {
+        self.blocks.iter().find(|b| b.kind == kind)
+    }
+}
+
+/// What a residual block's sublayer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// Self-attention.
+    SelfAttention,
+    /// Cross-attention over an encoder's output.
+    CrossAttention,
+    /// The feed-forward network.
+    Ffn,
+}
+
+/// One sublayer and the residual sum that adds its result back onto the stream:
+/// `sum = branch + skip`, where `branch` is the sublayer's result (its output projection, with
+/// bias, dropout and constant scaling) and `skip` is the stream it adds onto. In a post-norm
+/// layer `post_norm` normalizes `sum` and the next block reads that; in a pre-norm layer
+/// `pre_norm` normalizes `skip` into the sublayer's `input`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResidualBlock {
+    /// The sublayer.
+    pub kind: BlockKind,
+    /// What the sublayer's projections read (the normalized stream in a pre-norm layer).
+    pub input: String,
+    /// The sublayer's result: the operand of the residual `Add` that is not the stream.
+    pub branch: String,
+    /// The stream operand of the residual `Add`.
+    pub skip: String,
+    /// The residual sum.
+    pub sum: String,
+    /// The norm the sublayer's input passes through (pre-norm), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_norm: Option<NormInfo>,
+    /// The norm applied to the sum (post-norm), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_norm: Option<NormInfo>,
+}
+
+/// What a normalization computes, enough to apply the same norm to another value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormInfo {
+    /// The node computing it (the fused node, or a decomposition's last node).
+    pub node: String,
+    /// LayerNorm (mean subtracted) or RMSNorm.
+    pub kind: NormKind,
+    /// The scale vector.
+    pub scale: String,
+    /// The shift vector (LayerNorm with a bias).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<String>,
+    /// The epsilon added to the variance, where the core could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f32>,
+    /// The value normalized.
+    pub input: String,
+    /// The normalized, scaled (and shifted) value.
+    pub output: String,
+}
+
+/// The kind of a normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// `(x − mean) / √(var + ε) · scale (+ shift)` over the last axis.
+    LayerNorm,
+    /// `x / √(mean(x²) + ε) · scale` over the last axis.
+    RmsNorm,
 }
 
 /// One attention block of a layer: the values a method attaching to the attention itself

@@ -186,8 +186,8 @@ mod select;
 mod training;
 
 pub use builder::{
-    Activation, DequantNames, GateNames, LowRankNames, MaskNames, PatchBuilder, Placement,
-    PrefixNames, PromptNames, ResidualNames, ScaleNames,
+    Activation, Bottleneck, BottleneckNames, DequantNames, GateNames, LowRankNames, MaskNames,
+    PatchBuilder, Placement, PrefixNames, PromptNames, ResidualNames, ScaleNames,
 };
 pub use client::PluginClient;
 pub use config::MethodConfig;
@@ -201,9 +201,9 @@ pub use error::{Error, Result};
 pub use export::__private;
 pub use export::Plugin;
 pub use graph::{
-    Attention, AttentionKind, Dim, Embedding, EmbeddingKind, GraphInput, GraphView, Head,
-    InputRole, Layer, NormPlacement, Site, SiteKind, SiteRef, Stack, StackKind, TensorInfo,
-    ValueInfo, WeightLayout,
+    Attention, AttentionKind, BlockKind, Dim, Embedding, EmbeddingKind, GraphInput, GraphView,
+    Head, InputRole, Layer, NormInfo, NormKind, NormPlacement, ResidualBlock, Site, SiteKind,
+    SiteRef, Stack, StackKind, TensorInfo, ValueInfo, WeightLayout,
 };
 pub use host::{raw_host, Host, NoTensors, TensorSource};
 pub use patch::{

@@ -30,6 +30,11 @@ pub struct TrainingSpec {
     /// methods other than LoRA (ABI 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peft: Option<PeftFiles>,
+    /// How the method's tensors are written as (and read from) an AdapterHub adapter folder
+    /// (`adapter_config.json`, `adapter.safetensors`); its keys are complete, with no prefix
+    /// added (ABI 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapterhub: Option<PeftFiles>,
 }
 
 impl TrainingSpec {
@@ -39,6 +44,7 @@ impl TrainingSpec {
             && self.host_inputs.is_empty()
             && self.step_hook.is_none()
             && self.peft.is_none()
+            && self.adapterhub.is_none()
     }
 }
 
@@ -386,7 +392,8 @@ pub struct PeftTensor {
     pub rank_axis: Option<usize>,
 }
 
-/// A method's HF PEFT adapter files: the whole `adapter_config.json` and the tensor map.
+/// A method's adapter files in another library's layout (HF PEFT, or AdapterHub for
+/// [`TrainingSpec::adapterhub`]): the whole `adapter_config.json` and the tensor map.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeftFiles {
     /// `adapter_config.json`, as PEFT reads it (`peft_type` included).

@@ -47,8 +47,9 @@ pub struct Structure {
 }
 
 pub use graft_plugin_sdk::{
-    Attention, AttentionKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole, Layer,
-    NormPlacement, Site, SiteKind, Stack, StackKind, WeightLayout,
+    Attention, AttentionKind, BlockKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole,
+    Layer, NormInfo, NormKind, NormPlacement, ResidualBlock, Site, SiteKind, Stack, StackKind,
+    WeightLayout,
 };
 
 /// Finds `model`'s transformer structure from the graph's shape.

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::context::Context;
+use super::NormKind;
 use crate::ir::Node;
 
 /// One normalization.
@@ -21,6 +22,10 @@ pub(super) struct Norm {
     pub input: String,
     /// The normalized, scaled (and shifted) value.
     pub output: String,
+    /// LayerNorm or RMSNorm.
+    pub kind: NormKind,
+    /// The epsilon added to the variance, where it could be read.
+    pub epsilon: Option<f32>,
 }
 
 /// Ops a decomposed normalization is built from between its reduction and its scale.
@@ -71,6 +76,11 @@ fn fused(context: &Context, position: usize, node: &Node) -> Option<Norm> {
         .input(2)
         .filter(|s| context.float_initializer(s).is_some())
         .map(str::to_owned);
+    let kind = if node.is("RMSNormalization") {
+        NormKind::RmsNorm
+    } else {
+        NormKind::LayerNorm
+    };
     Some(Norm {
         node: position,
         scale: scale.to_owned(),
@@ -78,6 +88,8 @@ fn fused(context: &Context, position: usize, node: &Node) -> Option<Norm> {
         width: tensor.n_elements(),
         input: node.input(0)?.to_owned(),
         output: node.outputs.first()?.clone(),
+        kind,
+        epsilon: Some(node.attr_float("epsilon", 1e-5)),
     })
 }
 
@@ -165,6 +177,19 @@ fn decomposed_norm(context: &Context, scale_mul: usize, root: String) -> Option<
         Some((add, shift, output)) => (add, Some(shift), output),
         None => (scale_mul, None, scaled.clone()),
     };
+    let statistics = statistics_before(context, scale_mul);
+    let kind = if statistics.iter().any(|&p| context.node(p).is("Sub")) {
+        NormKind::LayerNorm
+    } else {
+        NormKind::RmsNorm
+    };
+    let epsilon = statistics.iter().find_map(|&p| {
+        let node = context.node(p);
+        if !node.is("Add") {
+            return None;
+        }
+        node.inputs.iter().find_map(|i| scalar_constant(context, i))
+    });
     Some(Norm {
         node: position,
         scale: scale.to_owned(),
@@ -172,5 +197,54 @@ fn decomposed_norm(context: &Context, scale_mul: usize, root: String) -> Option<
         width,
         input: root,
         output,
+        kind,
+        epsilon,
     })
+}
+
+/// The positions of the statistics ops (see [`STATISTICS_OPS`]) that feed the scale `Mul` at
+/// `scale_mul`, back to the normalized value.
+fn statistics_before(context: &Context, scale_mul: usize) -> Vec<usize> {
+    let mut found = Vec::new();
+    let mut pending = vec![scale_mul];
+    while let Some(position) = pending.pop() {
+        if found.len() > 24 {
+            break;
+        }
+        for input in &context.node(position).inputs {
+            if let Some((producer, node)) = context.producer(input) {
+                if STATISTICS_OPS.contains(&node.op_type.as_str()) && !found.contains(&producer) {
+                    found.push(producer);
+                    pending.push(producer);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The value of a one-element float constant: an initializer or a `Constant` node's
+/// `value`/`value_float`.
+fn scalar_constant(context: &Context, value: &str) -> Option<f32> {
+    if let Some(tensor) = context.float_initializer(value) {
+        let values = tensor.float_values().ok()?;
+        return (values.len() == 1).then(|| values[0]);
+    }
+    let (_, node) = context.producer(value)?;
+    if !node.is("Constant") {
+        return None;
+    }
+    if let Some(attribute) = node.attribute("value_float") {
+        return Some(attribute.f);
+    }
+    let tensor = &node.attribute("value")?.t;
+    let tensor = tensor.as_ref()?;
+    if tensor.data_type != 1 {
+        return None;
+    }
+    match (tensor.float_data.as_slice(), tensor.raw_data.as_slice()) {
+        ([x], _) => Some(*x),
+        (_, raw) if raw.len() == 4 => Some(f32::from_le_bytes(raw.try_into().ok()?)),
+        _ => None,
+    }
 }

@@ -12,7 +12,8 @@ use super::ffn::Ffn;
 use super::linear::{Linear, Linears};
 use super::norm::Norm;
 use super::{
-    Attention, AttentionKind, Layer, NormPlacement, Site, SiteKind, Stack, StackKind, WeightLayout,
+    Attention, AttentionKind, BlockKind as ResidualKind, Layer, NormInfo, NormPlacement,
+    ResidualBlock, Site, SiteKind, Stack, StackKind, WeightLayout,
 };
 use crate::analysis::labels::{initializer_label, node_label};
 
@@ -44,6 +45,10 @@ struct Block {
     main_input: String,
     /// The stream value added back onto (view ops peeled off).
     skip: String,
+    /// The residual `Add`'s operand that `skip` reaches it as.
+    skip_operand: String,
+    /// The residual `Add`'s other operand: the sublayer's result.
+    branch: String,
     /// The residual sum.
     sum: String,
     sum_node: usize,
@@ -139,20 +144,31 @@ fn block_for(
     last: &Linear,
     first_node: usize,
 ) -> Option<Block> {
-    let (sum_node, skip, sum) = residual_sum(context, &last.output)?;
+    let found = residual_sum(context, &last.output)?;
     Some(Block {
         kind,
         main_input: main_input.to_owned(),
-        skip: context.source_of(&skip).to_owned(),
-        sum,
-        sum_node,
+        branch: found.branch,
+        skip: context.source_of(&found.skip).to_owned(),
+        skip_operand: found.skip,
+        sum: found.sum,
+        sum_node: found.node,
         first_node,
     })
 }
 
-/// The `Add` of two computed values that `value` reaches through views and constant scaling:
-/// (position, the other operand, the sum).
-fn residual_sum(context: &Context, value: &str) -> Option<(usize, String, String)> {
+/// The `Add` of two computed values that `value` reaches through views and constant scaling.
+struct ResidualSum {
+    node: usize,
+    /// The operand `value` reached.
+    branch: String,
+    /// The other operand.
+    skip: String,
+    sum: String,
+}
+
+/// The `Add` of two computed values that `value` reaches through views and constant scaling.
+fn residual_sum(context: &Context, value: &str) -> Option<ResidualSum> {
     let mut current = value.to_owned();
     for _ in 0..8 {
         let consumers = context.consumers(&current);
@@ -163,7 +179,12 @@ fn residual_sum(context: &Context, value: &str) -> Option<(usize, String, String
             }
             let other = node.input(if slot == 0 { 1 } else { 0 })?;
             if !context.is_constant(other) {
-                return Some((position, other.to_owned(), node.outputs.first()?.clone()));
+                return Some(ResidualSum {
+                    node: position,
+                    branch: current.clone(),
+                    skip: other.to_owned(),
+                    sum: node.outputs.first()?.clone(),
+                });
             }
         }
         let [(position, slot)] = consumers else {
@@ -270,6 +291,19 @@ impl Assembly<'_, '_> {
             } else if post_norm.is_some() && flow.norm_placement.is_none() {
                 flow.norm_placement = Some(NormPlacement::Post);
             }
+            flow.blocks.push(ResidualBlock {
+                kind: match block.kind {
+                    BlockKind::Attention { cross: true, .. } => ResidualKind::CrossAttention,
+                    BlockKind::Attention { .. } => ResidualKind::SelfAttention,
+                    BlockKind::Ffn(_) => ResidualKind::Ffn,
+                },
+                input: block.main_input.clone(),
+                branch: block.branch.clone(),
+                skip: block.skip_operand.clone(),
+                sum: block.sum.clone(),
+                pre_norm: pre_norm.map(|n| norm_info(context, &self.norms[n])),
+                post_norm: post_norm.map(|n| norm_info(context, &self.norms[n])),
+            });
             match block.kind {
                 BlockKind::Attention { core, cross } => {
                     let core = &self.cores[core];
@@ -471,6 +505,18 @@ fn linear_site(context: &Context, linear: &Linear, kind: SiteKind) -> Site {
         output: linear.output.clone(),
         key_states: None,
         value_states: None,
+    }
+}
+
+fn norm_info(context: &Context, norm: &Norm) -> NormInfo {
+    NormInfo {
+        node: context.node(norm.node).name.clone(),
+        kind: norm.kind,
+        scale: norm.scale.clone(),
+        shift: norm.shift.clone(),
+        epsilon: norm.epsilon,
+        input: norm.input.clone(),
+        output: norm.output.clone(),
     }
 }
 

@@ -4,7 +4,7 @@
 use super::PatchBuilder;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::patch::Init;
+use crate::patch::{AttributeValue, Init};
 use std::str::FromStr;
 
 /// Names created by [`PatchBuilder::residual_module`].
@@ -82,15 +82,121 @@ pub enum Placement {
     },
 }
 
+/// The module of a bottleneck adapter, `scaling · up(act(down(x)))` (AdapterHub's
+/// `Adapter`): `down(t) = t · Wd + bd` with `Wd [hidden, bottleneck]`, `up(t) = t · Wu + bu`
+/// with `Wu [bottleneck, hidden]`, then dropout on the result when `dropout` is set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bottleneck {
+    /// The width the module reads and writes.
+    pub hidden: usize,
+    /// The bottleneck width.
+    pub bottleneck: usize,
+    /// The nonlinearity between the projections.
+    pub activation: Activation,
+    /// The factor on the module's output (no node when 1).
+    pub scaling: f64,
+    /// Dropout on the scaled output, active in training graphs only.
+    pub dropout: Option<f32>,
+    /// `Wd`'s init.
+    pub init_down: Init,
+    /// `Wu`'s init (zeros make the module output zero, so an adapter starts as a no-op).
+    pub init_up: Init,
+}
+
+/// Names created by [`PatchBuilder::bottleneck`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BottleneckNames {
+    /// Down projection `[hidden, bottleneck]`.
+    pub down: String,
+    /// Down bias `[bottleneck]`, zero-initialised.
+    pub down_bias: String,
+    /// Up projection `[bottleneck, hidden]`.
+    pub up: String,
+    /// Up bias `[hidden]`, zero-initialised.
+    pub up_bias: String,
+    /// The module's output, added nowhere yet.
+    pub output: String,
+    /// Every node emitted, in order.
+    pub nodes: Vec<String>,
+}
+
 impl PatchBuilder<'_> {
+    /// Builds the module `module` on `x` under the names `<stem>.<part>` (`stem` as returned
+    /// by [`PatchBuilder::stem`]) and returns its output without adding it anywhere; the
+    /// caller wires it (residual, gate, fusion). Its four parameters are trainable, in `x`'s
+    /// type. Nodes: `MatMul`, `Add`, the activation, `MatMul`, `Add`, then `Mul` by the
+    /// scaling unless it is 1, then `Dropout` when set. Errors for a zero width or a dropout
+    /// outside `[0, 1)`.
+    pub fn bottleneck(
+        &mut self,
+        stem: &str,
+        x: &str,
+        module: &Bottleneck,
+    ) -> Result<BottleneckNames> {
+        let Bottleneck {
+            hidden,
+            bottleneck,
+            ..
+        } = *module;
+        if hidden == 0 || bottleneck == 0 {
+            return Err(Error::Build(format!(
+                "bottleneck on {x}: widths must be positive (hidden {hidden}, bottleneck {bottleneck})"
+            )));
+        }
+        if let Some(p) = module.dropout {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::Build(format!(
+                    "bottleneck on {x}: dropout {p} is outside [0, 1)"
+                )));
+            }
+        }
+        let dtype = self.value_dtype(x)?;
+        let parameter = |builder: &mut Self, part: &str, shape: Vec<usize>, init: Init| {
+            builder.parameter(&format!("{stem}.{part}"), dtype, shape, init, true)
+        };
+        let down = parameter(self, "down", vec![hidden, bottleneck], module.init_down.clone());
+        let down_bias = parameter(self, "down_bias", vec![bottleneck], Init::Zeros);
+        let up = parameter(self, "up", vec![bottleneck, hidden], module.init_up.clone());
+        let up_bias = parameter(self, "up_bias", vec![hidden], Init::Zeros);
+        let (output, nodes) = self.block(|builder| {
+            let x = builder.current(x);
+            let t = builder.op(&format!("{stem}.matmul_down"), "MatMul", &[&x, &down], &[]);
+            let t = builder.op(&format!("{stem}.add_down_bias"), "Add", &[&t, &down_bias], &[]);
+            let t = builder.activation(stem, module.activation, &t, dtype);
+            let t = builder.op(&format!("{stem}.matmul_up"), "MatMul", &[&t, &up], &[]);
+            let mut t = builder.op(&format!("{stem}.add_up_bias"), "Add", &[&t, &up_bias], &[]);
+            if module.scaling != 1.0 {
+                let s = builder.constant_scalar(&format!("{stem}.scaling"), module.scaling, dtype);
+                t = builder.op(&format!("{stem}.mul_scaling"), "Mul", &[&t, &s], &[]);
+            }
+            if let Some(p) = module.dropout.filter(|&p| p > 0.0) {
+                let ratio = builder.op(
+                    &format!("{stem}.dropout_ratio"),
+                    "Constant",
+                    &[],
+                    &[("value_float", AttributeValue::Float(p))],
+                );
+                t = builder.op(&format!("{stem}.dropout"), "Dropout", &[&t, &ratio], &[]);
+            }
+            Ok(t)
+        })?;
+        Ok(BottleneckNames {
+            down,
+            down_bias,
+            up,
+            up_bias,
+            output,
+            nodes,
+        })
+    }
+
     /// Adds a bottleneck adapter onto `value` (width `hidden`):
-    /// `h' = h + up(act(down(src)))` with `down(t) = t · Wd + bd`, `up(t) = t · Wu + bu`,
-    /// `src = h` ([`Placement::Sequential`], Houlsby) or `from`
-    /// ([`Placement::Parallel`]; its last axis must also be `hidden`). `Wd [hidden,
-    /// bottleneck]` is initialised by `init_down`; `bd`, `Wu [bottleneck, hidden]` and `bu` are
-    /// zeros, so the module starts as a no-op. All four are trainable, in `value`'s type.
-    /// Nodes: `MatMul`, `Add`, the activation, `MatMul`, `Add`, `Add(h, ·)`. Rewires `h` to
-    /// `h'`. Records no fold: an adapter is not mergeable.
+    /// `h' = h + up(act(down(src)))` ([`PatchBuilder::bottleneck`] with scaling 1 and no
+    /// dropout), `src = h` ([`Placement::Sequential`], Houlsby) or `from`
+    /// ([`Placement::Parallel`]; its last axis must also be `hidden`). `Wd` is initialised by
+    /// `init_down`; `bd`, `Wu` and `bu` are zeros, so the module starts as a no-op. Nodes: the
+    /// module's, then `Add(h, ·)`. Rewires `h` to `h'`. Records no fold: an adapter is not
+    /// mergeable.
     pub fn residual_module(
         &mut self,
         value: &str,
@@ -100,72 +206,33 @@ impl PatchBuilder<'_> {
         placement: Placement,
         init_down: Init,
     ) -> Result<ResidualNames> {
-        if hidden == 0 || bottleneck == 0 {
-            return Err(Error::Build(format!(
-                "residual_module on {value}: widths must be positive"
-            )));
-        }
-        let dtype = self.value_dtype(value)?;
         let stem = self.stem(&format!("{}.{value}", self.prefix));
-        let down = self.parameter(
-            &format!("{stem}.down"),
-            dtype,
-            vec![hidden, bottleneck],
+        let module = Bottleneck {
+            hidden,
+            bottleneck,
+            activation,
+            scaling: 1.0,
+            dropout: None,
             init_down,
-            true,
-        );
-        let down_bias = self.parameter(
-            &format!("{stem}.down_bias"),
-            dtype,
-            vec![bottleneck],
-            Init::Zeros,
-            true,
-        );
-        let up = self.parameter(
-            &format!("{stem}.up"),
-            dtype,
-            vec![bottleneck, hidden],
-            Init::Zeros,
-            true,
-        );
-        let up_bias = self.parameter(
-            &format!("{stem}.up_bias"),
-            dtype,
-            vec![hidden],
-            Init::Zeros,
-            true,
-        );
-        let (output, nodes) = self.block(|builder| {
+            init_up: Init::Zeros,
+        };
+        let (names, nodes) = self.block(|builder| {
             let h = builder.current(value);
             let src = match &placement {
                 Placement::Sequential => h.clone(),
                 Placement::Parallel { from } => builder.current(from),
             };
-            let t = builder.op(
-                &format!("{stem}.matmul_down"),
-                "MatMul",
-                &[&src, &down],
-                &[],
-            );
-            let t = builder.op(
-                &format!("{stem}.add_down_bias"),
-                "Add",
-                &[&t, &down_bias],
-                &[],
-            );
-            let t = builder.activation(&stem, activation, &t, dtype);
-            let t = builder.op(&format!("{stem}.matmul_up"), "MatMul", &[&t, &up], &[]);
-            let t = builder.op(&format!("{stem}.add_up_bias"), "Add", &[&t, &up_bias], &[]);
-            let output = builder.op(&format!("{stem}.add"), "Add", &[&h, &t], &[]);
+            let names = builder.bottleneck(&stem, &src, &module)?;
+            let output = builder.op(&format!("{stem}.add"), "Add", &[&h, &names.output], &[]);
             builder.rewire(&h, &output);
-            Ok(output)
+            Ok(BottleneckNames { output, ..names })
         })?;
         Ok(ResidualNames {
-            down,
-            down_bias,
-            up,
-            up_bias,
-            output,
+            down: names.down,
+            down_bias: names.down_bias,
+            up: names.up,
+            up_bias: names.up_bias,
+            output: names.output,
             nodes,
         })
     }
