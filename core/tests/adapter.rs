@@ -174,6 +174,10 @@ fn loss_and_gradients(
         _ => ids,
     };
     feeds.push(("labels".into(), labels));
+    let record = graft::patch::read_record(model).unwrap();
+    let participation =
+        graft::train::participation::Participation::new(model, &record, &[], 0).unwrap();
+    feeds.extend(participation.feeds(true, 1, 1, 0).unwrap());
     for (name, _) in &training.gradients {
         let tensor = model.graph.initializer(name).unwrap();
         let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();

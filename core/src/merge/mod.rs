@@ -397,13 +397,22 @@ fn drop_unread_method_nodes(graph: &mut Graph, record: &GraftRecord, report: &mu
     }
 }
 
-/// Errors when nodes a method added still compute the model's outputs after every fold ran:
-/// the method is not linear in its input (a bottleneck adapter), so no weight can absorb it.
+/// Errors when a method records no fold for any of its nodes and those nodes still compute
+/// the model's outputs: the method is not linear in its input (a bottleneck adapter), so no
+/// weight can absorb it. A method whose folds leave some of its nodes (a baked prompt table
+/// still concatenated to the sequence) merges as far as its folds go.
 fn refuse_unfolded_methods(graph: &Graph, record: &GraftRecord) -> Result<()> {
     let remaining: HashSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+    let folded: HashSet<&str> = record
+        .folds
+        .iter()
+        .flat_map(|f| f.removed_nodes())
+        .map(String::as_str)
+        .collect();
     let unfolded: Vec<String> = record
         .methods
         .iter()
+        .filter(|m| !m.nodes.iter().any(|n| folded.contains(n.as_str())))
         .filter_map(|m| {
             let left = m
                 .nodes

@@ -19,6 +19,7 @@
 
 mod adapterhub;
 mod settings;
+mod switch;
 
 use graft_plugin_sdk::{
     export_plugin, AttributeValue, BlockKind, Bottleneck, GraphView, Host, Init, Layer,
@@ -27,6 +28,7 @@ use graft_plugin_sdk::{
 };
 
 use settings::{InitWeights, ResidualFrom, Settings};
+use switch::Switches;
 
 /// Bottleneck adapters, configured like AdapterHub's `BnConfig`.
 pub struct Adapter;
@@ -53,6 +55,8 @@ impl Plugin for Adapter {
         let mut builder = PatchBuilder::new(graph, &format!("adapter.{}", settings.name))
             .with_seed(settings.seed);
         let mut hub = adapterhub::Files::new(&settings);
+        let n_layers = graph.stacks.iter().map(|s| s.n_layers).sum();
+        let switches = Switches::new(&mut builder, &settings, n_layers);
         let mut n_adapters = 0;
         let mut first_layer = 0;
         for stack in &graph.stacks {
@@ -61,8 +65,19 @@ impl Plugin for Adapter {
                 if settings.leave_out.contains(&layer_id) {
                     continue;
                 }
-                for block in layer.blocks.iter().filter(|b| wanted(&settings, b.kind)) {
-                    let names = add_adapter(&mut builder, &settings, graph, stack, layer, block)?;
+                let blocks: Vec<_> = layer
+                    .blocks
+                    .iter()
+                    .filter(|b| wanted(&settings, b.kind))
+                    .collect();
+                let keep = if blocks.is_empty() {
+                    String::new()
+                } else {
+                    switches.keep(&mut builder, layer_id)
+                };
+                for block in blocks {
+                    let names =
+                        add_adapter(&mut builder, &settings, graph, stack, layer, block, &keep)?;
                     hub.add(stack, layer, block.kind, &names);
                     n_adapters += 1;
                 }
@@ -104,7 +119,9 @@ fn location(kind: BlockKind) -> &'static str {
     }
 }
 
-/// Builds one adapter at `block` and wires it in as AdapterHub's `BottleneckLayer` does.
+/// Builds one adapter at `block` and wires it in as AdapterHub's `BottleneckLayer` does,
+/// computing where `keep` (a bool scalar) holds.
+#[allow(clippy::too_many_arguments)]
 fn add_adapter(
     builder: &mut PatchBuilder<'_>,
     settings: &Settings,
@@ -112,6 +129,7 @@ fn add_adapter(
     stack: &Stack,
     layer: &Layer,
     block: &ResidualBlock,
+    keep: &str,
 ) -> Result<graft_plugin_sdk::BottleneckNames, String> {
     let hidden = stack.hidden_size;
     let bottleneck = settings.bottleneck(hidden);
@@ -167,6 +185,7 @@ fn add_adapter(
             &h,
             &with_adapter,
             &x,
+            keep,
         )?;
         return Ok(names);
     }
@@ -196,6 +215,7 @@ fn add_adapter(
         &h,
         &with_adapter,
         &x,
+        keep,
     )?;
     Ok(names)
 }
@@ -203,7 +223,8 @@ fn add_adapter(
 /// AdapterHub's `post_forward`: with `original_ln_after`, `with_adapter` takes `h`'s place in
 /// the block (`LN(with_adapter + x)`); otherwise it is the block's output itself. When the
 /// adapter read nothing downstream of `h`, the block's own add and norm are reused by rewiring
-/// `h`; otherwise they stay for the adapter and a copy computes the block's new output.
+/// `h`; otherwise they stay for the adapter and a copy computes the block's new output. The
+/// replaced value is kept where `keep` is false (see [`switch`]).
 #[allow(clippy::too_many_arguments)]
 fn finish_block(
     builder: &mut PatchBuilder<'_>,
@@ -214,10 +235,12 @@ fn finish_block(
     h: &str,
     with_adapter: &str,
     x: &str,
+    keep: &str,
 ) -> Result<(), String> {
     let norm = block.post_norm.as_ref();
     if settings.original_ln_after && !settings.reads_sum() {
-        builder.rewire(h, with_adapter);
+        let switched = switch::select(builder, stem, keep, with_adapter, h);
+        builder.rewire(h, &switched);
         return Ok(());
     }
     let output = if settings.original_ln_after {
@@ -230,7 +253,9 @@ fn finish_block(
         with_adapter.to_owned()
     };
     let block_output = norm.map_or(block.sum.as_str(), |n| n.output.as_str());
-    builder.rewire(block_output, &output);
+    let base = builder.current(block_output);
+    let switched = switch::select(builder, stem, keep, &output, &base);
+    builder.rewire(block_output, &switched);
     Ok(())
 }
 

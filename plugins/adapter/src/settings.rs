@@ -58,8 +58,12 @@ pub struct Settings {
     pub init_weights: InitWeights,
     /// Dropout on the adapter's output (training only).
     pub dropout: f32,
-    /// Layers (counted across stacks, encoder first) that get no adapter.
+    /// Layers (counted across stacks, encoder first) that get no adapter; static
+    /// AdapterDrop's `drop_layers` lowest layers are among them.
     pub leave_out: Vec<usize>,
+    /// Robust AdapterDrop: every training step drops the adapters of the lowest n layers, n
+    /// drawn uniformly from 0 to the layer count − 1.
+    pub robust_drop: bool,
     /// Also train the layers' norms (Houlsby et al. do).
     pub train_layer_norms: bool,
     /// The seed of the random init.
@@ -109,7 +113,9 @@ pub fn config_keys() -> Vec<ConfigKey> {
         preset("scaling", ConfigKind::Float, "factor on the adapter's output (1, 1, 4)"),
         preset("init_weights", ConfigKind::String, "bert (both projections N(0, 0.02)) or mam_adapter (up projection zero: an exact no-op)"),
         ConfigKey::float("dropout", 0.0, "dropout on the adapter's output, training only"),
-        ConfigKey::list("leave_out", &[], "layer indices (across stacks, encoder first) without adapters: AdapterDrop's dropped layers"),
+        ConfigKey::list("leave_out", &[], "layer indices (across stacks, encoder first) without adapters"),
+        ConfigKey::int("drop_layers", 0, "static AdapterDrop: the lowest n layers get no adapter (added to leave_out), so inference is faster"),
+        ConfigKey::bool("robust_drop", false, "robust AdapterDrop: each training step drops the adapters of the lowest n layers, n drawn from 0..layers-1 by graft's seeded generator; outside training the input adapter.<name>.dropped_layers (default 0) sets n, e.g. through `graft train --eval-sweep`"),
         preset("train_layer_norms", ConfigKind::Bool, "also train the layers' norms (true for double_seq_bn, as Houlsby et al.)"),
         ConfigKey::int("seed", 0, "seed of the random init"),
     ]
@@ -145,9 +151,11 @@ impl Settings {
                         "true" => ResidualFrom::Branch,
                         "post_add" => ResidualFrom::Sum,
                         "false" => ResidualFrom::AdapterInput,
-                        other => return Err(format!(
+                        other => {
+                            return Err(format!(
                             "residual_before_ln \"{other}\" is not one of: true, post_add, false"
-                        )),
+                        ))
+                        }
                     }
                 }
                 "is_parallel" => s.is_parallel = config.get_bool(key)?,
@@ -178,6 +186,13 @@ impl Settings {
                     .map_err(|_| format!("leave_out: \"{l}\" is not a layer index"))
             })
             .collect::<Result<_, _>>()?;
+        for layer in 0..config.get_usize("drop_layers")? {
+            if !s.leave_out.contains(&layer) {
+                s.leave_out.push(layer);
+            }
+        }
+        s.leave_out.sort_unstable();
+        s.robust_drop = config.get_bool("robust_drop")?;
         s.activation = s
             .non_linearity
             .parse()
@@ -268,6 +283,7 @@ fn preset(name: &str) -> Result<Settings, String> {
         init_weights: InitWeights::Bert,
         dropout: 0.0,
         leave_out: Vec::new(),
+        robust_drop: false,
         train_layer_norms: false,
         seed: 0,
     };

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::graph::{GraphView, Site};
 use crate::patch::{AttributeValue, Fold, Init, NewNode, NewParameter, NewValue, Patch, Rewire};
 use crate::protocol::{PatchReply, TensorPayload};
+use crate::training::{HostInput, HostInputKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod linear;
@@ -388,13 +389,37 @@ impl<'g> PatchBuilder<'g> {
         Ok(())
     }
 
+    /// Declares an input the host feeds at every training and evaluation step (see
+    /// [`HostInput`]; ABI 2) under `name` (claimed, see [`PatchBuilder::claim`]) and returns
+    /// the name, which the patch's nodes read like any value. Outside training the input is
+    /// an overridable initializer holding `default`, so an exported graph runs without the
+    /// host and a caller may still feed it (a switch, a number of dropped layers).
+    pub fn host_input(
+        &mut self,
+        name: &str,
+        kind: HostInputKind,
+        dtype: DType,
+        shape: Vec<usize>,
+        default: Init,
+    ) -> String {
+        let name = self.claim(name);
+        self.patch.training.host_inputs.push(HostInput {
+            name: name.clone(),
+            kind,
+            dtype,
+            shape,
+            default,
+        });
+        name
+    }
+
     /// Declares an existing or new value as an extra graph output.
     pub fn graph_output(&mut self, value: NewValue) {
         self.patch.graph_outputs.push(value);
     }
 
-    /// The element type of `value`: from the view, else from a new parameter of that name,
-    /// else the default type (see [`PatchBuilder::with_default_dtype`]). Errors when none is
+    /// The element type of `value`: from the view, else from a new parameter or host input of
+    /// that name, else the default type (see [`PatchBuilder::with_default_dtype`]). Errors when none is
     /// known.
     pub fn value_dtype(&self, value: &str) -> Result<DType> {
         self.graph
@@ -405,6 +430,14 @@ impl<'g> PatchBuilder<'g> {
                     .iter()
                     .find(|p| p.name == value)
                     .map(|p| p.dtype)
+            })
+            .or_else(|| {
+                self.patch
+                    .training
+                    .host_inputs
+                    .iter()
+                    .find(|i| i.name == value)
+                    .map(|i| i.dtype)
             })
             .or(self.default_dtype)
             .ok_or_else(|| Error::Build(format!("the element type of \"{value}\" is unknown")))
