@@ -66,6 +66,8 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
     ViTConfig,
@@ -331,6 +333,65 @@ def bert() -> Recording:
             "up": "bert.encoder.layer.0.intermediate.dense",
             "down": "bert.encoder.layer.0.output.dense",
         },
+    )
+
+
+# RoBERTa numbers positions from padding_idx + 1 (pad_token_id=1, so 2, 3, ...) and gives
+# padding tokens position padding_idx; the position table needs MAX_POS + 2 rows (roberta-base:
+# 514 = 512 + 2) for sequences of up to MAX_POS tokens.
+ROBERTA_PAD = 1
+
+
+@register("roberta")
+def roberta() -> Recording:
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS + ROBERTA_PAD + 1,
+        type_vocab_size=1,
+        num_labels=2,
+        pad_token_id=ROBERTA_PAD,
+        bos_token_id=0,
+        eos_token_id=2,
+        initializer_range=INIT_RANGE,
+        attn_implementation="eager",
+    )
+    model = init_model("roberta", RobertaForSequenceClassification, cfg)
+
+    def make_inputs(b, s, p, g):
+        mask = padded_mask(b, s)
+        # Padded positions hold the pad token, as a tokenizer writes them: RoBERTa derives its
+        # position ids from input_ids != pad_token_id, not from the mask.
+        input_ids = ids(g, b, s).masked_fill(mask == 0, ROBERTA_PAD)
+        return dict(input_ids=input_ids, attention_mask=mask)
+
+    def run(forward, input_ids, attention_mask):
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return (out.logits,)
+
+    bs = {0: "batch", 1: "sequence"}
+    return Recording(
+        name="roberta",
+        arch="roberta",
+        model=model,
+        config=cfg,
+        inputs=[Tensor("input_ids", bs), Tensor("attention_mask", bs)],
+        outputs=[Tensor("logits", {0: "batch"})],
+        make_inputs=make_inputs,
+        run=run,
+        stacks=[stack("encoder", N_LAYERS, HIDDEN, N_HEADS, N_HEADS, False, False, "up_down")],
+        labels={
+            "q": "roberta.encoder.layer.0.attention.self.query",
+            "k": "roberta.encoder.layer.0.attention.self.key",
+            "v": "roberta.encoder.layer.0.attention.self.value",
+            "o": "roberta.encoder.layer.0.attention.output.dense",
+            "up": "roberta.encoder.layer.0.intermediate.dense",
+            "down": "roberta.encoder.layer.0.output.dense",
+        },
+        notes="token positions start at pad_token_id + 1; no token_type_ids input (type_vocab_size=1)",
     )
 
 
