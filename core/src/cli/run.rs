@@ -11,7 +11,9 @@ use graft::runtime::{
 /// Run a model on named inputs and print or save its outputs.
 ///
 /// Inputs are read from an `.npz` file whose array names are the model's input names (extra
-/// arrays are ignored). With `--compare REF.npz` the outputs are checked against reference
+/// arrays are ignored). An array may also replace an overridable initializer by name — a
+/// method's input such as an adapter's switch `adapter.NAME.active` (bool scalar) or robust
+/// AdapterDrop's `adapter.NAME.dropped_layers` (float scalar). With `--compare REF.npz` the outputs are checked against reference
 /// outputs and the largest difference is printed; the command fails (exit 2) above `--tolerance`.
 ///
 /// `--runtime tract` runs the model in tract instead of ONNX Runtime (CPU only), to check that
@@ -127,10 +129,12 @@ impl Session {
         })
     }
 
-    fn input_names(&self) -> &[String] {
+    /// Whether the model reads a feed of this name (ONNX Runtime also takes overridable
+    /// initializers, such as a method's switch).
+    fn accepts(&self, name: &str) -> bool {
         match self {
-            Session::Ort(session, _) => &session.input_names,
-            Session::Tract(session) => &session.input_names,
+            Session::Ort(session, _) => session.accepts(name),
+            Session::Tract(session) => session.input_names.iter().any(|n| n == name),
         }
     }
 
@@ -147,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut session = Session::open(&args).with_context(|| format!("{}", args.model.display()))?;
     let fed: Vec<(String, HostTensor)> = inputs
         .into_iter()
-        .filter(|(name, _)| session.input_names().contains(name))
+        .filter(|(name, _)| session.accepts(name))
         .collect();
     let outputs = session.run(&fed)?;
     for (name, tensor) in &outputs {

@@ -73,6 +73,13 @@ pub struct Args {
     /// Evaluate every K steps.
     #[arg(long, value_name = "K", requires = "eval_data")]
     eval_every: Option<u64>,
+    /// Repeat each evaluation once per value of a method's value input, as INPUT=V1,V2,…:
+    /// `adapter.adapter.dropped_layers=0,1,2,3` scores a robust-AdapterDrop adapter with the
+    /// adapters of the lowest 0, 1, 2 and 3 layers dropped; `adapter.NAME.active=1,0` with and
+    /// without an adapter. Each evaluation line of metrics.jsonl records the value under
+    /// `inputs`; the best evaluations are taken at the first value.
+    #[arg(long, value_name = "INPUT=V1,V2,…", requires = "eval_data")]
+    eval_sweep: Option<graft::train::EvalSweep>,
     /// Write RUN_DIR/checkpoint every K steps (it is always written after the last step).
     #[arg(long, value_name = "K")]
     save_every: Option<u64>,
@@ -195,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_len: args.max_len,
         eval_data: args.eval_data.clone(),
         eval_every: args.eval_every,
+        eval_sweep: args.eval_sweep.clone(),
         save_every: args.save_every,
         resume: args.resume.is_some(),
         out,
@@ -327,7 +335,11 @@ fn step_line(metrics: &StepMetrics) -> String {
 }
 
 fn eval_line(metrics: &EvalMetrics) -> String {
-    let mut line = format!("eval  {:>5}  loss {:.6}", metrics.step, metrics.eval_loss);
+    let mut line = format!("eval  {:>5}", metrics.step);
+    for (input, value) in &metrics.inputs {
+        line += &format!("  {input}={value}");
+    }
+    line += &format!("  loss {:.6}", metrics.eval_loss);
     if let Some(accuracy) = metrics.eval_accuracy {
         line += &format!("  accuracy {accuracy:.4}");
     }

@@ -22,6 +22,18 @@ pub enum HostTensor {
 }
 
 impl HostTensor {
+    /// A tensor of the same type and shape with every element `value` (cast to the type;
+    /// non-zero is `true`).
+    pub fn filled_with(&self, value: f64) -> HostTensor {
+        match self {
+            HostTensor::F32(a) => HostTensor::F32(a.mapv(|_| value as f32)),
+            HostTensor::F64(a) => HostTensor::F64(a.mapv(|_| value)),
+            HostTensor::I64(a) => HostTensor::I64(a.mapv(|_| value as i64)),
+            HostTensor::I32(a) => HostTensor::I32(a.mapv(|_| value as i32)),
+            HostTensor::Bool(a) => HostTensor::Bool(a.mapv(|_| value != 0.0)),
+        }
+    }
+
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         match self {

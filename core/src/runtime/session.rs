@@ -73,8 +73,11 @@ impl OrtAdapter {
 /// A loaded model, ready to run.
 pub struct OrtSession {
     session: Session,
-    /// The graph's input names, in order.
+    /// The graph's input names, in order (without initializers that are also inputs).
     pub input_names: Vec<String>,
+    /// Initializers that are also graph inputs: fed when given, their stored value otherwise
+    /// (methods' switches and other host inputs in exported graphs).
+    pub overridable_names: Vec<String>,
     /// The graph's output names, in order.
     pub output_names: Vec<String>,
 }
@@ -129,6 +132,11 @@ impl OrtSession {
             .iter()
             .map(|i| i.name().to_owned())
             .collect();
+        let overridable_names = session
+            .overridable_initializers()
+            .iter()
+            .map(|i| i.name().to_owned())
+            .collect();
         let output_names = session
             .outputs()
             .iter()
@@ -137,8 +145,17 @@ impl OrtSession {
         Ok(OrtSession {
             session,
             input_names,
+            overridable_names,
             output_names,
         })
+    }
+
+    /// Whether the model reads a feed named `name`: an input, or an overridable initializer.
+    pub fn accepts(&self, name: &str) -> bool {
+        self.input_names
+            .iter()
+            .chain(&self.overridable_names)
+            .any(|n| n == name)
     }
 
     /// Runs the model on named inputs and returns every output, in graph order.

@@ -62,6 +62,8 @@ pub struct TrainOptions {
     pub eval_data: Option<PathBuf>,
     /// Evaluate every this many steps (and always after the last step).
     pub eval_every: Option<u64>,
+    /// Repeat each evaluation once per value of a host input.
+    pub eval_sweep: Option<EvalSweep>,
     /// Write a checkpoint every this many steps (and always after the last step).
     pub save_every: Option<u64>,
     /// Continue from the checkpoint in `out` instead of starting afresh.
@@ -120,6 +122,45 @@ pub struct StepMetrics {
     pub plugin: std::collections::BTreeMap<String, f64>,
 }
 
+/// Evaluations repeated once per value of one of the methods' host inputs of kind
+/// [`HostInputKind::Value`](graft_plugin_sdk::HostInputKind::Value) — for example robust
+/// AdapterDrop's `adapter.<name>.dropped_layers` for n = 0, 1, …, or an adapter's switch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalSweep {
+    /// The host input.
+    pub input: String,
+    /// Its values, one evaluation each, in order.
+    pub values: Vec<f64>,
+}
+
+impl std::str::FromStr for EvalSweep {
+    type Err = String;
+
+    /// Reads `NAME=V1,V2,…` (`adapter.adapter.dropped_layers=0,2,4`).
+    fn from_str(text: &str) -> std::result::Result<EvalSweep, String> {
+        let (input, values) = text
+            .split_once('=')
+            .ok_or_else(|| format!("\"{text}\" is not INPUT=V1,V2,…"))?;
+        let values = values
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| format!("\"{v}\" in --eval-sweep {text} is not a number"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if input.is_empty() {
+            return Err(format!("--eval-sweep {text} names no input"));
+        }
+        Ok(EvalSweep {
+            input: input.to_owned(),
+            values,
+        })
+    }
+}
+
 /// One evaluation line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalMetrics {
@@ -130,6 +171,10 @@ pub struct EvalMetrics {
     /// Share of scored labels predicted right (argmax), for seq-cls and token-cls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_accuracy: Option<f64>,
+    /// The host input values this evaluation ran with, by name, when they were swept
+    /// ([`TrainOptions::eval_sweep`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inputs: std::collections::BTreeMap<String, f64>,
 }
 
 /// What [`train`] reports while it runs.
@@ -504,6 +549,14 @@ pub fn train(
         .map(|m| m.method.as_str())
         .collect();
     let mut participation = Participation::new(patched, &record, &trained_methods, options.seed)?;
+    if let Some(sweep) = &options.eval_sweep {
+        participation.check_value_input(&sweep.input)?;
+        if eval_set.is_none() {
+            return Err(Error::Config(
+                "--eval-sweep needs evaluation data (--eval-data)".into(),
+            ));
+        }
+    }
     let mut session =
         OrtSession::from_bytes(&crate::onnx::to_bytes(&graph.model)?, options.session)?;
     let mut evaluator = match &eval_set {
@@ -696,10 +749,13 @@ pub fn train(
                     .is_some_and(|k| k > 0 && step_number % k == 0)
             {
                 let host_feeds = participation.feeds(false, step_number, total_steps, 0)?;
-                let evaluation = evaluator.evaluate(step_number, &store, &host_feeds)?;
-                write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
-                history.evaluations.push(evaluation.clone());
-                on_event(TrainEvent::Evaluated(&evaluation));
+                for (setting, feeds) in sweep_feeds(options.eval_sweep.as_ref(), &host_feeds)? {
+                    let mut evaluation = evaluator.evaluate(step_number, &store, &feeds)?;
+                    evaluation.inputs.extend(setting);
+                    write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
+                    history.evaluations.push(evaluation.clone());
+                    on_event(TrainEvent::Evaluated(&evaluation));
+                }
             }
         }
         if last
@@ -748,6 +804,7 @@ pub fn train(
         history
             .evaluations
             .iter()
+            .filter(|e| is_unswept(options.eval_sweep.as_ref(), e))
             .filter_map(|e| key(e).filter(|v| v.is_finite()).map(|v| (v, e)))
             .max_by(|a, b| {
                 let order = a.0.total_cmp(&b.0);
@@ -908,8 +965,41 @@ impl<'a> Evaluator<'a> {
                 f64::NAN
             },
             eval_accuracy: (counted > 0).then(|| correct as f64 / counted as f64),
+            inputs: Default::default(),
         })
     }
+}
+
+/// The evaluations to run after a step: one with the host inputs as fed, or with a sweep one
+/// per value of its input, each with the setting it records.
+fn sweep_feeds(
+    sweep: Option<&EvalSweep>,
+    host_feeds: &[(String, HostTensor)],
+) -> Result<Vec<(Option<(String, f64)>, Vec<(String, HostTensor)>)>> {
+    let Some(sweep) = sweep else {
+        return Ok(vec![(None, host_feeds.to_vec())]);
+    };
+    sweep
+        .values
+        .iter()
+        .map(|&value| {
+            let mut feeds = host_feeds.to_vec();
+            let fed = feeds
+                .iter_mut()
+                .find(|(name, _)| *name == sweep.input)
+                .ok_or_else(|| Error::Config(format!("no host input {}", sweep.input)))?;
+            fed.1 = fed.1.filled_with(value);
+            Ok((Some((sweep.input.clone(), value)), feeds))
+        })
+        .collect()
+}
+
+/// Whether an evaluation counts for the run's best ones: every evaluation without a sweep,
+/// those at the sweep's first value with one.
+fn is_unswept(sweep: Option<&EvalSweep>, evaluation: &EvalMetrics) -> bool {
+    sweep.is_none_or(|sweep| {
+        evaluation.inputs.get(&sweep.input).copied() == sweep.values.first().copied()
+    })
 }
 
 /// How many labels of a batch the task's loss averages over.

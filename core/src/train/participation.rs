@@ -123,6 +123,28 @@ impl Participation {
         self.inputs.iter().map(|f| f.input.name.clone()).collect()
     }
 
+    /// Errors unless `name` is a host input of kind [`HostInputKind::Value`], naming the ones
+    /// there are.
+    pub fn check_value_input(&self, name: &str) -> Result<()> {
+        let values: Vec<&str> = self
+            .inputs
+            .iter()
+            .filter(|f| f.input.kind == HostInputKind::Value)
+            .map(|f| f.input.name.as_str())
+            .collect();
+        if values.contains(&name) {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "{name} is not a value input of the model's methods; they are: {}",
+            if values.is_empty() {
+                "none".to_owned()
+            } else {
+                values.join(", ")
+            }
+        )))
+    }
+
     /// The feeds of the host inputs for micro-batch `micro` of step `step` (1-based) of
     /// `total_steps`, in a training graph or (with `training` false) an evaluation graph.
     pub fn feeds(
