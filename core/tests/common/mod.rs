@@ -76,7 +76,8 @@ pub fn try_run_model(
     run_bytes(&graft::onnx::to_bytes(model)?, inputs)
 }
 
-/// [`try_run_model`] for a serialized model; `inputs` the model does not take are left out.
+/// [`try_run_model`] for a serialized model; `inputs` the model does not take (as an input or
+/// an overridable initializer) are left out.
 pub fn run_bytes(
     bytes: &[u8],
     inputs: &[(String, HostTensor)],
@@ -89,7 +90,7 @@ pub fn run_bytes(
     let mut session = OrtSession::from_bytes(bytes, options)?;
     let wanted: Vec<_> = inputs
         .iter()
-        .filter(|(name, _)| session.input_names.contains(name))
+        .filter(|(name, _)| session.accepts(name))
         .cloned()
         .collect();
     session.run(&wanted)
