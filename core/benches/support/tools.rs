@@ -52,19 +52,32 @@ pub fn large_model(relative: &str, make_it: &str) -> PathBuf {
     model
 }
 
-/// The release build of the lora plugin: `cargo bench` builds no cdylibs, so this builds it
-/// (a no-op when it is up to date) and returns its path, honouring `CARGO_TARGET_DIR`.
+/// The build of the lora plugin; see [`plugin`].
 pub fn lora_plugin() -> PathBuf {
+    plugin("graft-plugin-lora")
+}
+
+/// The build of the plugin crate `package` in the benchmark's own profile (release, or dev
+/// with `cargo bench --profile dev`): `cargo bench` builds no cdylibs, so this builds it (a
+/// no-op when it is up to date) and returns its path, honouring `CARGO_TARGET_DIR`.
+pub fn plugin(package: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let release = !cfg!(debug_assertions);
+    let mut command = Command::new(cargo);
+    command
         .current_dir(&workspace)
-        .args(["build", "--release", "--quiet", "-p", "graft-plugin-lora"])
+        .args(["build", "--quiet", "-p", package]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command
         .status()
-        .expect("run cargo build for the lora plugin");
-    assert!(status.success(), "building the lora plugin failed");
+        .unwrap_or_else(|e| panic!("run cargo build for {package}: {e}"));
+    assert!(status.success(), "building {package} failed");
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))
-        .join("release/libgraft_plugin_lora.so")
+        .join(if release { "release" } else { "debug" })
+        .join(format!("lib{}.so", package.replace('-', "_")))
 }
