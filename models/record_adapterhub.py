@@ -14,6 +14,14 @@ environments:
      outputs), and write models/references/adapterhub-<arch>-<variant>/:
        adapter_config.json, adapter.safetensors   (model.save_adapter(..., use_safetensors=True))
        outputs.npz                                (the adapted model on fixtures/<arch>-legacy/inputs.npz)
+     and, for each of FUSIONS, models/references/adapterhub-fusion-<arch>-<preset>/: two seq_bn
+     adapters fused with AdapterHub's `add_adapter_fusion(Fuse(...), preset)`, every fusion
+     parameter seeded too:
+       fusion_a/, fusion_b/                       (model.save_adapter)
+       fusion/                                    (model.save_adapter_fusion: adapter_fusion_config.json,
+                                                   model_adapter_fusion.safetensors)
+       outputs.npz                                (the fused model's logits)
+     (what the fusion computes: references/ADAPTERFUSION.md).
 
 With `--check-graft DIR` the record stage instead loads graft's AdapterHub exports found in
 DIR/<arch>-<variant>/ (written by the tests' `GRAFT_ADAPTERHUB_EXPORTS` hook, see
@@ -48,8 +56,19 @@ VARIANTS = [
     ("gpt2", "double_seq_bn", "double_seq_bn", {}),
     ("llama", "seq_bn", "seq_bn", {"reduction_factor": 4}),
     ("llama", "par_bn", "par_bn", {}),
+    ("roberta", "seq_bn", "seq_bn", {}),
+    ("roberta", "double_seq_bn", "double_seq_bn", {}),
 ]
-ARCHS = sorted({arch for arch, *_ in VARIANTS})
+# AdapterFusion recordings: (arch, AdapterHub fusion preset). Each fuses two seq_bn adapters
+# named FUSION_ADAPTERS; the adapters' values do not depend on the preset, so the two
+# recordings of an arch share the same adapters and differ only in the fusion layers.
+FUSIONS = [("bert", "dynamic"), ("bert", "static")]
+FUSION_ADAPTERS = ("fusion_a", "fusion_b")
+# Standard deviation of the seeded fusion-layer values. The adapters' 0.3 makes the fusion's
+# query-key scores O(30) and its softmax pick one adapter at most positions (14-32% of the
+# weights in (0.01, 0.99)); 0.1 keeps 89-100% of them there, so the recording tests the mixing.
+FUSION_SCALE = 0.1
+ARCHS = sorted({arch for arch, *_ in VARIANTS} | {arch for arch, _ in FUSIONS})
 
 
 def export_stage(out: Path) -> None:
@@ -86,6 +105,9 @@ def record_stage(checkpoints: Path, check_graft: Path | None) -> int:
         config = transformers.AutoConfig.from_pretrained(folder)
         cls = getattr(transformers, config.architectures[0])
         model = cls.from_pretrained(folder).eval()
+        # save_adapter writes name_or_path into adapter_config.json as "model_name"; the
+        # scratch folder's random name would make every recording differ.
+        model.config.name_or_path = f"models/fixtures/{arch}-legacy"
         names = json.loads((folder / "inputs.json").read_text())
         with np.load(FIXTURES / f"{arch}-legacy" / "inputs.npz") as z:
             feeds = {names[k]: torch.from_numpy(z[k]) for k in z.files}
@@ -150,10 +172,69 @@ def record_stage(checkpoints: Path, check_graft: Path | None) -> int:
         )
         + "\n"
     )
+    if check_graft is None:
+        for arch, preset in FUSIONS:
+            record_fusion(arch, preset, load, logits)
     if failed:
         print("graft's exports differ in:", ", ".join(failed))
         return 1
     return 0
+
+
+def record_fusion(arch, preset, load, logits) -> None:
+    """Record `Fuse(*FUSION_ADAPTERS)` with the `preset` fusion config on `arch` into
+    references/adapterhub-fusion-<arch>-<preset>/: one subfolder per adapter
+    (`save_adapter`), `fusion/` (`save_adapter_fusion`) and the fused model's logits."""
+    import numpy as np
+    import torch
+    import adapters
+    from adapters.composition import Fuse
+
+    model, feeds = load(arch)
+    base = logits(model, feeds)
+    adapters.init(model)
+    for name in FUSION_ADAPTERS:
+        model.add_adapter(name, config="seq_bn")
+    fuse = Fuse(*FUSION_ADAPTERS)
+    model.add_adapter_fusion(fuse, preset)
+    fusion_name = ",".join(FUSION_ADAPTERS)
+    with torch.no_grad():
+        parameters = sorted(model.named_parameters())
+        for group, marker in [(name, f".adapters.{name}.") for name in FUSION_ADAPTERS] + [
+            ("fusion", f".adapter_fusion_layer.{fusion_name}.")
+        ]:
+            seed = seeded(arch, "fusion", group) if group != "fusion" else seeded(arch, "fusion", preset)
+            generator = torch.Generator().manual_seed(seed)
+            touched = 0
+            for key, parameter in parameters:
+                if marker in key:
+                    scale = FUSION_SCALE if group == "fusion" else 0.3
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+                    touched += 1
+            assert touched, f"no parameter matches {marker}"
+    model.set_active_adapters(fuse)
+    model.eval()
+    got = logits(model, feeds)
+    with torch.no_grad():
+        probabilities = model(**feeds, output_adapter_fusion_attentions=True).adapter_fusion_attentions
+    # The fusion must not have saturated into picking one adapter, or the recording would not
+    # test the softmax: report the range of the attention weights over adapters.
+    weights = np.concatenate(
+        [np.asarray(p).reshape(-1) for layers in probabilities.values() for per_layer in layers.values() for p in per_layer.values()]
+    )
+    change = float(np.max(np.abs(got - base)))
+    assert change > 1e-3, f"{arch} fusion {preset}: changes nothing ({change})"
+    out = REFERENCES / f"adapterhub-fusion-{arch}-{preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FUSION_ADAPTERS:
+        model.save_adapter(str(out / name), name, with_head=False, use_safetensors=True)
+    model.save_adapter_fusion(str(out / "fusion"), fusion_name, use_safetensors=True)
+    np.savez(out / "outputs.npz", logits=got)
+    print(
+        f"recorded {out.name}: |fused - base| = {change:.3g}, "
+        f"fusion weights over adapters in [{weights.min():.3g}, {weights.max():.3g}], "
+        f"{np.mean((weights > 0.01) & (weights < 0.99)):.0%} of them in (0.01, 0.99)"
+    )
 
 
 def main() -> int:
