@@ -132,14 +132,19 @@ def record_stage(checkpoints: Path, check_graft: Path | None) -> int:
             folder = check_graft / f"{arch}-{variant}"
             if not folder.exists():
                 continue
-            loaded = model.load_adapter(str(folder), load_as=name, set_active=True)
+            loaded = model.load_adapter(str(folder), load_as=name, set_active=True, use_safetensors=True)
             model.set_active_adapters(loaded)
             model.eval()
             got = logits(model, feeds)
             with np.load(folder / "graft_outputs.npz") as z:
                 graft = z["logits"]
             diff = float(np.max(np.abs(got - graft)))
-            print(f"{arch}-{variant}: adapters vs graft {diff:.3g}")
+            with np.load(REFERENCES / f"adapterhub-{arch}-{variant}" / "outputs.npz") as z:
+                recorded = z["logits"]
+            print(
+                f"{arch}-{variant}: adapters on graft's export vs graft {diff:.3g}; "
+                f"vs the recording {float(np.max(np.abs(got - recorded))):.3g}"
+            )
             if diff > 1e-5:
                 failed.append(f"{arch}-{variant}")
             continue
