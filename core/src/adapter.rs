@@ -8,23 +8,25 @@ use safetensors::SafeTensors;
 use crate::ir::{Model, Tensor, TensorData};
 use crate::{Error, Result};
 
-/// Replaces the values of `model`'s trainable tensors with those in the safetensors file at
+/// Replaces the values of `model`'s method tensors with those in the safetensors file at
 /// `path`, matched by tensor name. Every tensor in the file must name a trainable tensor of the
-/// model with the same element type and shape. Returns how many tensors were loaded.
+/// model, or a frozen parameter of one of its methods (the adapters an AdapterFusion fuses),
+/// with the same element type and shape. Returns how many tensors were loaded.
 pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
     let record = crate::patch::read_record(model)?;
-    let trainable: Vec<&str> = record.trainable().collect();
+    let loadable: Vec<&str> = record.trainable().chain(record.parameters()).collect();
     let mut loaded = 0;
     for (name, view) in file.tensors() {
-        if !trainable.contains(&name.as_str()) {
-            let mut valid = trainable.clone();
+        if !loadable.contains(&name.as_str()) {
+            let mut valid = loadable.clone();
+            valid.dedup();
             valid.truncate(8);
             return Err(fail(format!(
-                "tensor {name:?} is not a trainable tensor of this model (they are named like {})",
+                "tensor {name:?} is not a tensor of this model's methods (they are named like {})",
                 valid.join(", ")
             )));
         }

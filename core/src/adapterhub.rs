@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use graft_plugin_sdk::{AppliedMethod, PeftFiles};
+use graft_plugin_sdk::{AdapterHubKind, AppliedMethod, PeftFiles};
 use serde_json::{Map, Value};
 
 use crate::atomic_file::write_atomically;
@@ -26,8 +26,17 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The weights file AdapterHub writes by default (a PyTorch pickle, which graft does not read).
 pub const PICKLE_WEIGHTS_FILE: &str = "pytorch_adapter.bin";
 
+/// The config file of an AdapterHub fusion folder (`save_adapter_fusion`).
+pub const FUSION_CONFIG_FILE: &str = "adapter_fusion_config.json";
+/// The weights file of a fusion folder (`save_adapter_fusion(…, use_safetensors=True)`).
+pub const FUSION_WEIGHTS_FILE: &str = "model_adapter_fusion.safetensors";
+/// The fusion weights file AdapterHub writes by default (a PyTorch pickle).
+pub const FUSION_PICKLE_WEIGHTS_FILE: &str = "pytorch_model_adapter_fusion.bin";
+
 /// The method graft grafts for an AdapterHub bottleneck adapter.
 pub const METHOD: &str = "adapter";
+/// The method graft grafts for an AdapterHub fusion and the adapters it fuses.
+pub const FUSION_METHOD: &str = "adapter_fusion";
 
 /// `BnConfig` fields graft does not model but accepts at these values (their defaults, which
 /// leave the adapter unchanged); any other value is refused by name.
@@ -68,18 +77,49 @@ pub struct ExportReport {
     pub not_carried: Vec<String>,
 }
 
-/// The methods of `model` that declared an AdapterHub layout, with their adapter names.
-fn declared(model: &Model) -> Result<Vec<(String, AppliedMethod, PeftFiles)>> {
+/// One AdapterHub folder a method of the model declared.
+struct DeclaredFolder {
+    /// The adapter's (or the fusion's) name.
+    name: String,
+    kind: AdapterHubKind,
+    method: AppliedMethod,
+    files: PeftFiles,
+}
+
+/// The AdapterHub folders the methods of `model` declared: each `adapter` method's, and an
+/// `adapter_fusion` method's fused adapters and fusion layer.
+fn declared(model: &Model) -> Result<Vec<DeclaredFolder>> {
     let record = crate::patch::read_record(model)?;
-    Ok(record
-        .methods
-        .into_iter()
-        .filter_map(|m| {
-            let files = m.training.adapterhub.clone()?;
-            let name = files.config.get("name")?.as_str()?.to_owned();
-            Some((name, m, files))
-        })
-        .collect())
+    let mut folders = Vec::new();
+    for method in record.methods {
+        if let Some(files) = method.training.adapterhub.clone() {
+            if let Some(name) = files.config.get("name").and_then(Value::as_str) {
+                folders.push(DeclaredFolder {
+                    name: name.to_owned(),
+                    kind: AdapterHubKind::Adapter,
+                    method: method.clone(),
+                    files,
+                });
+            }
+        }
+        for folder in &method.training.adapterhub_folders {
+            folders.push(DeclaredFolder {
+                name: folder.name.clone(),
+                kind: folder.kind,
+                method: method.clone(),
+                files: folder.files.clone(),
+            });
+        }
+    }
+    Ok(folders)
+}
+
+/// The config and weights file names of a folder of `kind`.
+fn file_names(kind: AdapterHubKind) -> (&'static str, &'static str) {
+    match kind {
+        AdapterHubKind::Adapter => (CONFIG_FILE, WEIGHTS_FILE),
+        AdapterHubKind::Fusion => (FUSION_CONFIG_FILE, FUSION_WEIGHTS_FILE),
+    }
 }
 
 /// Writes the model's AdapterHub adapters: into `dir` itself when there is one (or `name`
@@ -102,8 +142,8 @@ pub fn export(model: &Model, dir: &Path, name: Option<&str>) -> Result<ExportRep
         )));
     }
     if let Some(wanted) = name {
-        let names: Vec<String> = adapters.iter().map(|(n, ..)| n.clone()).collect();
-        adapters.retain(|(n, ..)| n == wanted);
+        let names: Vec<String> = adapters.iter().map(|f| f.name.clone()).collect();
+        adapters.retain(|f| f.name == wanted);
         if adapters.is_empty() {
             return Err(Error::Config(format!(
                 "no adapter named {wanted:?}; the model has: {}",
@@ -116,23 +156,25 @@ pub fn export(model: &Model, dir: &Path, name: Option<&str>) -> Result<ExportRep
         adapters: Vec::new(),
         not_carried: Vec::new(),
     };
-    for (adapter_name, method, files) in &adapters {
+    for declared in &adapters {
+        let (adapter_name, method, files) = (&declared.name, &declared.method, &declared.files);
         let folder = if single {
             dir.to_path_buf()
         } else {
             dir.join(adapter_name)
         };
+        let (config_file, weights_file) = file_names(declared.kind);
         let tensors = declared_tensors(model, files, "")?;
         std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
-        crate::peft::write_safetensors(&folder.join(WEIGHTS_FILE), &tensors)?;
+        crate::peft::write_safetensors(&folder.join(weights_file), &tensors)?;
         let config_text = serde_json::to_string_pretty(&files.config).unwrap_or_default();
-        write_atomically(&folder.join(CONFIG_FILE), config_text.as_bytes())?;
+        write_atomically(&folder.join(config_file), config_text.as_bytes())?;
         let in_place: Vec<&String> = method
             .trainable
             .iter()
             .filter(|t| !method.parameters.contains(t))
             .collect();
-        if !in_place.is_empty() {
+        if !in_place.is_empty() && declared.kind == AdapterHubKind::Adapter {
             report.not_carried.push(format!(
                 "adapter {adapter_name}: {} norm tensors trained in place ({}…) are not part of \
                  AdapterHub's files; `graft merge` cannot fold the adapter either, so keep them \
@@ -152,32 +194,8 @@ pub fn export(model: &Model, dir: &Path, name: Option<&str>) -> Result<ExportRep
 /// by name unless they hold their neutral defaults. On error `model` is unchanged. Returns the
 /// adapter's name and the number of tensors loaded.
 pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Result<(String, usize)> {
+    let (file_config, weights_path) = read_folder(dir, AdapterHubKind::Adapter)?;
     let config_path = dir.join(CONFIG_FILE);
-    let weights_path = dir.join(WEIGHTS_FILE);
-    if !config_path.is_file() {
-        return Err(Error::Config(format!(
-            "{} is not an AdapterHub adapter folder: missing {CONFIG_FILE}",
-            dir.display()
-        )));
-    }
-    if !weights_path.is_file() {
-        let hint = if dir.join(PICKLE_WEIGHTS_FILE).is_file() {
-            format!(
-                "; it has {PICKLE_WEIGHTS_FILE}, a PyTorch pickle graft does not read (pickles can \
-                 run code). Save the adapter with `model.save_adapter(dir, name, \
-                 use_safetensors=True)`"
-            )
-        } else {
-            String::new()
-        };
-        return Err(Error::Config(format!(
-            "{}: missing {WEIGHTS_FILE}{hint}",
-            dir.display()
-        )));
-    }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let file_config: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config_path.display())))?;
     let settings = method_settings(&file_config)
         .map_err(|reason| Error::Config(format!("{}: {reason}", config_path.display())))?;
     let name = settings
@@ -187,9 +205,9 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         .to_owned();
     let mut patched = model.clone();
     apply_method(registry, &mut patched, METHOD, &Value::Object(settings))?;
-    let (_, method, files) = declared(&patched)?
+    let DeclaredFolder { method, files, .. } = declared(&patched)?
         .into_iter()
-        .find(|(n, ..)| *n == name)
+        .find(|f| f.name == name && f.kind == AdapterHubKind::Adapter)
         .ok_or_else(|| {
             Error::Config(format!(
                 "{}: the adapter plugin declared no AdapterHub layout for this model (its sites \
@@ -209,6 +227,172 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
     }
     *model = patched;
     Ok((name, n))
+}
+
+/// Whether `dir` holds an AdapterHub fusion (`adapter_fusion_config.json`).
+pub fn is_fusion_folder(dir: &Path) -> bool {
+    dir.join(FUSION_CONFIG_FILE).is_file()
+}
+
+/// The parsed config file of the AdapterHub folder `dir` holding a `kind`, and the path of its
+/// weights file; errors name the folder and what is missing (a pickle is named as such).
+fn read_folder(dir: &Path, kind: AdapterHubKind) -> Result<(Value, std::path::PathBuf)> {
+    let (config_file, weights_file) = file_names(kind);
+    let pickle = match kind {
+        AdapterHubKind::Adapter => PICKLE_WEIGHTS_FILE,
+        AdapterHubKind::Fusion => FUSION_PICKLE_WEIGHTS_FILE,
+    };
+    let config_path = dir.join(config_file);
+    let weights_path = dir.join(weights_file);
+    if !config_path.is_file() {
+        return Err(Error::Config(format!(
+            "{} is not an AdapterHub {} folder: missing {config_file}",
+            dir.display(),
+            match kind {
+                AdapterHubKind::Adapter => "adapter",
+                AdapterHubKind::Fusion => "fusion",
+            }
+        )));
+    }
+    if !weights_path.is_file() {
+        let hint = if dir.join(pickle).is_file() {
+            format!(
+                "; it has {pickle}, a PyTorch pickle graft does not read (pickles can run code). \
+                 Save with `use_safetensors=True`"
+            )
+        } else {
+            String::new()
+        };
+        return Err(Error::Config(format!(
+            "{}: missing {weights_file}{hint}",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config_path.display())))?;
+    Ok((config, weights_path))
+}
+
+/// Grafts the AdapterHub fusion saved in `fusion_dir` onto `model` with the adapters it fuses:
+/// each is looked up by name among `adapter_dirs`, else in the folder of that name beside
+/// `fusion_dir` (where `save_all_adapters` and `save_all_adapter_fusions` put them). The
+/// adapters must share their settings apart from the name. Applies the `adapter_fusion`
+/// method and loads every folder's weights; on error `model` is unchanged. Returns the
+/// fusion's name, the adapter folders used and the number of tensors loaded.
+pub fn import_fusion(
+    registry: &PluginRegistry,
+    model: &mut Model,
+    fusion_dir: &Path,
+    adapter_dirs: &[std::path::PathBuf],
+) -> Result<(String, Vec<std::path::PathBuf>, usize)> {
+    let (fusion_config, fusion_weights) = read_folder(fusion_dir, AdapterHubKind::Fusion)?;
+    let config_path = fusion_dir.join(FUSION_CONFIG_FILE);
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", config_path.display()));
+    let names: Vec<String> = fusion_config
+        .get("adapter_names")
+        .and_then(Value::as_array)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .ok_or_else(|| fail("no \"adapter_names\" list".into()))?;
+    let mut used = Vec::new();
+    let mut adapter_settings: Option<Map<String, Value>> = None;
+    for name in &names {
+        let dir = adapter_dirs
+            .iter()
+            .find(|d| {
+                read_folder(d, AdapterHubKind::Adapter)
+                    .ok()
+                    .and_then(|(c, _)| c.get("name").and_then(Value::as_str).map(|n| n == name))
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .or_else(|| {
+                let beside = fusion_dir.parent()?.join(name);
+                beside.join(CONFIG_FILE).is_file().then_some(beside)
+            })
+            .ok_or_else(|| {
+                fail(format!(
+                    "it fuses adapter {name}, which no --from-adapterhub folder holds and no folder \
+                     {name}/ beside it"
+                ))
+            })?;
+        let (file_config, _) = read_folder(&dir, AdapterHubKind::Adapter)?;
+        let mut settings = method_settings(&file_config).map_err(|reason| {
+            Error::Config(format!("{}: {reason}", dir.join(CONFIG_FILE).display()))
+        })?;
+        settings.remove("name");
+        match &adapter_settings {
+            None => adapter_settings = Some(settings),
+            Some(first) if *first != settings => {
+                return Err(fail(format!(
+                    "adapter {name} has other settings than {}; graft fuses adapters that share \
+                     their settings",
+                    names[0]
+                )))
+            }
+            Some(_) => {}
+        }
+        used.push(dir);
+    }
+    let mut settings = adapter_settings.ok_or_else(|| fail("it fuses no adapter".into()))?;
+    settings.insert("adapters".into(), Value::from(names.clone()));
+    let fusion = fusion_config
+        .get("config")
+        .and_then(Value::as_object)
+        .ok_or_else(|| fail("no \"config\" object".into()))?;
+    for (key, value) in fusion {
+        let value = match (key.as_str(), value) {
+            (_, Value::Null) => continue,
+            // Typed as a string in AdapterHub, written as a boolean.
+            ("value_initialized", Value::String(s)) => Value::Bool(s.eq_ignore_ascii_case("true")),
+            (_, v) => v.clone(),
+        };
+        settings.insert(key.clone(), value);
+    }
+    let mut patched = model.clone();
+    apply_method(registry, &mut patched, FUSION_METHOD, &Value::Object(settings))?;
+    let folders: Vec<DeclaredFolder> = declared(&patched)?
+        .into_iter()
+        .filter(|f| f.method.method == FUSION_METHOD)
+        .collect();
+    let fusion_name = names.join(",");
+    let mut loaded = 0;
+    for folder in &folders {
+        let weights = match folder.kind {
+            AdapterHubKind::Fusion if folder.name == fusion_name => fusion_weights.clone(),
+            AdapterHubKind::Adapter => match names.iter().position(|n| *n == folder.name) {
+                Some(i) => used[i].join(WEIGHTS_FILE),
+                None => continue,
+            },
+            AdapterHubKind::Fusion => continue,
+        };
+        let n = load_declared(&mut patched, &folder.method, &folder.files, &weights, "", &[])?;
+        if n != folder.files.tensors.len() {
+            return Err(Error::Config(format!(
+                "{}: holds {n} of the {} tensors of {} (e.g. {:?} is missing); it does not fit \
+                 this model",
+                weights.display(),
+                folder.files.tensors.len(),
+                folder.name,
+                folder.files.tensors.first().map(|t| &t.key)
+            )));
+        }
+        loaded += n;
+    }
+    if folders.is_empty() {
+        return Err(fail(
+            "the adapter plugin declared no AdapterHub layout for this model (its sites have no \
+             labels to key the weights by)"
+                .into(),
+        ));
+    }
+    *model = patched;
+    Ok((fusion_name, used, loaded))
 }
 
 /// The `adapter` method's settings for an `adapter_config.json`.

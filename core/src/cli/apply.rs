@@ -23,7 +23,15 @@ use serde_json::{Map, Value};
 /// `PeftModel.from_pretrained` computes: branches on the modules PEFT targets, with PEFT's ranks
 /// and scales and the saved values, and the base tensors of `modules_to_save` replaced. Module
 /// paths are the site labels `graft inspect` shows. `--from-adapterhub DIR` grafts a bottleneck
-/// adapter that AdapterHub's `adapters` library saved, with its settings, name and values.
+/// adapter that AdapterHub's `adapters` library saved, with its settings, name and values; a
+/// folder with `adapter_fusion_config.json` grafts that AdapterFusion with the adapters it
+/// fuses (given as further `--from-adapterhub` folders, or found beside it by name).
+///
+/// AdapterFusion in two stages: train one adapter per task (`-m adapter --set name=sentiment`,
+/// `graft train`), then graft the fusion onto the base model with the trained adapters
+/// frozen and train only the fusion:
+/// `graft apply base.onnx -m adapter_fusion --set adapters=sentiment,topic --values
+/// run-sentiment/adapter.safetensors --values run-topic/adapter.safetensors -o fused.onnx`.
 ///
 /// Example: graft apply model.onnx -m adapter --set config=double_seq_bn -o out.onnx
 ///
@@ -47,9 +55,17 @@ pub struct Args {
     from_peft: Option<PathBuf>,
     /// Import the AdapterHub bottleneck adapter saved in DIR (`adapter_config.json` and
     /// `adapter.safetensors`, as `model.save_adapter(DIR, name, use_safetensors=True)` writes
-    /// them); repeat for several adapters.
+    /// them); repeat for several adapters. A fusion folder (`adapter_fusion_config.json` and
+    /// `model_adapter_fusion.safetensors`) imports the fusion with the adapters it fuses.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings", "from_peft"])]
     from_adapterhub: Vec<PathBuf>,
+    /// Load these values into the new model's method tensors after applying (repeatable): a
+    /// safetensors file keyed by graft's tensor names, as `graft train` writes
+    /// `RUN_DIR/adapter.safetensors`. AdapterFusion's second stage loads each first-stage
+    /// adapter this way: `-m adapter_fusion --set adapters=a,b --values run-a/adapter.safetensors
+    /// --values run-b/adapter.safetensors`.
+    #[arg(long = "values", value_name = "FILE.safetensors")]
+    values: Vec<PathBuf>,
     /// A TOML file of settings.
     #[arg(long, value_name = "FILE.toml")]
     config: Option<PathBuf>,
@@ -69,7 +85,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let registry = PluginRegistry::discover(&args.plugins)?;
     let mut model = onnx::load(&args.model)?;
     if !args.from_adapterhub.is_empty() {
-        for dir in &args.from_adapterhub {
+        let (fusions, adapters): (Vec<&PathBuf>, Vec<&PathBuf>) = args
+            .from_adapterhub
+            .iter()
+            .partition(|dir| graft::adapterhub::is_fusion_folder(dir));
+        let adapters: Vec<PathBuf> = adapters.into_iter().cloned().collect();
+        let mut fused = Vec::new();
+        for dir in fusions {
+            let (name, used, n) =
+                graft::adapterhub::import_fusion(&registry, &mut model, dir, &adapters)?;
+            println!(
+                "adapter fusion {name}: loaded {n} tensors from {} and its {} adapters",
+                dir.display(),
+                used.len()
+            );
+            fused.extend(used);
+        }
+        for dir in adapters.iter().filter(|d| !fused.contains(d)) {
             let (name, n) = graft::adapterhub::import(&registry, &mut model, dir)?;
             println!("adapter {name}: loaded {n} tensors from {}", dir.display());
         }
@@ -101,6 +133,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (method, config) in args.methods.iter().zip(&configs) {
             apply_method(&registry, &mut model, method, config)?;
         }
+    }
+    for path in &args.values {
+        let n = graft::adapter::load_into(&mut model, path)?;
+        println!("loaded {n} tensors from {}", path.display());
     }
     onnx::save(&model, &args.output, &SaveOptions::default())
         .with_context(|| format!("cannot write {}", args.output.display()))?;

@@ -99,9 +99,23 @@ impl<'s> Files<'s> {
     }
 }
 
-/// The module path of the adapter at `layer`'s block of `kind`, from its output projection's
-/// label.
+/// The module path of the adapter named `name` at `layer`'s block of `kind`.
 fn module_path(layer: &Layer, kind: BlockKind, name: &str) -> Option<String> {
+    Some(format!("{}.adapters.{name}", holder_path(layer, kind)?))
+}
+
+/// The module path of the AdapterFusion layer named `fusion` (`a,b`) at `layer`'s block of
+/// `kind`.
+pub fn fusion_module_path(layer: &Layer, kind: BlockKind, fusion: &str) -> Option<String> {
+    Some(format!(
+        "{}.adapter_fusion_layer.{fusion}",
+        holder_path(layer, kind)?
+    ))
+}
+
+/// The module that holds a block's adapters and fusion layers, from its output projection's
+/// label.
+fn holder_path(layer: &Layer, kind: BlockKind) -> Option<String> {
     let (site_kind, attention) = match kind {
         BlockKind::SelfAttention => (SiteKind::O, Some(AttentionKind::SelfAttention)),
         BlockKind::CrossAttention => (SiteKind::O, Some(AttentionKind::Cross)),
@@ -119,7 +133,7 @@ fn module_path(layer: &Layer, kind: BlockKind, name: &str) -> Option<String> {
     // BERT family: `<layer>.attention.output.dense`, `<layer>.crossattention.output.dense`,
     // `<layer>.output.dense` — the adapters live in the `output` module.
     if let Some(parent) = label.strip_suffix(".output.dense") {
-        return Some(format!("{parent}.output.adapters.{name}"));
+        return Some(format!("{parent}.output"));
     }
     let mut parts: Vec<&str> = label.split('.').collect();
     let index = parts.iter().rposition(|p| p.parse::<usize>().is_ok())?;
@@ -129,12 +143,12 @@ fn module_path(layer: &Layer, kind: BlockKind, name: &str) -> Option<String> {
         BlockKind::CrossAttention => "cross_attention_adapters",
         BlockKind::Ffn => "output_adapters",
     };
-    Some(format!("{}.{holder}.adapters.{name}", parts.join(".")))
+    Some(format!("{}.{holder}", parts.join(".")))
 }
 
 /// AdapterHub's `model_type`, guessed from the labels' root module (`bert`, `roberta`, ...;
 /// `transformer` is GPT-2, `model` LLaMA-like); `null` when there is no label.
-fn model_type(graph: &GraphView) -> Value {
+pub fn model_type(graph: &GraphView) -> Value {
     let root = graph
         .sites()
         .find_map(|s| s.site.label.as_deref())

@@ -18,6 +18,7 @@
 //! With `train_layer_norms` the layers' norms train in place and merge into the norm weights.
 
 mod adapterhub;
+mod fusion;
 mod settings;
 mod switch;
 
@@ -38,71 +39,91 @@ impl Plugin for Adapter {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     fn methods() -> Vec<MethodDescription> {
-        vec![MethodDescription::new(
-            "adapter",
-            "bottleneck adapters at the layers' residual blocks: AdapterHub's seq_bn (Pfeiffer), double_seq_bn (Houlsby), par_bn (parallel)",
-            settings::config_keys(),
-        )]
+        vec![
+            MethodDescription::new(
+                "adapter",
+                "bottleneck adapters at the layers' residual blocks: AdapterHub's seq_bn (Pfeiffer), double_seq_bn (Houlsby), par_bn (parallel)",
+                settings::config_keys(),
+            ),
+            MethodDescription::new(
+                "adapter_fusion",
+                "AdapterFusion: attention over several adapters' outputs at every block (AdapterHub's Fuse), the adapters frozen",
+                fusion::config_keys(),
+            ),
+        ]
     }
 
     fn patch(
         _host: &Host<'_>,
-        _method: &str,
+        method: &str,
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
-        let settings = Settings::from_config(config)?;
-        let mut builder = PatchBuilder::new(graph, &format!("adapter.{}", settings.name))
-            .with_seed(settings.seed);
-        let mut hub = adapterhub::Files::new(&settings);
-        let n_layers = graph.stacks.iter().map(|s| s.n_layers).sum();
-        let switches = Switches::new(&mut builder, &settings, n_layers);
-        let mut n_adapters = 0;
-        let mut first_layer = 0;
-        for stack in &graph.stacks {
-            for layer in &stack.layers {
-                let layer_id = first_layer + layer.index;
-                if settings.leave_out.contains(&layer_id) {
-                    continue;
-                }
-                let blocks: Vec<_> = layer
-                    .blocks
-                    .iter()
-                    .filter(|b| wanted(&settings, b.kind))
-                    .collect();
-                let keep = if blocks.is_empty() {
-                    String::new()
-                } else {
-                    switches.keep(&mut builder, layer_id)
-                };
-                for block in blocks {
-                    let names =
-                        add_adapter(&mut builder, &settings, graph, stack, layer, block, &keep)?;
-                    hub.add(stack, layer, block.kind, &names);
-                    n_adapters += 1;
-                }
-                if settings.train_layer_norms && n_adapters > 0 {
-                    for norm in layer.sites.iter().filter(|s| s.kind == SiteKind::Norm) {
-                        builder.mark_trainable(&norm.weight)?;
-                        if let Some(bias) = &norm.bias {
-                            builder.mark_trainable(bias)?;
-                        }
-                    }
-                }
-            }
-            first_layer += stack.n_layers;
+        match method {
+            "adapter_fusion" => fusion::patch(config, graph),
+            _ => patch_adapters(config, graph),
         }
-        if n_adapters == 0 {
-            return Err(no_block_message(graph, &settings));
-        }
-        let mut reply = builder.finish();
-        reply.patch.training.adapterhub = hub.finish(graph);
-        Ok(reply)
     }
 }
 
+/// The patch of the `adapter` method: one adapter at every block the settings name.
+fn patch_adapters(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, String> {
+    let settings = Settings::from_config(config)?;
+    let mut builder =
+        PatchBuilder::new(graph, &format!("adapter.{}", settings.name)).with_seed(settings.seed);
+    let mut hub = adapterhub::Files::new(&settings);
+    let n_layers = graph.stacks.iter().map(|s| s.n_layers).sum();
+    let switches = Switches::new(
+        &mut builder,
+        &format!("adapter.{}", settings.name),
+        settings.robust_drop,
+        n_layers,
+    );
+    let mut n_adapters = 0;
+    let mut first_layer = 0;
+    for stack in &graph.stacks {
+        for layer in &stack.layers {
+            let layer_id = first_layer + layer.index;
+            if settings.leave_out.contains(&layer_id) {
+                continue;
+            }
+            let blocks: Vec<_> = layer
+                .blocks
+                .iter()
+                .filter(|b| wanted(&settings, b.kind))
+                .collect();
+            let keep = if blocks.is_empty() {
+                String::new()
+            } else {
+                switches.keep(&mut builder, layer_id)
+            };
+            for block in blocks {
+                let names =
+                    add_adapter(&mut builder, &settings, graph, stack, layer, block, &keep)?;
+                hub.add(stack, layer, block.kind, &names);
+                n_adapters += 1;
+            }
+            if settings.train_layer_norms && n_adapters > 0 {
+                for norm in layer.sites.iter().filter(|s| s.kind == SiteKind::Norm) {
+                    builder.mark_trainable(&norm.weight)?;
+                    if let Some(bias) = &norm.bias {
+                        builder.mark_trainable(bias)?;
+                    }
+                }
+            }
+        }
+        first_layer += stack.n_layers;
+    }
+    if n_adapters == 0 {
+        return Err(no_block_message(graph, &settings));
+    }
+    let mut reply = builder.finish();
+    reply.patch.training.adapterhub = hub.finish(graph);
+    Ok(reply)
+}
+
 /// Whether the settings put an adapter on a block of `kind`.
-fn wanted(settings: &Settings, kind: BlockKind) -> bool {
+pub(crate) fn wanted(settings: &Settings, kind: BlockKind) -> bool {
     match kind {
         BlockKind::SelfAttention => settings.mh_adapter,
         BlockKind::CrossAttention => settings.cross_adapter,
@@ -111,11 +132,111 @@ fn wanted(settings: &Settings, kind: BlockKind) -> bool {
 }
 
 /// The short name of a block's adapter location in tensor names.
-fn location(kind: BlockKind) -> &'static str {
+pub(crate) fn location(kind: BlockKind) -> &'static str {
     match kind {
         BlockKind::SelfAttention => "attention",
         BlockKind::CrossAttention => "cross_attention",
         BlockKind::Ffn => "output",
+    }
+}
+
+/// The tensor-name stem of `settings`' adapter at `block` of `layer`:
+/// `adapter.<name>.<stack>.<layer>.<attention|cross_attention|output>`.
+pub(crate) fn adapter_stem(
+    builder: &mut PatchBuilder<'_>,
+    settings: &Settings,
+    stack: &Stack,
+    layer: &Layer,
+    kind: BlockKind,
+) -> String {
+    builder.stem(&format!(
+        "adapter.{}.{}.{}.{}",
+        settings.name,
+        stack.name,
+        layer.index,
+        location(kind)
+    ))
+}
+
+/// The bottleneck module `settings` describe for a stream of `stack`'s width, with
+/// AdapterHub's init (seeds drawn from `builder`).
+pub(crate) fn module(
+    builder: &mut PatchBuilder<'_>,
+    settings: &Settings,
+    stack: &Stack,
+) -> Result<Bottleneck, String> {
+    let hidden = stack.hidden_size;
+    let bottleneck = settings.bottleneck(hidden);
+    if bottleneck == 0 {
+        return Err(format!(
+            "reduction_factor {} leaves no bottleneck for the {}-wide stream of stack {}",
+            settings.reduction_factor, hidden, stack.name
+        ));
+    }
+    let seed = builder.next_seed();
+    let (init_down, init_up) = match settings.init_weights {
+        InitWeights::Bert => {
+            let normal = |seed| Init::Normal {
+                mean: 0.0,
+                std: 0.02,
+                seed,
+            };
+            let up_seed = builder.next_seed();
+            (normal(seed), normal(up_seed))
+        }
+        InitWeights::MamAdapter => (Init::linear_default(hidden, seed), Init::Zeros),
+    };
+    Ok(Bottleneck {
+        hidden,
+        bottleneck,
+        activation: settings.activation,
+        scaling: settings.scaling,
+        dropout: Some(settings.dropout).filter(|&p| p > 0.0),
+        init_down,
+        init_up,
+    })
+}
+
+/// What an adapter at one residual block reads and adds to (AdapterHub's `pre_forward`), as
+/// left by earlier rewires.
+pub(crate) struct BlockValues {
+    /// The sublayer's output `h`.
+    pub h: String,
+    /// The residual stream `x` the block adds `h` to.
+    pub x: String,
+    /// What a sequential adapter reads: `h`, or with `original_ln_before` the block's
+    /// (normalized) sum.
+    pub input: String,
+    /// What a sequential adapter's output is added to (`residual_before_ln`).
+    pub residual: String,
+}
+
+impl BlockValues {
+    /// The values of `block` for an adapter configured by `settings`.
+    pub fn of(builder: &PatchBuilder<'_>, settings: &Settings, block: &ResidualBlock) -> Self {
+        let h = builder.current(&block.branch);
+        let x = builder.current(&block.skip);
+        // What the block hands on: its normalized sum in a post-norm layer, else the sum.
+        let block_output = block
+            .post_norm
+            .as_ref()
+            .map_or(block.sum.clone(), |n| n.output.clone());
+        let input = if settings.reads_sum() {
+            builder.current(&block_output)
+        } else {
+            h.clone()
+        };
+        let residual = match (settings.reads_sum(), settings.residual_before_ln) {
+            (false, _) | (true, ResidualFrom::Branch) => h.clone(),
+            (true, ResidualFrom::Sum) => builder.current(&block.sum),
+            (true, ResidualFrom::AdapterInput) => input.clone(),
+        };
+        BlockValues {
+            h,
+            x,
+            input,
+            residual,
+        }
     }
 }
 
@@ -131,90 +252,36 @@ fn add_adapter(
     block: &ResidualBlock,
     keep: &str,
 ) -> Result<graft_plugin_sdk::BottleneckNames, String> {
-    let hidden = stack.hidden_size;
-    let bottleneck = settings.bottleneck(hidden);
-    if bottleneck == 0 {
-        return Err(format!(
-            "reduction_factor {} leaves no bottleneck for the {}-wide stream of stack {}",
-            settings.reduction_factor, hidden, stack.name
-        ));
-    }
-    let stem = builder.stem(&format!(
-        "adapter.{}.{}.{}.{}",
-        settings.name,
-        stack.name,
-        layer.index,
-        location(block.kind)
-    ));
-    let seed = builder.next_seed();
-    let (init_down, init_up) = match settings.init_weights {
-        InitWeights::Bert => {
-            let normal = |seed| Init::Normal {
-                mean: 0.0,
-                std: 0.02,
-                seed,
-            };
-            let up_seed = builder.next_seed();
-            (normal(seed), normal(up_seed))
-        }
-        InitWeights::MamAdapter => (Init::linear_default(hidden, seed), Init::Zeros),
-    };
-    let module = Bottleneck {
-        hidden,
-        bottleneck,
-        activation: settings.activation,
-        scaling: settings.scaling,
-        dropout: Some(settings.dropout).filter(|&p| p > 0.0),
-        init_down,
-        init_up,
-    };
-    let h = builder.current(&block.branch);
-    let x = builder.current(&block.skip);
-    let norm = block.post_norm.as_ref();
-    // What the block hands on: its normalized sum in a post-norm layer, else the sum.
-    let block_output = norm.map_or(block.sum.clone(), |n| n.output.clone());
-    if settings.is_parallel {
-        let names = builder.bottleneck(&stem, &x, &module)?;
-        let with_adapter = builder.op(&format!("{stem}.add"), "Add", &[&h, &names.output], &[]);
-        finish_block(
-            builder,
-            settings,
-            graph,
-            &stem,
-            block,
-            &h,
-            &with_adapter,
-            &x,
-            keep,
-        )?;
-        return Ok(names);
-    }
-    let input = if settings.reads_sum() {
-        builder.current(&block_output)
+    let module = module(builder, settings, stack)?;
+    let stem = adapter_stem(builder, settings, stack, layer, block.kind);
+    let values = BlockValues::of(builder, settings, block);
+    let (names, with_adapter) = if settings.is_parallel {
+        let names = builder.bottleneck(&stem, &values.x, &module)?;
+        let sum = builder.op(
+            &format!("{stem}.add"),
+            "Add",
+            &[&values.h, &names.output],
+            &[],
+        );
+        (names, sum)
     } else {
-        h.clone()
+        let names = builder.bottleneck(&stem, &values.input, &module)?;
+        let sum = builder.op(
+            &format!("{stem}.add_residual"),
+            "Add",
+            &[&names.output, &values.residual],
+            &[],
+        );
+        (names, sum)
     };
-    let residual = match (settings.reads_sum(), settings.residual_before_ln) {
-        (false, _) | (true, ResidualFrom::Branch) => h.clone(),
-        (true, ResidualFrom::Sum) => builder.current(&block.sum),
-        (true, ResidualFrom::AdapterInput) => input.clone(),
-    };
-    let names = builder.bottleneck(&stem, &input, &module)?;
-    let with_adapter = builder.op(
-        &format!("{stem}.add_residual"),
-        "Add",
-        &[&names.output, &residual],
-        &[],
-    );
     finish_block(
         builder,
         settings,
         graph,
         &stem,
         block,
-        &h,
+        &values,
         &with_adapter,
-        &x,
         keep,
     )?;
     Ok(names)
@@ -226,25 +293,29 @@ fn add_adapter(
 /// `h`; otherwise they stay for the adapter and a copy computes the block's new output. The
 /// replaced value is kept where `keep` is false (see [`switch`]).
 #[allow(clippy::too_many_arguments)]
-fn finish_block(
+pub(crate) fn finish_block(
     builder: &mut PatchBuilder<'_>,
     settings: &Settings,
     graph: &GraphView,
     stem: &str,
     block: &ResidualBlock,
-    h: &str,
+    values: &BlockValues,
     with_adapter: &str,
-    x: &str,
     keep: &str,
 ) -> Result<(), String> {
     let norm = block.post_norm.as_ref();
     if settings.original_ln_after && !settings.reads_sum() {
-        let switched = switch::select(builder, stem, keep, with_adapter, h);
-        builder.rewire(h, &switched);
+        let switched = switch::select(builder, stem, keep, with_adapter, &values.h);
+        builder.rewire(&values.h, &switched);
         return Ok(());
     }
     let output = if settings.original_ln_after {
-        let sum = builder.op(&format!("{stem}.add_skip"), "Add", &[with_adapter, x], &[]);
+        let sum = builder.op(
+            &format!("{stem}.add_skip"),
+            "Add",
+            &[with_adapter, &values.x],
+            &[],
+        );
         match norm {
             Some(norm) => apply_norm(builder, graph, stem, norm, &sum)?,
             None => sum,

@@ -124,9 +124,16 @@ pub fn config_keys() -> Vec<ConfigKey> {
 impl Settings {
     /// Reads the settings: the preset's values, overridden by every key the user gave.
     pub fn from_config(config: &MethodConfig) -> Result<Settings, String> {
+        Settings::named(config, config.get_string("name")?)
+    }
+
+    /// [`Settings::from_config`] for an adapter named `name` (the config has no `name` key
+    /// where one config describes several adapters, as an AdapterFusion's does; keys it does
+    /// not have keep their defaults).
+    pub fn named(config: &MethodConfig, name: String) -> Result<Settings, String> {
         let preset_name = config.get_string("config")?;
         let mut s = preset(&preset_name)?;
-        s.name = config.get_string("name")?;
+        s.name = name;
         if s.name.is_empty()
             || !s
                 .name

@@ -3,15 +3,13 @@
 //! An adapter's result `v` takes the place of a block value `b` (the sublayer's output, or
 //! the block's output) through `Where(keep, v, b)`, so an adapter that is switched off or
 //! dropped leaves exactly the base block. `keep` is the adapter's switch — the input
-//! `adapter.<name>.active` (bool, default true), which an exported graph reads as an
+//! `adapter.<name>.active` (`adapter_fusion.<names>.active` for a fusion; bool, default true), which an exported graph reads as an
 //! overridable initializer, so a caller turns each named adapter on or off by feeding it —
 //! and, with robust AdapterDrop, `layer ≥ n`: in training graphs `n = ⌊u · L⌋` for a fresh
 //! seeded draw `u ~ U[0, 1)` per micro-batch over the model's `L` layers (Rücklé et al.,
 //! 2021), elsewhere the input `adapter.<name>.dropped_layers` (float, default 0).
 
 use graft_plugin_sdk::{DType, HostInputKind, Init, PatchBuilder};
-
-use crate::settings::Settings;
 
 /// The values that decide whether each of one method's adapters computes.
 pub struct Switches {
@@ -23,10 +21,16 @@ pub struct Switches {
 }
 
 impl Switches {
-    /// Declares the switch input (and robust AdapterDrop's inputs and draw) of the adapter
-    /// `settings` describes, on a model of `n_layers` layers.
-    pub fn new(builder: &mut PatchBuilder<'_>, settings: &Settings, n_layers: usize) -> Switches {
-        let prefix = format!("adapter.{}", settings.name);
+    /// Declares the switch input `<prefix>.active` (and, when `robust_drop`, robust
+    /// AdapterDrop's inputs and draw) of one method's adapters, on a model of `n_layers`
+    /// layers.
+    pub fn new(
+        builder: &mut PatchBuilder<'_>,
+        prefix: &str,
+        robust_drop: bool,
+        n_layers: usize,
+    ) -> Switches {
+        let prefix = prefix.to_owned();
         let active = builder.host_input(
             &format!("{prefix}.active"),
             HostInputKind::Value,
@@ -34,7 +38,7 @@ impl Switches {
             vec![],
             Init::Ones,
         );
-        let dropped = settings.robust_drop.then(|| {
+        let dropped = robust_drop.then(|| {
             let training = builder.host_input(
                 &format!("{prefix}.training"),
                 HostInputKind::TrainingMode,

@@ -216,6 +216,6 @@ pub use select::{PatternMap, SiteSelector};
 /// plugin needs no dependency of its own to build them.
 pub use serde_json;
 pub use training::{
-    HostArray, HostInput, HostInputKind, LossTerm, PeftFiles, PeftTensor, StepHook, StepReply,
-    StepRequest, TrainingSpec,
+    AdapterHubFolder, AdapterHubKind, HostArray, HostInput, HostInputKind, LossTerm, PeftFiles,
+    PeftTensor, StepHook, StepReply, StepRequest, TrainingSpec,
 };

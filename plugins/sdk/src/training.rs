@@ -35,6 +35,33 @@ pub struct TrainingSpec {
     /// added (ABI 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapterhub: Option<PeftFiles>,
+    /// Further AdapterHub folders the method's tensors fill, besides
+    /// [`TrainingSpec::adapterhub`]: an AdapterFusion method's fused adapters and its fusion
+    /// layer (ABI 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapterhub_folders: Vec<AdapterHubFolder>,
+}
+
+/// What an AdapterHub folder holds, which decides its file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterHubKind {
+    /// A bottleneck adapter: `adapter_config.json` and `adapter.safetensors`.
+    Adapter,
+    /// An AdapterFusion layer: `adapter_fusion_config.json` and
+    /// `model_adapter_fusion.safetensors`.
+    Fusion,
+}
+
+/// One AdapterHub folder that a method's tensors fill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterHubFolder {
+    /// The adapter's name, or the fusion's (`a,b`: the fused adapters' names).
+    pub name: String,
+    /// What the folder holds.
+    pub kind: AdapterHubKind,
+    /// The config file's content and the weights' keys, with no prefix added.
+    pub files: PeftFiles,
 }
 
 impl TrainingSpec {
@@ -45,6 +72,7 @@ impl TrainingSpec {
             && self.step_hook.is_none()
             && self.peft.is_none()
             && self.adapterhub.is_none()
+            && self.adapterhub_folders.is_empty()
     }
 }
 

@@ -1,4 +1,5 @@
-//! Existing initializers trained in place (BitFit), recorded as in-place folds.
+//! Existing initializers trained in place (BitFit), recorded as in-place folds, and new
+//! parameters kept frozen.
 
 use super::PatchBuilder;
 use crate::error::{Error, Result};
@@ -20,6 +21,22 @@ impl PatchBuilder<'_> {
                 tensor: tensor.to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Keeps the new parameter `parameter` (added by this builder, for example by
+    /// [`PatchBuilder::bottleneck`]) out of training: it stays an initializer the method
+    /// owns, which `graft train` never updates and adapter files still carry (the adapters an
+    /// AdapterFusion layer fuses, trained beforehand). Errors when the patch has no such
+    /// parameter.
+    pub fn freeze(&mut self, parameter: &str) -> Result<()> {
+        let found = self
+            .patch
+            .parameters
+            .iter_mut()
+            .find(|p| p.name == parameter)
+            .ok_or_else(|| Error::Build(format!("freeze: no new parameter \"{parameter}\"")))?;
+        found.trainable = false;
         Ok(())
     }
 }
