@@ -187,58 +187,6 @@ fn keep_for_the_adapters_check(
     .unwrap();
 }
 
-/// The loss and gradients of `model`'s training graph (`task`) for the fixture's inputs, with
-/// labels from `labels` and `overrides` replacing trainable values.
-fn loss_and_gradients(
-    model: &Model,
-    fixture: &str,
-    task: graft::train::Task,
-    overrides: &[(String, Vec<f32>)],
-) -> (f64, Vec<(String, Vec<f64>)>) {
-    let training = graft::train::training_graph(model, task).unwrap();
-    let mut session = training_session(&training, true);
-    let mut feeds = fixture_inputs(fixture);
-    let ids = feeds
-        .iter()
-        .find(|(n, _)| n == "input_ids")
-        .unwrap()
-        .1
-        .clone();
-    let labels = match task {
-        graft::train::Task::SeqCls => {
-            HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[ids.shape()[0]])))
-        }
-        _ => ids,
-    };
-    feeds.push(("labels".into(), labels));
-    let record = graft::patch::read_record(model).unwrap();
-    let participation =
-        graft::train::participation::Participation::new(model, &record, &[], 0).unwrap();
-    feeds.extend(participation.feeds(true, 1, 1, 0).unwrap());
-    for (name, _) in &training.gradients {
-        let tensor = model.graph.initializer(name).unwrap();
-        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-        let values = overrides
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| tensor.to_f32().unwrap());
-        feeds.push((
-            name.clone(),
-            HostTensor::F32(ndarray::ArrayD::from_shape_vec(dims, values).unwrap()),
-        ));
-    }
-    feeds.retain(|(name, _)| session.input_names.contains(name));
-    let outputs = session.run(&feeds).unwrap();
-    let get = |name: &str| outputs.iter().find(|(n, _)| n == name).unwrap().1.to_f64();
-    let gradients = training
-        .gradients
-        .iter()
-        .map(|(tensor, gradient)| (tensor.clone(), get(gradient)))
-        .collect();
-    (get(&training.loss)[0], gradients)
-}
-
 /// Adapter gradients (and, for Houlsby, the norms trained in place) agree with central
 /// differences of the loss on BERT (post-norm, classification) and LLaMA (pre-norm, LM).
 #[test]

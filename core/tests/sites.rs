@@ -667,7 +667,7 @@ fn residual_stream_and_attention_follow_the_architecture() {
                 want["cross_attention"].as_bool().unwrap(),
                 "{context}: cross"
             );
-            let placement = if name.starts_with("bert") {
+            let placement = if name.starts_with("bert") || name.starts_with("roberta") {
                 NormPlacement::Post
             } else {
                 NormPlacement::Pre

@@ -12,7 +12,7 @@ use serde_json::json;
 
 /// Fixtures tract 0.23.9 cannot run, with the error it gives. Each entry is checked to still
 /// fail with exactly this cause, so the list cannot hide a fixture that works or grow unnoticed.
-const TRACT_GAPS: &[(&str, &str)] = &[];
+const TRACT_GAPS: &[(&str, &str)] = &[("roberta-dynamo", "TDim is not a number")];
 
 /// ORT and tract sum in different orders (tract's optimiser fuses and re-blocks MatMul, Softmax
 /// and normalisations), so outputs agree to float32 rounding, not bit for bit; the largest
