@@ -71,8 +71,10 @@ const PHM_FIELDS: &[&str] = &[
 /// What [`export`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportReport {
-    /// The adapters written, each with its folder.
+    /// The adapters (and fusions) written, each with its folder.
     pub adapters: Vec<(String, std::path::PathBuf)>,
+    /// The files written, config and weights of each folder, in the order of `adapters`.
+    pub files: Vec<std::path::PathBuf>,
     /// Trained tensors the files cannot carry (norms trained in place), per adapter.
     pub not_carried: Vec<String>,
 }
@@ -154,6 +156,7 @@ pub fn export(model: &Model, dir: &Path, name: Option<&str>) -> Result<ExportRep
     let single = adapters.len() == 1;
     let mut report = ExportReport {
         adapters: Vec::new(),
+        files: Vec::new(),
         not_carried: Vec::new(),
     };
     for declared in &adapters {
@@ -183,6 +186,8 @@ pub fn export(model: &Model, dir: &Path, name: Option<&str>) -> Result<ExportRep
                 in_place[0]
             ));
         }
+        report.files.push(folder.join(config_file));
+        report.files.push(folder.join(weights_file));
         report.adapters.push((adapter_name.clone(), folder));
     }
     Ok(report)
@@ -355,7 +360,12 @@ pub fn import_fusion(
         settings.insert(key.clone(), value);
     }
     let mut patched = model.clone();
-    apply_method(registry, &mut patched, FUSION_METHOD, &Value::Object(settings))?;
+    apply_method(
+        registry,
+        &mut patched,
+        FUSION_METHOD,
+        &Value::Object(settings),
+    )?;
     let folders: Vec<DeclaredFolder> = declared(&patched)?
         .into_iter()
         .filter(|f| f.method.method == FUSION_METHOD)
@@ -371,7 +381,14 @@ pub fn import_fusion(
             },
             AdapterHubKind::Fusion => continue,
         };
-        let n = load_declared(&mut patched, &folder.method, &folder.files, &weights, "", &[])?;
+        let n = load_declared(
+            &mut patched,
+            &folder.method,
+            &folder.files,
+            &weights,
+            "",
+            &[],
+        )?;
         if n != folder.files.tensors.len() {
             return Err(Error::Config(format!(
                 "{}: holds {n} of the {} tensors of {} (e.g. {:?} is missing); it does not fit \

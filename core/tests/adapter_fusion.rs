@@ -309,6 +309,26 @@ fn fusion_trains_in_two_stages() {
         p
     });
     assert_ne!(start, trained, "the fusion did not change");
+
+    // HF PEFT has no equivalent: the export says so and points to the formats that exist.
+    let (code, stdout, stderr) = run_graft(&[
+        "export",
+        fused.to_str().unwrap(),
+        "--format",
+        "peft",
+        "-o",
+        dir.path().join("peft").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no bottleneck-adapter or AdapterFusion type")
+            && stderr.contains("adapterhub"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("peft").exists(),
+        "a refused export left a folder"
+    );
 }
 
 /// Settings a fusion cannot have are refused by name.

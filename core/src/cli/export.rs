@@ -23,7 +23,11 @@ use anyhow::Context;
 /// `--format adapterhub` writes AdapterHub's `adapter_config.json` and `adapter.safetensors`
 /// for bottleneck adapters (`graft apply -m adapter`), which the `adapters` library loads with
 /// `model.load_adapter(DIR)`; a model with several named adapters gets one subfolder per
-/// adapter (or `--name` picks one). `graft apply --from-adapterhub DIR` reads such a folder.
+/// adapter (or `--name` picks one). An AdapterFusion (`-m adapter_fusion`) writes its fused
+/// adapters' folders and the fusion's (`a,b/`: `adapter_fusion_config.json`,
+/// `model_adapter_fusion.safetensors`, for `model.load_adapter_fusion(DIR)`). `graft apply
+/// --from-adapterhub DIR` reads such folders back. HF PEFT has no bottleneck adapter or
+/// fusion, so `--format peft` refuses them.
 ///
 /// `--format onnx` writes `model.onnx`: the patched graph with the trained values stored in
 /// it, which any ONNX runtime runs as is — the export for methods that cannot be merged
@@ -92,12 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             for note in &report.not_carried {
                 eprintln!("warning: {note}");
             }
-            for (name, folder) in &report.adapters {
+            for ((name, _), files) in report.adapters.iter().zip(report.files.chunks(2)) {
                 println!(
-                    "wrote adapter {name}: {dir}/{} and {dir}/{}",
-                    graft::adapterhub::CONFIG_FILE,
-                    graft::adapterhub::WEIGHTS_FILE,
-                    dir = folder.display()
+                    "wrote {name}: {} and {}",
+                    files[0].display(),
+                    files[1].display()
                 );
             }
         }
@@ -117,15 +120,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// that holds them.
 fn refuse_methods_without_peft_type(model: &graft::ir::Model) -> anyhow::Result<()> {
     let record = graft::patch::read_record(model)?;
-    if let Some(method) = record
-        .methods
-        .iter()
-        .find(|m| m.training.adapterhub.is_some() && m.training.peft.is_none())
-    {
+    if let Some(method) = record.methods.iter().find(|m| {
+        (m.training.adapterhub.is_some() || !m.training.adapterhub_folders.is_empty())
+            && m.training.peft.is_none()
+    }) {
         anyhow::bail!(
-            "HF PEFT has no bottleneck-adapter type, so method {} cannot be written as PEFT \
-             files; use --format adapterhub (the adapters library) or --format onnx (the \
-             patched graph)",
+            "HF PEFT has no bottleneck-adapter or AdapterFusion type, so method {} cannot be \
+             written as PEFT files; use --format adapterhub (the adapters library) or --format \
+             onnx (the patched graph)",
             method.method
         );
     }
