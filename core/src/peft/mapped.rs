@@ -42,13 +42,16 @@ pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// A tensor of an adapter file: key, shape and little-endian float32 bytes.
+pub(crate) type KeyedBytes = (String, Vec<usize>, Vec<u8>);
+
 /// The float32 bytes of every tensor `files` declares, keyed `<key_prefix><key>` and
 /// transposed where declared, as `(key, shape, bytes)`.
 pub(crate) fn declared_tensors(
     model: &Model,
     files: &PeftFiles,
     key_prefix: &str,
-) -> Result<Vec<(String, Vec<usize>, Vec<u8>)>> {
+) -> Result<Vec<KeyedBytes>> {
     let mut tensors = Vec::new();
     for mapping in &files.tensors {
         let tensor = model

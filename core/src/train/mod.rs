@@ -970,12 +970,15 @@ impl<'a> Evaluator<'a> {
     }
 }
 
+/// The host feeds of one evaluation, with the swept input's setting when there is a sweep.
+type SweptFeeds = (Option<(String, f64)>, Vec<(String, HostTensor)>);
+
 /// The evaluations to run after a step: one with the host inputs as fed, or with a sweep one
 /// per value of its input, each with the setting it records.
 fn sweep_feeds(
     sweep: Option<&EvalSweep>,
     host_feeds: &[(String, HostTensor)],
-) -> Result<Vec<(Option<(String, f64)>, Vec<(String, HostTensor)>)>> {
+) -> Result<Vec<SweptFeeds>> {
     let Some(sweep) = sweep else {
         return Ok(vec![(None, host_feeds.to_vec())]);
     };
