@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-target/adapter-fusion}
 MODEL=${MODEL:-models/fixtures/bert-legacy/model.onnx}
 TOKENIZER=${TOKENIZER:-models/tokenizers/bert/tokenizer.json}
-STEPS=${STEPS:-150}
-LR=${LR:-5e-3}
+STEPS=${STEPS:-300}
+LR=${LR:-1e-3}
 REDUCTION=${REDUCTION:-4}
 DATA=examples/data
 mkdir -p "$OUT"
