@@ -235,45 +235,16 @@ fn robust_adapter_drop_trains_and_evaluates_per_dropped_layers() {
         &["config=seq_bn", "reduction_factor=4", "robust_drop=true"],
         &patched,
     );
-    let data = repository("examples/data/sentiment.jsonl");
     let eval = repository("examples/data/sentiment_eval.jsonl");
-    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
     let train = |out: &std::path::Path, sweep: &str| {
-        run_graft(&[
-            "train",
-            patched.to_str().unwrap(),
-            "--task",
-            "seq-cls",
-            "--data",
-            data.to_str().unwrap(),
-            "--eval-data",
-            eval.to_str().unwrap(),
-            "--eval-sweep",
-            sweep,
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--steps",
-            "30",
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.01",
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        let extra = ["--eval-data", eval.to_str().unwrap(), "--eval-sweep", sweep];
+        train_seq_cls(&patched, "examples/data/sentiment.jsonl", 30, out, &extra)
     };
     let run = dir.path().join("run");
     let (code, stdout, stderr) = train(&run, "adapter.adapter.dropped_layers=0,1,2");
     assert_eq!(code, 0, "train: {stdout}{stderr}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let losses: Vec<f64> = lines.iter().filter_map(|v| v["loss"].as_f64()).collect();
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
-    assert!(last < first, "loss did not fall: {first} → {last}");
+    let lines = metrics(&run);
+    assert_loss_falls(&lines);
     let swept: Vec<f64> = lines
         .iter()
         .filter(|v| v.get("eval_loss").is_some())

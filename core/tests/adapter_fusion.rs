@@ -210,27 +210,8 @@ fn fusion_gradients_match_central_differences() {
 fn fusion_trains_in_two_stages() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = fixture_model("bert-legacy");
-    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
-    let train = |patched: &std::path::Path, data: &str, out: &std::path::Path, steps: &str| {
-        let data = repository(data);
-        let (code, stdout, stderr) = run_graft(&[
-            "train",
-            patched.to_str().unwrap(),
-            "--task",
-            "seq-cls",
-            "--data",
-            data.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--steps",
-            steps,
-            "--batch-size",
-            "8",
-            "--lr",
-            "0.01",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+    let train = |patched: &std::path::Path, data: &str, out: &std::path::Path, steps| {
+        let (code, stdout, stderr) = train_seq_cls(patched, data, steps, out, &[]);
         assert_eq!(code, 0, "train {}: {stdout}{stderr}", patched.display());
     };
     // Stage 1: one adapter per task.
@@ -247,7 +228,7 @@ fn fusion_trains_in_two_stages() {
             &patched,
         );
         let run = dir.path().join(format!("run-{name}"));
-        train(&patched, data, &run, "10");
+        train(&patched, data, &run, 10);
         stage_one.push(run.join("adapter.safetensors"));
     }
     // Stage 2: the fusion, over the trained adapters.
@@ -277,16 +258,9 @@ fn fusion_trains_in_two_stages() {
         }
     }
     let run = dir.path().join("run-fused");
-    train(&fused, "examples/data/sentiment.jsonl", &run, "30");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let losses: Vec<f64> = lines.iter().filter_map(|v| v["loss"].as_f64()).collect();
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
-    assert!(last < first, "loss did not fall: {first} → {last}");
+    train(&fused, "examples/data/sentiment.jsonl", &run, 30);
+    let lines = metrics(&run);
+    assert_loss_falls(&lines);
     assert!(
         lines
             .iter()

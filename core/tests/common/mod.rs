@@ -353,3 +353,56 @@ pub fn loss_and_gradients(
         .collect();
     (get(&training.loss)[0], gradients)
 }
+
+/// `graft train PATCHED --task seq-cls` on `data` (a path in the repository) with the bert
+/// fixture's tokenizer, batch 8, lr 0.01 and `steps` steps into `out`, plus `extra` flags;
+/// returns the exit status, stdout and stderr.
+pub fn train_seq_cls(
+    patched: &std::path::Path,
+    data: &str,
+    steps: usize,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let data = repository(data);
+    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
+    let steps = steps.to_string();
+    let mut args = vec![
+        "train",
+        patched.to_str().unwrap(),
+        "--task",
+        "seq-cls",
+        "--data",
+        data.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_graft(&args)
+}
+
+/// The lines of the run folder's `metrics.jsonl`.
+pub fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Asserts that the mean loss of a run's last five steps is below that of its first five.
+pub fn assert_loss_falls(lines: &[serde_json::Value]) {
+    let losses: Vec<f64> = lines.iter().filter_map(|v| v["loss"].as_f64()).collect();
+    assert!(losses.len() >= 10, "{} steps logged", losses.len());
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
+    assert!(last < first, "loss did not fall: {first} → {last}");
+}
