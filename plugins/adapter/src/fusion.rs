@@ -130,7 +130,7 @@ pub fn config_keys() -> Vec<ConfigKey> {
         preset("residual_before", "add the residual to each adapter's output before the attention"),
         preset("value_before_softmax", "apply the value projection to each adapter's output (else to the weighted sum)"),
         preset("value_initialized", "the value projection starts at the identity"),
-        ConfigKey::float("dropout_prob", f64::NAN, "dropout on the attention scores in training (default: 0.1, the attention dropout of BERT-family models)"),
+        ConfigKey::new("dropout_prob", graft_plugin_sdk::ConfigKind::Float, Value::Null, "dropout on the attention scores in training (default: 0.1, the attention dropout of BERT-family models, which AdapterHub uses when it is null)"),
         ConfigKey::bool("temperature", false, "AdapterHub's annealed softmax temperature; not supported (its value changes at every forward pass)"),
         ConfigKey::bool("train_adapters", false, "train the fused adapters too (default: frozen, as AdapterFusion's second stage)"),
     ];
@@ -240,6 +240,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
     let mut regularizers = Vec::new();
     let mut first_layer = 0;
     let mut hidden_size = 0;
+    let mut n_blocks = 0;
     for stack in &graph.stacks {
         for layer in &stack.layers {
             let layer_id = first_layer + layer.index;
@@ -247,6 +248,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
                 continue;
             }
             for block in layer.blocks.iter().filter(|b| wanted(shared, b.kind)) {
+                n_blocks += 1;
                 let keep = switches.keep(&mut builder, layer_id);
                 let values = BlockValues::of(&builder, shared, block);
                 let mut outputs = Vec::new();
@@ -309,7 +311,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
         }
         first_layer += stack.n_layers;
     }
-    if fusion_tensors.is_empty() && !unlabelled {
+    if n_blocks == 0 {
         return Err(format!(
             "no block gets a fusion: {n_layers} layers, leave_out {:?}, mh_adapter {}, output_adapter {}",
             shared.leave_out, shared.mh_adapter, shared.output_adapter
