@@ -221,7 +221,9 @@ fn method_settings(file_config: &Value) -> std::result::Result<Map<String, Value
         .get("name")
         .and_then(Value::as_str)
         .ok_or("no \"name\"")?;
-    let phm = config.get("phm_layer").is_some_and(|v| v == &Value::Bool(true));
+    let phm = config
+        .get("phm_layer")
+        .is_some_and(|v| v == &Value::Bool(true));
     let mut settings = Map::new();
     settings.insert("name".into(), Value::from(name));
     settings.insert("config".into(), Value::from("seq_bn"));

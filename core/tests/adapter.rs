@@ -66,7 +66,10 @@ fn adapters_with_zero_up_projections_are_exact_no_ops() {
             assert!(n_adapters > 0, "{fixture} {preset}: no adapter");
             let got = run_model(&model, &fixture_inputs(fixture));
             let diff = max_diff(&got, &want);
-            assert!(diff <= 1e-5, "{fixture} {preset}: changes the outputs by {diff}");
+            assert!(
+                diff <= 1e-5,
+                "{fixture} {preset}: changes the outputs by {diff}"
+            );
         }
         let near = adapted(fixture, json!({"config": "double_seq_bn"}));
         let diff = max_diff(&run_model(&near, &fixture_inputs(fixture)), &want);
@@ -118,7 +121,10 @@ fn adapterhub_adapters_reproduce_the_adapters_library_both_ways() {
             assert_eq!(code, 0, "{fixture} {variant} export: {stdout}{stderr}");
             let original = read_tensors(&recording.join("adapter.safetensors"));
             let again = read_tensors(&exported.join("adapter.safetensors"));
-            assert_eq!(original, again, "{fixture} {variant}: exported tensors differ");
+            assert_eq!(
+                original, again,
+                "{fixture} {variant}: exported tensors differ"
+            );
             let config = |dir: &std::path::Path| -> serde_json::Value {
                 serde_json::from_str(
                     &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
@@ -134,7 +140,11 @@ fn adapterhub_adapters_reproduce_the_adapters_library_both_ways() {
                     (Some(a), Some(b)) => a == b,
                     _ => value == &theirs["config"][key],
                 };
-                assert!(same, "{fixture} {variant}: config.{key} {value} vs {}", theirs["config"][key]);
+                assert!(
+                    same,
+                    "{fixture} {variant}: config.{key} {value} vs {}",
+                    theirs["config"][key]
+                );
             }
         }
     }
@@ -151,7 +161,12 @@ fn loss_and_gradients(
     let training = graft::train::training_graph(model, task).unwrap();
     let mut session = training_session(&training, true);
     let mut feeds = fixture_inputs(fixture);
-    let ids = feeds.iter().find(|(n, _)| n == "input_ids").unwrap().1.clone();
+    let ids = feeds
+        .iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1
+        .clone();
     let labels = match task {
         graft::train::Task::SeqCls => {
             HostTensor::I64(ndarray::ArrayD::zeros(ndarray::IxDyn(&[ids.shape()[0]])))
@@ -233,7 +248,10 @@ fn adapter_gradients_match_central_differences() {
             "{fixture} {preset}: checked {checked:?}"
         );
         if preset == "double_seq_bn" {
-            assert!(checked.contains(&"norm"), "{fixture}: Houlsby's norms do not train");
+            assert!(
+                checked.contains(&"norm"),
+                "{fixture}: Houlsby's norms do not train"
+            );
         }
     }
 }
@@ -283,7 +301,10 @@ fn adapters_train_refuse_to_merge_and_export_as_a_graph() {
     let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
     assert!(last < first, "loss did not fall: {first} → {last}");
     let adapter = run.join("adapter.safetensors");
-    assert!(adapter.is_file(), "no adapter.safetensors in the run folder");
+    assert!(
+        adapter.is_file(),
+        "no adapter.safetensors in the run folder"
+    );
 
     let merged = dir.path().join("merged.onnx");
     let (code, stdout, stderr) = run_graft(&[
@@ -365,9 +386,16 @@ fn settings_are_checked_and_named_adapters_stack() {
             .to_string();
         assert!(error.contains(needle), "{settings}: {error}");
     }
-    let dropped = adapted("bert-legacy", json!({"config": "double_seq_bn", "leave_out": "0"}));
+    let dropped = adapted(
+        "bert-legacy",
+        json!({"config": "double_seq_bn", "leave_out": "0"}),
+    );
     let record = graft::patch::read_record(&dropped).unwrap();
-    assert_eq!(record.methods[0].parameters.len(), 2 * 4, "one layer's two adapters");
+    assert_eq!(
+        record.methods[0].parameters.len(),
+        2 * 4,
+        "one layer's two adapters"
+    );
 
     let mut two = adapted("bert-legacy", json!({"name": "sentiment"}));
     apply_in_process(&registry(), &mut two, "adapter", &json!({"name": "topic"})).unwrap();

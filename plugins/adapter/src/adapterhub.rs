@@ -70,7 +70,12 @@ impl<'s> Files<'s> {
                 false,
                 vec![bottleneck],
             ),
-            tensor("adapter_up.weight", &names.up, true, vec![hidden, bottleneck]),
+            tensor(
+                "adapter_up.weight",
+                &names.up,
+                true,
+                vec![hidden, bottleneck],
+            ),
             tensor("adapter_up.bias", &names.up_bias, false, vec![hidden]),
         ]);
     }

@@ -50,8 +50,8 @@ impl Plugin for Adapter {
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
         let settings = Settings::from_config(config)?;
-        let mut builder =
-            PatchBuilder::new(graph, &format!("adapter.{}", settings.name)).with_seed(settings.seed);
+        let mut builder = PatchBuilder::new(graph, &format!("adapter.{}", settings.name))
+            .with_seed(settings.seed);
         let mut hub = adapterhub::Files::new(&settings);
         let mut n_adapters = 0;
         let mut first_layer = 0;
@@ -158,7 +158,16 @@ fn add_adapter(
     if settings.is_parallel {
         let names = builder.bottleneck(&stem, &x, &module)?;
         let with_adapter = builder.op(&format!("{stem}.add"), "Add", &[&h, &names.output], &[]);
-        finish_block(builder, settings, graph, &stem, block, &h, &with_adapter, &x)?;
+        finish_block(
+            builder,
+            settings,
+            graph,
+            &stem,
+            block,
+            &h,
+            &with_adapter,
+            &x,
+        )?;
         return Ok(names);
     }
     let input = if settings.reads_sum() {
@@ -178,7 +187,16 @@ fn add_adapter(
         &[&names.output, &residual],
         &[],
     );
-    finish_block(builder, settings, graph, &stem, block, &h, &with_adapter, &x)?;
+    finish_block(
+        builder,
+        settings,
+        graph,
+        &stem,
+        block,
+        &h,
+        &with_adapter,
+        &x,
+    )?;
     Ok(names)
 }
 

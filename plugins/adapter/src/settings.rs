@@ -1,8 +1,8 @@
 //! The adapter's settings: AdapterHub's presets (`seq_bn`, `double_seq_bn`, `par_bn`) and the
 //! `BnConfig` fields a user may override, read from the method's config.
 
-use graft_plugin_sdk::{Activation, ConfigKey, ConfigKind, MethodConfig};
 use graft_plugin_sdk::serde_json::{json, Value};
+use graft_plugin_sdk::{Activation, ConfigKey, ConfigKind, MethodConfig};
 
 /// Where the residual that the adapter's output is added to is taken (AdapterHub's
 /// `residual_before_ln`).
@@ -87,7 +87,12 @@ const PRESET_KEYS: &[&str] = &[
 /// The method's config keys.
 pub fn config_keys() -> Vec<ConfigKey> {
     let preset = |key: &str, kind: ConfigKind, help: &str| {
-        ConfigKey::new(key, kind, Value::Null, &format!("{help} (default: the preset's)"))
+        ConfigKey::new(
+            key,
+            kind,
+            Value::Null,
+            &format!("{help} (default: the preset's)"),
+        )
     };
     vec![
         ConfigKey::string("config", "seq_bn", &format!("AdapterHub preset: {PRESETS}")),
@@ -140,11 +145,9 @@ impl Settings {
                         "true" => ResidualFrom::Branch,
                         "post_add" => ResidualFrom::Sum,
                         "false" => ResidualFrom::AdapterInput,
-                        other => {
-                            return Err(format!(
-                                "residual_before_ln \"{other}\" is not one of: true, post_add, false"
-                            ))
-                        }
+                        other => return Err(format!(
+                            "residual_before_ln \"{other}\" is not one of: true, post_add, false"
+                        )),
                     }
                 }
                 "is_parallel" => s.is_parallel = config.get_bool(key)?,

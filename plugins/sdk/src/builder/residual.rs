@@ -134,9 +134,7 @@ impl PatchBuilder<'_> {
         module: &Bottleneck,
     ) -> Result<BottleneckNames> {
         let Bottleneck {
-            hidden,
-            bottleneck,
-            ..
+            hidden, bottleneck, ..
         } = *module;
         if hidden == 0 || bottleneck == 0 {
             return Err(Error::Build(format!(
@@ -154,14 +152,24 @@ impl PatchBuilder<'_> {
         let parameter = |builder: &mut Self, part: &str, shape: Vec<usize>, init: Init| {
             builder.parameter(&format!("{stem}.{part}"), dtype, shape, init, true)
         };
-        let down = parameter(self, "down", vec![hidden, bottleneck], module.init_down.clone());
+        let down = parameter(
+            self,
+            "down",
+            vec![hidden, bottleneck],
+            module.init_down.clone(),
+        );
         let down_bias = parameter(self, "down_bias", vec![bottleneck], Init::Zeros);
         let up = parameter(self, "up", vec![bottleneck, hidden], module.init_up.clone());
         let up_bias = parameter(self, "up_bias", vec![hidden], Init::Zeros);
         let (output, nodes) = self.block(|builder| {
             let x = builder.current(x);
             let t = builder.op(&format!("{stem}.matmul_down"), "MatMul", &[&x, &down], &[]);
-            let t = builder.op(&format!("{stem}.add_down_bias"), "Add", &[&t, &down_bias], &[]);
+            let t = builder.op(
+                &format!("{stem}.add_down_bias"),
+                "Add",
+                &[&t, &down_bias],
+                &[],
+            );
             let t = builder.activation(stem, module.activation, &t, dtype);
             let t = builder.op(&format!("{stem}.matmul_up"), "MatMul", &[&t, &up], &[]);
             let mut t = builder.op(&format!("{stem}.add_up_bias"), "Add", &[&t, &up_bias], &[]);
