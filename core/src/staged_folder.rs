@@ -146,7 +146,7 @@ fn carry_over(from: &Path, into: &Path) -> Result<()> {
 /// Swaps the folders `a` and `b` atomically; where the file system cannot, moves `b` aside and
 /// `a` in its place (a short moment without `b`), moving `b` back if the second rename fails.
 /// Afterwards `a` holds what `b` held.
-fn exchange(a: &Path, b: &Path) -> Result<()> {
+pub(crate) fn exchange(a: &Path, b: &Path) -> Result<()> {
     let source = std::ffi::CString::new(a.as_os_str().as_bytes())
         .map_err(|e| Error::io(a, std::io::Error::other(e)))?;
     let destination = std::ffi::CString::new(b.as_os_str().as_bytes())

@@ -106,6 +106,7 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
     writer.out_dir_canonical = out_dir_canonical.clone();
     let mut proto = model_to_proto(model, &mut writer)?;
     if let Some((mut data, written)) = writer.finish() {
+        crate::pause::point(&format!("data-written:{file_name}"));
         let chosen = link_data_file(&mut data, &out_dir, &data_names, &options.placement)?;
         if chosen != data_names[0] {
             relocate(&mut proto, &written, &chosen);

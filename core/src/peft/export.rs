@@ -109,6 +109,7 @@ pub(super) fn write_files(
     tensors: &[(String, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
     write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
+    crate::pause::point(&format!("file-written:{WEIGHTS_FILE}"));
     let config_text = serde_json::to_string_pretty(config).unwrap_or_default();
     write_atomically(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
     Ok(())

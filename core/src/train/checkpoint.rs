@@ -5,10 +5,11 @@
 //! `graft merge --adapter` reads it), `optimizer.safetensors` (the optimizer's moments, keyed
 //! `first_moment.<tensor>` and `second_moment.<tensor>`) and `state.json` ([`CheckpointState`]:
 //! the step, the data position, the optimizer's rule and step count, and the settings a resumed
-//! run must share). A checkpoint is written into `checkpoint.tmp/`, `state.json` last, and then
-//! swapped in by two renames (the previous one goes to `checkpoint.old/` and is removed after);
-//! a folder counts as a checkpoint only when its `state.json` is there, so a run killed at any
-//! point leaves at least one complete checkpoint, and [`load`] takes the newest.
+//! run must share). A checkpoint is written into `checkpoint.tmp/` and then put in place by one
+//! atomic exchange with `checkpoint/` (one rename for the first), after which the previous one
+//! is removed: `checkpoint/` is the commit point, so a run killed at any point leaves
+//! `checkpoint/` holding either the previous complete checkpoint or the new one, and [`load`]
+//! reads only it.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,7 @@ use crate::{Error, Result};
 /// The folder, inside a run folder, of the current checkpoint.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const TEMPORARY_DIR: &str = "checkpoint.tmp";
+/// Where earlier versions of graft kept the previous checkpoint during a swap; removed.
 const PREVIOUS_DIR: &str = "checkpoint.old";
 const STATE_FILE: &str = "state.json";
 const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -152,8 +154,8 @@ pub fn save(
 ) -> Result<PathBuf> {
     let target = run_dir.join(CHECKPOINT_DIR);
     let temporary = run_dir.join(TEMPORARY_DIR);
-    let previous = run_dir.join(PREVIOUS_DIR);
     remove_folder(&temporary)?;
+    remove_folder(&run_dir.join(PREVIOUS_DIR))?;
     std::fs::create_dir_all(&temporary).map_err(|e| Error::io(&temporary, e))?;
 
     let names = &state.parameters;
@@ -193,44 +195,37 @@ pub fn save(
         .map_err(|e| Error::Config(format!("cannot encode the checkpoint state: {e}")))?;
     write_atomically(&temporary.join(STATE_FILE), &state_json)?;
 
-    remove_folder(&previous)?;
+    crate::atomic_file::sync_dir(&temporary);
+    crate::pause::point(&format!("checkpoint-staged:{}", state.step));
     if target.exists() {
-        std::fs::rename(&target, &previous).map_err(|e| Error::io(&target, e))?;
+        crate::staged_folder::exchange(&temporary, &target)?;
+        crate::atomic_file::sync_dir(run_dir);
+        crate::pause::point(&format!("checkpoint-exchanged:{}", state.step));
+        remove_folder(&temporary)?;
+    } else {
+        std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
+        crate::atomic_file::sync_dir(run_dir);
     }
-    std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
-    remove_folder(&previous)?;
     Ok(target)
 }
 
-/// Reads the newest complete checkpoint of `run_dir` (`checkpoint/`, or the `checkpoint.old/`
-/// or `checkpoint.tmp/` a run killed while swapping left behind).
+/// Reads the checkpoint of `run_dir` (`checkpoint/`; a `checkpoint.tmp/` that a killed run
+/// left behind was never committed and is ignored).
 pub fn load(run_dir: &Path) -> Result<Checkpoint> {
-    let mut newest: Option<(PathBuf, CheckpointState)> = None;
-    for folder in [CHECKPOINT_DIR, PREVIOUS_DIR, TEMPORARY_DIR] {
-        let path = run_dir.join(folder);
-        let state_path = path.join(STATE_FILE);
-        if !state_path.is_file() {
-            continue;
-        }
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
-            Error::Config(format!(
-                "{}: not a graft checkpoint state: {e}",
-                state_path.display()
-            ))
-        })?;
-        if newest
-            .as_ref()
-            .is_none_or(|(_, best)| state.step > best.step)
-        {
-            newest = Some((path, state));
-        }
-    }
-    let (path, state) = newest.ok_or_else(|| {
-        Error::Config(format!(
-            "{}: no checkpoint to resume from (expected {}/{STATE_FILE})",
+    let path = run_dir.join(CHECKPOINT_DIR);
+    let state_path = path.join(STATE_FILE);
+    if !state_path.is_file() {
+        return Err(Error::Config(format!(
+            "{}: no checkpoint to resume from (expected {})",
             run_dir.display(),
-            run_dir.join(CHECKPOINT_DIR).display()
+            state_path.display()
+        )));
+    }
+    let text = crate::input_file::read_to_string(&state_path)?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+        Error::Config(format!(
+            "{}: not a graft checkpoint state: {e}",
+            state_path.display()
         ))
     })?;
     let adapter = read_tensors(&path.join(ADAPTER_FILE))?;
@@ -294,6 +289,15 @@ pub fn remove_all(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes what a killed save left beside `checkpoint/` (never committed, never read), so a
+/// resumed run leaves only its committed checkpoint behind.
+pub fn remove_uncommitted(run_dir: &Path) -> Result<()> {
+    for folder in [PREVIOUS_DIR, TEMPORARY_DIR] {
+        remove_folder(&run_dir.join(folder))?;
+    }
+    Ok(())
+}
+
 fn remove_folder(path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
@@ -326,7 +330,7 @@ fn write_tensors(path: &Path, tensors: &[(String, &[usize], &[f32])]) -> Result<
 }
 
 fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Config(format!("{}: not a safetensors file: {e}", path.display())))?;
     file.tensors()

@@ -472,7 +472,8 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
 /// the run's progress.
 ///
 /// A non-finite loss or gradient norm stops the run with an error naming the step and the last
-/// checkpoint; that step writes nothing, so the checkpoint stays the last good state.
+/// checkpoint; that step writes nothing, so the checkpoint stays the last good state. The run
+/// folder is locked for the whole run: a second run on it fails at once.
 pub fn train(
     patched: &Model,
     options: &TrainOptions,
@@ -551,11 +552,14 @@ pub fn train(
     };
 
     std::fs::create_dir_all(&options.out).map_err(|e| Error::io(&options.out, e))?;
+    // Held until the run returns: two runs writing one folder would mix their files.
+    let _run_lock = crate::folder_lock::FolderLock::acquire(&options.out, "run folder")?;
     let metrics_path = options.out.join("metrics.jsonl");
     let mut history = History::default();
     let mut last_checkpoint: Option<(u64, PathBuf)> = None;
     let first_step = if options.resume {
         let saved = checkpoint::load(&options.out)?;
+        checkpoint::remove_uncommitted(&options.out)?;
         saved.state.check_resumable(&state, &saved.path)?;
         for ((name, values), length) in names.iter().zip(&saved.parameters).zip(&lengths) {
             if values.len() != *length {

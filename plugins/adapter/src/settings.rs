@@ -145,9 +145,11 @@ impl Settings {
                         "true" => ResidualFrom::Branch,
                         "post_add" => ResidualFrom::Sum,
                         "false" => ResidualFrom::AdapterInput,
-                        other => return Err(format!(
+                        other => {
+                            return Err(format!(
                             "residual_before_ln \"{other}\" is not one of: true, post_add, false"
-                        )),
+                        ))
+                        }
                     }
                 }
                 "is_parallel" => s.is_parallel = config.get_bool(key)?,
