@@ -12,7 +12,7 @@ use crate::{Error, Result};
 /// `path`, matched by tensor name. Every tensor in the file must name a trainable tensor of the
 /// model with the same element type and shape. Returns how many tensors were loaded.
 pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;

@@ -175,7 +175,7 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let text = crate::input_file::read_to_string(&config_path)?;
     let file_config: Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config_path.display())))?;
     let settings = method_settings(&file_config)

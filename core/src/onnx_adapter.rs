@@ -232,7 +232,7 @@ impl OnnxAdapter {
 
     /// Reads an adapter file.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::input_file::read(path)?;
         Self::from_bytes(&bytes, path)
     }
 

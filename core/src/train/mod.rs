@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod data;
+mod data_check;
 pub mod dropout;
 pub mod example;
 pub mod optimizer;
@@ -26,7 +27,7 @@ use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
 use checkpoint::CheckpointState;
-use data::{collate, read_data, DataFormat, DataOptions, Dataset, Example, Target};
+use data::{collate, read_data, DataFormat, DataOptions, Example, Target};
 use optimizer::{clip_global_norm, global_norm, Optimizer, OptimizerKind, Schedule};
 use parameters::ParameterStore;
 use participation::{Participation, StepHooks};
@@ -41,7 +42,8 @@ pub enum Task {
     SeqCls,
     /// Token classification: logits [batch, seq, classes], one label per token, −100 ignored.
     TokenCls,
-    /// Regression: mean squared error between the first output and the label.
+    /// Regression: logits [batch, 1], one real value per example, mean squared error (Hugging
+    /// Face's `num_labels = 1`).
     Regression,
 }
 
@@ -96,6 +98,47 @@ pub struct TrainOptions {
     pub session: SessionOptions,
     /// The methods whose tensors train (empty: every method); the others stay frozen.
     pub train_methods: Vec<String>,
+}
+
+impl TrainOptions {
+    /// Fails with [`Error::Config`] naming the flag when a setting is outside its domain: zero
+    /// steps, epochs, batch size, accumulation or checkpoint/evaluation interval, a negative or
+    /// non-finite learning rate, a clipping norm that is not a positive number, optimizer
+    /// settings that [`OptimizerKind::check`] refuses, or more threads than the machine has.
+    pub fn check(&self) -> Result<()> {
+        let positive = |flag: &str, value: u64| {
+            if value == 0 {
+                Err(Error::Config(format!("{flag} 0: must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        match self.steps {
+            Some(steps) => positive("--steps", steps)?,
+            None => positive("--epochs", self.epochs)?,
+        }
+        positive("--batch-size", self.batch_size as u64)?;
+        positive("--grad-accumulation", self.grad_accumulation as u64)?;
+        if let Some(every) = self.save_every {
+            positive("--save-every", every)?;
+        }
+        if let Some(every) = self.eval_every {
+            positive("--eval-every", every)?;
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Config(format!(
+                "--lr {} must be a finite number, 0 or more",
+                self.lr
+            )));
+        }
+        if let Some(norm) = self.clip_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            return Err(Error::Config(format!(
+                "--clip-norm {norm} must be a positive number"
+            )));
+        }
+        self.optimizer.check()?;
+        self.session.check()
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -459,7 +502,7 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
         Task::SeqCls => loss::cross_entropy(model, logits, "labels", data::IGNORE_INDEX),
         Task::CausalLm => loss::causal_lm(model, logits, "labels"),
         Task::TokenCls => loss::token_classification(model, logits, "labels"),
-        Task::Regression => loss::mean_squared_error(model, logits, "labels"),
+        Task::Regression => loss::regression(model, logits, "labels"),
     }
 }
 
@@ -480,6 +523,7 @@ pub fn train(
     hooks: &dyn StepHooks,
     mut on_event: impl FnMut(TrainEvent<'_>),
 ) -> Result<TrainSummary> {
+    options.check()?;
     let started = std::time::Instant::now();
     let data_options = DataOptions {
         format: options.data_format,
@@ -487,12 +531,12 @@ pub fn train(
         max_len: options.max_len,
         skip_bad_lines: options.skip_bad_lines,
     };
-    let dataset = read_data(&options.data, &data_options)?;
-    check_data(patched, options.task, &options.data, &dataset)?;
+    let mut dataset = read_data(&options.data, &data_options)?;
+    data_check::prepare_data(patched, options.task, &options.data, &mut dataset)?;
     let eval_set = match &options.eval_data {
         Some(path) => {
-            let eval_set = read_data(path, &data_options)?;
-            check_data(patched, options.task, path, &eval_set)?;
+            let mut eval_set = read_data(path, &data_options)?;
+            data_check::prepare_data(patched, options.task, path, &mut eval_set)?;
             Some(eval_set)
         }
         None => None,
@@ -958,57 +1002,6 @@ fn output<'o>(
         .find(|(n, _)| n == name)
         .map(|(_, t)| t)
         .ok_or_else(|| Error::Runtime(format!("the {graph} graph did not produce {name:?}")))
-}
-
-/// Fails when a data file's format cannot feed the task's loss, or when its token ids do not
-/// fit the model's `input_ids` embedding (a tokenizer that does not match the model).
-fn check_data(patched: &Model, task: Task, path: &Path, dataset: &Dataset) -> Result<()> {
-    let fits = match dataset.format {
-        DataFormat::Text => matches!(task, Task::SeqCls | Task::Regression),
-        DataFormat::Instruction | DataFormat::Plain => task == Task::CausalLm,
-        DataFormat::Auto | DataFormat::Tokenized => true,
-    };
-    if !fits {
-        return Err(Error::Config(format!(
-            "{}: {} data cannot train --task {}: text data is for seq-cls or regression, \
-             instruction and plain data for causal-lm",
-            path.display(),
-            dataset.format.name(),
-            task_name(task)
-        )));
-    }
-    let embedding = patched.graph.nodes.iter().find_map(|node| {
-        let indices = node.inputs.get(1)?;
-        if !node.is("Gather") || indices != "input_ids" {
-            return None;
-        }
-        let table = patched.graph.initializer(node.inputs.first()?)?;
-        Some((node.name.clone(), *table.dims.first()?))
-    });
-    let Some((node, rows)) = embedding else {
-        return Ok(());
-    };
-    let out_of_range = dataset
-        .examples
-        .iter()
-        .enumerate()
-        .find_map(|(index, example)| {
-            example
-                .sequences
-                .get("input_ids")?
-                .iter()
-                .find(|&&id| id < 0 || id >= rows)
-                .map(|&id| (index, id))
-        });
-    if let Some((index, id)) = out_of_range {
-        return Err(Error::Config(format!(
-            "{}: example {} has token id {id}, outside the {rows} rows of the model's input_ids \
-             embedding (node {node:?}); the data or tokenizer does not match the model",
-            path.display(),
-            index + 1
-        )));
-    }
-    Ok(())
 }
 
 fn task_name(task: Task) -> &'static str {

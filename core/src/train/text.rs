@@ -67,14 +67,15 @@ impl TextEncoder {
         } else {
             path.to_path_buf()
         };
-        if !file.is_file() {
+        if !file.exists() {
             return Err(Error::Config(format!(
                 "{}: no such tokenizer file",
                 file.display()
             )));
         }
         let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
-        let mut tokenizer = Tokenizer::from_file(&file)
+        let bytes = crate::input_file::read(&file)?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| fail(format!("not a tokenizer the tokenizers library reads: {e}")))?;
         tokenizer.with_padding(None);
         tokenizer
@@ -307,7 +308,7 @@ fn configured_eos(tokenizer_file: &Path) -> Result<Option<String>> {
     if !config.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+    let text = crate::input_file::read_to_string(&config)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", config.display())))?;
     let eos = &value["eos_token"];

@@ -50,8 +50,9 @@ impl Plugin for Lora {
         let r = config.get_usize("r")?;
         let alpha = config.get_f64("alpha")?;
         let rslora = config.get_bool("rslora")?;
-        let dropout = config.get_f32("dropout")?;
-        let dropout = (dropout > 0.0).then_some(dropout);
+        // Some(0.0) adds no dropout node; passing every value lets the SDK refuse those
+        // outside [0, 1).
+        let dropout = Some(config.get_f32("dropout")?);
         let rank_pattern = config.get_patterns::<usize>("rank_pattern")?;
         let alpha_pattern = config.get_patterns::<f64>("alpha_pattern")?;
         let gaussian = match config.get_string("init")?.as_str() {
