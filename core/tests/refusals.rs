@@ -527,3 +527,95 @@ fn settings_outside_their_domain_are_refused() {
         assert_refused(&refs(&args), &[needle]);
     }
 }
+
+/// The fixture with a two-node cycle (its first node reads the output of a node that reads
+/// the first's), saved as `path`; returns the first node's name.
+fn cyclic_fixture(path: &Path) -> String {
+    let mut model = graft::onnx::load(&fixture_model(FIXTURE)).unwrap();
+    let graph = &mut model.graph;
+    let (first, consumer) = (0..graph.nodes.len())
+        .find_map(|first| {
+            let outputs = graph.nodes[first].outputs.clone();
+            let consumer = (first + 1..graph.nodes.len()).find(|&c| {
+                graph.nodes[c].inputs.iter().any(|i| outputs.contains(i))
+                    && !graph.nodes[c].outputs.is_empty()
+            })?;
+            (!graph.nodes[first].inputs.is_empty()).then_some((first, consumer))
+        })
+        .unwrap();
+    let fed_back = graph.nodes[consumer].outputs[0].clone();
+    graph.nodes[first].inputs[0] = fed_back;
+    let name = graph.nodes[first].name.clone();
+    graft::onnx::save(&model, path, &Default::default()).unwrap();
+    name
+}
+
+/// Item 21: messages name the real cause: a cycle already in the input is the model's (not
+/// the plugin's), `layers` that select nothing are named as such, a batch with only ignored
+/// labels is not blamed on the learning rate, and data that is mostly the tokenizer's unknown
+/// token is warned about.
+#[test]
+fn messages_name_the_real_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let cyclic = dir.path().join("cyclic.onnx");
+    let node = cyclic_fixture(&cyclic);
+    let out = dir.path().join("out.onnx");
+    let stderr = assert_refused(
+        &["apply", text(&cyclic), "-m", "lora", "-o", text(&out)],
+        &[text(&cyclic), "cycle through node", &node],
+    );
+    assert!(!stderr.contains("plugin"), "{stderr}");
+
+    let stderr = assert_refused(
+        &[
+            "apply",
+            text(&fixture_model(FIXTURE)),
+            "-m",
+            "lora",
+            "--set",
+            "layers=99",
+            "-o",
+            text(&out),
+        ],
+        &["layers [\"99\"] select none of the layers", "[0, 1]"],
+    );
+    assert!(!stderr.contains("match no site"), "{stderr}");
+
+    let patched = patched(dir.path());
+    let run = dir.path().join("run");
+    let ignored = r#"{"input_ids": [1, 5, 7, 2], "token_type_ids": [0, 0, 0, 0], "label": -100}"#;
+    let data = write_data(&dir.path().join("ignored.jsonl"), &[ignored, ignored]);
+    let mut args = train_on(&patched, &data, "seq-cls", &run, &["--no-shuffle"]);
+    let stderr = assert_refused(&refs(&args), &["no label of a batch is scored", "[1, 2]"]);
+    assert!(!stderr.contains("--lr"), "{stderr}");
+
+    let chinese = write_data(
+        &dir.path().join("chinese.jsonl"),
+        &[
+            r#"{"text": "这是一个很好的电影", "label": 1}"#,
+            r#"{"text": "这部电影很糟糕", "label": 0}"#,
+        ],
+    );
+    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
+    args = train_on(
+        &patched,
+        &chinese,
+        "seq-cls",
+        &run,
+        &["--tokenizer", text(&tokenizer)],
+    );
+    let (_, stderr) = assert_ok(&refs(&args));
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("are the unknown token [UNK]"),
+        "{stderr}"
+    );
+    args = train_on(
+        &patched,
+        &repository("examples/data/sentiment.jsonl"),
+        "seq-cls",
+        &run,
+        &["--tokenizer", text(&tokenizer)],
+    );
+    let (_, stderr) = assert_ok(&refs(&args));
+    assert!(!stderr.contains("unknown token"), "{stderr}");
+}

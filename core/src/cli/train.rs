@@ -300,6 +300,7 @@ impl Progress {
                     }
                 }
             },
+            TrainEvent::Warning(warning) => eprintln!("warning: {warning}"),
             TrainEvent::Evaluated(metrics) => self.line(eval_line(metrics)),
             TrainEvent::Checkpoint { .. } => {}
         }

@@ -15,8 +15,8 @@ use crate::{Error, Result};
 /// Loads the ONNX model at `path`. External data is resolved relative to the model's folder and
 /// mapped, not read. Fails with a message naming the file for anything that is not a valid model:
 /// empty or truncated files, missing external data, or external-data locations that leave the
-/// model's folder (absolute paths, `..`, symbolic links), and anything that is not a regular
-/// file (a FIFO or a device, as the model or as its external data).
+/// model's folder (absolute paths, `..`, symbolic links), anything that is not a regular file
+/// (a FIFO or a device, as the model or as its external data), and a graph with a cycle.
 pub fn load(path: &Path) -> Result<Model> {
     let bytes = crate::input_file::read(path)?;
     let base_dir = path
@@ -63,6 +63,12 @@ pub fn load_from_bytes(bytes: &[u8], base_dir: Option<&Path>, path: &Path) -> Re
         mapped: HashMap::new(),
     };
     let graph = loader.graph(graph_proto)?;
+    if let Some(node) = crate::patch::node_on_cycle(&graph) {
+        return Err(invalid(format!(
+            "the graph has a cycle through node {:?} ({}); an ONNX graph must have none",
+            node.name, node.op_type
+        )));
+    }
     Ok(Model {
         ir_version: proto.ir_version,
         opset_imports: proto

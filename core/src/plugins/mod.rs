@@ -34,6 +34,13 @@ pub fn apply_method(
 ) -> Result<()> {
     let (plugin, description) = registry.find_method(method)?;
     MethodConfig::new(description, config).map_err(|e| Error::Config(e.to_string()))?;
+    // The model's own faults are reported as its own, not as a patch the plugin got wrong.
+    if let Some(node) = crate::patch::node_on_cycle(&model.graph) {
+        return Err(Error::InvalidGraph(format!(
+            "the model has a cycle through node {:?} ({}) before method {method} is applied",
+            node.name, node.op_type
+        )));
+    }
     let view = graph_view(model)?;
     let tensors = ModelTensors(
         model

@@ -74,6 +74,9 @@ pub struct Dataset {
     pub lines: Vec<usize>,
     /// How many malformed lines were skipped.
     pub skipped: usize,
+    /// What looks wrong with the data without stopping the run (most of it tokenizing to the
+    /// unknown token).
+    pub warnings: Vec<String>,
     /// The format the file was read in (never `Auto`).
     pub format: DataFormat,
 }
@@ -87,6 +90,7 @@ pub fn read_data(path: &Path, options: &DataOptions) -> Result<Dataset> {
         format => format,
     };
     let skip = options.skip_bad_lines;
+    let mut warnings = Vec::new();
     let (examples, lines, skipped) = match format {
         DataFormat::Auto | DataFormat::Tokenized => read_jsonl(path, skip)?,
         DataFormat::Text | DataFormat::Instruction | DataFormat::Plain => {
@@ -100,18 +104,21 @@ pub fn read_data(path: &Path, options: &DataOptions) -> Result<Dataset> {
             })?;
             let encoder = TextEncoder::from_file(tokenizer, options.max_len)?;
             let is_text_file = has_txt_extension(path);
-            read_lines(path, skip, |line| match format {
+            let read = read_lines(path, skip, |line| match format {
                 DataFormat::Text => text::parse_classification(&encoder, line),
                 DataFormat::Instruction => text::parse_instruction(&encoder, line),
                 _ if is_text_file => encoder.document(line),
                 _ => text::parse_document(&encoder, line),
-            })?
+            })?;
+            warnings.extend(encoder.unknown_token_warning(path, &read.0));
+            read
         }
     };
     Ok(Dataset {
         examples,
         lines,
         skipped,
+        warnings,
         format,
     })
 }

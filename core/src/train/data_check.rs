@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::data::{DataFormat, Dataset, Target, IGNORE_INDEX};
+use super::data::{DataFormat, Dataset, Example, Target, IGNORE_INDEX};
 use super::{first_output, task_name, Task};
 use crate::analysis::EmbeddingKind;
 use crate::ir::{Dim, Model};
@@ -175,5 +175,19 @@ fn check_target(
             "\"label\" (one per example) given, but --task {task_flag} needs \"labels\", one \
              per token"
         )),
+    }
+}
+
+/// Whether `example` has at least one label the task's loss scores: a class or token label
+/// other than the ignore index (for causal LM, past the first position, which nothing
+/// predicts), or any regression value.
+pub(super) fn scores_something(example: &Example, task: Task) -> bool {
+    match &example.target {
+        Target::Class(class) => *class != IGNORE_INDEX,
+        Target::Value(_) => true,
+        Target::Tokens(labels) => {
+            let skip = usize::from(task == Task::CausalLm);
+            labels.iter().skip(skip).any(|&label| label != IGNORE_INDEX)
+        }
     }
 }

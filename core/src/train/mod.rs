@@ -192,6 +192,8 @@ pub enum TrainEvent<'a> {
         /// Evaluation examples, when there is evaluation data.
         eval_examples: Option<usize>,
     },
+    /// Something in the data looks wrong but does not stop the run.
+    Warning(&'a str),
     /// A step finished.
     Step(&'a StepMetrics),
     /// An evaluation finished.
@@ -633,6 +635,10 @@ pub fn train(
     let mut write_line =
         |line: String| writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e));
 
+    let eval_warnings = eval_set.iter().flat_map(|set| &set.warnings);
+    for warning in dataset.warnings.iter().chain(eval_warnings) {
+        on_event(TrainEvent::Warning(warning));
+    }
     on_event(TrainEvent::Started {
         first_step,
         total_steps,
@@ -650,12 +656,18 @@ pub fn train(
         let mut loss_sum = 0.0;
         let mut term_sums = vec![0.0; graph.loss_terms.len()];
         let mut tokens = 0usize;
+        // The lines of a micro-batch with no label to score: its loss is 0/0.
+        let mut unscored: Option<Vec<usize>> = None;
         for micro in 0..accumulation {
-            let batch: Vec<&Example> = order
-                .next_batch(batch_size)
-                .into_iter()
-                .map(|i| &examples[i])
-                .collect();
+            let indices = order.next_batch(batch_size);
+            let batch: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
+            if unscored.is_none()
+                && !batch
+                    .iter()
+                    .any(|e| data_check::scores_something(e, options.task))
+            {
+                unscored = Some(indices.iter().map(|&i| dataset.lines[i]).collect());
+            }
             feeds.truncate(n_parameters);
             feeds.extend(
                 collate(&batch)
@@ -687,7 +699,15 @@ pub fn train(
             .schedule
             .lr(options.lr, step, options.warmup, total_steps);
         let mut plugin_metrics = participation::HookMetrics::new();
-        let fault = if !loss.is_finite() || !grad_norm.is_finite() {
+        let fault = if let (false, Some(lines)) = (loss.is_finite(), &unscored) {
+            Some(format!(
+                "no label of a batch is scored (lines {lines:?} of {} have only the ignore \
+                 label {}), so its loss is undefined; give those lines a label to score or \
+                 remove them",
+                options.data.display(),
+                data::IGNORE_INDEX
+            ))
+        } else if !loss.is_finite() || !grad_norm.is_finite() {
             Some(format!(
                 "the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm})"
             ))
@@ -713,9 +733,13 @@ pub fn train(
                 ),
                 None => "no checkpoint was written before it (see --save-every)".to_owned(),
             };
+            let advice = if unscored.is_some() {
+                ""
+            } else {
+                " — try a lower --lr or --clip-norm"
+            };
             return Err(Error::Config(format!(
-                "step {step_number}: {fault}; training stopped — try a lower --lr or \
-                 --clip-norm; {kept}"
+                "step {step_number}: {fault}; training stopped{advice}; {kept}"
             )));
         }
         let metrics = StepMetrics {

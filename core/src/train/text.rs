@@ -32,6 +32,14 @@ pub const KNOWN_EOS_TOKENS: &[&str] = &[
     "[EOS]",
 ];
 
+/// Token names taken as the tokenizer's unknown token, in order of preference.
+pub const KNOWN_UNKNOWN_TOKENS: &[&str] = &["[UNK]", "<unk>", "<UNK>", "<|unk|>"];
+
+/// The share of a data file's tokens above which [`TextEncoder::unknown_token_warning`]
+/// warns: text the tokenizer does not cover (another script, another language) trains on
+/// little more than the unknown token.
+pub const UNKNOWN_TOKEN_WARNING_SHARE: f64 = 0.1;
+
 /// The fixed prompt of instruction data: `"Instruction: {instruction}\nInput: {input}\nResponse:\n"`,
 /// without the `Input:` line when `input` is empty (blank).
 pub fn instruction_prompt(instruction: &str, input: &str) -> String {
@@ -48,6 +56,7 @@ pub struct TextEncoder {
     truncating: Tokenizer,
     max_len: usize,
     eos: Option<u32>,
+    unknown: Option<(u32, &'static str)>,
     path: PathBuf,
 }
 
@@ -103,11 +112,15 @@ impl TextEncoder {
                 })
             })
             .transpose()?;
+        let unknown = KNOWN_UNKNOWN_TOKENS
+            .iter()
+            .find_map(|name| Some((tokenizer.token_to_id(name)?, *name)));
         Ok(TextEncoder {
             tokenizer,
             truncating,
             max_len,
             eos,
+            unknown,
             path: file,
         })
     }
@@ -120,6 +133,33 @@ impl TextEncoder {
     /// The end-of-sequence token id, when the tokenizer has one.
     pub fn eos(&self) -> Option<u32> {
         self.eos
+    }
+
+    /// A warning when more than [`UNKNOWN_TOKEN_WARNING_SHARE`] of the `input_ids` of
+    /// `examples` (read from `data`) are the tokenizer's unknown token (one of
+    /// [`KNOWN_UNKNOWN_TOKENS`]).
+    pub fn unknown_token_warning(&self, data: &Path, examples: &[Example]) -> Option<String> {
+        let (unknown_id, unknown_name) = self.unknown?;
+        let ids = examples
+            .iter()
+            .filter_map(|e| e.sequences.get("input_ids"))
+            .flatten();
+        let (total, unknown) = ids.fold((0usize, 0usize), |(total, unknown), &id| {
+            (
+                total + 1,
+                unknown + usize::from(id == i64::from(unknown_id)),
+            )
+        });
+        let share = unknown as f64 / total.max(1) as f64;
+        (share > UNKNOWN_TOKEN_WARNING_SHARE).then(|| {
+            format!(
+                "{}: {:.0}% of the tokens ({unknown} of {total}) are the unknown token \
+                 {unknown_name} of {}; the tokenizer does not cover this text",
+                data.display(),
+                share * 100.0,
+                self.path.display()
+            )
+        })
     }
 
     /// The most tokens an example has.

@@ -63,14 +63,28 @@ impl Plugin for Lora {
         let seed = config.get_usize("seed")? as u64;
 
         let mut builder = PatchBuilder::new(graph, "lora").with_seed(seed);
-        let selected: Vec<_> = selector
+        let matched: Vec<_> = selector
             .select(graph)
             .into_iter()
             .filter(|s| s.site.kind.is_linear())
+            .collect();
+        if matched.is_empty() {
+            return Err(no_match_message(graph, &targets));
+        }
+        let selected: Vec<_> = matched
+            .iter()
             .filter(|s| layers.as_ref().is_none_or(|l| l.contains(&s.layer.index)))
+            .copied()
             .collect();
         if selected.is_empty() {
-            return Err(no_match_message(graph, &targets));
+            let mut present: Vec<usize> = matched.iter().map(|s| s.layer.index).collect();
+            present.sort_unstable();
+            present.dedup();
+            return Err(format!(
+                "layers {:?} select none of the layers that targets [{}] match (layers {present:?})",
+                config.get_list("layers")?,
+                targets.join(", ")
+            ));
         }
         for site_ref in selected {
             let site = site_ref.site;
