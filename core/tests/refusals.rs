@@ -681,3 +681,70 @@ fn a_huge_text_line_is_cut_before_it_is_tokenized() {
     assert_eq!(cut, whole);
     assert_eq!(cut.sequences["input_ids"].len(), 32);
 }
+
+/// Item 19: `--resume` refuses a changed learning rate, schedule, clipping, data, `--max-len`
+/// or patched model, naming it; `--accept-changes` continues and says what changed; the same
+/// settings resume.
+#[test]
+fn resume_refuses_changed_settings_unless_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = patched(dir.path());
+    let other_model = dir.path().join("other.onnx");
+    apply_lora(FIXTURE, &["r=4", "seed=7"], &other_model);
+    let sentiment = repository("examples/data/sentiment.jsonl");
+    // The same lines with the labels flipped: as many examples, other targets.
+    let other_data = dir.path().join("flipped.jsonl");
+    let flipped = std::fs::read_to_string(&sentiment)
+        .unwrap()
+        .replace("\"label\": 0", "\"label\": 2")
+        .replace("\"label\": 1", "\"label\": 0")
+        .replace("\"label\": 2", "\"label\": 1");
+    std::fs::write(&other_data, flipped).unwrap();
+    let tokenizer = repository("models/tokenizers/bert/tokenizer.json");
+    let run = dir.path().join("run");
+    let args = |model: &Path, data: &Path, extra: &[&str]| {
+        let mut all = vec!["--tokenizer", text(&tokenizer)];
+        if !extra.contains(&"--max-len") {
+            all.extend(["--max-len", "32"]);
+        }
+        all.extend(extra);
+        let mut args = train_on(model, data, "seq-cls", &run, &all);
+        let steps = args.iter().position(|a| a == "--steps").unwrap();
+        args[steps + 1] = "2".into();
+        args
+    };
+    assert_ok(&refs(&args(&patched, &sentiment, &["--save-every", "1"])));
+    let resume = |mut args: Vec<String>| {
+        args.extend(["--resume".into(), text(&run).into()]);
+        args
+    };
+    for (changed, needle) in [
+        (args(&patched, &sentiment, &["--lr", "0.01"]), "--lr 0.001"),
+        (
+            args(&patched, &sentiment, &["--schedule", "cosine"]),
+            "--schedule Constant",
+        ),
+        (
+            args(&patched, &sentiment, &["--clip-norm", "1"]),
+            "--clip-norm None",
+        ),
+        (args(&patched, &other_data, &[]), "training examples"),
+        (
+            args(&patched, &sentiment, &["--max-len", "16"]),
+            "training examples",
+        ),
+        (args(&other_model, &sentiment, &[]), "a patched model"),
+    ] {
+        let stderr = assert_refused(&refs(&resume(changed)), &["cannot resume", needle]);
+        assert!(stderr.contains("--accept-changes"), "{stderr}");
+    }
+    let (_, stderr) = assert_ok(&refs(&resume(args(&patched, &sentiment, &[]))));
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let mut accepted = resume(args(&patched, &sentiment, &["--lr", "0.01"]));
+    accepted.push("--accept-changes".into());
+    let (_, stderr) = assert_ok(&refs(&accepted));
+    assert!(
+        stderr.contains("warning: resuming with --lr 0.01 instead of the checkpoint's 0.001"),
+        "{stderr}"
+    );
+}

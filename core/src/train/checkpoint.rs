@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use super::optimizer::{Optimizer, OptimizerKind};
+use super::optimizer::{Optimizer, OptimizerKind, Schedule};
 use super::Task;
 use crate::atomic_file::write_atomically;
 use crate::{Error, Result};
@@ -60,17 +60,78 @@ pub struct CheckpointState {
     pub optimizer_step: u64,
     /// The trainable tensors, in training order.
     pub parameters: Vec<String>,
+    /// The settings and inputs besides the data order that shape the run; absent in
+    /// checkpoints of earlier graft versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<Trajectory>,
     /// The methods' step-hook states (see [`super::participation`]); their tensors are in
     /// `participation.safetensors`.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub participation: serde_json::Value,
 }
 
+/// What shapes a run's trajectory besides the data order and the optimizer: the learning-rate
+/// schedule, clipping, and fingerprints of the patched model and of the examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trajectory {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// Schedule after warmup.
+    pub schedule: Schedule,
+    /// Global gradient-norm clipping.
+    pub clip_norm: Option<f64>,
+    /// [`super::fingerprint::model`] of the patched model the run started from.
+    pub model: String,
+    /// [`super::fingerprint::examples`] of the training examples.
+    pub data: String,
+}
+
+impl Trajectory {
+    /// `(what, saved, asked)` for every field where `self` (saved) and `run` differ.
+    fn differences(&self, run: &Trajectory) -> Vec<(&'static str, String, String)> {
+        let fields = [
+            ("--lr", self.lr.to_string(), run.lr.to_string()),
+            ("--warmup", self.warmup.to_string(), run.warmup.to_string()),
+            (
+                "--schedule",
+                format!("{:?}", self.schedule),
+                format!("{:?}", run.schedule),
+            ),
+            (
+                "--clip-norm",
+                format!("{:?}", self.clip_norm),
+                format!("{:?}", run.clip_norm),
+            ),
+            (
+                "a patched model (fingerprint)",
+                self.model.clone(),
+                run.model.clone(),
+            ),
+            (
+                "training examples (data file, tokenizer, --max-len; fingerprint)",
+                self.data.clone(),
+                run.data.clone(),
+            ),
+        ];
+        fields.into_iter().filter(|(_, a, b)| a != b).collect()
+    }
+}
+
 impl CheckpointState {
     /// Fails, naming the first difference, unless `self` (from a checkpoint) and `run` (what
     /// the resuming run was asked for; its `step`, `epoch`, `position` and `optimizer_step` are
-    /// not compared) describe the same training run.
-    pub fn check_resumable(&self, run: &CheckpointState, checkpoint: &Path) -> Result<()> {
+    /// not compared) describe the same training run. Differences in the [`Trajectory`] (the
+    /// learning rate, the schedule, clipping, the model, the examples) are refused unless
+    /// `accept_changes` is set, in which case each comes back as a sentence to report; the
+    /// rest (the data order, the optimizer, the trainable tensors) is always refused.
+    pub fn check_resumable(
+        &self,
+        run: &CheckpointState,
+        checkpoint: &Path,
+        accept_changes: bool,
+    ) -> Result<Vec<String>> {
         let differences = [
             (
                 "total steps",
@@ -123,7 +184,27 @@ impl CheckpointState {
                 )));
             }
         }
-        Ok(())
+        let (Some(saved), Some(asked)) = (&self.trajectory, &run.trajectory) else {
+            return Ok(Vec::new());
+        };
+        let changes = saved.differences(asked);
+        if let (false, Some((what, saved, asked))) = (accept_changes, changes.first()) {
+            return Err(Error::Config(format!(
+                "{}: cannot resume: the checkpoint was made with {what} {saved}, this run has \
+                 {asked}; resume with the same settings, or pass --accept-changes to continue \
+                 with the new ones",
+                checkpoint.display()
+            )));
+        }
+        Ok(changes
+            .into_iter()
+            .map(|(what, saved, asked)| {
+                format!(
+                    "resuming with {what} {asked} instead of the checkpoint's {saved} \
+                     (--accept-changes): the run no longer follows one trajectory"
+                )
+            })
+            .collect())
     }
 }
 

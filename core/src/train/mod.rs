@@ -8,6 +8,7 @@ pub mod data;
 mod data_check;
 pub mod dropout;
 pub mod example;
+pub mod fingerprint;
 pub mod optimizer;
 pub mod parameters;
 pub mod participation;
@@ -68,6 +69,10 @@ pub struct TrainOptions {
     pub save_every: Option<u64>,
     /// Continue from the checkpoint in `out` instead of starting afresh.
     pub resume: bool,
+    /// With `resume`: continue although the learning rate, schedule, clipping, patched model
+    /// or examples differ from the checkpoint's (each change is reported as a warning);
+    /// without it such a resume is refused.
+    pub accept_changes: bool,
     /// The run folder (metrics, checkpoint, loss curve, adapter).
     pub out: PathBuf,
     /// Optimizer steps; `None` derives them from `epochs`.
@@ -594,6 +599,14 @@ pub fn train(
         optimizer: options.optimizer,
         optimizer_step: 0,
         parameters: names.clone(),
+        trajectory: Some(checkpoint::Trajectory {
+            lr: options.lr,
+            warmup: options.warmup,
+            schedule: options.schedule,
+            clip_norm: options.clip_norm,
+            model: fingerprint::model(patched),
+            data: fingerprint::examples(examples),
+        }),
         participation: serde_json::Value::Null,
     };
 
@@ -606,7 +619,12 @@ pub fn train(
     let first_step = if options.resume {
         let saved = checkpoint::load(&options.out)?;
         checkpoint::remove_uncommitted(&options.out)?;
-        saved.state.check_resumable(&state, &saved.path)?;
+        let changes = saved
+            .state
+            .check_resumable(&state, &saved.path, options.accept_changes)?;
+        for change in &changes {
+            on_event(TrainEvent::Warning(change));
+        }
         for ((name, values), length) in names.iter().zip(&saved.parameters).zip(&lengths) {
             if values.len() != *length {
                 return Err(Error::Config(format!(
