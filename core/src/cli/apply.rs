@@ -66,7 +66,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = PluginRegistry::discover(&args.plugins)?;
+    let registry = PluginRegistry::discover_with(
+        &args.plugins,
+        &graft::plugins::PluginIsolation::for_this_binary()?,
+    )?;
     let mut model = onnx::load(&args.model)?;
     if !args.from_adapterhub.is_empty() {
         for dir in &args.from_adapterhub {

@@ -231,7 +231,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .any(|m| m.training.step_hook.is_some());
     let registry = if needs_plugins {
-        graft::plugins::PluginRegistry::discover(&args.plugins)?
+        graft::plugins::PluginRegistry::discover_with(
+            &args.plugins,
+            &graft::plugins::PluginIsolation::for_this_binary()?,
+        )?
     } else {
         graft::plugins::PluginRegistry::default()
     };
