@@ -98,14 +98,20 @@ impl AtomicFile {
         let fail = |e| Error::io(&target, e);
         match &self.temporary {
             Temporary::Named(temp) => std::fs::rename(temp, &target).map_err(fail)?,
-            Temporary::Unnamed => {
-                let linked = self.dir.join(temporary_name(&file_name(&target)));
-                self.link_to(&linked).map_err(fail)?;
-                if let Err(e) = std::fs::rename(&linked, &target) {
-                    let _ = std::fs::remove_file(&linked);
-                    return Err(fail(e));
+            Temporary::Unnamed => match self.link_to(&target) {
+                Ok(()) => {}
+                // Replacing a file needs a name to rename from: a kill between the link and
+                // the rename leaves that hidden name, which the next write removes.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let linked = self.dir.join(temporary_name(&file_name(&target)));
+                    self.link_to(&linked).map_err(fail)?;
+                    if let Err(e) = std::fs::rename(&linked, &target) {
+                        let _ = std::fs::remove_file(&linked);
+                        return Err(fail(e));
+                    }
                 }
-            }
+                Err(e) => return Err(fail(e)),
+            },
         }
         sync_dir(&self.dir);
         Ok(())

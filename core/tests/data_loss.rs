@@ -556,3 +556,258 @@ fn a_kill_inside_the_checkpoint_swap_keeps_a_complete_checkpoint() {
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
+
+/// A deterministic stream of kill delays (a 64-bit LCG), so that a run of the trials repeats.
+struct Delays(u64);
+
+impl Delays {
+    /// A delay uniform in `[0, max)`.
+    fn next(&mut self, max: std::time::Duration) -> std::time::Duration {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        max.mul_f64((self.0 >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
+/// Runs `graft ARGS`, sends SIGKILL after `delay` unless it has ended; returns whether it
+/// ended by itself.
+fn kill_after(args: &[&str], delay: std::time::Duration) -> bool {
+    let mut child = graft_command()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let ended = child.try_wait().unwrap().is_some();
+    if !ended {
+        child.kill().unwrap();
+    }
+    child.wait().unwrap();
+    ended
+}
+
+/// Copies the folder `from` (files and folders) to `to`, replacing it.
+fn copy_folder(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let destination = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_folder(&path, &destination);
+        } else {
+            std::fs::copy(&path, &destination).unwrap();
+        }
+    }
+}
+
+/// Hidden entries (temporary files or staging folders) in `dir`.
+fn hidden(dir: &Path) -> usize {
+    names(dir).iter().filter(|n| n.starts_with('.')).count()
+}
+
+const TRIALS: usize = 50;
+
+/// `TRIALS` kills of `graft ARGS` at random moments (up to 1.5 × an uninterrupted run), each
+/// on `target` restored to the `old` folder first: the folder must afterwards be exactly the
+/// old or the new (`new`) set, or the old set beside files of the new set that nothing in it
+/// references. Prints the figures.
+fn kill_trials(label: &str, args: &[&str], target: &Path, old: &Path, new: &Path, seed: u64) {
+    let (old_files, new_files) = (snapshot(old), snapshot(new));
+    copy_folder(old, target);
+    let started = std::time::Instant::now();
+    assert_ok(args);
+    let full = started.elapsed();
+    let mut delays = Delays(seed);
+    let (mut kept_old, mut became_new, mut ended) = (0, 0, 0);
+    let (mut left_behind, mut unreferenced) = (0, 0);
+    for trial in 0..TRIALS {
+        copy_folder(old, target);
+        ended += usize::from(kill_after(args, delays.next(full.mul_f64(1.5))));
+        let mut now = snapshot(target);
+        let temporaries: Vec<PathBuf> = now
+            .keys()
+            .filter(|k| k.to_string_lossy().starts_with('.'))
+            .cloned()
+            .collect();
+        left_behind += temporaries.len();
+        temporaries.iter().for_each(|k| drop(now.remove(k)));
+        // A new file the old set lacks (convert's new external data, in place before its
+        // model) leaves the old output whole; it is counted, and must be the new bytes.
+        let orphans: Vec<PathBuf> = now
+            .keys()
+            .filter(|k| !old_files.contains_key(*k) && new_files.get(*k) == now.get(*k))
+            .cloned()
+            .collect();
+        if now != new_files && !orphans.is_empty() {
+            orphans.iter().for_each(|k| drop(now.remove(k)));
+            unreferenced += 1;
+        }
+        if now == old_files {
+            kept_old += 1;
+        } else if now == new_files {
+            became_new += 1;
+        } else {
+            panic!(
+                "{label}: trial {trial} left a mixed output: {:?}",
+                now.keys().collect::<Vec<_>>()
+            );
+        }
+        left_behind += hidden(target.parent().unwrap());
+    }
+    eprintln!(
+        "{label}: {TRIALS} kills over {:.0} ms runs: {kept_old} kept the old output \
+         ({unreferenced} of them beside an unreferenced new data file), {became_new} left the \
+         new one ({ended} had ended), 0 mixed; {left_behind} hidden temporaries left (in \
+         the output or its parent folder; the next write removes them)",
+        full.as_secs_f64() * 1e3
+    );
+}
+
+/// Random kill -9 of convert --external-data, merge and both folder exports: every trial
+/// leaves the previous output or the new one, never a mix. Run with `--ignored --nocapture`
+/// for the figures (about two minutes).
+#[test]
+#[ignore = "slow: 200 kills; run with --ignored --nocapture for the figures"]
+fn random_kills_never_mix_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = two_patched(dir.path());
+    let other = perturbed_fixture(&dir.path().join("other.onnx"));
+    let fixture = fixture_model(FIXTURE);
+    let target = dir.path().join("work").join("out");
+    let stage = |name: &str, args: &[&str]| -> PathBuf {
+        let folder = dir.path().join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{out}", text(&folder)))
+            .collect();
+        assert_ok(&refs(&args));
+        folder
+    };
+
+    let convert_old = stage(
+        "convert-old",
+        &[
+            "convert",
+            text(&fixture),
+            "-o",
+            "{out}/model.onnx",
+            "--external-data",
+            "model.data",
+        ],
+    );
+    let convert_new = dir.path().join("convert-new");
+    copy_folder(&convert_old, &convert_new);
+    let new_args = |out: &Path| -> Vec<String> {
+        [
+            "convert",
+            text(&other),
+            "-o",
+            &format!("{}/model.onnx", text(out)),
+            "--external-data",
+            "new.data",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    assert_ok(&refs(&new_args(&convert_new)));
+    kill_trials(
+        "convert --external-data",
+        &refs(&new_args(&target)),
+        &target,
+        &convert_old,
+        &convert_new,
+        1,
+    );
+
+    let merge_old = stage(
+        "merge-old",
+        &["merge", text(&first), "-o", "{out}/merged.onnx"],
+    );
+    // LoRA starts with B = 0, so a fresh patch merges to its base: patch another base.
+    let other_patched = dir.path().join("other-patched.onnx");
+    assert_ok(&[
+        "apply",
+        text(&other),
+        "-m",
+        "lora",
+        "-o",
+        text(&other_patched),
+    ]);
+    let merge_new = stage(
+        "merge-new",
+        &["merge", text(&other_patched), "-o", "{out}/merged.onnx"],
+    );
+    let merged = format!("{}/merged.onnx", text(&target));
+    kill_trials(
+        "merge",
+        &["merge", text(&other_patched), "-o", &merged],
+        &target,
+        &merge_old,
+        &merge_new,
+        2,
+    );
+
+    for (format, seed) in [("onnx-adapter", 3), ("peft", 4)] {
+        let old = dir.path().join(format!("{format}-old"));
+        let new = dir.path().join(format!("{format}-new"));
+        assert_ok(&refs(&export(&first, format, &old)));
+        assert_ok(&refs(&export(&second, format, &new)));
+        kill_trials(
+            &format!("export --format {format}"),
+            &refs(&export(&second, format, &target)),
+            &target,
+            &old,
+            &new,
+            seed,
+        );
+    }
+}
+
+/// Random kill -9 of `graft train` (a checkpoint every step): every trial leaves a complete
+/// checkpoint or none, and resuming ends with the adapter of an uninterrupted run. Run with
+/// `--ignored --nocapture` for the figures.
+#[test]
+#[ignore = "slow: 50 killed and resumed runs; run with --ignored --nocapture for the figures"]
+fn random_kills_of_training_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    apply_lora(FIXTURE, &["r=4"], &patched);
+    let reference = dir.path().join("reference");
+    let started = std::time::Instant::now();
+    assert_ok(&refs(&train_args(&patched, &reference, 6, 1)));
+    let full = started.elapsed();
+    let expected = std::fs::read(reference.join("adapter.safetensors")).unwrap();
+    let mut delays = Delays(5);
+    let (mut none, mut resumed) = (0, 0);
+    let mut steps = BTreeMap::new();
+    for trial in 0..TRIALS {
+        let run = dir.path().join(format!("run-{trial}"));
+        let args = train_args(&patched, &run, 6, 1);
+        kill_after(&refs(&args), delays.next(full.mul_f64(1.2)));
+        let mut again = args.clone();
+        if run.join("checkpoint/state.json").is_file() {
+            *steps.entry(checkpoint_step(&run)).or_insert(0) += 1;
+            again.extend(["--resume".into(), text(&run).into()]);
+            resumed += 1;
+        } else {
+            none += 1;
+        }
+        assert_ok(&refs(&again));
+        assert_eq!(
+            std::fs::read(run.join("adapter.safetensors")).unwrap(),
+            expected,
+            "trial {trial}: the finished run's adapter differs"
+        );
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+    eprintln!(
+        "train: {TRIALS} kills over {:.0} ms runs: {resumed} resumed from a checkpoint (steps \
+         {steps:?}), {none} had none and restarted; every final adapter identical",
+        full.as_secs_f64() * 1e3
+    );
+}
