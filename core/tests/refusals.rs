@@ -748,3 +748,60 @@ fn resume_refuses_changed_settings_unless_accepted() {
         "{stderr}"
     );
 }
+
+/// A model whose only node divides its int64 input `a` (`[1]`) by an int64 constant `b`.
+fn integer_division_model(path: &Path, b: i64) {
+    use onnx_protobuf::{Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    let mut model = ModelProto::new();
+    model.ir_version = 8;
+    let mut opset = OperatorSetIdProto::new();
+    opset.version = 17;
+    model.opset_import.push(opset);
+    let graph = model.graph.mut_or_insert_default();
+    graph.name = "division".into();
+    let mut divisor = TensorProto::new();
+    divisor.name = "b".into();
+    divisor.data_type = onnx_protobuf::tensor_proto::DataType::INT64 as i32;
+    divisor.dims = vec![1];
+    divisor.int64_data = vec![b];
+    graph.initializer.push(divisor);
+    let mut node = NodeProto::new();
+    node.name = "divide".into();
+    node.op_type = "Div".into();
+    node.input = vec!["a".into(), "b".into()];
+    node.output = vec!["y".into()];
+    graph.node.push(node);
+    let int64 = graft::ir::DataType::Int64;
+    let one = [graft::ir::Dim::Fixed(1)];
+    graph
+        .input
+        .push(graft::ir::ValueInfo::tensor("a", int64, &one).proto);
+    graph
+        .output
+        .push(graft::ir::ValueInfo::tensor("y", int64, &one).proto);
+    std::fs::write(path, model.write_to_bytes().unwrap()).unwrap();
+}
+
+/// Item 12: a model that makes ONNX Runtime divide INT64_MIN by −1 (a hardware arithmetic
+/// fault) ends graft with exit status 2 and a message saying so, not with SIGFPE.
+#[test]
+fn an_integer_division_fault_in_the_runtime_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("division.onnx");
+    integer_division_model(&model, -1);
+    let inputs = dir.path().join("inputs.npz");
+    let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(&inputs).unwrap());
+    npz.add_array("a", &ndarray::arr1(&[i64::MIN])).unwrap();
+    npz.finish().unwrap();
+    assert_refused(
+        &[
+            "run",
+            text(&model),
+            "--inputs",
+            text(&inputs),
+            "--threads",
+            "1",
+        ],
+        &["arithmetic fault", "SIGFPE"],
+    );
+}

@@ -411,6 +411,12 @@ impl RemoteTensors<'_> {
 /// input until it closes. Returns the exit status: 0 once the host closes the input, 2 when
 /// the library cannot be loaded or the host cannot be written to.
 pub fn serve(library: &Path) -> i32 {
+    // A plugin's arithmetic fault must end the worker by its signal, so that the host names
+    // it; graft's own handler for the model's kernels does not apply here.
+    // SAFETY: restoring a signal's default action before any other thread runs.
+    unsafe {
+        libc::signal(libc::SIGFPE, libc::SIG_DFL);
+    }
     // SAFETY: dup and dup2 on the standard descriptors, before any other thread runs.
     let protocol_fd = unsafe {
         let fd = libc::dup(1);
