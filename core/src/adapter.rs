@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// model, or a frozen parameter of one of its methods (the adapters an AdapterFusion fuses),
 /// with the same element type and shape. Returns how many tensors were loaded.
 pub fn load_into(model: &mut Model, path: &Path) -> Result<usize> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;

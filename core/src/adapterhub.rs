@@ -273,7 +273,7 @@ fn read_folder(dir: &Path, kind: AdapterHubKind) -> Result<(Value, std::path::Pa
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let text = crate::input_file::read_to_string(&config_path)?;
     let config = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config_path.display())))?;
     Ok((config, weights_path))

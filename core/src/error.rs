@@ -14,6 +14,14 @@ pub enum Error {
         /// The underlying I/O error (kept out of the error chain: the message already says it).
         error: std::io::Error,
     },
+    /// A path graft was asked to read names a FIFO, a device or another special file.
+    #[error("{path}: is a {kind}, not a regular file; graft reads only regular files")]
+    NotRegularFile {
+        /// The path at fault.
+        path: PathBuf,
+        /// What it is instead.
+        kind: String,
+    },
     /// A file is not a valid ONNX model.
     #[error("{path}: not a valid ONNX model: {reason}")]
     InvalidModel {

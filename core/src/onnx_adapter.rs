@@ -232,7 +232,7 @@ impl OnnxAdapter {
 
     /// Reads an adapter file.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::input_file::read(path)?;
         Self::from_bytes(&bytes, path)
     }
 
@@ -356,7 +356,10 @@ pub struct ExportReport {
 /// Neutral defaults: low-rank factors are zero and scale vectors one; tensors trained in place
 /// (BitFit) and trainable tensors without a fold keep the values `model` stores, which are the
 /// base values when trained values are loaded afterwards rather than stored in the model.
-/// Nothing is written unless everything can be; on failure no new file is left behind.
+/// `dir` (created if needed) should be a fresh folder: the two files are written one after
+/// the other, each atomically; `graft export` writes them into a
+/// [`StagedFolder`](crate::staged_folder::StagedFolder) so that they replace an earlier export
+/// as one set. A failure leaves no temporary file, and never removes an existing file.
 pub fn export(model: &Model, dir: &Path) -> Result<ExportReport> {
     let record = crate::patch::read_record(model)?;
     if record.trainable().next().is_none() {
@@ -394,19 +397,10 @@ pub fn export(model: &Model, dir: &Path) -> Result<ExportReport> {
     let model_bytes = crate::onnx::to_bytes(&graph_model)?;
     let adapter_bytes = adapter.to_bytes();
 
-    let created_dir = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let adapter_path = dir.join(ADAPTER_FILE);
-    let model_path = dir.join(MODEL_FILE);
-    let written = crate::atomic_file::write_atomically(&adapter_path, &adapter_bytes)
-        .and_then(|()| crate::atomic_file::write_atomically(&model_path, &model_bytes));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&adapter_path);
-        if created_dir {
-            let _ = std::fs::remove_dir(dir);
-        }
-        return Err(e);
-    }
+    crate::atomic_file::write_atomically(&dir.join(ADAPTER_FILE), &adapter_bytes)?;
+    crate::pause::point(&format!("file-written:{ADAPTER_FILE}"));
+    crate::atomic_file::write_atomically(&dir.join(MODEL_FILE), &model_bytes)?;
     Ok(ExportReport {
         n_parameters: adapter.parameters.len(),
         adapter_bytes: adapter.parameters.iter().map(|p| p.raw_data.len()).sum(),

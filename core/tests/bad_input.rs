@@ -433,3 +433,73 @@ fn external_tensor_length_disagreeing_with_dims_is_refused() {
         &[&format!("{tensor:?}"), "does not match the 12 bytes"],
     );
 }
+
+/// Item 15: while another thread keeps swapping the folder that holds the external data for
+/// a symbolic link to a folder outside (a file of the same size, other bytes), every load
+/// either reads the model's own data or fails naming the link: the location is opened beneath
+/// the model's folder in one step, so nothing can be swapped in between a check and the open.
+#[test]
+fn a_folder_swapped_for_a_symlink_during_loads_never_leaks_outside_data() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    let path = save_with_external_data(&dir);
+    let real = dir.join("sub");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::rename(dir.join("w.data"), real.join("w.data")).unwrap();
+    let mut proto = ModelProto::parse_from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    for tensor in proto.graph.mut_or_insert_default().initializer.iter_mut() {
+        if tensor.data_location.enum_value() == Ok(DataLocation::EXTERNAL) {
+            set_entry(tensor, "location", "sub/w.data".into());
+        }
+    }
+    std::fs::write(&path, proto.write_to_bytes().unwrap()).unwrap();
+    let own = std::fs::read(real.join("w.data")).unwrap();
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let secret: Vec<u8> = own.iter().map(|b| b ^ 0x5a).collect();
+    std::fs::write(outside.join("w.data"), &secret).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, real, outside) = (stop.clone(), real.clone(), outside.clone());
+        let aside = dir.join("sub.aside");
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::rename(&real, &aside).unwrap();
+                std::os::unix::fs::symlink(&outside, &real).unwrap();
+                std::thread::yield_now();
+                std::fs::remove_file(&real).unwrap();
+                std::fs::rename(&aside, &real).unwrap();
+                std::thread::yield_now();
+            }
+        })
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    for _ in 0..500 {
+        match onnx::load(&path) {
+            Ok(model) => {
+                loaded += 1;
+                for tensor in &model.graph.initializers {
+                    if let graft::ir::TensorData::External { offset, length, .. } = &tensor.data {
+                        let bytes = tensor.raw_bytes().unwrap();
+                        assert_eq!(bytes, &own[*offset..*offset + *length], "{}", tensor.name);
+                    }
+                }
+            }
+            Err(e) => {
+                refused += 1;
+                let message = e.to_string();
+                assert!(
+                    message.contains("symbolic link") || message.contains("No such file"),
+                    "{message}"
+                );
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    eprintln!("{loaded} loads read the model's own data, {refused} were refused");
+    assert_eq!(loaded + refused, 500);
+    assert!(refused > 0, "the swap never raced a load");
+}

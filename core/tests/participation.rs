@@ -350,6 +350,7 @@ fn host_inputs_are_fed_and_a_step_hook_sets_them() {
             eval_sweep: None,
             save_every: None,
             resume: false,
+            accept_changes: false,
             out: dir.path().join(out),
             steps: Some(4),
             epochs: 1,

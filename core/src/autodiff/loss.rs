@@ -111,6 +111,36 @@ pub fn mean_squared_error(model: &mut Model, predictions: &str, targets: &str) -
     Ok(loss)
 }
 
+/// Hugging Face's regression loss (`num_labels = 1`): the mean squared error of `predictions`
+/// `[N, 1]` against a new float graph input `targets` `[N]`, one value per example, reshaped
+/// to `[N, 1]` in the graph. Fails naming the value when its last axis is fixed and not 1.
+pub fn regression(model: &mut Model, predictions: &str, targets: &str) -> Result<String> {
+    let (dtype, shape) = float_value(model, predictions, 2)?;
+    if let Dim::Fixed(n) = shape[1] {
+        if n != 1 {
+            return Err(Error::Config(format!(
+                "--task regression scores one output per example, but the model's {predictions:?} \
+                 has {n} per example; use a model with a single output (num_labels = 1)"
+            )));
+        }
+    }
+    add_input(model, targets, dtype, &shape[..1])?;
+    let mut emitter = loss_emitter(model);
+    let target_shape = emitter.op("Shape", &[predictions]);
+    let columns = emitter.op("Reshape", &[targets, &target_shape]);
+    let difference = emitter.op("Sub", &[predictions, &columns]);
+    let square = emitter.op("Mul", &[&difference, &difference]);
+    let loss = emitter.claim_unique("loss");
+    emitter.node_into(
+        "ReduceMean",
+        &[&square],
+        vec![int_attribute("keepdims", 0)],
+        &loss,
+    );
+    model.graph.nodes.extend(emitter.into_nodes());
+    Ok(loss)
+}
+
 /// The element type and shape of a floating-point `value` of rank `rank`.
 fn float_value(model: &Model, value: &str, rank: usize) -> Result<(DataType, Vec<Dim>)> {
     let shapes = infer_shapes(model)?;

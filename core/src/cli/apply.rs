@@ -82,7 +82,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = PluginRegistry::discover(&args.plugins)?;
+    let registry = PluginRegistry::discover_with(
+        &args.plugins,
+        &graft::plugins::PluginIsolation::for_this_binary()?,
+    )?;
     let mut model = onnx::load(&args.model)?;
     if !args.from_adapterhub.is_empty() {
         let (fusions, adapters): (Vec<&PathBuf>, Vec<&PathBuf>) = args
@@ -170,13 +173,13 @@ fn method_configs(args: &Args, registry: &PluginRegistry) -> anyhow::Result<Vec<
     let mut configs: Vec<Map<String, Value>> = vec![Map::new(); args.methods.len()];
     let single = args.methods.len() == 1;
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = graft::input_file::read_to_string(path)?;
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("{}: invalid TOML", path.display()))?;
         for (key, value) in table {
-            let json = serde_json::to_value(&value)?;
+            let json = toml_to_json(&value)
+                .map_err(|e| anyhow::anyhow!("{}: setting {key}{e}", path.display()))?;
             match args.methods.iter().position(|m| *m == key) {
                 Some(index) if value.is_table() => {
                     if let Value::Object(entries) = json {
@@ -235,4 +238,31 @@ fn method_configs(args: &Args, registry: &PluginRegistry) -> anyhow::Result<Vec<
         configs[index].insert(key.to_owned(), Value::String(value.to_owned()));
     }
     Ok(configs.into_iter().map(Value::Object).collect())
+}
+
+/// `value` as JSON; fails on a float that is not finite (`nan`, `inf`), which JSON cannot
+/// hold, with the path of the offending key inside `value` (`.inner.key`) and the reason.
+fn toml_to_json(value: &toml::Value) -> Result<Value, String> {
+    Ok(match value {
+        toml::Value::Float(f) if !f.is_finite() => {
+            return Err(format!(": {f} is not a finite number"));
+        }
+        toml::Value::Float(f) => Value::from(*f),
+        toml::Value::Table(table) => {
+            let mut entries = Map::new();
+            for (key, inner) in table {
+                let json = toml_to_json(inner).map_err(|e| format!(".{key}{e}"))?;
+                entries.insert(key.clone(), json);
+            }
+            Value::Object(entries)
+        }
+        toml::Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| toml_to_json(item).map_err(|e| format!("[{i}]{e}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => serde_json::to_value(other).map_err(|e| format!(": {e}"))?,
+    })
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use graft::staged_folder::StagedFolder;
 
 /// Export the adapter of a model written by `graft apply` (or trained by `graft train`).
 ///
@@ -71,47 +72,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(adapter) = &args.adapter {
         graft::adapter::load_into(&mut model, adapter)?;
     }
-    match args.format {
+    if matches!(args.format, Format::Peft) {
+        refuse_methods_without_peft_type(&model)?;
+    }
+    // Every format writes its files into a staging folder that replaces the output's files
+    // as one set, so a failed or killed export leaves the previous export whole.
+    let staged = StagedFolder::create(&args.output)?;
+    let dir = staged.path().to_path_buf();
+    let shown = args.output.display();
+    let lines = match args.format {
         Format::Peft => {
-            refuse_methods_without_peft_type(&model)?;
-            graft::peft::export(&model, &args.output)?;
-            println!(
-                "wrote {}/adapter_config.json and adapter_model.safetensors",
-                args.output.display()
-            );
+            graft::peft::export(&model, &dir)?;
+            vec![format!(
+                "wrote {shown}/adapter_config.json and adapter_model.safetensors"
+            )]
         }
         Format::OnnxAdapter => {
-            let report = graft::onnx_adapter::export(&model, &args.output)?;
-            println!(
-                "wrote {dir}/{} and {dir}/{} ({} tensors, {:.1} kB)",
+            let report = graft::onnx_adapter::export(&model, &dir)?;
+            vec![format!(
+                "wrote {shown}/{} and {shown}/{} ({} tensors, {:.1} kB)",
                 graft::onnx_adapter::MODEL_FILE,
                 graft::onnx_adapter::ADAPTER_FILE,
                 report.n_parameters,
                 report.adapter_bytes as f64 / 1e3,
-                dir = args.output.display(),
-            );
+            )]
         }
         Format::Adapterhub => {
-            let report = graft::adapterhub::export(&model, &args.output, args.name.as_deref())?;
+            let report = graft::adapterhub::export(&model, &dir, args.name.as_deref())?;
             for note in &report.not_carried {
                 eprintln!("warning: {note}");
             }
-            for ((name, _), files) in report.adapters.iter().zip(report.files.chunks(2)) {
-                println!(
-                    "wrote {name}: {} and {}",
-                    files[0].display(),
-                    files[1].display()
-                );
-            }
+            report
+                .adapters
+                .iter()
+                .zip(report.files.chunks(2))
+                .map(|((name, _), files)| {
+                    format!(
+                        "wrote {name}: {} and {}",
+                        staged.final_path(&files[0]).display(),
+                        staged.final_path(&files[1]).display()
+                    )
+                })
+                .collect()
         }
         Format::Onnx => {
-            std::fs::create_dir_all(&args.output)
-                .with_context(|| format!("cannot create {}", args.output.display()))?;
-            let path = args.output.join(GRAPH_FILE);
+            let path = dir.join(GRAPH_FILE);
             graft::onnx::save(&model, &path, &graft::onnx::SaveOptions::default())
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            println!("wrote {}", path.display());
+                .with_context(|| format!("cannot write {shown}/{GRAPH_FILE}"))?;
+            vec![format!("wrote {shown}/{GRAPH_FILE}")]
         }
+    };
+    staged
+        .commit()
+        .with_context(|| format!("cannot write {shown}"))?;
+    for line in lines {
+        println!("{line}");
     }
     Ok(())
 }

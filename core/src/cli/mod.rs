@@ -34,6 +34,16 @@ enum Command {
     Plugins(plugins::Args),
     Run(run::Args),
     Convert(convert::Args),
+    /// Serves one plugin library to a graft process over standard input and output (started
+    /// by graft itself; see `graft::plugins::worker`).
+    #[command(hide = true)]
+    PluginWorker(PluginWorkerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PluginWorkerArgs {
+    /// The plugin library to load.
+    library: std::path::PathBuf,
 }
 
 /// Runs the parsed command line.
@@ -47,5 +57,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins(args) => plugins::run(args),
         Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::PluginWorker(args) => {
+            std::process::exit(graft::plugins::worker::serve(&args.library))
+        }
     }
 }

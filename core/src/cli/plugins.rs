@@ -20,7 +20,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let registry = PluginRegistry::discover(&args.plugins)?;
+    let registry = PluginRegistry::discover_with(
+        &args.plugins,
+        &graft::plugins::PluginIsolation::for_this_binary()?,
+    )?;
     if args.json {
         let plugins: Vec<_> = registry
             .plugins

@@ -67,7 +67,7 @@ enum AdapterFile {
 
 impl AdapterFile {
     fn read(path: &std::path::Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| graft::Error::io(path, e))?;
+        let bytes = graft::input_file::read(path)?;
         Ok(if is_onnx_adapter(&bytes) {
             AdapterFile::OnnxAdapter(path.to_owned(), OnnxAdapter::from_bytes(&bytes, path)?)
         } else {

@@ -34,6 +34,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// continues from a checkpoint with the same per-step results as an uninterrupted run (with
 /// LoRA dropout above 0, the resumed part draws its dropout masks afresh: ONNX Runtime keeps the
 /// dropout generator in the session, so only the loss curve's shape, not each value, repeats).
+/// A resume is refused when the learning rate, schedule, warmup, clipping, patched model or
+/// training examples (data file, tokenizer, --max-len) differ from the checkpoint's, unless
+/// --accept-changes is given, which continues and reports each change.
 ///
 /// Methods take part in training through their plugins: loss terms (logged per step under
 /// `loss_terms`), inputs graft feeds at every step, and step hooks that run after each optimizer
@@ -87,6 +90,10 @@ pub struct Args {
     /// interrupted run. metrics.jsonl keeps its lines up to the checkpoint and is appended to.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// With --resume: continue although the learning rate, schedule, clipping, patched model
+    /// or data differ from the checkpoint's, reporting each change (refused otherwise).
+    #[arg(long, requires = "resume")]
+    accept_changes: bool,
     /// The run folder (with --resume, the folder resumed, which is the default).
     #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -205,6 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eval_sweep: args.eval_sweep.clone(),
         save_every: args.save_every,
         resume: args.resume.is_some(),
+        accept_changes: args.accept_changes,
         out,
         steps: args.steps,
         epochs: args.epochs,
@@ -231,7 +239,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .any(|m| m.training.step_hook.is_some());
     let registry = if needs_plugins {
-        graft::plugins::PluginRegistry::discover(&args.plugins)?
+        graft::plugins::PluginRegistry::discover_with(
+            &args.plugins,
+            &graft::plugins::PluginIsolation::for_this_binary()?,
+        )?
     } else {
         graft::plugins::PluginRegistry::default()
     };
@@ -308,6 +319,7 @@ impl Progress {
                     }
                 }
             },
+            TrainEvent::Warning(warning) => eprintln!("warning: {warning}"),
             TrainEvent::Evaluated(metrics) => self.line(eval_line(metrics)),
             TrainEvent::Checkpoint { .. } => {}
         }

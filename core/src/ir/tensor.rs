@@ -15,16 +15,37 @@ pub struct MappedFile {
     /// The file's path as resolved on load (inside the model's folder).
     pub path: PathBuf,
     map: memmap2::Mmap,
+    device: u64,
+    inode: u64,
 }
 
 impl MappedFile {
-    /// Maps `path` read-only. The pages are read from disk only when a tensor's bytes are touched.
-    pub fn open(path: PathBuf) -> std::io::Result<Self> {
-        let file = std::fs::File::open(&path)?;
+    /// Maps `path` read-only; fails unless it is a regular file. The pages are read from disk
+    /// only when a tensor's bytes are touched.
+    pub fn open(path: PathBuf) -> Result<Self> {
+        let file = crate::input_file::open(&path)?;
+        Self::map(file, path)
+    }
+
+    /// Maps the open regular file `file`, whose path is `path`.
+    pub fn map(file: std::fs::File, path: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = file.metadata().map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only; graft never writes to a file it has mapped (outputs are
-        // written to a temporary file and renamed over the destination, leaving the mapped inode intact).
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(MappedFile { path, map })
+        // written to a temporary file and renamed over the destination, leaving the mapped inode
+        // intact, and a save refuses an output path that is a mapped file).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        Ok(MappedFile {
+            path,
+            map,
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+
+    /// The file's (device, inode): equal for two paths naming the same file.
+    pub fn identity(&self) -> (u64, u64) {
+        (self.device, self.inode)
     }
 
     /// The file's length in bytes.

@@ -15,9 +15,10 @@ use crate::{Error, Result};
 /// Loads the ONNX model at `path`. External data is resolved relative to the model's folder and
 /// mapped, not read. Fails with a message naming the file for anything that is not a valid model:
 /// empty or truncated files, missing external data, or external-data locations that leave the
-/// model's folder (absolute paths, `..`, symbolic links pointing out).
+/// model's folder (absolute paths, `..`, symbolic links), anything that is not a regular file
+/// (a FIFO or a device, as the model or as its external data), and a graph with a cycle.
 pub fn load(path: &Path) -> Result<Model> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let base_dir = path
         .parent()
         .map(|p| {
@@ -58,9 +59,16 @@ pub fn load_from_bytes(bytes: &[u8], base_dir: Option<&Path>, path: &Path) -> Re
     let mut loader = TensorLoader {
         model_path: path.to_path_buf(),
         base_dir: base_dir.map(Path::to_path_buf),
+        base: None,
         mapped: HashMap::new(),
     };
     let graph = loader.graph(graph_proto)?;
+    if let Some(node) = crate::patch::node_on_cycle(&graph) {
+        return Err(invalid(format!(
+            "the graph has a cycle through node {:?} ({}); an ONNX graph must have none",
+            node.name, node.op_type
+        )));
+    }
     Ok(Model {
         ir_version: proto.ir_version,
         opset_imports: proto
@@ -84,7 +92,10 @@ pub fn load_from_bytes(bytes: &[u8], base_dir: Option<&Path>, path: &Path) -> Re
 struct TensorLoader {
     model_path: PathBuf,
     base_dir: Option<PathBuf>,
-    mapped: HashMap<PathBuf, Arc<MappedFile>>,
+    /// The model's folder, resolved and opened (on the first external tensor).
+    base: Option<(PathBuf, std::fs::File)>,
+    /// The external-data files mapped so far, by (device, inode).
+    mapped: HashMap<(u64, u64), Arc<MappedFile>>,
 }
 
 impl TensorLoader {
@@ -227,26 +238,51 @@ impl TensorLoader {
             ));
         }
         let joined = base_dir.join(relative);
-        let resolved = joined
-            .canonicalize()
-            .map_err(|e| fail(format!("cannot open {}: {e}", joined.display())))?;
-        let base = base_dir
-            .canonicalize()
-            .map_err(|e| fail(format!("cannot resolve the model's folder: {e}")))?;
-        if !resolved.starts_with(&base) {
-            return Err(fail(format!(
-                "it resolves to {}, outside the model's folder (a symbolic link pointing out?)",
-                resolved.display()
-            )));
+        if self.base.is_none() {
+            let base = base_dir
+                .canonicalize()
+                .map_err(|e| fail(format!("cannot resolve the model's folder: {e}")))?;
+            let handle = std::fs::File::open(&base)
+                .map_err(|e| fail(format!("cannot open the model's folder: {e}")))?;
+            self.base = Some((base, handle));
         }
-        let file = match self.mapped.get(&resolved) {
+        let Some((base, base_handle)) = &self.base else {
+            unreachable!("the model's folder was opened above")
+        };
+        let opened = crate::input_file::open_beneath(base_handle, relative).map_err(|e| match e
+            .raw_os_error()
+        {
+            Some(libc::EXDEV) => fail("it leads outside the model's folder".into()),
+            Some(libc::ELOOP) => fail(
+                "it is or passes through a symbolic link; graft follows no links in \
+                     external-data locations, so that no file outside the model's folder can \
+                     be swapped in"
+                    .into(),
+            ),
+            _ => fail(format!("cannot open {}: {e}", joined.display())),
+        })?;
+        crate::input_file::check_regular(&opened, &joined).map_err(|e| fail(e.to_string()))?;
+        let resolved: PathBuf = base.join(
+            relative
+                .components()
+                .filter(|c| matches!(c, Component::Normal(_)))
+                .collect::<PathBuf>(),
+        );
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            let metadata = opened
+                .metadata()
+                .map_err(|e| fail(format!("cannot open {}: {e}", joined.display())))?;
+            (metadata.dev(), metadata.ino())
+        };
+        let file = match self.mapped.get(&identity) {
             Some(file) => file.clone(),
             None => {
                 let file = Arc::new(
-                    MappedFile::open(resolved.clone())
+                    MappedFile::map(opened, resolved)
                         .map_err(|e| fail(format!("cannot map: {e}")))?,
                 );
-                self.mapped.insert(resolved, file.clone());
+                self.mapped.insert(identity, file.clone());
                 file
             }
         };

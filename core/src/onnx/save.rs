@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
 
-use crate::atomic_file::AtomicFile;
+use crate::atomic_file::{AtomicFile, NewFile};
 use crate::ir::{entries_to_proto, Graph, Model, Node, Tensor, TensorData};
 use crate::{Error, Result};
 
@@ -37,27 +37,32 @@ pub struct SaveOptions {
     pub placement: DataPlacement,
 }
 
-/// Writes `model` to `path`. Each file is written to a temporary name in the destination folder
-/// and renamed into place, so a failure never leaves a half-written output.
+/// Writes `model` to `path`. Each file is written to a temporary file in the destination folder
+/// and put in place whole, the external data (if any) before the model that reads it, so a
+/// failure or a kill never leaves a half-written output and never a model reading data that
+/// was not written for it.
+///
+/// Refused with [`Error::Config`] before anything is written: an output path that is one of the
+/// external-data files the model reads (writing it would destroy the weights of every model
+/// reading that file), and an external-data name equal to the model's own file name. An
+/// external-data file is never overwritten: when a file of that name exists with other bytes,
+/// the save fails ([`DataPlacement::External`]) or picks the next free name
+/// `<output>.<n>.data` ([`DataPlacement::Auto`]); one with the same bytes is kept as it is.
 pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
-    let out_dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let default_data_name = format!(
-        "{}.data",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model.onnx")
-    );
+    let out_dir = crate::atomic_file::parent_dir(path).to_path_buf();
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx")
+        .to_owned();
+    refuse_overwriting_read_data(model, path)?;
     let total_bytes: usize = model.graph.initializers.iter().map(Tensor::byte_len).sum();
     let out_dir_canonical = out_dir.canonicalize().ok();
     let in_out_dir = |tensor: &Tensor| match &tensor.data {
         TensorData::External { file, .. } => out_dir_canonical.as_deref() == file.path.parent(),
         _ => false,
     };
-    let mut writer = match &options.placement {
+    let (mut writer, data_names) = match &options.placement {
         DataPlacement::Inline => {
             if total_bytes >= INLINE_LIMIT_BYTES * 2 - (64 << 20) {
                 return Err(Error::Config(format!(
@@ -65,9 +70,17 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
                     path.display()
                 )));
             }
-            DataWriter::inline()
+            (DataWriter::inline(), Vec::new())
         }
-        DataPlacement::External(name) => DataWriter::external(&out_dir, name, false)?,
+        DataPlacement::External(name) => {
+            if *name == file_name {
+                return Err(Error::Config(format!(
+                    "{}: the external data file cannot be the model file itself; choose another name",
+                    path.display()
+                )));
+            }
+            (DataWriter::external(path, name, false)?, vec![name.clone()])
+        }
         DataPlacement::Auto => {
             let inline_bytes: usize = model
                 .graph
@@ -77,34 +90,126 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
                 .map(Tensor::byte_len)
                 .sum();
             if inline_bytes > INLINE_LIMIT_BYTES {
-                DataWriter::external(&out_dir, &default_data_name, true)?
+                let names: Vec<String> = std::iter::once(format!("{file_name}.data"))
+                    .chain((1..100).map(|n| format!("{file_name}.{n}.data")))
+                    .collect();
+                (DataWriter::external(path, &names[0], true)?, names)
             } else {
-                DataWriter {
+                let writer = DataWriter {
                     keep_existing: true,
                     ..DataWriter::inline()
-                }
+                };
+                (writer, Vec::new())
             }
         }
     };
     writer.out_dir_canonical = out_dir_canonical.clone();
-    let proto = model_to_proto(model, &mut writer)?;
+    let mut proto = model_to_proto(model, &mut writer)?;
+    if let Some((mut data, written)) = writer.finish() {
+        crate::pause::point(&format!("data-written:{file_name}"));
+        let chosen = link_data_file(&mut data, &out_dir, &data_names, &options.placement)?;
+        if chosen != data_names[0] {
+            relocate(&mut proto, &written, &chosen);
+        }
+        crate::pause::point(&format!("data-committed:{file_name}"));
+    }
     let bytes = proto
         .write_to_bytes()
         .map_err(|e| Error::Config(format!("{}: cannot encode the model: {e}", path.display())))?;
-    if let Some(data) = writer.finish()? {
-        data.commit()?;
-    }
     let mut file = AtomicFile::create(path)?;
     file.write_all(&bytes)?;
     file.commit()
+}
+
+/// Fails when `path` is (by device and inode) one of the external-data files `model` reads.
+fn refuse_overwriting_read_data(model: &Model, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(existing) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let read = model
+        .graph
+        .initializers
+        .iter()
+        .find_map(|tensor| match &tensor.data {
+            TensorData::External { file, location, .. }
+                if file.identity() == (existing.dev(), existing.ino()) =>
+            {
+                Some((tensor.name.clone(), location.clone()))
+            }
+            _ => None,
+        });
+    match read {
+        Some((tensor, location)) => Err(Error::Config(format!(
+            "{}: is the external-data file {location:?} that the model reads (tensor \
+             {tensor:?}, and every model saved beside it); writing the output there would \
+             destroy those weights: choose another output path",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Gives the written external data the first of `names` that is free or already holds the same
+/// bytes; returns that name.
+fn link_data_file(
+    data: &mut AtomicFile,
+    out_dir: &Path,
+    names: &[String],
+    placement: &DataPlacement,
+) -> Result<String> {
+    for name in names {
+        match data.link_new(name)? {
+            NewFile::Created | NewFile::Identical => return Ok(name.clone()),
+            NewFile::Differs if matches!(placement, DataPlacement::Auto) => continue,
+            NewFile::Differs => break,
+        }
+    }
+    Err(Error::Config(format!(
+        "{}: already exists with other contents; graft never overwrites an external-data file \
+         (other models may read it, and a model cannot be replaced together with its data): \
+         remove it or choose another external-data name",
+        out_dir
+            .join(names.last().map_or("", String::as_str))
+            .display()
+    )))
+}
+
+/// Points the external data of the tensors `written` at `location`.
+fn relocate(proto: &mut ModelProto, written: &[String], location: &str) {
+    let Some(graph) = proto.graph.as_mut() else {
+        return;
+    };
+    for tensor in graph
+        .initializer
+        .iter_mut()
+        .filter(|t| written.contains(&t.name))
+    {
+        for entry in tensor
+            .external_data
+            .iter_mut()
+            .filter(|e| e.key == "location")
+        {
+            entry.value = location.to_owned();
+        }
+    }
 }
 
 /// Decides, tensor by tensor, whether bytes go inline, stay where they are, or go to the
 /// external file being written.
 struct DataWriter {
     keep_existing: bool,
-    external: Option<(String, AtomicFile, usize)>,
+    external: Option<ExternalFile>,
     out_dir_canonical: Option<PathBuf>,
+}
+
+/// The external-data file being written.
+struct ExternalFile {
+    name: String,
+    file: AtomicFile,
+    position: usize,
+    /// The tensors written to it.
+    written: Vec<String>,
 }
 
 impl DataWriter {
@@ -116,16 +221,22 @@ impl DataWriter {
         }
     }
 
-    fn external(out_dir: &Path, name: &str, keep_existing: bool) -> Result<Self> {
+    /// A writer of an external-data file `name` beside the model file `model_path`.
+    fn external(model_path: &Path, name: &str, keep_existing: bool) -> Result<Self> {
         if name.is_empty() || Path::new(name).file_name().and_then(|n| n.to_str()) != Some(name) {
             return Err(Error::Config(format!(
                 "external data file {name:?} must be a plain file name (it is written beside the model)"
             )));
         }
-        let file = AtomicFile::create(&out_dir.join(name))?;
+        let file = AtomicFile::create(&model_path.with_file_name(name))?;
         Ok(DataWriter {
             keep_existing,
-            external: Some((name.to_owned(), file, 0)),
+            external: Some(ExternalFile {
+                name: name.to_owned(),
+                file,
+                position: 0,
+                written: Vec::new(),
+            }),
             out_dir_canonical: None,
         })
     }
@@ -146,22 +257,24 @@ impl DataWriter {
         }
         let bytes = tensor.raw_bytes()?;
         match &mut self.external {
-            Some((name, file, position)) if bytes.len() >= EXTERNAL_THRESHOLD_BYTES => {
+            Some(external) if bytes.len() >= EXTERNAL_THRESHOLD_BYTES => {
                 let alignment = if bytes.len() >= 1 << 20 { 4096 } else { 64 };
-                let padding = position.next_multiple_of(alignment) - *position;
-                file.write_all(&vec![0; padding])?;
-                *position += padding;
-                file.write_all(bytes)?;
-                set_external(proto, name, *position, bytes.len());
-                *position += bytes.len();
+                let padding = external.position.next_multiple_of(alignment) - external.position;
+                external.file.write_all(&vec![0; padding])?;
+                external.position += padding;
+                external.file.write_all(bytes)?;
+                set_external(proto, &external.name, external.position, bytes.len());
+                external.position += bytes.len();
+                external.written.push(tensor.name.clone());
             }
             _ => proto.raw_data = bytes.to_vec(),
         }
         Ok(())
     }
 
-    fn finish(self) -> Result<Option<AtomicFile>> {
-        Ok(self.external.map(|(_, file, _)| file))
+    /// The external-data file written, if any, and the tensors in it.
+    fn finish(self) -> Option<(AtomicFile, Vec<String>)> {
+        self.external.map(|e| (e.file, e.written))
     }
 }
 

@@ -295,6 +295,13 @@ pub fn topological_sort(graph: &mut Graph) -> Result<()> {
     Ok(())
 }
 
+/// A node on a cycle of `graph`'s wiring, when it has one (an ONNX graph must have none).
+pub fn node_on_cycle(graph: &Graph) -> Option<&Node> {
+    topological_order(graph)
+        .err()
+        .map(|index| &graph.nodes[index])
+}
+
 /// Sorts the patched graph, or says whose cycle stops it: the model's own when `base` (the graph
 /// before the patch) has one too, else the patch's.
 fn sort_patched(graph: &mut Graph, base: &Graph) -> Result<()> {

@@ -7,6 +7,6 @@ mod init;
 mod record;
 
 pub(crate) use apply::apply_patch_with_view;
-pub use apply::{apply_patch, node_from_patch, topological_sort};
+pub use apply::{apply_patch, node_from_patch, node_on_cycle, topological_sort};
 pub use init::{data_type, materialize};
 pub use record::{read_record, write_record, AppliedMethod, GraftRecord, RECORD_KEY};

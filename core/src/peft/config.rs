@@ -164,7 +164,7 @@ fn is_empty_value(value: &serde_json::Value) -> bool {
 /// Reads and checks `adapter_config.json`; returns the config and the unknown fields it ignores.
 pub(super) fn read_config(path: &Path) -> Result<(AdapterConfig, Vec<String>)> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::input_file::read_to_string(path)?;
     let config: AdapterConfig =
         serde_json::from_str(&text).map_err(|e| fail(format!("not a PEFT adapter config: {e}")))?;
     match config.peft_type.as_deref() {

@@ -109,17 +109,25 @@ pub(super) fn write_files(
     tensors: &[(String, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
     write_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
+    crate::pause::point(&format!("file-written:{WEIGHTS_FILE}"));
     let config_text = serde_json::to_string_pretty(config).unwrap_or_default();
     write_atomically(&dir.join(CONFIG_FILE), config_text.as_bytes())?;
     Ok(())
 }
 
 /// Writes float32 `(key, shape, little-endian bytes)` tensors as the safetensors file `path`,
-/// atomically.
+/// atomically. Fails naming the key when two tensors share one.
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
+    let mut keys = std::collections::HashSet::new();
+    if let Some((key, _, _)) = tensors.iter().find(|(key, _, _)| !keys.insert(key)) {
+        return Err(Error::Config(format!(
+            "{}: two tensors would both be stored as {key}",
+            path.display()
+        )));
+    }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {

@@ -36,7 +36,7 @@ pub(super) struct PeftTensor {
 /// Reads every tensor of a PEFT `adapter_model.safetensors`, sorting its keys into LoRA
 /// factors and full tensors. Fails naming the key for anything else.
 pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
-    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let bytes = crate::input_file::read(file)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
     let tensors = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;

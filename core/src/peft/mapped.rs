@@ -100,7 +100,7 @@ pub(crate) fn load_declared(
     rank_pattern: &[(String, Vec<bool>)],
 ) -> Result<usize> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
-    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let bytes = crate::input_file::read(file)?;
     let stored = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
     let mut updates = Vec::new();
@@ -175,9 +175,10 @@ pub(crate) fn load_declared(
 /// (AdaLoRA's lists of booleans; other forms and a missing config give none).
 fn read_rank_pattern(file: &Path) -> Result<Vec<(String, Vec<bool>)>> {
     let config = file.with_file_name(super::CONFIG_FILE);
-    let Ok(text) = std::fs::read_to_string(&config) else {
+    if !config.exists() {
         return Ok(Vec::new());
-    };
+    }
+    let text = crate::input_file::read_to_string(&config)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not JSON: {e}", config.display())))?;
     let Some(pattern) = value.get("rank_pattern").and_then(|p| p.as_object()) else {

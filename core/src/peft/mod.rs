@@ -46,7 +46,8 @@ pub struct PeftLora {
 
 /// The LoRA branches of a patched model (with its current, possibly trained, values), labelled by
 /// module path. Fails naming the weight when a branch's site has no label, since PEFT files are
-/// keyed by module paths.
+/// keyed by module paths, and naming the module when it carries more than one branch (LoRA
+/// applied twice), since a PEFT adapter holds one branch per module.
 pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
     let record = crate::patch::read_record(model)?;
     let mut branches = Vec::new();
@@ -88,6 +89,16 @@ pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
         let (a_tensor, b_tensor) = (tensor(a)?, tensor(b)?);
         let (in_features, r) = (a_tensor.dims[0] as usize, a_tensor.dims[1] as usize);
         let out_features = b_tensor.dims[1] as usize;
+        if branches.iter().any(|b: &PeftLora| &b.module == module) {
+            return Err(Error::Tensor {
+                name: weight.clone(),
+                reason: format!(
+                    "module {module} has more than one LoRA branch (a LoRA method applied \
+                     twice); an HF PEFT adapter holds one branch per module: export each \
+                     method's model separately, or use `graft merge` or `--format onnx-adapter`"
+                ),
+            });
+        }
         branches.push(PeftLora {
             module: module.clone(),
             r,

@@ -4,8 +4,9 @@
 
 mod discovery;
 mod view;
+pub mod worker;
 
-pub use discovery::{LoadedPlugin, PluginRegistry};
+pub use discovery::{LoadedPlugin, PluginIsolation, PluginRegistry};
 pub use view::graph_view;
 
 use graft_plugin_sdk::{MethodConfig, PatchReply, TensorSource};
@@ -34,6 +35,13 @@ pub fn apply_method(
 ) -> Result<()> {
     let (plugin, description) = registry.find_method(method)?;
     MethodConfig::new(description, config).map_err(|e| Error::Config(e.to_string()))?;
+    // The model's own faults are reported as its own, not as a patch the plugin got wrong.
+    if let Some(node) = crate::patch::node_on_cycle(&model.graph) {
+        return Err(Error::InvalidGraph(format!(
+            "the model has a cycle through node {:?} ({}) before method {method} is applied",
+            node.name, node.op_type
+        )));
+    }
     let view = graph_view(model)?;
     let tensors = ModelTensors(
         model
@@ -44,11 +52,10 @@ pub fn apply_method(
             .collect(),
     );
     let reply: PatchReply = plugin
-        .client()
         .patch(&tensors, method, config, &view)
-        .map_err(|e| Error::Plugin {
+        .map_err(|reason| Error::Plugin {
             plugin: plugin.display_name(),
-            reason: e.to_string(),
+            reason,
         })?;
     let applied = AppliedMethod {
         method: method.to_owned(),
@@ -122,7 +129,7 @@ impl crate::train::participation::StepHooks for RegistryStepHooks<'_> {
                 method.method, method.plugin
             ))
         })?;
-        plugin.client().step(request).map_err(|e| Error::Plugin {
+        plugin.step(request).map_err(|e| Error::Plugin {
             plugin: plugin.display_name(),
             reason: format!(
                 "step hook of method {} at step {}: {e}",

@@ -86,7 +86,7 @@ impl HostTensor {
 /// Reads every array of an `.npz` file (float32, float64, int64, int32, bool), keyed by name.
 pub fn read_npz(path: &Path) -> Result<Vec<(String, HostTensor)>> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::input_file::open(path)?;
     let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| fail(e.to_string()))?;
     let names = npz.names().map_err(|e| fail(e.to_string()))?;
     let mut arrays = Vec::with_capacity(names.len());

@@ -32,6 +32,23 @@ pub struct SessionOptions {
     pub exact: bool,
 }
 
+impl SessionOptions {
+    /// Fails with [`Error::Config`] when `threads` exceeds the machine's logical CPUs: more
+    /// intra-op threads only contend for them, and ONNX Runtime crashes when it cannot create
+    /// the threads it was asked for.
+    pub fn check(&self) -> Result<()> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if self.threads > cpus {
+            return Err(Error::Config(format!(
+                "--threads {}: this machine has {cpus} logical CPUs; use at most {cpus} \
+                 (0 lets ONNX Runtime choose)",
+                self.threads
+            )));
+        }
+        Ok(())
+    }
+}
+
 static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
 
 /// The process-wide ONNX Runtime environment, loading the provisioned library on first use.
@@ -97,6 +114,7 @@ impl OrtSession {
         options: SessionOptions,
         commit: impl FnOnce(&mut ort::session::builder::SessionBuilder) -> ort::Result<Session>,
     ) -> Result<Self> {
+        options.check()?;
         let environment = environment()?;
         let mut builder =
             Session::builder(environment).map_err(runtime_error("session options"))?;

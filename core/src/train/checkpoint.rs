@@ -5,17 +5,18 @@
 //! `graft merge --adapter` reads it), `optimizer.safetensors` (the optimizer's moments, keyed
 //! `first_moment.<tensor>` and `second_moment.<tensor>`) and `state.json` ([`CheckpointState`]:
 //! the step, the data position, the optimizer's rule and step count, and the settings a resumed
-//! run must share). A checkpoint is written into `checkpoint.tmp/`, `state.json` last, and then
-//! swapped in by two renames (the previous one goes to `checkpoint.old/` and is removed after);
-//! a folder counts as a checkpoint only when its `state.json` is there, so a run killed at any
-//! point leaves at least one complete checkpoint, and [`load`] takes the newest.
+//! run must share). A checkpoint is written into `checkpoint.tmp/` and then put in place by one
+//! atomic exchange with `checkpoint/` (one rename for the first), after which the previous one
+//! is removed: `checkpoint/` is the commit point, so a run killed at any point leaves
+//! `checkpoint/` holding either the previous complete checkpoint or the new one, and [`load`]
+//! reads only it.
 
 use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use super::optimizer::{Optimizer, OptimizerKind};
+use super::optimizer::{Optimizer, OptimizerKind, Schedule};
 use super::Task;
 use crate::atomic_file::write_atomically;
 use crate::{Error, Result};
@@ -23,6 +24,7 @@ use crate::{Error, Result};
 /// The folder, inside a run folder, of the current checkpoint.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const TEMPORARY_DIR: &str = "checkpoint.tmp";
+/// Where earlier versions of graft kept the previous checkpoint during a swap; removed.
 const PREVIOUS_DIR: &str = "checkpoint.old";
 const STATE_FILE: &str = "state.json";
 const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -58,17 +60,78 @@ pub struct CheckpointState {
     pub optimizer_step: u64,
     /// The trainable tensors, in training order.
     pub parameters: Vec<String>,
+    /// The settings and inputs besides the data order that shape the run; absent in
+    /// checkpoints of earlier graft versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<Trajectory>,
     /// The methods' step-hook states (see [`super::participation`]); their tensors are in
     /// `participation.safetensors`.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub participation: serde_json::Value,
 }
 
+/// What shapes a run's trajectory besides the data order and the optimizer: the learning-rate
+/// schedule, clipping, and fingerprints of the patched model and of the examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trajectory {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// Schedule after warmup.
+    pub schedule: Schedule,
+    /// Global gradient-norm clipping.
+    pub clip_norm: Option<f64>,
+    /// [`super::fingerprint::model`] of the patched model the run started from.
+    pub model: String,
+    /// [`super::fingerprint::examples`] of the training examples.
+    pub data: String,
+}
+
+impl Trajectory {
+    /// `(what, saved, asked)` for every field where `self` (saved) and `run` differ.
+    fn differences(&self, run: &Trajectory) -> Vec<(&'static str, String, String)> {
+        let fields = [
+            ("--lr", self.lr.to_string(), run.lr.to_string()),
+            ("--warmup", self.warmup.to_string(), run.warmup.to_string()),
+            (
+                "--schedule",
+                format!("{:?}", self.schedule),
+                format!("{:?}", run.schedule),
+            ),
+            (
+                "--clip-norm",
+                format!("{:?}", self.clip_norm),
+                format!("{:?}", run.clip_norm),
+            ),
+            (
+                "a patched model (fingerprint)",
+                self.model.clone(),
+                run.model.clone(),
+            ),
+            (
+                "training examples (data file, tokenizer, --max-len; fingerprint)",
+                self.data.clone(),
+                run.data.clone(),
+            ),
+        ];
+        fields.into_iter().filter(|(_, a, b)| a != b).collect()
+    }
+}
+
 impl CheckpointState {
     /// Fails, naming the first difference, unless `self` (from a checkpoint) and `run` (what
     /// the resuming run was asked for; its `step`, `epoch`, `position` and `optimizer_step` are
-    /// not compared) describe the same training run.
-    pub fn check_resumable(&self, run: &CheckpointState, checkpoint: &Path) -> Result<()> {
+    /// not compared) describe the same training run. Differences in the [`Trajectory`] (the
+    /// learning rate, the schedule, clipping, the model, the examples) are refused unless
+    /// `accept_changes` is set, in which case each comes back as a sentence to report; the
+    /// rest (the data order, the optimizer, the trainable tensors) is always refused.
+    pub fn check_resumable(
+        &self,
+        run: &CheckpointState,
+        checkpoint: &Path,
+        accept_changes: bool,
+    ) -> Result<Vec<String>> {
         let differences = [
             (
                 "total steps",
@@ -121,7 +184,27 @@ impl CheckpointState {
                 )));
             }
         }
-        Ok(())
+        let (Some(saved), Some(asked)) = (&self.trajectory, &run.trajectory) else {
+            return Ok(Vec::new());
+        };
+        let changes = saved.differences(asked);
+        if let (false, Some((what, saved, asked))) = (accept_changes, changes.first()) {
+            return Err(Error::Config(format!(
+                "{}: cannot resume: the checkpoint was made with {what} {saved}, this run has \
+                 {asked}; resume with the same settings, or pass --accept-changes to continue \
+                 with the new ones",
+                checkpoint.display()
+            )));
+        }
+        Ok(changes
+            .into_iter()
+            .map(|(what, saved, asked)| {
+                format!(
+                    "resuming with {what} {asked} instead of the checkpoint's {saved} \
+                     (--accept-changes): the run no longer follows one trajectory"
+                )
+            })
+            .collect())
     }
 }
 
@@ -152,8 +235,8 @@ pub fn save(
 ) -> Result<PathBuf> {
     let target = run_dir.join(CHECKPOINT_DIR);
     let temporary = run_dir.join(TEMPORARY_DIR);
-    let previous = run_dir.join(PREVIOUS_DIR);
     remove_folder(&temporary)?;
+    remove_folder(&run_dir.join(PREVIOUS_DIR))?;
     std::fs::create_dir_all(&temporary).map_err(|e| Error::io(&temporary, e))?;
 
     let names = &state.parameters;
@@ -193,44 +276,37 @@ pub fn save(
         .map_err(|e| Error::Config(format!("cannot encode the checkpoint state: {e}")))?;
     write_atomically(&temporary.join(STATE_FILE), &state_json)?;
 
-    remove_folder(&previous)?;
+    crate::atomic_file::sync_dir(&temporary);
+    crate::pause::point(&format!("checkpoint-staged:{}", state.step));
     if target.exists() {
-        std::fs::rename(&target, &previous).map_err(|e| Error::io(&target, e))?;
+        crate::staged_folder::exchange(&temporary, &target)?;
+        crate::atomic_file::sync_dir(run_dir);
+        crate::pause::point(&format!("checkpoint-exchanged:{}", state.step));
+        remove_folder(&temporary)?;
+    } else {
+        std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
+        crate::atomic_file::sync_dir(run_dir);
     }
-    std::fs::rename(&temporary, &target).map_err(|e| Error::io(&target, e))?;
-    remove_folder(&previous)?;
     Ok(target)
 }
 
-/// Reads the newest complete checkpoint of `run_dir` (`checkpoint/`, or the `checkpoint.old/`
-/// or `checkpoint.tmp/` a run killed while swapping left behind).
+/// Reads the checkpoint of `run_dir` (`checkpoint/`; a `checkpoint.tmp/` that a killed run
+/// left behind was never committed and is ignored).
 pub fn load(run_dir: &Path) -> Result<Checkpoint> {
-    let mut newest: Option<(PathBuf, CheckpointState)> = None;
-    for folder in [CHECKPOINT_DIR, PREVIOUS_DIR, TEMPORARY_DIR] {
-        let path = run_dir.join(folder);
-        let state_path = path.join(STATE_FILE);
-        if !state_path.is_file() {
-            continue;
-        }
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
-            Error::Config(format!(
-                "{}: not a graft checkpoint state: {e}",
-                state_path.display()
-            ))
-        })?;
-        if newest
-            .as_ref()
-            .is_none_or(|(_, best)| state.step > best.step)
-        {
-            newest = Some((path, state));
-        }
-    }
-    let (path, state) = newest.ok_or_else(|| {
-        Error::Config(format!(
-            "{}: no checkpoint to resume from (expected {}/{STATE_FILE})",
+    let path = run_dir.join(CHECKPOINT_DIR);
+    let state_path = path.join(STATE_FILE);
+    if !state_path.is_file() {
+        return Err(Error::Config(format!(
+            "{}: no checkpoint to resume from (expected {})",
             run_dir.display(),
-            run_dir.join(CHECKPOINT_DIR).display()
+            state_path.display()
+        )));
+    }
+    let text = crate::input_file::read_to_string(&state_path)?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+        Error::Config(format!(
+            "{}: not a graft checkpoint state: {e}",
+            state_path.display()
         ))
     })?;
     let adapter = read_tensors(&path.join(ADAPTER_FILE))?;
@@ -294,6 +370,15 @@ pub fn remove_all(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes what a killed save left beside `checkpoint/` (never committed, never read), so a
+/// resumed run leaves only its committed checkpoint behind.
+pub fn remove_uncommitted(run_dir: &Path) -> Result<()> {
+    for folder in [PREVIOUS_DIR, TEMPORARY_DIR] {
+        remove_folder(&run_dir.join(folder))?;
+    }
+    Ok(())
+}
+
 fn remove_folder(path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
@@ -326,7 +411,7 @@ fn write_tensors(path: &Path, tensors: &[(String, &[usize], &[f32])]) -> Result<
 }
 
 fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input_file::read(path)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Config(format!("{}: not a safetensors file: {e}", path.display())))?;
     file.tensors()

@@ -70,8 +70,13 @@ pub struct DataOptions {
 pub struct Dataset {
     /// The examples, in file order.
     pub examples: Vec<Example>,
+    /// The 1-based line of the file each example came from.
+    pub lines: Vec<usize>,
     /// How many malformed lines were skipped.
     pub skipped: usize,
+    /// What looks wrong with the data without stopping the run (most of it tokenizing to the
+    /// unknown token).
+    pub warnings: Vec<String>,
     /// The format the file was read in (never `Auto`).
     pub format: DataFormat,
 }
@@ -85,7 +90,8 @@ pub fn read_data(path: &Path, options: &DataOptions) -> Result<Dataset> {
         format => format,
     };
     let skip = options.skip_bad_lines;
-    let (examples, skipped) = match format {
+    let mut warnings = Vec::new();
+    let (examples, lines, skipped) = match format {
         DataFormat::Auto | DataFormat::Tokenized => read_jsonl(path, skip)?,
         DataFormat::Text | DataFormat::Instruction | DataFormat::Plain => {
             let tokenizer = options.tokenizer.as_deref().ok_or_else(|| {
@@ -98,17 +104,21 @@ pub fn read_data(path: &Path, options: &DataOptions) -> Result<Dataset> {
             })?;
             let encoder = TextEncoder::from_file(tokenizer, options.max_len)?;
             let is_text_file = has_txt_extension(path);
-            read_lines(path, skip, |line| match format {
+            let read = read_lines(path, skip, |line| match format {
                 DataFormat::Text => text::parse_classification(&encoder, line),
                 DataFormat::Instruction => text::parse_instruction(&encoder, line),
                 _ if is_text_file => encoder.document(line),
                 _ => text::parse_document(&encoder, line),
-            })?
+            })?;
+            warnings.extend(encoder.unknown_token_warning(path, &read.0));
+            read
         }
     };
     Ok(Dataset {
         examples,
+        lines,
         skipped,
+        warnings,
         format,
     })
 }
@@ -120,7 +130,7 @@ pub fn sniff_format(path: &Path) -> Result<DataFormat> {
         return Ok(DataFormat::Plain);
     }
     // Line by line: the first object line decides, and the rest of the file is not read here.
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::input_file::open(path)?;
     for (index, line) in std::io::BufRead::lines(std::io::BufReader::new(file)).enumerate() {
         let line = line.map_err(|e| Error::io(path, e))?;
         let Ok(serde_json::Value::Object(object)) = serde_json::from_str(&line) else {
@@ -157,21 +167,23 @@ fn has_txt_extension(path: &Path) -> bool {
 }
 
 /// Reads a JSONL file of examples. A malformed line is an error naming its line number, unless
-/// `skip_bad_lines` is set, in which case it is counted and skipped. Returns the examples and the
-/// number of skipped lines.
-pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, usize)> {
+/// `skip_bad_lines` is set, in which case it is counted and skipped. Returns the examples, the
+/// 1-based line of each, and the number of skipped lines.
+pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<(Vec<Example>, Vec<usize>, usize)> {
     read_lines(path, skip_bad_lines, parse_example)
 }
 
 /// Parses each non-blank line of `path` with `parse`; a failure is an error naming `file:line`,
-/// or is counted and skipped with `skip_bad_lines`. Returns the examples and the skipped count.
+/// or is counted and skipped with `skip_bad_lines`. Returns the examples, their 1-based lines
+/// and the skipped count.
 fn read_lines(
     path: &Path,
     skip_bad_lines: bool,
     mut parse: impl FnMut(&str) -> std::result::Result<Example, String>,
-) -> Result<(Vec<Example>, usize)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+) -> Result<(Vec<Example>, Vec<usize>, usize)> {
+    let text = crate::input_file::read_to_string(path)?;
     let mut examples = Vec::new();
+    let mut lines = Vec::new();
     let mut skipped = 0;
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -182,7 +194,10 @@ fn read_lines(
             None => Ok(example),
         });
         match parsed {
-            Ok(example) => examples.push(example),
+            Ok(example) => {
+                examples.push(example);
+                lines.push(index + 1);
+            }
             Err(_) if skip_bad_lines => skipped += 1,
             Err(reason) => {
                 return Err(Error::Config(format!(
@@ -204,7 +219,7 @@ fn read_lines(
             }
         )));
     }
-    Ok((examples, skipped))
+    Ok((examples, lines, skipped))
 }
 
 fn parse_example(line: &str) -> std::result::Result<Example, String> {

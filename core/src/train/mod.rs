@@ -5,8 +5,10 @@
 
 pub mod checkpoint;
 pub mod data;
+mod data_check;
 pub mod dropout;
 pub mod example;
+pub mod fingerprint;
 pub mod optimizer;
 pub mod parameters;
 pub mod participation;
@@ -26,7 +28,7 @@ use crate::patch::GraftRecord;
 use crate::runtime::{HostTensor, OrtSession, SessionOptions};
 use crate::{Error, Result};
 use checkpoint::CheckpointState;
-use data::{collate, read_data, DataFormat, DataOptions, Dataset, Example, Target};
+use data::{collate, read_data, DataFormat, DataOptions, Example, Target};
 use optimizer::{clip_global_norm, global_norm, Optimizer, OptimizerKind, Schedule};
 use parameters::ParameterStore;
 use participation::{Participation, StepHooks};
@@ -41,7 +43,8 @@ pub enum Task {
     SeqCls,
     /// Token classification: logits [batch, seq, classes], one label per token, −100 ignored.
     TokenCls,
-    /// Regression: mean squared error between the first output and the label.
+    /// Regression: logits [batch, 1], one real value per example, mean squared error (Hugging
+    /// Face's `num_labels = 1`).
     Regression,
 }
 
@@ -68,6 +71,10 @@ pub struct TrainOptions {
     pub save_every: Option<u64>,
     /// Continue from the checkpoint in `out` instead of starting afresh.
     pub resume: bool,
+    /// With `resume`: continue although the learning rate, schedule, clipping, patched model
+    /// or examples differ from the checkpoint's (each change is reported as a warning);
+    /// without it such a resume is refused.
+    pub accept_changes: bool,
     /// The run folder (metrics, checkpoint, loss curve, adapter).
     pub out: PathBuf,
     /// Optimizer steps; `None` derives them from `epochs`.
@@ -98,6 +105,47 @@ pub struct TrainOptions {
     pub session: SessionOptions,
     /// The methods whose tensors train (empty: every method); the others stay frozen.
     pub train_methods: Vec<String>,
+}
+
+impl TrainOptions {
+    /// Fails with [`Error::Config`] naming the flag when a setting is outside its domain: zero
+    /// steps, epochs, batch size, accumulation or checkpoint/evaluation interval, a negative or
+    /// non-finite learning rate, a clipping norm that is not a positive number, optimizer
+    /// settings that [`OptimizerKind::check`] refuses, or more threads than the machine has.
+    pub fn check(&self) -> Result<()> {
+        let positive = |flag: &str, value: u64| {
+            if value == 0 {
+                Err(Error::Config(format!("{flag} 0: must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        match self.steps {
+            Some(steps) => positive("--steps", steps)?,
+            None => positive("--epochs", self.epochs)?,
+        }
+        positive("--batch-size", self.batch_size as u64)?;
+        positive("--grad-accumulation", self.grad_accumulation as u64)?;
+        if let Some(every) = self.save_every {
+            positive("--save-every", every)?;
+        }
+        if let Some(every) = self.eval_every {
+            positive("--eval-every", every)?;
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(Error::Config(format!(
+                "--lr {} must be a finite number, 0 or more",
+                self.lr
+            )));
+        }
+        if let Some(norm) = self.clip_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            return Err(Error::Config(format!(
+                "--clip-norm {norm} must be a positive number"
+            )));
+        }
+        self.optimizer.check()?;
+        self.session.check()
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -194,6 +242,8 @@ pub enum TrainEvent<'a> {
         /// Evaluation examples, when there is evaluation data.
         eval_examples: Option<usize>,
     },
+    /// Something in the data looks wrong but does not stop the run.
+    Warning(&'a str),
     /// A step finished.
     Step(&'a StepMetrics),
     /// An evaluation finished.
@@ -504,7 +554,7 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
         Task::SeqCls => loss::cross_entropy(model, logits, "labels", data::IGNORE_INDEX),
         Task::CausalLm => loss::causal_lm(model, logits, "labels"),
         Task::TokenCls => loss::token_classification(model, logits, "labels"),
-        Task::Regression => loss::mean_squared_error(model, logits, "labels"),
+        Task::Regression => loss::regression(model, logits, "labels"),
     }
 }
 
@@ -517,13 +567,15 @@ fn append_loss(model: &mut Model, task: Task, logits: &str) -> Result<String> {
 /// the run's progress.
 ///
 /// A non-finite loss or gradient norm stops the run with an error naming the step and the last
-/// checkpoint; that step writes nothing, so the checkpoint stays the last good state.
+/// checkpoint; that step writes nothing, so the checkpoint stays the last good state. The run
+/// folder is locked for the whole run: a second run on it fails at once.
 pub fn train(
     patched: &Model,
     options: &TrainOptions,
     hooks: &dyn StepHooks,
     mut on_event: impl FnMut(TrainEvent<'_>),
 ) -> Result<TrainSummary> {
+    options.check()?;
     let started = std::time::Instant::now();
     let data_options = DataOptions {
         format: options.data_format,
@@ -531,12 +583,12 @@ pub fn train(
         max_len: options.max_len,
         skip_bad_lines: options.skip_bad_lines,
     };
-    let dataset = read_data(&options.data, &data_options)?;
-    check_data(patched, options.task, &options.data, &dataset)?;
+    let mut dataset = read_data(&options.data, &data_options)?;
+    data_check::prepare_data(patched, options.task, &options.data, &mut dataset)?;
     let eval_set = match &options.eval_data {
         Some(path) => {
-            let eval_set = read_data(path, &data_options)?;
-            check_data(patched, options.task, path, &eval_set)?;
+            let mut eval_set = read_data(path, &data_options)?;
+            data_check::prepare_data(patched, options.task, path, &mut eval_set)?;
             Some(eval_set)
         }
         None => None,
@@ -600,16 +652,32 @@ pub fn train(
         optimizer: options.optimizer,
         optimizer_step: 0,
         parameters: names.clone(),
+        trajectory: Some(checkpoint::Trajectory {
+            lr: options.lr,
+            warmup: options.warmup,
+            schedule: options.schedule,
+            clip_norm: options.clip_norm,
+            model: fingerprint::model(patched),
+            data: fingerprint::examples(examples),
+        }),
         participation: serde_json::Value::Null,
     };
 
     std::fs::create_dir_all(&options.out).map_err(|e| Error::io(&options.out, e))?;
+    // Held until the run returns: two runs writing one folder would mix their files.
+    let _run_lock = crate::folder_lock::FolderLock::acquire(&options.out, "run folder")?;
     let metrics_path = options.out.join("metrics.jsonl");
     let mut history = History::default();
     let mut last_checkpoint: Option<(u64, PathBuf)> = None;
     let first_step = if options.resume {
         let saved = checkpoint::load(&options.out)?;
-        saved.state.check_resumable(&state, &saved.path)?;
+        checkpoint::remove_uncommitted(&options.out)?;
+        let changes = saved
+            .state
+            .check_resumable(&state, &saved.path, options.accept_changes)?;
+        for change in &changes {
+            on_event(TrainEvent::Warning(change));
+        }
         for ((name, values), length) in names.iter().zip(&saved.parameters).zip(&lengths) {
             if values.len() != *length {
                 return Err(Error::Config(format!(
@@ -638,6 +706,10 @@ pub fn train(
     let mut write_line =
         |line: String| writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e));
 
+    let eval_warnings = eval_set.iter().flat_map(|set| &set.warnings);
+    for warning in dataset.warnings.iter().chain(eval_warnings) {
+        on_event(TrainEvent::Warning(warning));
+    }
     on_event(TrainEvent::Started {
         first_step,
         total_steps,
@@ -655,12 +727,18 @@ pub fn train(
         let mut loss_sum = 0.0;
         let mut term_sums = vec![0.0; graph.loss_terms.len()];
         let mut tokens = 0usize;
+        // The lines of a micro-batch with no label to score: its loss is 0/0.
+        let mut unscored: Option<Vec<usize>> = None;
         for micro in 0..accumulation {
-            let batch: Vec<&Example> = order
-                .next_batch(batch_size)
-                .into_iter()
-                .map(|i| &examples[i])
-                .collect();
+            let indices = order.next_batch(batch_size);
+            let batch: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
+            if unscored.is_none()
+                && !batch
+                    .iter()
+                    .any(|e| data_check::scores_something(e, options.task))
+            {
+                unscored = Some(indices.iter().map(|&i| dataset.lines[i]).collect());
+            }
             feeds.truncate(n_parameters);
             feeds.extend(
                 collate(&batch)
@@ -692,7 +770,15 @@ pub fn train(
             .schedule
             .lr(options.lr, step, options.warmup, total_steps);
         let mut plugin_metrics = participation::HookMetrics::new();
-        let fault = if !loss.is_finite() || !grad_norm.is_finite() {
+        let fault = if let (false, Some(lines)) = (loss.is_finite(), &unscored) {
+            Some(format!(
+                "no label of a batch is scored (lines {lines:?} of {} have only the ignore \
+                 label {}), so its loss is undefined; give those lines a label to score or \
+                 remove them",
+                options.data.display(),
+                data::IGNORE_INDEX
+            ))
+        } else if !loss.is_finite() || !grad_norm.is_finite() {
             Some(format!(
                 "the loss or a gradient is not finite (loss {loss}, gradient norm {grad_norm})"
             ))
@@ -718,9 +804,13 @@ pub fn train(
                 ),
                 None => "no checkpoint was written before it (see --save-every)".to_owned(),
             };
+            let advice = if unscored.is_some() {
+                ""
+            } else {
+                " — try a lower --lr or --clip-norm"
+            };
             return Err(Error::Config(format!(
-                "step {step_number}: {fault}; training stopped — try a lower --lr or \
-                 --clip-norm; {kept}"
+                "step {step_number}: {fault}; training stopped{advice}; {kept}"
             )));
         }
         let metrics = StepMetrics {
@@ -1047,57 +1137,6 @@ fn output<'o>(
         .find(|(n, _)| n == name)
         .map(|(_, t)| t)
         .ok_or_else(|| Error::Runtime(format!("the {graph} graph did not produce {name:?}")))
-}
-
-/// Fails when a data file's format cannot feed the task's loss, or when its token ids do not
-/// fit the model's `input_ids` embedding (a tokenizer that does not match the model).
-fn check_data(patched: &Model, task: Task, path: &Path, dataset: &Dataset) -> Result<()> {
-    let fits = match dataset.format {
-        DataFormat::Text => matches!(task, Task::SeqCls | Task::Regression),
-        DataFormat::Instruction | DataFormat::Plain => task == Task::CausalLm,
-        DataFormat::Auto | DataFormat::Tokenized => true,
-    };
-    if !fits {
-        return Err(Error::Config(format!(
-            "{}: {} data cannot train --task {}: text data is for seq-cls or regression, \
-             instruction and plain data for causal-lm",
-            path.display(),
-            dataset.format.name(),
-            task_name(task)
-        )));
-    }
-    let embedding = patched.graph.nodes.iter().find_map(|node| {
-        let indices = node.inputs.get(1)?;
-        if !node.is("Gather") || indices != "input_ids" {
-            return None;
-        }
-        let table = patched.graph.initializer(node.inputs.first()?)?;
-        Some((node.name.clone(), *table.dims.first()?))
-    });
-    let Some((node, rows)) = embedding else {
-        return Ok(());
-    };
-    let out_of_range = dataset
-        .examples
-        .iter()
-        .enumerate()
-        .find_map(|(index, example)| {
-            example
-                .sequences
-                .get("input_ids")?
-                .iter()
-                .find(|&&id| id < 0 || id >= rows)
-                .map(|&id| (index, id))
-        });
-    if let Some((index, id)) = out_of_range {
-        return Err(Error::Config(format!(
-            "{}: example {} has token id {id}, outside the {rows} rows of the model's input_ids \
-             embedding (node {node:?}); the data or tokenizer does not match the model",
-            path.display(),
-            index + 1
-        )));
-    }
-    Ok(())
 }
 
 fn task_name(task: Task) -> &'static str {

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Error, Result};
+
 /// Which update rule to use.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -25,6 +27,50 @@ pub enum OptimizerKind {
         /// L2 penalty added to the gradient.
         weight_decay: f64,
     },
+}
+
+impl OptimizerKind {
+    /// Fails with [`Error::Config`] naming the flag when a setting is outside its domain:
+    /// betas in `[0, 1)`, `eps` and `weight_decay` finite and not negative, `momentum` in
+    /// `[0, 1)`.
+    pub fn check(&self) -> Result<()> {
+        let unit = |flag: &str, value: f64| {
+            if (0.0..1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("{flag} {value} is outside [0, 1)")))
+            }
+        };
+        let non_negative = |flag: &str, value: f64| {
+            if value.is_finite() && value >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "{flag} {value} must be a finite number, 0 or more"
+                )))
+            }
+        };
+        match *self {
+            OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                unit("--betas (beta1)", beta1)?;
+                unit("--betas (beta2)", beta2)?;
+                non_negative("--eps", eps)?;
+                non_negative("--weight-decay", weight_decay)
+            }
+            OptimizerKind::Sgd {
+                momentum,
+                weight_decay,
+            } => {
+                unit("--momentum", momentum)?;
+                non_negative("--weight-decay", weight_decay)
+            }
+        }
+    }
 }
 
 /// The state of one optimizer over a list of parameter tensors (flat f32 buffers), serializable

@@ -32,6 +32,14 @@ pub const KNOWN_EOS_TOKENS: &[&str] = &[
     "[EOS]",
 ];
 
+/// Token names taken as the tokenizer's unknown token, in order of preference.
+pub const KNOWN_UNKNOWN_TOKENS: &[&str] = &["[UNK]", "<unk>", "<UNK>", "<|unk|>"];
+
+/// The share of a data file's tokens above which [`TextEncoder::unknown_token_warning`]
+/// warns: text the tokenizer does not cover (another script, another language) trains on
+/// little more than the unknown token.
+pub const UNKNOWN_TOKEN_WARNING_SHARE: f64 = 0.1;
+
 /// The fixed prompt of instruction data: `"Instruction: {instruction}\nInput: {input}\nResponse:\n"`,
 /// without the `Input:` line when `input` is empty (blank).
 pub fn instruction_prompt(instruction: &str, input: &str) -> String {
@@ -48,6 +56,7 @@ pub struct TextEncoder {
     truncating: Tokenizer,
     max_len: usize,
     eos: Option<u32>,
+    unknown: Option<(u32, &'static str)>,
     path: PathBuf,
 }
 
@@ -67,14 +76,15 @@ impl TextEncoder {
         } else {
             path.to_path_buf()
         };
-        if !file.is_file() {
+        if !file.exists() {
             return Err(Error::Config(format!(
                 "{}: no such tokenizer file",
                 file.display()
             )));
         }
         let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
-        let mut tokenizer = Tokenizer::from_file(&file)
+        let bytes = crate::input_file::read(&file)?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| fail(format!("not a tokenizer the tokenizers library reads: {e}")))?;
         tokenizer.with_padding(None);
         tokenizer
@@ -102,11 +112,15 @@ impl TextEncoder {
                 })
             })
             .transpose()?;
+        let unknown = KNOWN_UNKNOWN_TOKENS
+            .iter()
+            .find_map(|name| Some((tokenizer.token_to_id(name)?, *name)));
         Ok(TextEncoder {
             tokenizer,
             truncating,
             max_len,
             eos,
+            unknown,
             path: file,
         })
     }
@@ -119,6 +133,33 @@ impl TextEncoder {
     /// The end-of-sequence token id, when the tokenizer has one.
     pub fn eos(&self) -> Option<u32> {
         self.eos
+    }
+
+    /// A warning when more than [`UNKNOWN_TOKEN_WARNING_SHARE`] of the `input_ids` of
+    /// `examples` (read from `data`) are the tokenizer's unknown token (one of
+    /// [`KNOWN_UNKNOWN_TOKENS`]).
+    pub fn unknown_token_warning(&self, data: &Path, examples: &[Example]) -> Option<String> {
+        let (unknown_id, unknown_name) = self.unknown?;
+        let ids = examples
+            .iter()
+            .filter_map(|e| e.sequences.get("input_ids"))
+            .flatten();
+        let (total, unknown) = ids.fold((0usize, 0usize), |(total, unknown), &id| {
+            (
+                total + 1,
+                unknown + usize::from(id == i64::from(unknown_id)),
+            )
+        });
+        let share = unknown as f64 / total.max(1) as f64;
+        (share > UNKNOWN_TOKEN_WARNING_SHARE).then(|| {
+            format!(
+                "{}: {:.0}% of the tokens ({unknown} of {total}) are the unknown token \
+                 {unknown_name} of {}; the tokenizer does not cover this text",
+                data.display(),
+                share * 100.0,
+                self.path.display()
+            )
+        })
     }
 
     /// The most tokens an example has.
@@ -134,7 +175,8 @@ impl TextEncoder {
         pair: Option<&str>,
         target: Target,
     ) -> std::result::Result<Example, String> {
-        let encoding = match pair {
+        let text = self.enough_of(text);
+        let encoding = match pair.map(|pair| self.enough_of(pair)) {
             Some(pair) => self.truncating.encode((text, pair), true),
             None => self.truncating.encode(text, true),
         }
@@ -157,8 +199,8 @@ impl TextEncoder {
         input: &str,
         output: &str,
     ) -> std::result::Result<Example, String> {
-        let prompt = self.encode_plain(&instruction_prompt(instruction, input))?;
-        let response = self.encode_plain(output)?;
+        let prompt = self.encode_plain(self.enough_of(&instruction_prompt(instruction, input)))?;
+        let response = self.encode_plain(self.enough_of(output))?;
         let prompt_tokens = prompt.len();
         let joined = self
             .tokenizer
@@ -209,7 +251,7 @@ impl TextEncoder {
     pub fn document(&self, text: &str) -> std::result::Result<Example, String> {
         let encoding = self
             .tokenizer
-            .encode(text, true)
+            .encode(self.enough_of(text), true)
             .map_err(|e| format!("cannot tokenize: {e}"))?;
         let mut ids = to_i64(encoding.get_ids());
         let mut type_ids = to_i64(encoding.get_type_ids());
@@ -229,6 +271,34 @@ impl TextEncoder {
         }
         let labels = ids.clone();
         Ok(example(ids, type_ids, Target::Tokens(labels)))
+    }
+
+    /// The shortest prefix of `text` that still has more than `max_len + 1` tokens, cut just
+    /// before a whitespace character (or the whole text when it has fewer): every example keeps
+    /// at most `max_len` tokens, so tokenizing a long line whole would only spend memory (one
+    /// 50 MB line took 9.3 GB) on tokens that are cut away. Tokenizers that split words at
+    /// whitespace before anything else (WordPiece, byte-level BPE, SentencePiece's metaspace:
+    /// every fixture's) give the prefix exactly the first tokens of the whole text.
+    fn enough_of<'t>(&self, text: &'t str) -> &'t str {
+        let mut budget = self.max_len.saturating_mul(16).max(256);
+        while budget < text.len() {
+            let mut end = budget;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let cut = text[..end]
+                .rfind(char::is_whitespace)
+                .filter(|&at| at > 0)
+                .unwrap_or(end);
+            let prefix = &text[..cut];
+            if let Ok(encoding) = self.tokenizer.encode(prefix, false) {
+                if encoding.len() > self.max_len + 1 {
+                    return prefix;
+                }
+            }
+            budget = budget.saturating_mul(4);
+        }
+        text
     }
 
     fn encode_plain(&self, text: &str) -> std::result::Result<Encoding, String> {
@@ -307,7 +377,7 @@ fn configured_eos(tokenizer_file: &Path) -> Result<Option<String>> {
     if !config.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+    let text = crate::input_file::read_to_string(&config)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", config.display())))?;
     let eos = &value["eos_token"];

@@ -69,6 +69,12 @@ impl Plugin for AdaLora {
                 "{method}: targets match no linear site of this model"
             ));
         }
+        for site_ref in &sites {
+            site_ref
+                .site
+                .check_rank(r)
+                .map_err(|e| format!("init_r: {e}"))?;
+        }
         let scale = config.get_f64("alpha")? / (r as f64 + RANK_EPSILON);
         let mut b = PatchBuilder::new(graph, "adalora").with_seed(config.get_usize("seed")? as u64);
         let mut eye = vec![0f32; r * r];

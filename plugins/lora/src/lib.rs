@@ -50,8 +50,9 @@ impl Plugin for Lora {
         let r = config.get_usize("r")?;
         let alpha = config.get_f64("alpha")?;
         let rslora = config.get_bool("rslora")?;
-        let dropout = config.get_f32("dropout")?;
-        let dropout = (dropout > 0.0).then_some(dropout);
+        // Some(0.0) adds no dropout node; passing every value lets the SDK refuse those
+        // outside [0, 1).
+        let dropout = Some(config.get_f32("dropout")?);
         let rank_pattern = config.get_patterns::<usize>("rank_pattern")?;
         let alpha_pattern = config.get_patterns::<f64>("alpha_pattern")?;
         let gaussian = match config.get_string("init")?.as_str() {
@@ -62,14 +63,28 @@ impl Plugin for Lora {
         let seed = config.get_usize("seed")? as u64;
 
         let mut builder = PatchBuilder::new(graph, "lora").with_seed(seed);
-        let selected: Vec<_> = selector
+        let matched: Vec<_> = selector
             .select(graph)
             .into_iter()
             .filter(|s| s.site.kind.is_linear())
+            .collect();
+        if matched.is_empty() {
+            return Err(no_match_message(graph, &targets));
+        }
+        let selected: Vec<_> = matched
+            .iter()
             .filter(|s| layers.as_ref().is_none_or(|l| l.contains(&s.layer.index)))
+            .copied()
             .collect();
         if selected.is_empty() {
-            return Err(no_match_message(graph, &targets));
+            let mut present: Vec<usize> = matched.iter().map(|s| s.layer.index).collect();
+            present.sort_unstable();
+            present.dedup();
+            return Err(format!(
+                "layers {:?} select none of the layers that targets [{}] match (layers {present:?})",
+                config.get_list("layers")?,
+                targets.join(", ")
+            ));
         }
         for site_ref in selected {
             let site = site_ref.site;

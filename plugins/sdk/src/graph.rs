@@ -437,6 +437,29 @@ pub struct Site {
 }
 
 impl Site {
+    /// Fails, naming the site, unless `r` is a usable rank for a low-rank branch on this
+    /// linear site: at least 1 and at most `min(in_features, out_features)`, the highest rank
+    /// the weight's update can have (a larger rank only adds parameters).
+    pub fn check_rank(&self, r: usize) -> Result<(), String> {
+        let max = self.in_features.min(self.out_features);
+        if r == 0 {
+            return Err(format!(
+                "site {}: rank must be at least 1",
+                self.display_name()
+            ));
+        }
+        if r > max {
+            return Err(format!(
+                "site {}: rank {r} exceeds min(in, out) = min({}, {}) = {max}, the highest rank \
+                 an update of this weight can have",
+                self.display_name(),
+                self.in_features,
+                self.out_features
+            ));
+        }
+        Ok(())
+    }
+
     /// The label if there is one, else the node name: the name to show and to build
     /// parameter names from.
     pub fn display_name(&self) -> &str {

@@ -43,7 +43,8 @@ impl PatchBuilder<'_> {
     /// `Dropout(x, ratio)`, its `training_mode` input omitted so it is the identity at
     /// inference (the training-graph builder turns it on); then `MatMul(x, A)`,
     /// `MatMul(·, B)`, the scale as [`PatchBuilder::constant_scalar`], `Mul`, `Add(y, ·)`.
-    /// Errors for a `norm` site, `r = 0`, `p` outside `[0, 1)`, or an unknown weight.
+    /// Errors for a `norm` site, a rank `r` that [`Site::check_rank`] refuses, `p` outside
+    /// `[0, 1)`, or an unknown weight.
     pub fn low_rank_branch(
         &mut self,
         site: &Site,
@@ -54,12 +55,7 @@ impl PatchBuilder<'_> {
         dropout: Option<f32>,
     ) -> Result<LowRankNames> {
         require_linear(site, "low_rank_branch")?;
-        if r == 0 {
-            return Err(Error::Build(format!(
-                "low_rank_branch on {}: rank must be at least 1",
-                site.display_name()
-            )));
-        }
+        site.check_rank(r).map_err(Error::Build)?;
         if let Some(p) = dropout.filter(|p| !(0.0..1.0).contains(p)) {
             return Err(Error::Build(format!(
                 "low_rank_branch on {}: dropout {p} is not in [0, 1)",
