@@ -9,6 +9,7 @@ mod merge;
 mod plugins;
 mod run;
 mod train;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,7 @@ enum Command {
     Plugins(plugins::Args),
     Run(run::Args),
     Convert(convert::Args),
+    Verify(verify::Args),
     /// Serves one plugin library to a graft process over standard input and output (started
     /// by graft itself; see `graft::plugins::worker`).
     #[command(hide = true)]
@@ -57,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins(args) => plugins::run(args),
         Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Verify(args) => verify::run(args),
         Command::PluginWorker(args) => {
             std::process::exit(graft::plugins::worker::serve(&args.library))
         }

@@ -1,10 +1,15 @@
 //! Writing the IR back to ONNX files, atomically, with tensor data inline or external.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use onnx_protobuf::tensor_proto::DataLocation;
-use onnx_protobuf::{GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use onnx_protobuf::{
+    GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto,
+};
 
+use super::checksum;
 use crate::atomic_file::{AtomicFile, NewFile};
 use crate::ir::{entries_to_proto, Graph, Model, Node, Tensor, TensorData};
 use crate::{Error, Result};
@@ -48,6 +53,11 @@ pub struct SaveOptions {
 /// external-data file is never overwritten: when a file of that name exists with other bytes,
 /// the save fails ([`DataPlacement::External`]) or picks the next free name
 /// `<output>.<n>.data` ([`DataPlacement::Auto`]); one with the same bytes is kept as it is.
+///
+/// Every initializer's checksum is recorded in the model's metadata (see
+/// [`checksum`](super::checksum)) for [`verify`](super::verify); tensors left in place in an
+/// existing external file are not read for it: they keep the checksum the model already
+/// recorded, if any.
 pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
     let out_dir = crate::atomic_file::parent_dir(path).to_path_buf();
     let file_name = path
@@ -104,7 +114,14 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
         }
     };
     writer.out_dir_canonical = out_dir_canonical.clone();
+    writer.checksums = Some(Checksums {
+        previous: checksum::recorded(model).unwrap_or_default(),
+        written: BTreeMap::new(),
+    });
     let mut proto = model_to_proto(model, &mut writer)?;
+    if let Some(checksums) = writer.checksums.take() {
+        record_checksums(&mut proto, &checksums.written);
+    }
     if let Some((mut data, written)) = writer.finish() {
         crate::pause::point(&format!("data-written:{file_name}"));
         let chosen = link_data_file(&mut data, &out_dir, &data_names, &options.placement)?;
@@ -195,12 +212,48 @@ fn relocate(proto: &mut ModelProto, written: &[String], location: &str) {
     }
 }
 
+/// Replaces the checksum entry of `proto`'s metadata with `checksums` (none when empty).
+fn record_checksums(proto: &mut ModelProto, checksums: &BTreeMap<String, u32>) {
+    proto
+        .metadata_props
+        .retain(|entry| entry.key != checksum::METADATA_KEY);
+    if !checksums.is_empty() {
+        let mut entry = StringStringEntryProto::new();
+        entry.key = checksum::METADATA_KEY.to_owned();
+        entry.value = checksum::to_metadata(checksums);
+        proto.metadata_props.push(entry);
+    }
+}
+
 /// Decides, tensor by tensor, whether bytes go inline, stay where they are, or go to the
 /// external file being written.
 struct DataWriter {
     keep_existing: bool,
     external: Option<ExternalFile>,
     out_dir_canonical: Option<PathBuf>,
+    /// The checksums being recorded, when the model is saved to a file.
+    checksums: Option<Checksums>,
+}
+
+/// The checksums of a save: those the model recorded before, and those of the output.
+struct Checksums {
+    previous: HashMap<String, u32>,
+    written: BTreeMap<String, u32>,
+}
+
+impl Checksums {
+    /// Records the checksum of `tensor`, computed from `bytes`.
+    fn record(&mut self, tensor: &Tensor, bytes: &[u8]) {
+        self.written
+            .insert(tensor.name.clone(), checksum::crc32(bytes));
+    }
+
+    /// Keeps the checksum recorded before for `tensor`, whose bytes stay where they were.
+    fn keep(&mut self, tensor: &Tensor) {
+        if let Some(&crc) = self.previous.get(&tensor.name) {
+            self.written.insert(tensor.name.clone(), crc);
+        }
+    }
 }
 
 /// The external-data file being written.
@@ -218,6 +271,7 @@ impl DataWriter {
             keep_existing: false,
             external: None,
             out_dir_canonical: None,
+            checksums: None,
         }
     }
 
@@ -238,6 +292,7 @@ impl DataWriter {
                 written: Vec::new(),
             }),
             out_dir_canonical: None,
+            checksums: None,
         })
     }
 
@@ -252,10 +307,16 @@ impl DataWriter {
             let same_dir = self.out_dir_canonical.as_deref() == file.path.parent();
             if self.keep_existing && same_dir {
                 set_external(proto, location, *offset, *length);
+                if let Some(checksums) = &mut self.checksums {
+                    checksums.keep(tensor);
+                }
                 return Ok(());
             }
         }
         let bytes = tensor.raw_bytes()?;
+        if let Some(checksums) = &mut self.checksums {
+            checksums.record(tensor, bytes);
+        }
         match &mut self.external {
             Some(external) if bytes.len() >= EXTERNAL_THRESHOLD_BYTES => {
                 let alignment = if bytes.len() >= 1 << 20 { 4096 } else { 64 };
@@ -348,6 +409,11 @@ fn node_to_proto(node: &Node) -> NodeProto {
 /// The ONNX message for one tensor, with its bytes placed by `writer`.
 fn tensor_to_proto(tensor: &Tensor, writer: &mut DataWriter) -> Result<TensorProto> {
     if let TensorData::Opaque(proto) = &tensor.data {
+        if let Some(checksums) = &mut writer.checksums {
+            checksums
+                .written
+                .insert(tensor.name.clone(), checksum::tensor_crc32(tensor)?);
+        }
         return Ok((**proto).clone());
     }
     let mut proto = TensorProto::new();
@@ -359,10 +425,19 @@ fn tensor_to_proto(tensor: &Tensor, writer: &mut DataWriter) -> Result<TensorPro
     Ok(proto)
 }
 
-/// The model serialized with every tensor inline (for in-memory sessions and tests; fails above
-/// protobuf's 2 GiB limit).
+/// The model serialized with every tensor inline (for in-memory sessions, files written as
+/// bytes, and tests; fails above protobuf's 2 GiB limit), with its tensors' checksums recorded
+/// as [`save`] records them.
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
-    let proto = model_to_proto(model, &mut DataWriter::inline())?;
+    let mut writer = DataWriter::inline();
+    writer.checksums = Some(Checksums {
+        previous: HashMap::new(),
+        written: BTreeMap::new(),
+    });
+    let mut proto = model_to_proto(model, &mut writer)?;
+    if let Some(checksums) = writer.checksums.take() {
+        record_checksums(&mut proto, &checksums.written);
+    }
     proto
         .write_to_bytes()
         .map_err(|e| Error::Config(format!("cannot encode the model: {e}")))
