@@ -24,8 +24,8 @@ environments:
      (what the fusion computes: references/ADAPTERFUSION.md).
 
 With `--check-graft DIR` the record stage instead loads graft's AdapterHub exports found in
-DIR/<arch>-<variant>/ (written by the tests' `GRAFT_ADAPTERHUB_EXPORTS` hook, see
-core/tests/adapter.rs) and compares the `adapters` library's outputs with graft's
+DIR/<arch>-<variant>/ and DIR/<arch>-fusion-<preset>/ (written by the tests'
+`GRAFT_ADAPTERHUB_EXPORTS` hook, see core/tests/adapter.rs and adapter_fusion.rs) and compares the `adapters` library's outputs with graft's
 (`graft_outputs.npz` there).
 
 Usage (from the repository root):
@@ -177,13 +177,48 @@ def record_stage(checkpoints: Path, check_graft: Path | None) -> int:
         )
         + "\n"
     )
-    if check_graft is None:
-        for arch, preset in FUSIONS:
+    for arch, preset in FUSIONS:
+        if check_graft is None:
             record_fusion(arch, preset, load, logits)
+        elif not check_fusion(arch, preset, check_graft, load, logits):
+            failed.append(f"{arch}-fusion-{preset}")
     if failed:
         print("graft's exports differ in:", ", ".join(failed))
         return 1
     return 0
+
+
+def check_fusion(arch, preset, check_graft, load, logits) -> bool:
+    """Load graft's AdapterHub export of the `preset` fusion on `arch` (found in
+    check_graft/<arch>-fusion-<preset>/: one folder per adapter and `a,b/` for the fusion) into
+    the `adapters` library and compare its logits with graft's; True when they agree (or when
+    graft wrote no such export)."""
+    import numpy as np
+    import adapters
+    from adapters.composition import Fuse
+
+    folder = check_graft / f"{arch}-fusion-{preset}"
+    if not folder.exists():
+        return True
+    model, feeds = load(arch)
+    adapters.init(model)
+    for name in FUSION_ADAPTERS:
+        model.load_adapter(str(folder / name), load_as=name, use_safetensors=True)
+    fusion_name = ",".join(FUSION_ADAPTERS)
+    model.load_adapter_fusion(str(folder / fusion_name), use_safetensors=True)
+    model.set_active_adapters(Fuse(*FUSION_ADAPTERS))
+    model.eval()
+    got = logits(model, feeds)
+    with np.load(folder / "graft_outputs.npz") as z:
+        graft = z["logits"]
+    with np.load(REFERENCES / f"adapterhub-fusion-{arch}-{preset}" / "outputs.npz") as z:
+        recorded = z["logits"]
+    diff = float(np.max(np.abs(got - graft)))
+    print(
+        f"{arch}-fusion-{preset}: adapters on graft's export vs graft {diff:.3g}; "
+        f"vs the recording {float(np.max(np.abs(got - recorded))):.3g}"
+    )
+    return diff <= 1e-5
 
 
 def record_fusion(arch, preset, load, logits) -> None:

@@ -121,7 +121,7 @@ fn adapterhub_adapters_reproduce_the_adapters_library_both_ways() {
             // Kept before the parity assertion, so that a variant graft gets wrong can still be
             // checked in the `adapters` library.
             if exporter == "legacy" {
-                keep_for_the_adapters_check(arch, variant, &exported, &got);
+                keep_for_the_adapters_check(&format!("{arch}-{variant}"), &exported, logits(&got));
             }
             assert!(
                 diff <= PARITY_TOLERANCE,
@@ -156,35 +156,6 @@ fn adapterhub_adapters_reproduce_the_adapters_library_both_ways() {
             }
         }
     }
-}
-
-/// With `GRAFT_ADAPTERHUB_EXPORTS` set to a folder, keeps graft's AdapterHub export of a
-/// recording in `<folder>/<arch>-<variant>/`, with graft's logits beside it as
-/// `graft_outputs.npz` (array `logits`), for `models/record_adapterhub.py --check-graft
-/// <folder>` to load into the `adapters` library and compare.
-fn keep_for_the_adapters_check(
-    arch: &str,
-    variant: &str,
-    exported: &std::path::Path,
-    outputs: &[(String, HostTensor)],
-) {
-    let Some(root) = std::env::var_os("GRAFT_ADAPTERHUB_EXPORTS") else {
-        return;
-    };
-    let target = std::path::Path::new(&root).join(format!("{arch}-{variant}"));
-    if target.exists() {
-        std::fs::remove_dir_all(&target).unwrap();
-    }
-    std::fs::create_dir_all(&target).unwrap();
-    for entry in std::fs::read_dir(exported).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
-    }
-    graft::runtime::write_npz(
-        &target.join("graft_outputs.npz"),
-        &[("logits".to_owned(), logits(outputs).clone())],
-    )
-    .unwrap();
 }
 
 /// Adapter gradients (and, for Houlsby, the norms trained in place) agree with central

@@ -406,3 +406,34 @@ pub fn assert_loss_falls(lines: &[serde_json::Value]) {
     let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
     assert!(last < first, "loss did not fall: {first} → {last}");
 }
+
+/// With `GRAFT_ADAPTERHUB_EXPORTS` set to a folder, keeps graft's AdapterHub export folder
+/// `exported` in `<folder>/<name>/`, with graft's `logits` beside it as `graft_outputs.npz`, for
+/// `models/record_adapterhub.py --check-graft <folder>` to load into the `adapters` library and
+/// compare. Does nothing when the variable is not set.
+pub fn keep_for_the_adapters_check(name: &str, exported: &std::path::Path, logits: &HostTensor) {
+    fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_folder(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let Some(root) = std::env::var_os("GRAFT_ADAPTERHUB_EXPORTS") else {
+        return;
+    };
+    let target = std::path::Path::new(&root).join(name);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).unwrap();
+    }
+    copy_folder(exported, &target);
+    graft::runtime::write_npz(
+        &target.join("graft_outputs.npz"),
+        &[("logits".to_owned(), logits.clone())],
+    )
+    .unwrap();
+}
