@@ -6,7 +6,9 @@ models/references/peft-<arch>`), exports it again (`graft export --format peft`)
 loads that export with `PeftModel.from_pretrained` on the same torch model the fixtures came
 from. It writes `models/references/graft-export-<arch>/` = graft's export files + `outputs.npz`
 (PEFT's outputs on the fixture inputs). core/tests/peft.rs checks graft's patched graph against
-those outputs.
+those outputs. For prompt tuning, graft grafts its own seeded prompt on bert, gpt2 and llama,
+exports it, and PEFT's outputs on that export (graft-export-prompt-<arch>/) must equal graft's;
+core/tests/prompt_tuning.rs checks them again.
 
 Usage: python models/check_graft_export.py [--graft target/debug/graft]
 """
@@ -29,6 +31,46 @@ from peft import PeftModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ["llama", "gpt2"]
+
+
+# Prompt tuning: graft grafts a seeded prompt (its own init, not a PEFT recording), exports it,
+# and PEFT loads the export; PEFT's outputs must equal graft's own (ONNX Runtime).
+PROMPT_ARCHS = ["bert", "gpt2", "llama"]
+PROMPT_SETTINGS = ["--set", "num_virtual_tokens=4", "--set", "seed=7"]
+PROMPT_TOLERANCE = 1e-5
+
+
+def check_prompt_export(graft: str, arch: str) -> list[str]:
+    """graft apply -m prompt_tuning (PROMPT_SETTINGS) on fixtures/<arch>-legacy, export as PEFT
+    files into references/graft-export-prompt-<arch>/, load them with PeftModel.from_pretrained
+    and record its outputs there (outputs.npz); returns the failures."""
+    import onnxruntime as ort
+
+    out = ROOT / "models/references" / f"graft-export-prompt-{arch}"
+    fixture = ROOT / f"models/fixtures/{arch}-legacy"
+    with tempfile.TemporaryDirectory() as tmp:
+        patched = Path(tmp) / "patched.onnx"
+        subprocess.run([graft, "apply", str(fixture / "model.onnx"), "-m", "prompt_tuning",
+                        *PROMPT_SETTINGS, "-o", str(patched)], check=True, stdout=subprocess.DEVNULL)
+        if out.exists():
+            shutil.rmtree(out)
+        subprocess.run([graft, "export", str(patched), "--format", "peft", "-o", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        session = ort.InferenceSession(str(patched))
+        feeds = R.fixture_arrays(arch, "legacy", "inputs")
+        names = [i.name for i in session.get_inputs()]
+        graft_logits = session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+    rec = R.base_recording(arch)
+    model = PeftModel.from_pretrained(rec.model, str(out))
+    model.eval()
+    outputs = R.run_outputs(rec, model, feeds)
+    R.G.write_npz(out / "outputs.npz", outputs)
+    difference = float(np.max(np.abs(outputs["logits"] - graft_logits)))
+    print(f"prompt {arch}: PEFT on graft's export vs graft {difference:.3g} "
+          f"(logits {list(outputs['logits'].shape)})")
+    if not difference <= PROMPT_TOLERANCE:
+        return [f"prompt {arch}: PEFT computes differently from graft ({difference:.3g})"]
+    return []
 
 
 def main() -> int:
@@ -59,6 +101,8 @@ def main() -> int:
         print(f"{arch}: PEFT on graft's export vs PEFT on the original adapter: {difference:.3g}")
         if difference != 0.0:
             failed.append(f"{arch}: PEFT computes differently from graft's export ({difference:.3g})")
+    for arch in PROMPT_ARCHS:
+        failed += check_prompt_export(ns.graft, arch)
     for failure in failed:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failed else 0

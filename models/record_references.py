@@ -13,6 +13,14 @@ Recordings (each into models/references/<name>/):
       outputs.npz          PeftModel outputs (unmerged) on fixtures/<arch>-legacy/inputs.npz
       merged_outputs.npz   the same after merge_and_unload()
 
+  peft-prompt-bert, peft-prompt-gpt2, peft-prompt-llama   HF PEFT prompt tuning
+      PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="RANDOM"), task_type
+      SEQ_CLS (bert, + perturbed classifier in modules_to_save) / CAUSAL_LM (gpt2, llama);
+      prompt = PEFT's own N(0, 1) init under torch.manual_seed, not rescaled
+      adapter_config.json, adapter_model.safetensors   (key prompt_embeddings [4, hidden])
+      outputs.npz          PeftModel outputs on fixtures/<arch>-legacy/inputs.npz, as PEFT
+                           returns them (bert [B, 2]; gpt2/llama [B, 4+S, V], virtual first)
+
   train-bert, train-llama            20 AdamW steps of LoRA training
       data.jsonl           pre-tokenized, already padded examples; batch k = lines
                            [k*B, (k+1)*B) (mod the dataset), no shuffling
@@ -73,7 +81,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
 from peft.tuners.adalora import AdaLoraLayer  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
@@ -230,6 +238,18 @@ B_STD_PEFT = 0.1
 MODULES_TO_SAVE_NOISE = 0.1
 
 
+@torch.no_grad()
+def perturb_modules_to_save(model, g: torch.Generator) -> list[str]:
+    """Every parameter of PEFT's trainable modules_to_save copies += randn * MODULES_TO_SAVE_NOISE,
+    in sorted parameter-name order; returns the perturbed names."""
+    mts = []
+    for n, p in sorted(model.named_parameters()):
+        if ".modules_to_save.default." in n:
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * MODULES_TO_SAVE_NOISE)
+            mts.append(n)
+    return mts
+
+
 def record_peft(arch: str, out_dir: Path) -> dict:
     rec = base_recording(arch)
     feeds = fixture_arrays(arch, "legacy", "inputs")
@@ -244,13 +264,7 @@ def record_peft(arch: str, out_dir: Path) -> dict:
 
     # modules_to_save (the classifier that PEFT adds for SEQ_CLS): perturb PEFT's trainable
     # copy so that the saved head differs from the base model's and importing it matters.
-    mts = []
-    with torch.no_grad():
-        g = gen("peft", arch, "modules_to_save")
-        for n, p in sorted(model.named_parameters()):
-            if ".modules_to_save.default." in n:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * MODULES_TO_SAVE_NOISE)
-                mts.append(n)
+    mts = perturb_modules_to_save(model, gen("peft", arch, "modules_to_save"))
 
     scalings = {
         n.replace("base_model.model.", "", 1): {"r": m.r["default"], "lora_alpha": m.lora_alpha["default"], "scaling": m.scaling["default"]}
@@ -292,6 +306,243 @@ def record_peft(arch: str, out_dir: Path) -> dict:
         "max_abs_output": max(float(np.max(np.abs(a))) for a in out.values()),
         "modules_to_save_params_perturbed": [n.replace(".default", "") for n in mts],
         "lora_layers": scalings,
+        "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 1b. PEFT prompt tuning: prompt embeddings + outputs
+# --------------------------------------------------------------------------------------
+
+PROMPT_TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
+PROMPT_VIRTUAL_TOKENS = 4
+
+# How PEFT 0.21.2 (peft/peft_model.py) treats the inputs of a prompt-tuning forward; written
+# into the manifest and checked against what actually reaches the HF model (probe_prompt_inputs).
+PROMPT_INPUT_TREATMENT = {
+    "common": {
+        "input_ids": "not passed to the HF model: inputs_embeds = torch.cat((prompts, word_embeddings(input_ids)), dim=1) "
+        "[B, n+S, hidden], prompts = the prompt embedding [n, hidden] repeated over the batch (virtual tokens FIRST); "
+        "the HF model is called with inputs_embeds and treats the virtual tokens like embedded real tokens from there on "
+        "(bert: + position and token-type embeddings, LayerNorm; gpt2: + wpe; llama: RoPE in attention)",
+        "attention_mask": "torch.cat((torch.ones(B, n), attention_mask), dim=1): n ones prepended; torch.ones is float32, "
+        "so torch.cat promotes the int64 mask and the HF model receives a float32 [B, n+S] mask of 1.0/0.0",
+        "position_ids": "if given: _adjust_prompt_learning_kwargs warns 'Position ids are not supported for parameter efficient "
+        "tuning. Ignoring position ids.' and sets them to None (only prefix tuning / cartridge offset them by n); the HF model "
+        "then uses its default positions arange(0, n+S) over the virtual + real tokens",
+        "prompt_values": "training mode: prompt_encoder(prompt_tokens[:1]) (= embedding.weight) .repeat(B, 1, 1); inference mode "
+        "(PeftModel.from_pretrained): embedding.weight.repeat(B, 1, 1) (same values)",
+    },
+    "SEQ_CLS": {
+        "class": "PeftModelForSequenceClassification.forward",
+        "token_type_ids": "kept (remove_token_type_ids=False) with n zeros prepended: torch.cat((torch.zeros(B, n), token_type_ids), dim=1).long()",
+        "labels": "passed through unchanged ([B] class labels, no prefix)",
+        "outputs": "logits [B, num_labels]; BertPooler reads hidden_states[:, 0], which is now the FIRST VIRTUAL TOKEN (not the first input token)",
+        "modules_to_save": "PEFT adds ['classifier', 'score'] to modules_to_save (trainable copy of the head, saved with the prompt)",
+    },
+    "CAUSAL_LM": {
+        "class": "PeftModelForCausalLM.forward",
+        "token_type_ids": "dropped: _adjust_prompt_learning_kwargs(remove_token_type_ids=True) warns 'Token type ids are not supported "
+        "for parameter efficient tuning. Ignoring token type ids' and sets them to None",
+        "labels": "if given: torch.cat((torch.full((B, n), -100), labels), dim=1) (virtual positions ignored by the loss)",
+        "outputs": "logits [B, n+S, vocab] (logits_to_keep=0): positions 0..n-1 are the virtual tokens, position n+j is input token j",
+        "modules_to_save": "none",
+    },
+}
+
+
+@torch.no_grad()
+def probe_prompt_inputs(rec: G.Recording, model, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict:
+    """Check PROMPT_INPUT_TREATMENT against the kwargs PEFT passes to the HF model (forward pre-hook):
+    call 1 is the recording's own run (rec.run); call 2 adds position_ids, labels and token_type_ids."""
+    cfg = model.active_peft_config
+    n, task = cfg.num_virtual_tokens, cfg.task_type
+    seen = []
+
+    def hook(_mod, args, kwargs):
+        seen.append((len(args), {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}))
+
+    ids = torch.from_numpy(feeds["input_ids"])
+    mask = torch.from_numpy(feeds["attention_mask"])
+    b, s = ids.shape
+    extra = {"position_ids": (torch.arange(s) + 1).expand(b, s).contiguous()}
+    if task == "SEQ_CLS":
+        extra["token_type_ids"] = torch.from_numpy(feeds["token_type_ids"])
+        extra["labels"] = torch.arange(b) % 2
+    else:
+        extra["token_type_ids"] = torch.ones(b, s, dtype=torch.int64)  # would change GPT-2's embeddings if it got through
+        extra["labels"] = ids.clone()
+        extra["use_cache"] = False
+    handle = model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        plain = run_outputs(rec, model, feeds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = model(input_ids=ids, attention_mask=mask, return_dict=True, **extra)
+    finally:
+        handle.remove()
+    if len(seen) != 2 or any(nargs for nargs, _ in seen):
+        raise AssertionError(f"expected 2 keyword-only calls of the HF model, got {[(a, sorted(k)) for a, k in seen]}")
+    k1, k2 = seen[0][1], seen[1][1]
+
+    def fail(what):
+        raise AssertionError(f"prompt {task}: {what}")
+
+    prompt = model.prompt_encoder["default"].embedding.weight
+    for k in (k1, k2):
+        e = k.get("inputs_embeds")
+        if k.get("input_ids") is not None or e is None or tuple(e.shape) != (b, n + s, prompt.shape[1]):
+            fail("input_ids not replaced by inputs_embeds [B, n+S, hidden]")
+        if not torch.equal(e[:, :n], prompt.expand(b, -1, -1)) or not torch.equal(e[:, n:], model.word_embeddings(ids)):
+            fail("inputs_embeds != cat(prompt, word_embeddings(input_ids))")
+        want_mask = torch.cat((torch.ones(b, n), mask), dim=1)
+        if k["attention_mask"].dtype != torch.float32 or not torch.equal(k["attention_mask"], want_mask):
+            fail("attention_mask != cat(ones, mask) as float32")
+        if k.get("position_ids") is not None:
+            fail("position_ids reached the HF model")
+    if task == "SEQ_CLS":
+        want_tt = torch.cat((torch.zeros(b, n, dtype=torch.int64), torch.from_numpy(feeds["token_type_ids"])), dim=1)
+        for k in (k1, k2):
+            if k["token_type_ids"].dtype != torch.int64 or not torch.equal(k["token_type_ids"], want_tt):
+                fail("token_type_ids != cat(zeros, token_type_ids)")
+        if not torch.equal(k2["labels"], extra["labels"]):
+            fail("labels changed")
+    else:
+        if k1.get("token_type_ids") is not None or k2.get("token_type_ids") is not None:
+            fail("token_type_ids reached the HF model")
+        if not torch.equal(k2["labels"], torch.cat((torch.full((b, n), IGNORE_INDEX), ids), dim=1)):
+            fail("labels != cat(-100 * n, labels)")
+    if max_diff(plain, out) != 0.0:
+        fail("run not reproducible")
+    d_extra = float((res.logits - torch.from_numpy(out["logits"])).abs().max())
+    if d_extra != 0.0:
+        fail(f"position_ids / token_type_ids / labels changed the logits by {d_extra:.3g}")
+    # the HF model's default positions are arange(0, n+S): passing them explicitly gives the same logits
+    explicit = {k: v for k, v in k1.items() if k not in ("labels", "output_attentions", "output_hidden_states")}
+    explicit["position_ids"] = torch.arange(n + s).expand(b, n + s).contiguous()
+    d_pos = float((model.get_base_model()(**explicit).logits - torch.from_numpy(out["logits"])).abs().max())
+    if d_pos != 0.0:
+        fail(f"HF model with explicit position_ids = arange(n+S) differs by {d_pos:.3g}")
+
+    def desc(v):
+        if torch.is_tensor(v):
+            return {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        return v
+
+    return {
+        "kwargs_reaching_hf_model_on_rec_run": {k: desc(v) for k, v in sorted(k1.items())},
+        "kwargs_reaching_hf_model_with_position_ids_labels_token_type_ids": {k: desc(v) for k, v in sorted(k2.items())},
+        "extra_call": "model(input_ids, attention_mask, position_ids=arange(S)+1, token_type_ids="
+        + ("the fixture's" if task == "SEQ_CLS" else "ones")
+        + ", labels=" + ("[0, 1]" if task == "SEQ_CLS" else "input_ids")
+        + "): logits identical to outputs.npz (max abs diff 0.0)",
+        "explicit_positions_call": "the HF model called directly with call 1's kwargs plus position_ids = arange(n+S) gives logits "
+        "identical to outputs.npz (max abs diff 0.0): its default positions cover the virtual tokens first",
+        "peft_warnings": sorted({str(w.message) for w in caught if "not supported" in str(w.message)}),
+        "checked": "inputs_embeds = cat(prompt, word_embeddings(input_ids)); input_ids not passed; attention_mask = cat(ones, mask) float32; "
+        "position_ids None; "
+        + (
+            "token_type_ids = cat(zeros, token_type_ids) int64; labels unchanged"
+            if task == "SEQ_CLS"
+            else "token_type_ids None; labels = cat(-100 * n, labels)"
+        ),
+    }
+
+
+def record_prompt_tuning(arch: str, out_dir: Path) -> dict:
+    """HF PEFT prompt tuning: PromptTuningConfig(task_type, num_virtual_tokens=4, prompt_tuning_init="RANDOM").
+
+    The prompt embedding is PEFT's own init: torch.manual_seed(seed_of("prompt", arch)) right
+    before get_peft_model, and PromptEmbedding's torch.nn.Embedding(4, hidden) draws N(0, 1)
+    from the global RNG (RANDOM = no further init).  It is NOT rescaled: the fixtures' word
+    embeddings have std ~0.2, the prompt ~1, and the logits stay moderate (max |logit| <= 4.5
+    against <= 3.7 for the base models), so scaling by 0.1 was not needed.  bert (SEQ_CLS): PEFT
+    adds the classifier to modules_to_save; its trainable copy gets seeded randn * 0.1
+    (perturb_modules_to_save, as record_peft) so that importing the saved head matters.
+
+    Files: adapter_config.json + adapter_model.safetensors (PeftModel.save_pretrained; key
+    `prompt_embeddings` [4, hidden], plus the classifier for bert) and outputs.npz = exactly what
+    the PeftModel returns on fixtures/<arch>-legacy/inputs.npz (bert: logits [B, 2]; gpt2 /
+    llama: logits [B, 4+S, V], the virtual positions first).  See PROMPT_INPUT_TREATMENT for
+    what PEFT does with the inputs (checked by probe_prompt_inputs)."""
+    task = PROMPT_TASK[arch]
+    n = PROMPT_VIRTUAL_TOKENS
+    rec = base_recording(arch)
+    feeds = fixture_arrays(arch, "legacy", "inputs")
+    base_out = run_outputs(rec, rec.model, feeds)
+
+    cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=n, prompt_tuning_init="RANDOM")
+    init_seed = seed_of("prompt", arch)
+    torch.manual_seed(init_seed)  # PromptEmbedding's nn.Embedding draws N(0, 1) from the global RNG
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(rec.model, cfg)
+    mts = perturb_modules_to_save(model, gen("prompt", arch, "modules_to_save"))
+    if (task == "SEQ_CLS") != bool(mts):
+        raise AssertionError(f"peft-prompt-{arch}: modules_to_save params {mts}")
+    prompt = model.prompt_encoder["default"].embedding.weight.detach().clone()
+    word_emb_name = next(nm for nm, m in rec.model.named_modules() if m is model.word_embeddings)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    save_adapter(model, out_dir)
+    saved = safetensors.torch.load_file(str(out_dir / "adapter_model.safetensors"))
+    if not torch.equal(saved["prompt_embeddings"], prompt):
+        raise AssertionError(f"peft-prompt-{arch}: saved prompt_embeddings differ from the live embedding")
+    for nm in mts:
+        key = nm.replace(".modules_to_save.default", "")
+        live = dict(model.named_parameters())[nm].detach()
+        if key not in saved or not torch.equal(saved[key], live):
+            raise AssertionError(f"peft-prompt-{arch}: {key} not saved as the perturbed head; saved {sorted(saved)}")
+
+    model.eval()
+    out = run_outputs(rec, model, feeds)
+    shapes = {k: list(v.shape) for k, v in out.items()}
+    b, s = feeds["input_ids"].shape
+    want = [b, 2] if task == "SEQ_CLS" else [b, n + s, rec.config.vocab_size]
+    if shapes["logits"] != want:
+        raise AssertionError(f"peft-prompt-{arch}: logits shape {shapes['logits']}, expected {want}")
+    real = out if task == "SEQ_CLS" else {k: v[:, n:] for k, v in out.items()}
+    d_base = max_diff(real, base_out)
+    if d_base < 1e-3:
+        raise AssertionError(f"peft-prompt-{arch}: the prompt barely changes the outputs ({d_base:.3g})")
+    probe = probe_prompt_inputs(rec, model, feeds, out)
+    G.write_npz(out_dir / "outputs.npz", out)
+
+    fresh = base_recording(arch)
+    loaded = PeftModel.from_pretrained(fresh.model, str(out_dir))
+    loaded.eval()
+    d_reload = max_diff(run_outputs(fresh, loaded, feeds), out)
+    if d_reload != 0.0:
+        raise AssertionError(f"peft-prompt-{arch}: reloaded prompt differs from outputs.npz by {d_reload:.3g}")
+    written = json.loads((out_dir / "adapter_config.json").read_text())
+    return {
+        "base_fixture": f"{arch}-legacy (same weights and inputs as {arch}-dynamo)",
+        "inputs": f"models/fixtures/{arch}-legacy/inputs.npz",
+        "peft": {"class": type(model).__name__, "config": "PromptTuningConfig(task_type=%r, num_virtual_tokens=%d, prompt_tuning_init='RANDOM')" % (task, n)},
+        "task_type": task,
+        "num_virtual_tokens": n,
+        "token_dim": cfg.token_dim,
+        "modules_to_save_in_config": written.get("modules_to_save"),
+        "prompt_init": f"torch.manual_seed({init_seed}) then get_peft_model: torch.nn.Embedding({n}, {cfg.token_dim}) default init N(0, 1); "
+        "not rescaled (max |logit| stays moderate)",
+        "prompt_init_seed": init_seed,
+        "prompt_embedding_std": float(prompt.std()),
+        "word_embeddings": f"{word_emb_name} (std {float(model.word_embeddings.weight.std()):.4f})",
+        "modules_to_save_params_perturbed": [nm.replace(".default", "") for nm in mts],
+        "modules_to_save_noise": f"randn * {MODULES_TO_SAVE_NOISE}, torch.Generator seeded {seed_of('prompt', arch, 'modules_to_save')}, sorted names"
+        if mts
+        else None,
+        "base_output_shapes": {k: list(v.shape) for k, v in base_out.items()},
+        "output_shapes": shapes,
+        "outputs_npz": "exactly what the PeftModel returns via rec.run (" + PROMPT_INPUT_TREATMENT[task]["outputs"] + ")",
+        "max_abs_prompt_vs_base": d_base,
+        "prompt_vs_base_compared_on": "all logits" if task == "SEQ_CLS" else f"logits[:, {n}:] (the real-token positions) vs the base logits",
+        "max_abs_reloaded_vs_outputs": d_reload,
+        "max_abs_output": max(float(np.max(np.abs(a))) for a in out.values()),
+        "max_abs_base_output": max(float(np.max(np.abs(a))) for a in base_out.values()),
+        "peft_input_treatment": {**PROMPT_INPUT_TREATMENT["common"], **PROMPT_INPUT_TREATMENT[task]},
+        "peft_input_probe": probe,
         "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
     }
 
@@ -1176,11 +1427,19 @@ RECORDINGS = {
     "peft-bert": lambda d: record_peft("bert", d),
     "peft-llama": lambda d: record_peft("llama", d),
     "peft-gpt2": lambda d: record_peft("gpt2", d),
+    "peft-prompt-bert": lambda d: record_prompt_tuning("bert", d),
+    "peft-prompt-gpt2": lambda d: record_prompt_tuning("gpt2", d),
+    "peft-prompt-llama": lambda d: record_prompt_tuning("llama", d),
     "train-bert": lambda d: record_train("bert", d),
     "train-llama": lambda d: record_train("llama", d),
     "adalora-bert": lambda d: record_adalora("bert", d),
     "adalora-llama": lambda d: record_adalora("llama", d),
 }
+
+
+def arch_of(name: str) -> str:
+    """The base model of a recording: the last dash-separated part (peft-prompt-bert -> bert)."""
+    return name.rsplit("-", 1)[1]
 
 
 def versions() -> dict:
@@ -1229,10 +1488,10 @@ def main(argv=None) -> int:
     # it is replaced only when this run re-records all of them (or it is missing).  Every
     # recording entry also carries the figures of the run that made it.
     fixture_here = {}
-    for arch in sorted({n.split("-", 1)[1] for n in names}):
+    for arch in sorted({arch_of(n) for n in names}):
         fixture_here[arch] = check_fixture_rebuild(arch)
         print(f"[fixture {arch}] rebuilt torch model vs outputs.npz: {fixture_here[arch]}", flush=True)
-        of_arch = [n for n in RECORDINGS if n.split("-", 1)[1] == arch]
+        of_arch = [n for n in RECORDINGS if arch_of(n) == arch]
         if arch not in manifest["fixture_rebuild"] or all(n in names for n in of_arch):
             manifest["fixture_rebuild"][arch] = fixture_here[arch]
         elif manifest["fixture_rebuild"][arch] != fixture_here[arch]:
@@ -1240,7 +1499,7 @@ def main(argv=None) -> int:
 
     for name in names:
         info = RECORDINGS[name](out_root / name)
-        info["fixture_rebuild_on_recording_machine"] = fixture_here[name.split("-", 1)[1]]
+        info["fixture_rebuild_on_recording_machine"] = fixture_here[arch_of(name)]
         info["recording_machine"] = machine()
         info["bytes"] = tree_bytes(out_root / name)
         manifest["recordings"][name] = info

@@ -65,7 +65,10 @@ fn a_model_graft_saved_verifies_with_every_checksum() {
     let (code, stdout, _) = run_graft(&["verify", text(&model)]);
     assert_eq!(code, 0);
     assert!(stdout.contains("intact"), "{stdout}");
-    assert!(stdout.contains(&format!("{n} of {n} tensors match")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{n} of {n} tensors match")),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -137,7 +140,10 @@ fn a_changed_byte_in_an_inline_tensor_is_named() {
     let (code, report, _) = verify_json(&model, &[]);
     assert_eq!(code, 2, "{report}");
     let problem = report["problems"][0].as_str().unwrap();
-    assert!(problem.contains(&format!("{:?} (inline)", tensor.name)), "{problem}");
+    assert!(
+        problem.contains(&format!("{:?} (inline)", tensor.name)),
+        "{problem}"
+    );
 }
 
 #[test]

@@ -44,9 +44,14 @@ pub fn token_classification(model: &mut Model, logits: &str, labels: &str) -> Re
     token_cross_entropy(model, logits, labels, false)
 }
 
-/// Cross entropy of `logits` `[B, S, C]` against a new int64 graph input `labels` `[B, S]`
+/// Cross entropy of `logits` `[B, S', C]` against a new int64 graph input `labels` `[B, S]`
 /// over every token whose label is not [`IGNORE_INDEX`]; with `shift_labels`, position `s`
 /// predicts label `s + 1` (the last position and the first label drop out).
+///
+/// When a method lengthened the sequence (a soft prompt prepends `S' − S` positions), the
+/// labels are first prefixed with `S' − S` ignored labels, as HF PEFT prefixes them with
+/// `-100`: the prepended positions are never scored, and under `shift_labels` the last one
+/// predicts the first real token.
 fn token_cross_entropy(
     model: &mut Model,
     logits: &str,
@@ -56,6 +61,7 @@ fn token_cross_entropy(
     let (dtype, shape) = float_value(model, logits, 3)?;
     add_input(model, labels, DataType::Int64, &shape[..2])?;
     let mut emitter = loss_emitter(model);
+    let labels = &prefix_ignored_labels(&mut emitter, logits, labels);
     let (logits, labels) = if shift_labels {
         let starts = emitter.ints(&[0]);
         let ends = emitter.ints(&[-1]);
@@ -182,6 +188,18 @@ fn loss_emitter(model: &Model) -> Emitter {
     let mut emitter = Emitter::new(graph, model.opset());
     emitter.set_scope("Loss".to_owned());
     emitter
+}
+
+/// `labels` `[B, S]` prefixed along axis 1 with [`IGNORE_INDEX`] to the length of `logits`
+/// `[B, S', C]`: `Concat(fill[B, S' − S], labels)` (an empty fill when `S' = S`).
+fn prefix_ignored_labels(emitter: &mut Emitter, logits: &str, labels: &str) -> String {
+    let logits_len = emitter.shape_slice(logits, 1, Some(2));
+    let batch = emitter.shape_slice(labels, 0, Some(1));
+    let labels_len = emitter.shape_slice(labels, 1, Some(2));
+    let extra = emitter.op("Sub", &[&logits_len, &labels_len]);
+    let shape = emitter.op_with("Concat", &[&batch, &extra], vec![int_attribute("axis", 0)]);
+    let fill = emitter.filled_int64(&shape, IGNORE_INDEX);
+    emitter.op_with("Concat", &[&fill, labels], vec![int_attribute("axis", 1)])
 }
 
 /// `[B, S, C]` logits and `[B, S]` labels flattened to `[B·S, C]` and `[B·S]`.

@@ -50,7 +50,8 @@ pub struct Args {
         required_unless_present_any = ["from_peft", "from_adapterhub"]
     )]
     methods: Vec<String>,
-    /// Import the HF PEFT LoRA adapter saved in DIR instead of applying methods.
+    /// Import the HF PEFT adapter saved in DIR (LoRA or PROMPT_TUNING) instead of applying
+    /// methods.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings"])]
     from_peft: Option<PathBuf>,
     /// Import the AdapterHub bottleneck adapter saved in DIR (`adapter_config.json` and
@@ -112,6 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let report = graft::peft::import(&registry, &mut model, dir)?;
         for warning in report.warnings() {
             eprintln!("warning: {warning}");
+        }
+        if let Some(n) = report.prompt_tokens {
+            println!("prompt_tuning: {n} virtual tokens");
         }
         for branch in &report.branches {
             println!(

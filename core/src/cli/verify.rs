@@ -49,7 +49,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     match report.problems.len() {
         0 => Ok(()),
-        1 => anyhow::bail!("{} is damaged: {}", args.model.display(), report.problems[0]),
+        1 => anyhow::bail!(
+            "{} is damaged: {}",
+            args.model.display(),
+            report.problems[0]
+        ),
         n => anyhow::bail!(
             "{} is damaged: {n} problems (listed above)",
             args.model.display()
@@ -81,9 +85,7 @@ fn print_report(report: &Verification) {
     }
     let missing = report.checksums_missing.len();
     if missing == report.initializers && report.checksums_matched == 0 {
-        println!(
-            "  checksums: none recorded (not saved by graft); sizes and offsets checked only"
-        );
+        println!("  checksums: none recorded (not saved by graft); sizes and offsets checked only");
     } else {
         println!(
             "  checksums: {} of {} tensors match{}",

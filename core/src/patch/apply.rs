@@ -75,7 +75,7 @@ fn apply_to(
 
     let mut trainable = Vec::new();
     for parameter in &patch.parameters {
-        let tensor = materialize(parameter, &reply.tensors)?;
+        let tensor = materialize(parameter, &reply.tensors, base)?;
         if parameter.trainable {
             trainable.push(parameter.name.clone());
             graph.inputs.push(ValueInfo::tensor(

@@ -4,7 +4,7 @@ use graft_plugin_sdk::{DType, Init, NewParameter, TensorPayload};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::ir::{DataType, Tensor};
+use crate::ir::{DataType, Graph, Tensor};
 use crate::{Error, Result};
 
 /// The IR element type for an SDK element type.
@@ -14,9 +14,13 @@ pub fn data_type(dtype: DType) -> Result<DataType> {
 }
 
 /// Builds the tensor for `parameter`, drawing random inits from a generator seeded by the init's
-/// seed (the same seed always gives the same values), and taking `Init::Data` bytes from
-/// `payloads`.
-pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Result<Tensor> {
+/// seed (the same seed always gives the same values), taking `Init::Data` bytes from
+/// `payloads` and `Init::Rows` from the initializers of `base` (the graph being patched).
+pub fn materialize(
+    parameter: &NewParameter,
+    payloads: &[TensorPayload],
+    base: &Graph,
+) -> Result<Tensor> {
     let dtype = data_type(parameter.dtype)?;
     let dims: Vec<i64> = parameter.shape.iter().map(|&d| d as i64).collect();
     let n_elements: usize = parameter.shape.iter().product();
@@ -45,6 +49,9 @@ pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Resu
             payload.data.clone(),
         ));
     }
+    if let Init::Rows { table, rows } = &parameter.init {
+        return copy_rows(parameter, dtype, dims, base, table, rows).map_err(fail);
+    }
     let values: Vec<f64> = match &parameter.init {
         Init::Zeros => vec![0.0; n_elements],
         Init::Ones => vec![1.0; n_elements],
@@ -65,7 +72,7 @@ pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Resu
                 })
                 .collect()
         }
-        Init::Data { .. } => unreachable!("handled above"),
+        Init::Data { .. } | Init::Rows { .. } => unreachable!("handled above"),
     };
     let bytes = encode(dtype, &values).ok_or_else(|| {
         fail(format!(
@@ -74,6 +81,45 @@ pub fn materialize(parameter: &NewParameter, payloads: &[TensorPayload]) -> Resu
         ))
     })?;
     Ok(Tensor::from_raw(&parameter.name, dtype, dims, bytes))
+}
+
+/// The rows `rows` of the 2-D initializer `table` of `base`, as the parameter `[rows, width]`.
+fn copy_rows(
+    parameter: &NewParameter,
+    dtype: DataType,
+    dims: Vec<i64>,
+    base: &Graph,
+    table: &str,
+    rows: &[u64],
+) -> std::result::Result<Tensor, String> {
+    let source = base
+        .initializer(table)
+        .ok_or_else(|| format!("the rows init reads {table:?}, which is no initializer"))?;
+    let [n_rows, width] = source.dims[..] else {
+        return Err(format!(
+            "the rows init reads {table:?}, which is not 2-D: {:?}",
+            source.dims
+        ));
+    };
+    if source.dtype != dtype || dims != [rows.len() as i64, width] {
+        return Err(format!(
+            "the rows init copies {} {table:?} rows of width {width} into a {dtype} {dims:?}",
+            source.dtype
+        ));
+    }
+    let bytes = source.raw_bytes().map_err(|e| e.to_string())?;
+    let row_bytes = bytes.len() / n_rows.max(1) as usize;
+    let mut out = Vec::with_capacity(rows.len() * row_bytes);
+    for &row in rows {
+        if row >= n_rows as u64 {
+            return Err(format!(
+                "row {row} is beyond the {n_rows} rows of {table:?}"
+            ));
+        }
+        let start = row as usize * row_bytes;
+        out.extend_from_slice(&bytes[start..start + row_bytes]);
+    }
+    Ok(Tensor::from_raw(&parameter.name, dtype, dims, out))
 }
 
 fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> Vec<f64> {
@@ -147,5 +193,5 @@ pub fn materialize_host_input(input: &graft_plugin_sdk::HostInput) -> Result<Ten
         init: input.default.clone(),
         trainable: false,
     };
-    materialize(&parameter, &[])
+    materialize(&parameter, &[], &Graph::default())
 }

@@ -59,6 +59,8 @@ pub struct ImportReport {
     /// True when the config had no `target_modules` and the modules of the tensor file were
     /// used instead.
     pub targets_from_file: bool,
+    /// For a prompt-tuning adapter: its number of virtual tokens.
+    pub prompt_tokens: Option<usize>,
 }
 
 impl ImportReport {
@@ -122,9 +124,15 @@ impl ImportReport {
 /// lacks (DoRA, LoRA biases, ...), another `peft_type`, missing files, keys naming a module that is
 /// no linear site of the model, and shape mismatches are errors naming the file and key. On any
 /// error `model` is left as it was.
+///
+/// A `PROMPT_TUNING` adapter is grafted by the `prompt_tuning` method instead (see
+/// [`super::prompt`]).
 pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Result<ImportReport> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
+    if super::prompt::is_prompt_tuning(&config_path)? {
+        return super::prompt::import(registry, model, dir);
+    }
     let missing: Vec<String> = [&config_path, &weights_path]
         .iter()
         .filter(|p| !p.is_file())
@@ -225,21 +233,15 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         });
     }
 
-    let mut replacements = Vec::new();
-    let mut skipped_keys = Vec::new();
-    for tensor in &tensors {
-        match &tensor.role {
-            TensorRole::Full { param } => replacements.push(resolve_full_tensor(
-                &view,
-                model,
-                tensor,
-                param,
-                &weights_path,
-            )?),
-            TensorRole::OriginalCopy => skipped_keys.push(tensor.key.clone()),
-            TensorRole::LoraA | TensorRole::LoraB => {}
-        }
+    if let Some(prompt) = tensors.iter().find(|t| t.role == TensorRole::Prompt) {
+        return Err(Error::Config(format!(
+            "{}: key {:?} belongs to a prompt-tuning adapter, but {CONFIG_FILE} says LORA",
+            weights_path.display(),
+            prompt.key
+        )));
     }
+    let (replacements, skipped_keys) =
+        full_tensor_replacements(&view, model, &tensors, &weights_path)?;
 
     let exact = |module: &str| format!("^{}$", regex::escape(module));
     let rank_overrides: serde_json::Map<String, serde_json::Value> = branches
@@ -284,14 +286,37 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         ignored_fields,
         skipped_keys,
         targets_from_file,
+        prompt_tokens: None,
     })
 }
 
 /// A full tensor of the adapter resolved to the initializer it replaces.
-struct Replacement {
-    report: ReplacedTensor,
+pub(super) struct Replacement {
+    pub(super) report: ReplacedTensor,
     dims: Vec<i64>,
     values: Vec<f32>,
+}
+
+/// The base tensors that the full tensors among `tensors` (read from `file`) replace, and the
+/// keys of PEFT's frozen original-module copies, which are skipped.
+pub(super) fn full_tensor_replacements(
+    view: &GraphView,
+    model: &Model,
+    tensors: &[PeftTensor],
+    file: &Path,
+) -> Result<(Vec<Replacement>, Vec<String>)> {
+    let mut replacements = Vec::new();
+    let mut skipped_keys = Vec::new();
+    for tensor in tensors {
+        match &tensor.role {
+            TensorRole::Full { param } => {
+                replacements.push(resolve_full_tensor(view, model, tensor, param, file)?)
+            }
+            TensorRole::OriginalCopy => skipped_keys.push(tensor.key.clone()),
+            TensorRole::LoraA | TensorRole::LoraB | TensorRole::Prompt => {}
+        }
+    }
+    Ok((replacements, skipped_keys))
 }
 
 /// Finds the initializer a full tensor replaces: the weight or bias of the head, site or
@@ -393,7 +418,7 @@ fn resolve_full_tensor(
 }
 
 /// Replaces an initializer's values, keeping its element type.
-fn replace_initializer(model: &mut Model, replacement: &Replacement) -> Result<()> {
+pub(super) fn replace_initializer(model: &mut Model, replacement: &Replacement) -> Result<()> {
     let name = &replacement.report.initializer;
     let Some(tensor) = model.graph.initializer_mut(name) else {
         return Err(Error::Tensor {

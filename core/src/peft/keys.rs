@@ -7,8 +7,12 @@ use crate::{Error, Result};
 
 /// The adapter folder's tensor file.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// The prefix of every key in a PEFT tensor file.
+/// The prefix of every key in a PEFT tensor file of a tuner (LoRA, AdaLoRA, …).
 pub(super) const KEY_PREFIX: &str = "base_model.model.";
+/// The prefix of the full tensors in a prompt-learning file (`base_model.classifier.weight`).
+const PROMPT_LEARNING_PREFIX: &str = "base_model.";
+/// The key of a prompt-tuning file's prompt, `[num_virtual_tokens, token_dim]`.
+pub(super) const PROMPT_KEY: &str = "prompt_embeddings";
 
 /// What a tensor of a PEFT file is.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,6 +26,8 @@ pub(super) enum TensorRole {
     Full { param: String },
     /// A frozen copy PEFT keeps beside a `modules_to_save` module (`original_module`).
     OriginalCopy,
+    /// The learned prompt of a prompt-tuning adapter ([`PROMPT_KEY`]).
+    Prompt,
 }
 
 /// One tensor of a PEFT file, keyed by the module it belongs to.
@@ -34,7 +40,9 @@ pub(super) struct PeftTensor {
 }
 
 /// Reads every tensor of a PEFT `adapter_model.safetensors`, sorting its keys into LoRA
-/// factors and full tensors. Fails naming the key for anything else.
+/// factors, full tensors and a prompt; tuner keys start with `base_model.model.`, those of
+/// prompt-learning files with `base_model.` (and the prompt has none). Fails naming the key for
+/// anything else.
 pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
     let bytes = crate::input_file::read(file)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
@@ -44,18 +52,27 @@ pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut parsed = Vec::with_capacity(entries.len());
     for (key, view) in entries {
-        let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
-            return Err(fail(format!(
-                "key {key:?} is not a PEFT key ({KEY_PREFIX}…)"
-            )));
-        };
-        let (module, role) = if let Some((module, role)) = lora_factor(rest) {
+        let rest = key
+            .strip_prefix(KEY_PREFIX)
+            .or_else(|| key.strip_prefix(PROMPT_LEARNING_PREFIX));
+        let (module, role) = if key == PROMPT_KEY {
+            ("", TensorRole::Prompt)
+        } else if let Some((module, role)) = rest.and_then(lora_factor) {
             (module, role)
-        } else if let Some(part) = rest.split('.').find(|part| part.starts_with("lora_")) {
+        } else if let Some(part) = rest
+            .iter()
+            .flat_map(|rest| rest.split('.'))
+            .find(|part| part.starts_with("lora_"))
+        {
             return Err(fail(format!(
                 "key {key:?} is a LoRA tensor of kind {part:?}; only lora_A/lora_B weights of linear modules are supported (no embedding LoRA, DoRA magnitudes or LoRA biases)"
             )));
         } else {
+            let Some(rest) = rest else {
+                return Err(fail(format!(
+                    "key {key:?} is not a PEFT key ({KEY_PREFIX}… or {PROMPT_KEY})"
+                )));
+            };
             let Some((module, param)) = rest.rsplit_once('.') else {
                 return Err(fail(format!(
                     "key {key:?} names no module parameter (<module>.<weight|bias>)"

@@ -36,7 +36,8 @@ pub(super) fn export(model: &Model, dir: &Path) -> Result<bool> {
     let Some((_, files)) = declared(model)? else {
         return Ok(false);
     };
-    let tensors = declared_tensors(model, &files, KEY_PREFIX)?;
+    let prefix = if files.bare_keys { "" } else { KEY_PREFIX };
+    let tensors = declared_tensors(model, &files, prefix)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_files(dir, &files.config, &tensors)?;
     Ok(true)

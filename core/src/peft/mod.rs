@@ -3,8 +3,9 @@
 //! export, and import onto an unpatched model.
 //!
 //! `config` reads `adapter_config.json`, `select` is PEFT's module matching, `keys` reads the
-//! tensor file's keys, `import` and `export` are the two directions, and `mapped` handles the
-//! layouts a method declares for itself ([`graft_plugin_sdk::PeftFiles`], e.g. AdaLoRA). This
+//! tensor file's keys, `import` and `export` are the two directions, `mapped` handles the
+//! layouts a method declares for itself ([`graft_plugin_sdk::PeftFiles`], e.g. AdaLoRA and
+//! prompt tuning), and `prompt` imports prompt-tuning adapters. This
 //! file holds what both directions share: a model's LoRA branches in PEFT's terms.
 
 use graft_plugin_sdk::Fold;
@@ -17,6 +18,7 @@ mod export;
 mod import;
 mod keys;
 pub(crate) mod mapped;
+mod prompt;
 mod select;
 
 pub use config::CONFIG_FILE;

@@ -71,12 +71,12 @@ impl ModelLimits {
 /// a class or token label is negative (other than the ignore index −100) or beyond the logits'
 /// last axis, when a sequence that the model looks up in a table (token ids, token-type ids)
 /// is missing or indexes past the table, or when it is longer than the learned positions. Integer labels for regression become values.
-pub(super) fn prepare_data(
-    patched: &Model,
-    task: Task,
-    path: &Path,
-    dataset: &mut Dataset,
-) -> Result<()> {
+///
+/// Public (re-exported as [`crate::train::prepare_data`]) so that the data fuzz target runs
+/// the very check [`super::train`] runs. Contract for every caller: for any `dataset` that
+/// [`super::data::read_data`] returned and any model, the result is `Ok` or an error (a data
+/// problem is an [`Error::Config`] naming `path:line`), never a panic.
+pub fn prepare_data(patched: &Model, task: Task, path: &Path, dataset: &mut Dataset) -> Result<()> {
     let fits = match dataset.format {
         DataFormat::Text => matches!(task, Task::SeqCls | Task::Regression),
         DataFormat::Instruction | DataFormat::Plain => task == Task::CausalLm,

@@ -15,6 +15,8 @@ pub mod participation;
 pub mod plot;
 pub mod text;
 
+pub use data_check::prepare_data;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -1008,10 +1010,10 @@ impl<'a> Evaluator<'a> {
         let (mut correct, mut counted) = (0usize, 0usize);
         for batch in &self.batches {
             let collated = collate(batch);
-            let labels = collated
+            let (labels, n_sequences) = collated
                 .iter()
                 .find(|(name, _)| name == "labels")
-                .map(|(_, t)| t.to_f64())
+                .map(|(_, t)| (t.to_f64(), t.shape().first().copied().unwrap_or(1)))
                 .unwrap_or_default();
             feeds.truncate(n_parameters);
             feeds.extend(
@@ -1033,7 +1035,9 @@ impl<'a> Evaluator<'a> {
             if matches!(self.task, Task::SeqCls | Task::TokenCls) {
                 let logits = output(&outputs, &self.graph.logits, "evaluation")?;
                 let classes = logits.shape().last().copied().unwrap_or(0).max(1);
-                for (row, label) in logits.to_f64().chunks(classes).zip(&labels) {
+                let values = logits.to_f64();
+                let rows: Vec<&[f64]> = values.chunks(classes).collect();
+                for (row, label) in scored_rows(&rows, &labels, n_sequences) {
                     if *label as i64 == data::IGNORE_INDEX {
                         continue;
                     }
@@ -1058,6 +1062,26 @@ impl<'a> Evaluator<'a> {
             inputs: Default::default(),
         })
     }
+}
+
+/// Pairs each label with its row of logits. `rows` hold `n_sequences` equal runs, one per
+/// sequence (one row each for sequence classification); when a method lengthened the
+/// sequence (a soft prompt), each run starts with rows the labels do not have, which are
+/// skipped.
+fn scored_rows<'r>(
+    rows: &[&'r [f64]],
+    labels: &'r [f64],
+    n_sequences: usize,
+) -> impl Iterator<Item = (&'r [f64], &'r f64)> + 'r {
+    let n_sequences = n_sequences.max(1);
+    let per_sequence = labels.len() / n_sequences;
+    let rows_per_sequence = rows.len() / n_sequences;
+    let skip = rows_per_sequence.saturating_sub(per_sequence);
+    let rows: Vec<&'r [f64]> = rows
+        .chunks(rows_per_sequence.max(1))
+        .flat_map(|run| run.iter().skip(skip).copied())
+        .collect();
+    rows.into_iter().zip(labels)
 }
 
 /// The host feeds of one evaluation, with the swept input's setting when there is a sweep.

@@ -141,6 +141,7 @@ pub const PLUGIN_PACKAGES: &[&str] = &[
     "graft-plugin-ia3",
     "graft-plugin-adalora",
     "graft-plugin-adapter",
+    "graft-plugin-prompt",
     "graft-test-plugin-wrong-abi",
     "graft-test-plugin-panics",
     "graft-test-plugin-invalid-patch",

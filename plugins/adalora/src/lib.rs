@@ -202,6 +202,7 @@ impl Plugin for AdaLora {
             reply.patch.training.peft = Some(PeftFiles {
                 config: peft_config(config, &modules)?,
                 tensors: peft_tensors,
+                ..PeftFiles::default()
             });
         }
         reply.patch.training.step_hook = Some(StepHook {

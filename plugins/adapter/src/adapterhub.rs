@@ -95,6 +95,7 @@ impl<'s> Files<'s> {
                 "version": ADAPTERS_VERSION,
             }),
             tensors: self.tensors,
+            ..PeftFiles::default()
         })
     }
 }

@@ -352,6 +352,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
                     "version": ADAPTERS_VERSION,
                 }),
                 tensors: fusion_tensors,
+                ..PeftFiles::default()
             },
         });
         reply.patch.training.adapterhub_folders = folders;

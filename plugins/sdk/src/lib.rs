@@ -187,7 +187,7 @@ mod training;
 
 pub use builder::{
     Activation, Bottleneck, BottleneckNames, DequantNames, GateNames, LowRankNames, MaskNames,
-    PatchBuilder, Placement, PrefixNames, PromptNames, ResidualNames, ScaleNames,
+    PatchBuilder, Placement, PrefixNames, PromptNames, ResidualNames, ScaleNames, SequenceFill,
 };
 pub use client::PluginClient;
 pub use config::MethodConfig;

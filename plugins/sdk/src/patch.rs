@@ -110,6 +110,16 @@ pub enum Init {
         /// The tensor name in the blob.
         key: String,
     },
+    /// Rows of a 2-D initializer of the model, in the given order: a parameter
+    /// `[rows.len(), width]` copied from `table` `[n, width]` (a soft prompt started from
+    /// vocabulary embeddings, as PEFT's `SAMPLE_VOCAB` and `TEXT` inits do). The table's
+    /// element type must equal the parameter's, and every row index must be below `n`.
+    Rows {
+        /// The initializer read.
+        table: String,
+        /// The row indices taken.
+        rows: Vec<u64>,
+    },
 }
 
 impl Init {

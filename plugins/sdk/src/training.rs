@@ -428,4 +428,8 @@ pub struct PeftFiles {
     pub config: Value,
     /// The tensors.
     pub tensors: Vec<PeftTensor>,
+    /// The keys are written as given, without PEFT's `base_model.model.` prefix (PEFT saves
+    /// prompt-learning tensors such as `prompt_embeddings` so); either form is read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bare_keys: bool,
 }

@@ -29,7 +29,7 @@ mod trainable;
 pub use linear::{LowRankNames, ScaleNames};
 pub use quant::DequantNames;
 pub use residual::{Activation, Bottleneck, BottleneckNames, GateNames, Placement, ResidualNames};
-pub use sequence::{MaskNames, PrefixNames, PromptNames};
+pub use sequence::{MaskNames, PrefixNames, PromptNames, SequenceFill};
 
 /// Accumulates a [`Patch`] (and its [`Init::Data`] payloads) for one graph.
 ///

@@ -19,7 +19,18 @@ pub struct PromptNames {
     pub nodes: Vec<String>,
 }
 
-/// Names created by [`PatchBuilder::extend_mask`].
+/// How [`PatchBuilder::extend_sequence_input`] fills the positions it prepends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceFill {
+    /// Every prepended position holds this value (1 for a mask, 0 for token types).
+    Value(i64),
+    /// Every prepended position repeats the sequence's first element (token ids: the
+    /// sequence's start token, never the padding a model may derive positions from).
+    CopyFirst,
+}
+
+/// Names created by [`PatchBuilder::extend_mask`] and
+/// [`PatchBuilder::extend_sequence_input`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaskNames {
     /// The extended mask (the mask itself when nothing was prepended).
@@ -44,16 +55,21 @@ pub struct PrefixNames {
 }
 
 impl PatchBuilder<'_> {
-    /// Prepends a learned soft prompt to a sequence (prompt tuning): `P [n_virtual, hidden]`
-    /// (trainable, `embedding_output`'s type, initialised by `init`) is broadcast over the
-    /// batch and concatenated before `embedding_output` `[batch, seq, hidden]` along axis 1.
-    /// When `attention_mask` names the mask graph input, it is extended the same way
-    /// ([`PatchBuilder::extend_mask`]). `n_virtual = 0` emits nothing.
+    /// Puts a learned soft prompt at the start of a sequence (prompt tuning): `P [n_virtual,
+    /// hidden]` (trainable, `embedding_output`'s type, initialised by `init`) is broadcast over
+    /// the batch and concatenated before `embedding_output` `[batch, seq, hidden]` along axis
+    /// 1; later readers of `embedding_output` read the result. With `placeholders`, the
+    /// embedded sequence already starts with `n_virtual` placeholder positions (its token ids
+    /// were lengthened by [`PatchBuilder::extend_sequence_input`], so that everything the
+    /// graph derives from their shape sees the longer sequence), and the prompt replaces them
+    /// instead of preceding them. When `attention_mask` names the mask graph input, it is
+    /// extended with ones ([`PatchBuilder::extend_mask`]). `n_virtual = 0` emits nothing.
     ///
-    /// Nodes: `Constant`, `Unsqueeze(P, [0])`, `Shape(e)`, `Gather(·, [0])` (the batch size),
-    /// `Constant([1, 1])`, `Concat` (the target `[batch, 1, 1]`), `Expand`,
-    /// `Concat(P_batch, e, axis = 1)`. Rewires `e`. Every downstream value's sequence axis,
-    /// graph outputs included, grows by `n_virtual`; the loss must skip those positions.
+    /// Nodes: `Unsqueeze(P, [0])`, with `placeholders` `Slice(e, [n_virtual], [i64::MAX],
+    /// [1])`, `Shape(e)`, `Gather(·, [0])` (the batch size), `Constant([1, 1])`, `Concat` (the
+    /// target `[batch, 1, 1]`), `Expand`, `Concat(P_batch, e, axis = 1)`. Every downstream
+    /// value's sequence axis, graph outputs included, is `n_virtual` longer than the token
+    /// ids'; the training loss skips those positions.
     pub fn prepend_to_sequence(
         &mut self,
         embedding_output: &str,
@@ -61,6 +77,7 @@ impl PatchBuilder<'_> {
         n_virtual: usize,
         hidden: usize,
         init: Init,
+        placeholders: bool,
     ) -> Result<PromptNames> {
         if n_virtual == 0 {
             return Ok(PromptNames {
@@ -88,7 +105,23 @@ impl PatchBuilder<'_> {
                 &[&prompt, &axes],
                 &[],
             );
-            let output = builder.prepend_over_batch(&stem, &p3, &e, &[1, 1], 1);
+            let onto = if placeholders {
+                let start = builder.constant_ints(&format!("{stem}.start"), &[n_virtual as i64]);
+                let end = builder.constant_ints(&format!("{stem}.end"), &[i64::MAX]);
+                let axis = builder.constant_ints(&format!("{stem}.axis"), &[1]);
+                builder.op(
+                    &format!("{stem}.tokens"),
+                    "Slice",
+                    &[&e, &start, &end, &axis],
+                    &[],
+                )
+            } else {
+                e.clone()
+            };
+            let output = builder.prepend_over_batch(&stem, &p3, &onto, &[1, 1], 1);
+            if placeholders {
+                builder.rewire(&e, &output);
+            }
             let mask_output = match attention_mask {
                 Some(mask) => Some(builder.extend_mask(mask, n_virtual)?.output),
                 None => None,
@@ -106,22 +139,50 @@ impl PatchBuilder<'_> {
     /// Prepends `n` ones to an attention mask `[batch, seq]` along axis 1, so positions
     /// prepended by [`PatchBuilder::prepend_to_sequence`] or
     /// [`PatchBuilder::prefix_key_values`] are attended. Every consumer of the mask reads
-    /// `Concat(ones[batch, n], mask, axis = 1)`. `n = 0` emits nothing.
-    ///
-    /// Nodes: `Shape(mask)`, `Gather(·, [0])`, `Constant([n])`, `Concat` (the shape
-    /// `[batch, n]`), `Constant([1])`, `Expand` (int64 ones; `ConstantOfShape` would need a
-    /// tensor attribute), `Cast(to = mask type)` unless the mask is `int64` or of unknown
-    /// type, `Concat`.
+    /// `Concat(ones[batch, n], mask, axis = 1)`. `n = 0` emits nothing. (That is
+    /// [`PatchBuilder::extend_sequence_input`] with [`SequenceFill::Value`]`(1)`.)
     pub fn extend_mask(&mut self, mask: &str, n: usize) -> Result<MaskNames> {
-        let m = self.current(mask);
+        self.extend_sequence(mask, n, SequenceFill::Value(1), "mask")
+    }
+
+    /// Prepends `n` positions to a `[batch, seq]` value along axis 1 (token ids, token types,
+    /// an attention mask), filled as `fill` says, and makes every consumer read
+    /// `Concat(prefix[batch, n], value, axis = 1)`. Whatever the graph computes
+    /// from the value's shape (position ids, causal masks, reshape targets) then sees the
+    /// longer sequence. `n = 0` emits nothing.
+    ///
+    /// Nodes: `Shape(value)`, `Gather(·, [0])`, `Constant([n])`, `Concat` (the shape
+    /// `[batch, n]`); for [`SequenceFill::Value`] `Constant([v])`, `Expand` and, unless the
+    /// value is `int64` or of unknown type, `Cast(to = its type)` (`ConstantOfShape` would need
+    /// a tensor attribute); for [`SequenceFill::CopyFirst`] `Constant`s and `Slice(value, 0, 1,
+    /// axis 1)`, `Expand`; then `Concat`.
+    pub fn extend_sequence_input(
+        &mut self,
+        value: &str,
+        n: usize,
+        fill: SequenceFill,
+    ) -> Result<MaskNames> {
+        self.extend_sequence(value, n, fill, &format!("extend_{value}"))
+    }
+
+    /// [`PatchBuilder::extend_sequence_input`] with its nodes named under
+    /// `<prefix>.<stem_hint>`.
+    fn extend_sequence(
+        &mut self,
+        value: &str,
+        n: usize,
+        fill: SequenceFill,
+        stem_hint: &str,
+    ) -> Result<MaskNames> {
+        let m = self.current(value);
         if n == 0 {
             return Ok(MaskNames {
                 output: m,
                 nodes: vec![],
             });
         }
-        let stem = self.stem(&format!("{}.mask", self.prefix));
-        let dtype = self.graph.dtype_of(mask).unwrap_or(DType::Int64);
+        let stem = self.stem(&format!("{}.{stem_hint}", self.prefix));
+        let dtype = self.graph.dtype_of(value).unwrap_or(DType::Int64);
         let (output, nodes) = self.block(|builder| {
             let batch = builder.batch_size(&stem, &m);
             let len = builder.constant_ints(&format!("{stem}.len"), &[n as i64]);
@@ -131,20 +192,38 @@ impl PatchBuilder<'_> {
                 &[&batch, &len],
                 &[attr_int("axis", 0)],
             );
-            let one = builder.constant_ints(&format!("{stem}.one"), &[1]);
-            let mut ones = builder.op(&format!("{stem}.ones"), "Expand", &[&one, &shape], &[]);
-            if dtype != DType::Int64 {
-                ones = builder.op(
-                    &format!("{stem}.cast"),
-                    "Cast",
-                    &[&ones],
-                    &[attr_int("to", dtype.onnx_code() as i64)],
-                );
-            }
+            let prefix = match fill {
+                SequenceFill::Value(v) => {
+                    let v = builder.constant_ints(&format!("{stem}.fill"), &[v]);
+                    let filled =
+                        builder.op(&format!("{stem}.filled"), "Expand", &[&v, &shape], &[]);
+                    if dtype == DType::Int64 {
+                        filled
+                    } else {
+                        builder.op(
+                            &format!("{stem}.cast"),
+                            "Cast",
+                            &[&filled],
+                            &[attr_int("to", dtype.onnx_code() as i64)],
+                        )
+                    }
+                }
+                SequenceFill::CopyFirst => {
+                    let zero = builder.constant_ints(&format!("{stem}.first"), &[0]);
+                    let one = builder.constant_ints(&format!("{stem}.end"), &[1]);
+                    let first = builder.op(
+                        &format!("{stem}.first_column"),
+                        "Slice",
+                        &[&m, &zero, &one, &one],
+                        &[],
+                    );
+                    builder.op(&format!("{stem}.filled"), "Expand", &[&first, &shape], &[])
+                }
+            };
             let output = builder.op(
                 &format!("{stem}.concat"),
                 "Concat",
-                &[&ones, &m],
+                &[&prefix, &m],
                 &[attr_int("axis", 1)],
             );
             builder.rewire(&m, &output);

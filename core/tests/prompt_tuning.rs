@@ -1,0 +1,364 @@
+//! Prompt tuning (the `prompt_tuning` method of the `prompt` plugin): HF PEFT's prompt-tuning
+//! adapters (recorded by models/record_references.py) import and compute what PEFT computed, on
+//! both exporters; graft's own prompts export to files PEFT loads and computes the same with
+//! (recorded by models/check_graft_export.py); an empty prompt changes nothing; prompts train
+//! for classification and language modelling; the graph runs in tract; bad settings are
+//! refused by name.
+
+mod common;
+
+use common::*;
+use graft::runtime::HostTensor;
+
+/// PEFT computes in float32 in another operation order.
+const PARITY_TOLERANCE: f64 = 1e-5;
+
+/// The settings models/check_graft_export.py grafts with (`PROMPT_SETTINGS`).
+const EXPORT_SETTINGS: [&str; 2] = ["num_virtual_tokens=4", "seed=7"];
+
+const ARCHS: [&str; 3] = ["bert", "gpt2", "llama"];
+
+fn logits(outputs: &[(String, HostTensor)]) -> &HostTensor {
+    &outputs.iter().find(|(n, _)| n == "logits").unwrap().1
+}
+
+fn text(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn peft_prompt_adapters_import_and_reproduce_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let recording = reference(&format!("peft-prompt-{arch}"));
+        let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let fixture = format!("{arch}-{exporter}");
+            let patched = dir.path().join(format!("{fixture}.onnx"));
+            let (code, stdout, stderr) = run_graft(&[
+                "apply",
+                text(&fixture_model(&fixture)),
+                "--from-peft",
+                text(&recording),
+                "-o",
+                text(&patched),
+            ]);
+            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            assert!(
+                stdout.contains("prompt_tuning: 4 virtual tokens"),
+                "{stdout}"
+            );
+            let model = graft::onnx::load(&patched).unwrap();
+            let got = run_model(&model, &fixture_inputs(&fixture));
+            // PEFT's outputs carry the virtual positions too: [B, 4 + S, V] for the LMs.
+            assert_eq!(logits(&got).shape(), logits(&want).shape(), "{fixture}");
+            let diff = logits(&got).max_abs_diff(logits(&want));
+            assert!(diff <= PARITY_TOLERANCE, "{fixture}: graft vs PEFT {diff}");
+            if arch == "bert" {
+                // PEFT trains the classifier with the prompt (modules_to_save): it is imported.
+                assert!(stdout.contains("replaced classifier.weight"), "{stdout}");
+            }
+        }
+    }
+}
+
+#[test]
+fn graft_prompts_export_to_files_peft_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let recording = reference(&format!("graft-export-prompt-{arch}"));
+        let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let fixture = format!("{arch}-{exporter}");
+            let patched = dir.path().join(format!("{fixture}.onnx"));
+            apply_method(&fixture, "prompt_tuning", &EXPORT_SETTINGS, &patched);
+            let model = graft::onnx::load(&patched).unwrap();
+            let got = run_model(&model, &fixture_inputs(&fixture));
+            let diff = logits(&got).max_abs_diff(logits(&want));
+            assert!(
+                diff <= PARITY_TOLERANCE,
+                "{fixture}: graft vs PEFT on graft's export {diff}"
+            );
+            let exported = dir.path().join(format!("{fixture}-peft"));
+            let (code, stdout, stderr) = run_graft(&[
+                "export",
+                text(&patched),
+                "--format",
+                "peft",
+                "-o",
+                text(&exported),
+            ]);
+            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            assert_eq!(
+                read_tensors(&exported.join("adapter_model.safetensors")),
+                read_tensors(&recording.join("adapter_model.safetensors")),
+                "{fixture}: the exported tensors differ from the checked export"
+            );
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(exported.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(config["peft_type"], "PROMPT_TUNING");
+            assert_eq!(config["num_virtual_tokens"], 4);
+            let task = if arch == "bert" {
+                "SEQ_CLS"
+            } else {
+                "CAUSAL_LM"
+            };
+            assert_eq!(config["task_type"], task, "{fixture}");
+        }
+    }
+}
+
+/// With no virtual tokens nothing is grafted and the outputs are the base model's (in ONNX
+/// Runtime), bit for bit.
+#[test]
+fn an_empty_prompt_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in [
+        "bert-legacy",
+        "gpt2-dynamo",
+        "llama-legacy",
+        "roberta-dynamo",
+    ] {
+        let patched = dir.path().join(format!("{fixture}.onnx"));
+        apply_method(
+            fixture,
+            "prompt_tuning",
+            &["num_virtual_tokens=0"],
+            &patched,
+        );
+        let model = graft::onnx::load(&patched).unwrap();
+        let got = run_model(&model, &fixture_inputs(fixture));
+        let base = graft::onnx::load(&fixture_model(fixture)).unwrap();
+        let want = run_model(&base, &fixture_inputs(fixture));
+        assert_eq!(logits(&got).max_abs_diff(logits(&want)), 0.0, "{fixture}");
+    }
+}
+
+/// The prompted graphs are standard ONNX: tract runs them (RoBERTa's too, whose position ids
+/// the graph derives from the token ids) with ONNX Runtime's outputs.
+#[test]
+fn prompts_run_in_tract_as_in_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in [
+        "bert-legacy",
+        "gpt2-legacy",
+        "llama-dynamo",
+        "roberta-legacy",
+    ] {
+        let patched = dir.path().join(format!("{fixture}.onnx"));
+        apply_method(fixture, "prompt_tuning", &EXPORT_SETTINGS, &patched);
+        let model = graft::onnx::load(&patched).unwrap();
+        let inputs = fixture_inputs(fixture);
+        let ort = run_model(&model, &inputs);
+        let mut session =
+            graft::runtime::TractSession::from_bytes(&graft::onnx::to_bytes(&model).unwrap())
+                .unwrap();
+        let fed: Vec<_> = inputs
+            .iter()
+            .filter(|(name, _)| session.input_names.contains(name))
+            .cloned()
+            .collect();
+        let tract = session.run(&fed).unwrap();
+        let diff = logits(&ort).max_abs_diff(logits(&tract));
+        assert!(diff <= 1e-5, "{fixture}: tract vs ONNX Runtime {diff}");
+    }
+}
+
+#[test]
+fn prompts_train_for_classification_and_language_modelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("bert.onnx");
+    apply_method(
+        "bert-legacy",
+        "prompt_tuning",
+        &["num_virtual_tokens=8"],
+        &patched,
+    );
+    let run = dir.path().join("run-bert");
+    let eval = repository("examples/data/sentiment_eval.jsonl");
+    let (code, stdout, stderr) = train_seq_cls(
+        &patched,
+        "examples/data/sentiment.jsonl",
+        40,
+        &run,
+        &["--eval-data", text(&eval)],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_loss_falls(&metrics(&run));
+    assert!(stdout.contains("best evaluation accuracy"), "{stdout}");
+    // The prompt and the classifier train (PEFT's modules_to_save), nothing else.
+    let trained: Vec<String> = read_tensors(&run.join("adapter.safetensors"))
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(trained.len(), 3, "{trained:?}");
+    assert!(
+        trained.iter().any(|n| n.ends_with("prompt.embedding")),
+        "{trained:?}"
+    );
+
+    // Causal LM: the labels are shifted past the prompt, as PEFT prefixes them with -100.
+    let patched = dir.path().join("gpt2.onnx");
+    apply_method(
+        "gpt2-legacy",
+        "prompt_tuning",
+        &["num_virtual_tokens=8"],
+        &patched,
+    );
+    let run = dir.path().join("run-gpt2");
+    let corpus = repository("examples/data/corpus.txt");
+    let tokenizer = repository("models/tokenizers/causal/tokenizer.json");
+    let (code, stdout, stderr) = run_graft(&[
+        "train",
+        text(&patched),
+        "--task",
+        "causal-lm",
+        "--data",
+        text(&corpus),
+        "--tokenizer",
+        text(&tokenizer),
+        "--max-len",
+        "64",
+        "--steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.05",
+        "--out",
+        text(&run),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_loss_falls(&metrics(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "PROMPT_TUNING");
+}
+
+/// `init=sample_vocab` starts the prompt from rows of the vocabulary, `init=tokens` from the
+/// given ids, repeated to the prompt's length as PEFT's TEXT init repeats the text's tokens.
+#[test]
+fn prompts_start_from_vocabulary_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = graft::onnx::load(&fixture_model("llama-legacy")).unwrap();
+    let table = base
+        .graph
+        .initializers
+        .iter()
+        .find(|t| t.dims.len() == 2 && t.dims[0] == 128)
+        .expect("the token embedding table")
+        .to_f32()
+        .unwrap();
+    let width = 32;
+    let row = |i: usize| table[i * width..(i + 1) * width].to_vec();
+    let prompt_rows = |settings: &[&str]| {
+        let patched = dir.path().join("p.onnx");
+        apply_method("llama-legacy", "prompt_tuning", settings, &patched);
+        let model = graft::onnx::load(&patched).unwrap();
+        let prompt = model
+            .graph
+            .initializers
+            .iter()
+            .find(|t| t.name.ends_with("prompt.embedding"))
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        prompt
+            .chunks(width)
+            .map(<[f32]>::to_vec)
+            .collect::<Vec<_>>()
+    };
+    let rows = prompt_rows(&["num_virtual_tokens=5", "init=tokens", "init_tokens=3,17"]);
+    assert_eq!(rows, [row(3), row(17), row(3), row(17), row(3)]);
+    let rows = prompt_rows(&["num_virtual_tokens=6", "init=sample_vocab"]);
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| (0..128).any(|i| row(i) == *r)));
+}
+
+#[test]
+fn bad_prompt_settings_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    for (fixture, settings, needle) in [
+        (
+            "bert-legacy",
+            vec!["init=learned"],
+            "init: \"learned\" is not one of",
+        ),
+        (
+            "bert-legacy",
+            vec!["init=tokens"],
+            "init=tokens needs init_tokens",
+        ),
+        (
+            "bert-legacy",
+            vec!["init=tokens", "init_tokens=99999"],
+            "below the vocabulary size",
+        ),
+        ("bert-legacy", vec!["task_type=SEQCLS"], "task_type"),
+        ("gpt2-past-legacy", vec![], "key/value cache"),
+    ] {
+        let mut args = vec![
+            "apply".to_owned(),
+            text(&fixture_model(fixture)).to_owned(),
+            "-m".into(),
+            "prompt_tuning".into(),
+        ];
+        for setting in settings {
+            args.push("--set".into());
+            args.push(setting.into());
+        }
+        args.extend(["-o".into(), text(&out).to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = run_graft(&args);
+        assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!out.exists());
+    }
+}
+
+/// The prompt's (and the trained classifier's) gradients agree with central differences of
+/// the loss, for classification and for language modelling, where the labels are shifted past
+/// the virtual positions.
+#[test]
+fn prompt_gradients_match_central_differences() {
+    let registry =
+        graft::plugins::PluginRegistry::discover(&[plugin_library("graft_plugin_prompt")]).unwrap();
+    for (fixture, task) in [
+        ("bert-legacy", graft::train::Task::SeqCls),
+        ("gpt2-legacy", graft::train::Task::CausalLm),
+        ("llama-dynamo", graft::train::Task::CausalLm),
+    ] {
+        let mut model = graft::onnx::load(&fixture_model(fixture)).unwrap();
+        graft::plugins::apply_method(
+            &registry,
+            &mut model,
+            "prompt_tuning",
+            &serde_json::json!({"num_virtual_tokens": 3, "init_std": 0.5}),
+        )
+        .unwrap();
+        let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
+        assert!(!gradients.is_empty(), "{fixture}: no gradients");
+        for (name, analytic) in &gradients {
+            let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
+            let h = 1e-3f32;
+            for index in [0, values.len() / 2, values.len() - 1] {
+                let shifted = |delta: f32| {
+                    let mut v = values.clone();
+                    v[index] += delta;
+                    loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
+                };
+                let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+                let got = analytic[index];
+                assert!(
+                    (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+                    "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
+                );
+            }
+        }
+    }
+}
