@@ -203,6 +203,7 @@ fn a_soft_prompt_on_llama_equals_the_base_model_on_the_longer_input() {
             0,
             token.dim,
             Init::Zeros,
+            false,
         )
         .unwrap()
     });
@@ -218,6 +219,7 @@ fn a_soft_prompt_on_llama_equals_the_base_model_on_the_longer_input() {
             n_virtual,
             token.dim,
             Init::Zeros,
+            false,
         )
         .unwrap()
     });
@@ -280,6 +282,7 @@ fn a_soft_prompt_on_bert_goes_after_the_position_embeddings() {
             0,
             hidden,
             Init::Zeros,
+            false,
         )
         .unwrap()
     });
@@ -291,8 +294,15 @@ fn a_soft_prompt_on_bert_goes_after_the_position_embeddings() {
         seed: 3,
     };
     let (prompted, names) = patched(&base, |_, b| {
-        b.prepend_to_sequence(&hidden_states, Some("attention_mask"), 3, hidden, init)
-            .unwrap()
+        b.prepend_to_sequence(
+            &hidden_states,
+            Some("attention_mask"),
+            3,
+            hidden,
+            init,
+            false,
+        )
+        .unwrap()
     });
     assert!(names.mask_output.is_some());
     let trained = run_model(&prompted, &inputs);
@@ -310,6 +320,7 @@ fn a_soft_prompt_on_bert_goes_after_the_position_embeddings() {
             3,
             hidden,
             Init::Zeros,
+            false,
         )
         .unwrap()
     });

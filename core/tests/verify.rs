@@ -125,8 +125,8 @@ fn a_changed_byte_in_an_inline_tensor_is_named() {
         .graph
         .initializers
         .iter()
-        .filter(|t| t.byte_len() >= 256)
-        .last()
+        .rev()
+        .find(|t| t.byte_len() >= 256)
         .unwrap();
     let needle = tensor.raw_bytes().unwrap().to_vec();
     let mut bytes = std::fs::read(&model).unwrap();

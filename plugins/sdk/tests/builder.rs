@@ -6,7 +6,8 @@ use common::{site_of, view, FFN, HIDDEN};
 use graft_plugin_sdk::quant::{pack_nibbles, NF4_CODEBOOK};
 use graft_plugin_sdk::{
     decode_frame, encode_frame, Activation, AttributeValue, DType, Error, Fold, Init, Patch,
-    PatchBuilder, PatchReply, Placement, Rewire, SiteKind, SiteSelector, WeightLayout,
+    PatchBuilder, PatchReply, Placement, Rewire, SequenceFill, SiteKind, SiteSelector,
+    WeightLayout,
 };
 use std::collections::BTreeSet;
 
@@ -316,6 +317,7 @@ fn soft_prompt_extends_sequence_and_mask() {
                 std: 0.02,
                 seed: 9,
             },
+            false,
         )
         .unwrap();
     assert_valid(&b);
@@ -350,6 +352,43 @@ fn soft_prompt_extends_sequence_and_mask() {
     assert_eq!(names.nodes.len(), p.nodes.len());
 }
 
+/// With placeholders the token ids are lengthened first (repeating each sequence's first id),
+/// and the prompt replaces the embedding's leading rows instead of preceding them.
+#[test]
+fn soft_prompts_replace_placeholders_of_lengthened_ids() {
+    let g = view(DType::Float);
+    let mut b = PatchBuilder::new(&g, "prompt");
+    let ids = b
+        .extend_sequence_input("attention_mask", 3, SequenceFill::CopyFirst)
+        .unwrap();
+    assert_eq!(b.current("attention_mask"), ids.output);
+    let first = b
+        .patch()
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "Slice")
+        .unwrap();
+    assert_eq!(first.inputs[0], "attention_mask");
+    let names = b
+        .prepend_to_sequence("embeddings", None, 3, HIDDEN, Init::Zeros, true)
+        .unwrap();
+    assert_valid(&b);
+    let p = b.patch();
+    let concat = p
+        .nodes
+        .iter()
+        .find(|n| n.outputs[0] == names.output)
+        .unwrap();
+    let tokens = p
+        .nodes
+        .iter()
+        .find(|n| n.outputs[0] == concat.inputs[1])
+        .unwrap();
+    assert_eq!(tokens.op_type, "Slice", "the placeholders are cut off");
+    assert_eq!(tokens.inputs[0], "embeddings");
+    assert_eq!(b.current("embeddings"), names.output);
+}
+
 #[test]
 fn float_masks_get_a_cast_and_zero_lengths_are_no_ops() {
     let mut g = view(DType::Float);
@@ -373,7 +412,14 @@ fn float_masks_get_a_cast_and_zero_lengths_are_no_ops() {
     let g = view(DType::Float);
     let mut b = PatchBuilder::new(&g, "prompt");
     let p = b
-        .prepend_to_sequence("embeddings", Some("attention_mask"), 0, HIDDEN, Init::Zeros)
+        .prepend_to_sequence(
+            "embeddings",
+            Some("attention_mask"),
+            0,
+            HIDDEN,
+            Init::Zeros,
+            false,
+        )
         .unwrap();
     assert_eq!(
         (p.prompt, p.output.as_str(), p.mask_output.as_deref()),
@@ -729,6 +775,7 @@ fn patch_json_round_trips_with_documented_shapes() {
             high: 0.5,
             seed: 2,
         },
+        false,
     )
     .unwrap();
     let patch = b.finish().patch;
@@ -910,7 +957,14 @@ fn block_lists_a_helpers_nodes_and_passes_errors_through() {
     assert_eq!(names.nodes, nodes);
     let (prompt, nodes) = b
         .block(|b| {
-            b.prepend_to_sequence("embeddings", Some("attention_mask"), 2, HIDDEN, Init::Zeros)
+            b.prepend_to_sequence(
+                "embeddings",
+                Some("attention_mask"),
+                2,
+                HIDDEN,
+                Init::Zeros,
+                false,
+            )
         })
         .unwrap();
     assert_eq!(prompt.nodes, nodes);
