@@ -8,7 +8,8 @@ from. It writes `models/references/graft-export-<arch>/` = graft's export files 
 (PEFT's outputs on the fixture inputs). core/tests/peft.rs checks graft's patched graph against
 those outputs. For prompt tuning, graft grafts its own seeded prompt on bert, gpt2 and llama,
 exports it, and PEFT's outputs on that export (graft-export-prompt-<arch>/) must equal graft's;
-core/tests/prompt_tuning.rs checks them again.
+core/tests/soft_prompts.rs checks them again. Prefix tuning likewise on the gpt2 and llama
+models exported with a cache (graft-export-prefix-<arch>/).
 
 Usage: python models/check_graft_export.py [--graft target/debug/graft]
 """
@@ -73,6 +74,53 @@ def check_prompt_export(graft: str, arch: str) -> list[str]:
     return []
 
 
+# Prefix tuning: the same on the models exported with a cache; graft's graph runs with empty
+# caches on the inputs of the PEFT prefix recording (no past), where PEFT's cache is the prefix.
+PREFIX_ARCHS = ["gpt2", "llama"]
+
+
+def check_prefix_export(graft: str, arch: str) -> list[str]:
+    """graft apply -m prefix_tuning (PROMPT_SETTINGS) on fixtures/<arch>-past-legacy, export as
+    PEFT files into references/graft-export-prefix-<arch>/, load them with
+    PeftModel.from_pretrained and record its logits there (outputs.npz) on
+    references/peft-prefix-<arch>/inputs.npz; returns the failures."""
+    import onnxruntime as ort
+
+    out = ROOT / "models/references" / f"graft-export-prefix-{arch}"
+    fixture = ROOT / f"models/fixtures/{arch}-past-legacy"
+    with np.load(ROOT / f"models/references/peft-prefix-{arch}/inputs.npz") as z:
+        feeds = {k: z[k] for k in z.files}
+    with tempfile.TemporaryDirectory() as tmp:
+        patched = Path(tmp) / "patched.onnx"
+        subprocess.run([graft, "apply", str(fixture / "model.onnx"), "-m", "prefix_tuning",
+                        *PROMPT_SETTINGS, "-o", str(patched)], check=True, stdout=subprocess.DEVNULL)
+        if out.exists():
+            shutil.rmtree(out)
+        subprocess.run([graft, "export", str(patched), "--format", "peft", "-o", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        session = ort.InferenceSession(str(patched))
+        batch = feeds["input_ids"].shape[0]
+        graph_feeds = dict(feeds)
+        for i in session.get_inputs():
+            if i.name not in feeds:
+                graph_feeds[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+        graft_logits = session.run(["logits"], graph_feeds)[0]
+    rec = R.base_recording(arch)
+    model = PeftModel.from_pretrained(rec.model, str(out))
+    model.eval()
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(feeds["input_ids"]),
+                       attention_mask=torch.from_numpy(feeds["attention_mask"])).logits.numpy()
+    R.G.write_npz(out / "outputs.npz", {"logits": logits})
+    difference = float(np.max(np.abs(logits - graft_logits)))
+    print(f"prefix {arch}: PEFT on graft's export vs graft {difference:.3g} (logits {list(logits.shape)})")
+    if not difference <= PROMPT_TOLERANCE:
+        return [f"prefix {arch}: PEFT computes differently from graft ({difference:.3g})"]
+    return []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--graft", default=str(ROOT / "target/debug/graft"))
@@ -103,6 +151,8 @@ def main() -> int:
             failed.append(f"{arch}: PEFT computes differently from graft's export ({difference:.3g})")
     for arch in PROMPT_ARCHS:
         failed += check_prompt_export(ns.graft, arch)
+    for arch in PREFIX_ARCHS:
+        failed += check_prefix_export(ns.graft, arch)
     for failure in failed:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failed else 0

@@ -21,6 +21,15 @@ Recordings (each into models/references/<name>/):
       outputs.npz          PeftModel outputs on fixtures/<arch>-legacy/inputs.npz, as PEFT
                            returns them (bert [B, 2]; gpt2/llama [B, 4+S, V], virtual first)
 
+  peft-prefix-gpt2, peft-prefix-llama   HF PEFT prefix tuning
+      PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=False)
+      on base_recording(arch) (= the <arch>-past fixtures' weights, checked); table <- seeded N(0, 0.5^2)
+      adapter_config.json, adapter_model.safetensors   (key prompt_embeddings [4, L*2*token_dim];
+                           token_dim = kv_heads * head_dim: gpt2 32, llama 16)
+      inputs.npz           fixtures/<arch>-past-legacy input_ids and attention_mask[:, P:] (no past)
+      outputs.npz          PeftModel logits [B, S, V] on inputs.npz
+      (table -> per-layer past mapping, mask / position / label treatment: PREFIX_TREATMENT)
+
   train-bert, train-llama            20 AdamW steps of LoRA training
       data.jsonl           pre-tokenized, already padded examples; batch k = lines
                            [k*B, (k+1)*B) (mod the dataset), no shuffling
@@ -47,6 +56,7 @@ Usage (from the repository root):
   python models/record_references.py            # everything
   python models/record_references.py --only train-llama --out /tmp/refs
   python models/record_references.py --only adalora-bert,adalora-llama
+  python models/record_references.py --only peft-prefix-gpt2,peft-prefix-llama
 """
 
 from __future__ import annotations
@@ -81,7 +91,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from peft.tuners.adalora import AdaLoraLayer  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
@@ -542,6 +552,396 @@ def record_prompt_tuning(arch: str, out_dir: Path) -> dict:
         "max_abs_output": max(float(np.max(np.abs(a))) for a in out.values()),
         "max_abs_base_output": max(float(np.max(np.abs(a))) for a in base_out.values()),
         "peft_input_treatment": {**PROMPT_INPUT_TREATMENT["common"], **PROMPT_INPUT_TREATMENT[task]},
+        "peft_input_probe": probe,
+        "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 1c. PEFT prefix tuning: prefix key/value table + outputs
+# --------------------------------------------------------------------------------------
+
+PREFIX_VIRTUAL_TOKENS = 4
+PREFIX_STD = 0.5  # the saved table <- seeded N(0, PREFIX_STD^2), so that it is clearly non-zero
+PREFIX_MAPPING_TOL = 1e-5  # hand-built past (plain HF model / fixture ONNX) vs PEFT's logits
+
+# How PEFT 0.21.2 maps the saved table to the per-layer past key/value tensors and treats the
+# inputs of a CAUSAL_LM prefix-tuning forward; written into the manifest and checked by
+# record_prefix_tuning / probe_prefix_inputs.  L = num_layers, n = num_virtual_tokens,
+# H = the config's num_attention_heads (= the model's KV heads), hd = token_dim // H.
+PREFIX_TREATMENT = {
+    "saved_table": "adapter_model.safetensors holds ONE tensor, `prompt_embeddings` [n, L*2*token_dim] (float32) = "
+    "PrefixEncoder.embedding.weight (prefix_projection=False: the embedding IS the flattened key/value prefix; "
+    "BasePromptEncoder._get_adapter_state_dict -> get_prompt_embedding_to_save = prompt_encoder(arange(n))[0]). "
+    "Row t is virtual position t.",
+    "token_dim": "utils/other.py _prepare_prompt_learning_config: token_dim = hidden_size (gpt2: n_embd), "
+    "num_attention_heads = the config's heads; for a config with num_key_value_heads (llama) and PREFIX_TUNING it is "
+    "REPLACED by token_dim = head_dim * num_key_value_heads and num_attention_heads = num_key_value_heads "
+    "(head_dim = config.head_dim, else hidden_size // num_attention_heads). adapter_config.json stores these replaced "
+    "values (llama fixture: token_dim 16, num_attention_heads 2 — the KV heads, not the 4 query heads).",
+    "table_to_past": "peft_model.py get_prompt: table.repeat(B, 1, 1).view(B, n, 2L, H, hd).permute(2, 0, 3, 1, 4) "
+    "-> [2L, B, H, n, hd], .split(2) -> L chunks [2, B, H, n, hd]; chunk i = (key_i, value_i); DynamicCache(chunks). "
+    "Index form: key_i[b, h, t, d] = table[t, (2i)*H*hd + h*hd + d], value_i[b, h, t, d] = table[t, (2i+1)*H*hd + h*hd + d] "
+    "(same for every b). I.e. the last axis is [layer, {key, value}, head, head_dim] row-major: layer i's key is columns "
+    "[2i*token_dim, (2i+1)*token_dim), its value the next token_dim columns, each head-major (head h = hd consecutive "
+    "columns). No RoPE or other transform is applied: the tensors are used as cached (post-RoPE) keys and values.",
+    "input_ids": "passed to the HF model unchanged (no inputs_embeds; the virtual tokens exist only as past key/values)",
+    "past_key_values": "PeftModelForCausalLM.forward overwrites kwargs['past_key_values'] with get_prompt(B): a DynamicCache "
+    "holding n positions per layer (transformers 5 maps the deprecated kwarg to `cache`); any past the caller passes is "
+    "discarded",
+    "attention_mask": "torch.cat((torch.ones(B, n), attention_mask), dim=1): n ones PREPENDED (float32, so the int64 mask is "
+    "promoted and the HF model receives a float32 [B, n+S] mask of 1.0/0.0); the virtual positions are always attended",
+    "position_ids": "not given (as in outputs.npz): the HF model counts from the cache length, position_ids = n + arange(S) "
+    "(gpt2: wpe rows n..n+S-1; llama: RoPE angles of positions n..n+S-1 on q and on the new k). If given: "
+    "_adjust_prompt_learning_kwargs ADDS n (position_ids + num_virtual_tokens) and passes them on",
+    "token_type_ids": "dropped (warning 'Token type ids are not supported ...', set to None)",
+    "labels": "passed through UNCHANGED ([B, S], no -100 prefix: the logits cover only the S real tokens); the HF loss is "
+    "the usual shifted cross entropy over them",
+    "outputs": "logits [B, S, vocab] (no virtual positions); with use_cache the returned cache holds n+S positions",
+    "inference_mode": "PeftModel.from_pretrained (inference_mode=True): get_prompt uses embedding.weight.repeat(B, 1, 1) "
+    "instead of prompt_encoder(prompt_tokens) — the same values",
+}
+
+
+def prefix_past_from_table(table: np.ndarray, n_layers: int, heads: int, head_dim: int, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stated mapping, with explicit indices (independent of PEFT's view/permute code):
+    key_i[b, h, t, d] = table[t, (2i)*H*hd + h*hd + d], value_i[b, h, t, d] = table[t, (2i+1)*H*hd + h*hd + d]."""
+    n = table.shape[0]
+    token_dim = heads * head_dim
+    if table.shape[1] != n_layers * 2 * token_dim:
+        raise AssertionError(f"table {table.shape} is not [n, {n_layers}*2*{token_dim}]")
+    out = []
+    for i in range(n_layers):
+        kv = []
+        for which in (0, 1):  # 0 = key, 1 = value
+            t_ = np.empty((batch, heads, n, head_dim), dtype=table.dtype)
+            for b in range(batch):
+                for h in range(heads):
+                    for t in range(n):
+                        for d in range(head_dim):
+                            t_[b, h, t, d] = table[t, (2 * i + which) * token_dim + h * head_dim + d]
+            kv.append(t_)
+        out.append((kv[0], kv[1]))
+    return out
+
+
+def wrong_layouts(table: np.ndarray, n_layers: int, heads: int, head_dim: int, batch: int) -> dict[str, list]:
+    """Plausible but wrong readings of the table (negative controls for the mapping check)."""
+    n, token_dim = table.shape[0], heads * head_dim
+
+    def tile(x):  # [n, H, hd] -> [B, H, n, hd]
+        return np.ascontiguousarray(np.broadcast_to(x.transpose(1, 0, 2)[None], (batch, heads, n, head_dim)))
+
+    right = prefix_past_from_table(table, n_layers, heads, head_dim, batch)
+    kv_major = table.reshape(n, 2, n_layers, token_dim)  # [key of all layers, value of all layers]
+    return {
+        "key_and_value_swapped": [(v, k) for k, v in right],
+        "kv_major_last_axis ([2, L, H, hd] instead of [L, 2, H, hd])": [
+            (tile(kv_major[:, 0, i].reshape(n, heads, head_dim)), tile(kv_major[:, 1, i].reshape(n, heads, head_dim)))
+            for i in range(n_layers)
+        ],
+        "head_dim_major_within_layer ([hd, H] instead of [H, hd])": [
+            tuple(tile(table[:, (2 * i + w) * token_dim:(2 * i + w + 1) * token_dim].reshape(n, head_dim, heads).transpose(0, 2, 1)) for w in (0, 1))
+            for i in range(n_layers)
+        ],
+    }
+
+
+def run_with_prefix_past(model, config, ids: torch.Tensor, mask: torch.Tensor, past: list, **extra) -> torch.Tensor:
+    """The plain HF model with `past` ([(key, value)] per layer) as its cache and n ones prepended to the mask."""
+    n = past[0][0].shape[2]
+    cache = transformers.DynamicCache([(torch.from_numpy(k), torch.from_numpy(v)) for k, v in past], config=config)
+    ext = torch.cat((torch.ones(ids.shape[0], n, dtype=mask.dtype), mask), dim=1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=ext, cache=cache, use_cache=True, return_dict=True, **extra).logits
+
+
+def check_past_fixture(arch: str, rec: G.Recording) -> dict:
+    """base_recording(arch) has the weights of the <arch>-past fixtures: with the fixture's own past inputs it
+    reproduces fixtures/<arch>-past-<exporter>/outputs.npz (logits and present.*)."""
+    past_rec = G.REGISTRY[f"{arch}-past"]()
+    sd_a, sd_b = rec.model.state_dict(), past_rec.model.state_dict()
+    same = sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    if not same:
+        raise AssertionError(f"{arch}: base_recording weights differ from generate.REGISTRY['{arch}-past']")
+    res = {"state_dict_equal_to_registry_past_model": same}
+    for exporter in G.EXPORTERS:
+        feeds = fixture_arrays(f"{arch}-past", exporter, "inputs")
+        want = fixture_arrays(f"{arch}-past", exporter, "outputs")
+        got = run_outputs(past_rec, rec.model, feeds)  # the -past fixture's run (DynamicCache of the fixture's past), base_recording's model
+        d = max_diff(got, want)
+        if d > FIXTURE_TOL:
+            raise AssertionError(f"{arch}-past-{exporter}: base_recording('{arch}') with the fixture's past differs from outputs.npz by {d:.3g}")
+        res[exporter] = {"max_abs_diff": d, "bit_identical": all(np.array_equal(got[k], want[k]) for k in want), "compared": sorted(want)}
+    a, b = fixture_arrays(f"{arch}-past", "legacy", "inputs"), fixture_arrays(f"{arch}-past", "dynamo", "inputs")
+    res["legacy_and_dynamo_inputs_identical"] = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    res["how"] = (f"generate.REGISTRY['{arch}-past']().run (fixture past -> DynamicCache, use_cache=True) applied to "
+                  f"base_recording('{arch}').model on fixtures/{arch}-past-<exporter>/inputs.npz")
+    return res
+
+
+@torch.no_grad()
+def probe_prefix_inputs(rec: G.Recording, model, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray], past: list) -> dict:
+    """Check PREFIX_TREATMENT against the kwargs PEFT passes to the HF model (forward pre-hook): call 1 is the
+    recording's own run (rec.run); call 2 adds position_ids = arange(S), token_type_ids, labels and use_cache=True."""
+    n = model.active_peft_config.num_virtual_tokens
+    seen = []
+
+    def hook(_mod, args, kwargs):
+        snap = {}
+        for k, v in kwargs.items():
+            if torch.is_tensor(v):
+                snap[k] = v.detach().clone()
+            elif isinstance(v, transformers.Cache):
+                snap[k] = {"type": type(v).__name__, "seq_length": v.get_seq_length(),
+                           "layers": [(ly.keys.detach().clone(), ly.values.detach().clone()) for ly in v.layers]}
+            else:
+                snap[k] = v
+        seen.append((len(args), snap))
+
+    ids = torch.from_numpy(feeds["input_ids"])
+    mask = torch.from_numpy(feeds["attention_mask"])
+    b, s = ids.shape
+    handle = model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        plain = run_outputs(rec, model, feeds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(s).expand(b, s).contiguous(),
+                        token_type_ids=torch.ones(b, s, dtype=torch.int64), labels=ids.clone(), use_cache=True, return_dict=True)
+    finally:
+        handle.remove()
+    if len(seen) != 2 or any(nargs for nargs, _ in seen):
+        raise AssertionError(f"prefix: expected 2 keyword-only calls of the HF model, got {[(a, sorted(k)) for a, k in seen]}")
+    k1, k2 = seen[0][1], seen[1][1]
+
+    def fail(what):
+        raise AssertionError(f"prefix {rec.arch}: {what}")
+
+    want_mask = torch.cat((torch.ones(b, n), mask), dim=1)
+    for k in (k1, k2):
+        if not torch.equal(k.get("input_ids"), ids) or k.get("inputs_embeds") is not None:
+            fail("input_ids not passed unchanged")
+        if k["attention_mask"].dtype != torch.float32 or not torch.equal(k["attention_mask"], want_mask):
+            fail("attention_mask != cat(ones(B, n), mask) as float32")
+        c = k.get("past_key_values")
+        if not isinstance(c, dict) or c["type"] != "DynamicCache" or c["seq_length"] != n or len(c["layers"]) != len(past):
+            fail(f"past_key_values is not a DynamicCache of {n} positions: {c if not isinstance(c, dict) else c['type']}")
+        for (kk, vv), (wk, wv) in zip(c["layers"], past):
+            if not (torch.equal(kk, torch.from_numpy(wk)) and torch.equal(vv, torch.from_numpy(wv))):
+                fail("PEFT's cache != the hand-built past (prefix_past_from_table)")
+        if k.get("token_type_ids") is not None:
+            fail("token_type_ids reached the HF model")
+    if k1.get("position_ids") is not None:
+        fail("position_ids passed on call 1")
+    if not torch.equal(k2["position_ids"], torch.arange(s).expand(b, s) + n):
+        fail("position_ids != given + n")
+    if not torch.equal(k2["labels"], ids):
+        fail("labels changed")
+    if max_diff(plain, out) != 0.0:
+        fail("run not reproducible")
+    logits = torch.from_numpy(out["logits"])
+    d_call2 = float((res.logits - logits).abs().max())
+    if d_call2 != 0.0:
+        fail(f"position_ids=arange(S) (+n by PEFT) / token_type_ids / labels / use_cache changed the logits by {d_call2:.3g}")
+    explicit_loss = F.cross_entropy(res.logits[:, :-1].reshape(-1, res.logits.shape[-1]), ids[:, 1:].reshape(-1))
+    d_loss = abs(float(res.loss) - float(explicit_loss))
+    if d_loss > 1e-6:
+        fail(f"loss != cross_entropy(logits[:, :-1], labels[:, 1:]) ({d_loss:.3g})")
+    present = res.cache.get_seq_length() if res.cache is not None else None
+    if present != n + s:
+        fail(f"returned cache holds {present} positions, expected n+S")
+
+    def desc(v):
+        if torch.is_tensor(v):
+            return {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        if isinstance(v, dict) and "layers" in v:
+            return {"type": v["type"], "seq_length": v["seq_length"], "layers": len(v["layers"]),
+                    "key_shape": list(v["layers"][0][0].shape), "value_shape": list(v["layers"][0][1].shape)}
+        return v
+
+    return {
+        "kwargs_reaching_hf_model_on_rec_run": {k: desc(v) for k, v in sorted(k1.items())},
+        "kwargs_reaching_hf_model_with_position_ids_labels_token_type_ids": {k: desc(v) for k, v in sorted(k2.items())},
+        "extra_call": "model(input_ids, attention_mask, position_ids=arange(S), token_type_ids=ones, labels=input_ids, use_cache=True): "
+        "position_ids reach the HF model as arange(S) + n, labels unchanged [B, S], token_type_ids None; logits identical to "
+        "outputs.npz (max abs diff 0.0); the returned cache holds n+S positions",
+        "loss_vs_explicit_shifted_cross_entropy": d_loss,
+        "peft_warnings": sorted({str(w.message) for w in caught if "not supported" in str(w.message)}),
+        "checked": "input_ids passed unchanged, no inputs_embeds; attention_mask = cat(ones(B, n), mask) float32; past_key_values = "
+        "DynamicCache of n positions equal (bit for bit) to prefix_past_from_table; token_type_ids None; position_ids None "
+        "(call 1) / given + n (call 2); labels unchanged",
+    }
+
+
+def record_prefix_tuning(arch: str, out_dir: Path) -> dict:
+    """HF PEFT prefix tuning: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=False).
+
+    Base model: base_recording(arch) (the gpt2 / llama recordings' model), checked to carry the weights of the
+    <arch>-past fixtures (check_past_fixture).  torch.manual_seed(seed_of("prefix", arch)) right before
+    get_peft_model (PrefixEncoder's nn.Embedding draws N(0, 1)); then the table is overwritten with seeded
+    N(0, 0.5^2) values (gen("prefix", arch)).  Inputs: the <arch>-past-legacy fixture's input_ids and the last S
+    columns of its attention_mask (its inputs without the past), saved as inputs.npz; outputs.npz = exactly what the
+    PeftModel returns (logits [B, S, V]).  The table -> past mapping (PREFIX_TREATMENT) is checked by building the
+    past by hand, feeding it to the plain HF model and to the <arch>-past fixture ONNX graphs (onnxruntime)."""
+    n = PREFIX_VIRTUAL_TOKENS
+    name = f"peft-prefix-{arch}"
+    rec = base_recording(arch)
+    past_check = check_past_fixture(arch, rec)
+    past_feeds = fixture_arrays(f"{arch}-past", "legacy", "inputs")
+    p = past_feeds["past_key_values.0.key"].shape[2]
+    feeds = {
+        "input_ids": np.ascontiguousarray(past_feeds["input_ids"]),
+        "attention_mask": np.ascontiguousarray(past_feeds["attention_mask"][:, p:]),
+    }
+    b, s = feeds["input_ids"].shape
+    if feeds["attention_mask"].shape != (b, s):
+        raise AssertionError(f"{name}: attention_mask[:, {p}:] has shape {feeds['attention_mask'].shape}, expected {(b, s)}")
+    base_out = run_outputs(rec, rec.model, feeds)
+
+    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=False)
+    init_seed = seed_of("prefix", arch)
+    torch.manual_seed(init_seed)  # PrefixEncoder's nn.Embedding draws N(0, 1) from the global RNG (overwritten below)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(rec.model, cfg)
+    pc = model.peft_config["default"]
+    heads, token_dim, n_layers = pc.num_attention_heads, pc.token_dim, pc.num_layers
+    head_dim = token_dim // heads
+    hf = rec.config
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    model_head_dim = hf.hidden_size // hf.num_attention_heads
+    if (heads, head_dim, n_layers) != (kv_heads, model_head_dim, hf.num_hidden_layers):
+        raise AssertionError(f"{name}: PEFT heads/head_dim/layers {(heads, head_dim, n_layers)} != the model's KV layout")
+    emb = model.prompt_encoder["default"].embedding
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=gen("prefix", arch), dtype=emb.weight.dtype) * PREFIX_STD)
+    table = emb.weight.detach().clone()
+    if list(table.shape) != [n, n_layers * 2 * token_dim]:
+        raise AssertionError(f"{name}: embedding {list(table.shape)}")
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    save_adapter(model, out_dir)
+    saved = safetensors.torch.load_file(str(out_dir / "adapter_model.safetensors"))
+    if sorted(saved) != ["prompt_embeddings"] or not torch.equal(saved["prompt_embeddings"], table):
+        raise AssertionError(f"{name}: saved {sorted(saved)} is not exactly prompt_embeddings = the live table")
+
+    model.eval()
+    out = run_outputs(rec, model, feeds)
+    shapes = {k: list(v.shape) for k, v in out.items()}
+    if shapes["logits"] != [b, s, rec.config.vocab_size]:
+        raise AssertionError(f"{name}: logits shape {shapes['logits']}, expected [B, S, V]")
+    d_base = max_diff(out, base_out)
+    if d_base < 1e-3:
+        raise AssertionError(f"{name}: the prefix barely changes the outputs ({d_base:.3g})")
+    logits = torch.from_numpy(out["logits"])
+
+    # the mapping, by hand: past from the SAVED table -> plain HF model (fresh), mask extended by n ones
+    past = prefix_past_from_table(saved["prompt_embeddings"].numpy(), n_layers, heads, head_dim, b)
+    with torch.no_grad():
+        peft_past = model.get_prompt(b)
+    d_get_prompt = max(
+        max(float((ly.keys - torch.from_numpy(k)).abs().max()), float((ly.values - torch.from_numpy(v)).abs().max()))
+        for ly, (k, v) in zip(peft_past.layers, past)
+    )
+    if d_get_prompt != 0.0:
+        raise AssertionError(f"{name}: PEFT get_prompt != prefix_past_from_table ({d_get_prompt:.3g})")
+    fresh = base_recording(arch)
+    ids_t, mask_t = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    d_manual = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, past) - logits).abs().max())
+    d_manual_pos = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, past,
+                                               position_ids=(torch.arange(s) + n).expand(b, s).contiguous()) - logits).abs().max())
+    d_manual_f32 = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t.float(), past) - logits).abs().max())
+    if max(d_manual, d_manual_pos, d_manual_f32) > PREFIX_MAPPING_TOL:
+        raise AssertionError(f"{name}: hand-built past vs PEFT: {d_manual:.3g} / {d_manual_pos:.3g} / {d_manual_f32:.3g}")
+    d_wrong = {k: float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, w) - logits).abs().max())
+               for k, w in wrong_layouts(saved["prompt_embeddings"].numpy(), n_layers, heads, head_dim, b).items()}
+    if min(d_wrong.values()) < 1e-3:
+        raise AssertionError(f"{name}: a wrong layout reproduces PEFT's logits: {d_wrong}")
+    d_pos0 = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, past,
+                                         position_ids=torch.arange(s).expand(b, s).contiguous()) - logits).abs().max())
+    # the fed mask is all ones (the fixture pads only inside its past): repeat the check with a padded mask
+    padded = mask_t.clone()
+    padded[-1, -2:] = 0  # last example right-padded by 2
+    with torch.no_grad():
+        peft_padded = model(input_ids=ids_t, attention_mask=padded, use_cache=False, return_dict=True).logits
+    d_manual_padded = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, padded, past) - peft_padded).abs().max())
+    d_padded_vs_unpadded = float((peft_padded - logits).abs().max())
+    if d_manual_padded > PREFIX_MAPPING_TOL or d_padded_vs_unpadded < 1e-3:
+        raise AssertionError(f"{name}: padded mask: hand-built vs PEFT {d_manual_padded:.3g}, padded vs unpadded {d_padded_vs_unpadded:.3g}")
+
+    # the same past fed to the <arch>-past fixture graphs (ORT): the ONNX form of the mapping
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    d_ort = {}
+    for exporter in G.EXPORTERS:
+        sess = ort.InferenceSession(str(FIXTURES_DIR / f"{arch}-past-{exporter}" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        for label, m, want in (("", feeds["attention_mask"], out["logits"]), (" (padded mask)", padded.numpy(), peft_padded.numpy())):
+            ort_feeds = {"input_ids": feeds["input_ids"], "attention_mask": np.concatenate((np.ones((b, n), dtype=m.dtype), m), axis=1)}
+            for i, (k, v) in enumerate(past):
+                ort_feeds[f"past_key_values.{i}.key"], ort_feeds[f"past_key_values.{i}.value"] = k, v
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ort_feeds)))
+            d_ort[f"{arch}-past-{exporter}{label}"] = float(np.max(np.abs(got["logits"].astype(np.float64) - want.astype(np.float64))))
+    if max(d_ort.values()) > PREFIX_MAPPING_TOL:
+        raise AssertionError(f"{name}: fixture ONNX with the hand-built past vs PEFT: {d_ort}")
+
+    probe = probe_prefix_inputs(rec, model, feeds, out, past)
+    G.write_npz(out_dir / "outputs.npz", out)
+    G.write_npz(out_dir / "inputs.npz", feeds)
+
+    fresh2 = base_recording(arch)
+    loaded = PeftModel.from_pretrained(fresh2.model, str(out_dir))
+    loaded.eval()
+    d_reload = max_diff(run_outputs(fresh2, loaded, feeds), out)
+    if d_reload != 0.0:
+        raise AssertionError(f"{name}: reloaded prefix differs from outputs.npz by {d_reload:.3g}")
+    written = json.loads((out_dir / "adapter_config.json").read_text())
+    return {
+        "base_fixture": f"{arch}-past-legacy (= {arch}-past-dynamo; same weights as {arch}-legacy / -dynamo)",
+        "base_model": f"base_recording('{arch}')",
+        "inputs": f"inputs.npz (in this folder) = models/fixtures/{arch}-past-legacy/inputs.npz input_ids and attention_mask[:, {p}:] "
+        f"(the fixture's inputs without its past of P={p}; every fed mask entry is 1: the fixture pads only inside the past)",
+        "past_fixture_check": past_check,
+        "peft": {"class": type(model).__name__,
+                 "config": f"PrefixTuningConfig(task_type='CAUSAL_LM', num_virtual_tokens={n}, prefix_projection=False)"},
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": n,
+        "adapter_config_prefix_fields": {k: written.get(k) for k in ("peft_type", "num_virtual_tokens", "token_dim", "num_attention_heads",
+                                                                       "num_layers", "num_transformer_submodules", "encoder_hidden_size",
+                                                                       "prefix_projection", "inference_mode")},
+        "model_heads": {"num_attention_heads": hf.num_attention_heads, "num_key_value_heads": kv_heads, "head_dim": model_head_dim},
+        "token_dim": token_dim,
+        "token_dim_rule": f"{kv_heads} KV heads x head_dim {head_dim}" + (
+            f" (GQA: PEFT replaces hidden_size {hf.hidden_size} / {hf.num_attention_heads} heads by num_key_value_heads * head_dim)"
+            if kv_heads != hf.num_attention_heads else " = hidden_size (no num_key_value_heads in the config)"),
+        "table": {"key": "prompt_embeddings", "shape": list(table.shape), "layout": f"[n={n}, L={n_layers} x 2 x H={heads} x hd={head_dim}]"},
+        "table_to_past_formula": f"key_i[b, h, t, d] = prompt_embeddings[t, (2*i)*{token_dim} + h*{head_dim} + d]; "
+        f"value_i[b, h, t, d] = prompt_embeddings[t, (2*i+1)*{token_dim} + h*{head_dim} + d]; past tensors [B, {heads}, {n}, {head_dim}]",
+        "prefix_init": f"torch.manual_seed({init_seed}) then get_peft_model (PrefixEncoder nn.Embedding N(0, 1)), then embedding.weight <- "
+        f"randn * {PREFIX_STD} from torch.Generator seeded {seed_of('prefix', arch)} (gen('prefix', '{arch}'))",
+        "prefix_init_seed": init_seed,
+        "prefix_table_std": float(table.std()),
+        "base_output_shapes": {k: list(v.shape) for k, v in base_out.items()},
+        "output_shapes": shapes,
+        "outputs_npz": "exactly what the PeftModel returns via the recording's rec.run (use_cache=False): logits [B, S, V]",
+        "max_abs_prefix_vs_base": d_base,
+        "max_abs_get_prompt_vs_formula": d_get_prompt,
+        "max_abs_hand_built_past_vs_outputs": {
+            "plain HF model, cache = formula past, mask = cat(ones int64, mask), default positions": d_manual,
+            "same, explicit position_ids = n + arange(S)": d_manual_pos,
+            "same, float32 mask": d_manual_f32,
+            "padded mask (last example right-padded by 2; PEFT called with it too, not in outputs.npz)": d_manual_padded,
+            "fixture ONNX graphs (onnxruntime), past_key_values.{i}.key/value = formula past, attention_mask = cat(ones, mask)": d_ort,
+        },
+        "max_abs_wrong_layouts_vs_outputs (negative controls)": d_wrong,
+        "max_abs_padded_mask_vs_outputs (the padded-mask check changes the logits)": d_padded_vs_unpadded,
+        "max_abs_positions_from_0_vs_outputs (positions arange(S) instead of n + arange(S))": d_pos0,
+        "max_abs_reloaded_vs_outputs": d_reload,
+        "max_abs_output": max(float(np.max(np.abs(a))) for a in out.values()),
+        "max_abs_base_output": max(float(np.max(np.abs(a))) for a in base_out.values()),
+        "peft_treatment": PREFIX_TREATMENT,
         "peft_input_probe": probe,
         "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
     }
@@ -1430,6 +1830,8 @@ RECORDINGS = {
     "peft-prompt-bert": lambda d: record_prompt_tuning("bert", d),
     "peft-prompt-gpt2": lambda d: record_prompt_tuning("gpt2", d),
     "peft-prompt-llama": lambda d: record_prompt_tuning("llama", d),
+    "peft-prefix-gpt2": lambda d: record_prefix_tuning("gpt2", d),
+    "peft-prefix-llama": lambda d: record_prefix_tuning("llama", d),
     "train-bert": lambda d: record_train("bert", d),
     "train-llama": lambda d: record_train("llama", d),
     "adalora-bert": lambda d: record_adalora("bert", d),

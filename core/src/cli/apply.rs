@@ -50,7 +50,7 @@ pub struct Args {
         required_unless_present_any = ["from_peft", "from_adapterhub"]
     )]
     methods: Vec<String>,
-    /// Import the HF PEFT adapter saved in DIR (LoRA or PROMPT_TUNING) instead of applying
+    /// Import the HF PEFT adapter saved in DIR (LORA, PROMPT_TUNING, PREFIX_TUNING) instead of applying
     /// methods.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings"])]
     from_peft: Option<PathBuf>,
@@ -114,8 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for warning in report.warnings() {
             eprintln!("warning: {warning}");
         }
-        if let Some(n) = report.prompt_tokens {
-            println!("prompt_tuning: {n} virtual tokens");
+        if let Some((method, n)) = &report.prompt {
+            println!("{method}: {n} virtual tokens");
         }
         for branch in &report.branches {
             println!(

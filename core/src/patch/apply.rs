@@ -159,6 +159,27 @@ fn apply_to(
         }
     }
 
+    for rewire in &patch.output_rewires {
+        let defined = graph.defined_values();
+        let fresh = Graph::first_free_name(&format!("{}.base", rewire.output), |name| {
+            defined.contains(name)
+        });
+        rename_definition(graph, &rewire.output, &fresh)?;
+        for node in graph.nodes.iter_mut() {
+            for input in node.inputs.iter_mut().filter(|i| **i == rewire.output) {
+                *input = fresh.clone();
+            }
+        }
+        let mut identity = Node::new(
+            format!("graft.output.{}", rewire.output),
+            "Identity",
+            vec![rewire.replacement.clone()],
+            vec![rewire.output.clone()],
+        );
+        identity.doc_string = "graft: the graph output returns another value".into();
+        graph.nodes.push(identity);
+        renamed.insert(rewire.output.clone(), fresh);
+    }
     for output in &patch.graph_outputs {
         graph.outputs.push(ValueInfo::tensor(
             &output.name,

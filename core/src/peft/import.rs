@@ -59,8 +59,9 @@ pub struct ImportReport {
     /// True when the config had no `target_modules` and the modules of the tensor file were
     /// used instead.
     pub targets_from_file: bool,
-    /// For a prompt-tuning adapter: its number of virtual tokens.
-    pub prompt_tokens: Option<usize>,
+    /// For a prompt-learning adapter: the method that grafted it and its number of virtual
+    /// tokens.
+    pub prompt: Option<(String, usize)>,
 }
 
 impl ImportReport {
@@ -125,13 +126,13 @@ impl ImportReport {
 /// no linear site of the model, and shape mismatches are errors naming the file and key. On any
 /// error `model` is left as it was.
 ///
-/// A `PROMPT_TUNING` adapter is grafted by the `prompt_tuning` method instead (see
-/// [`super::prompt`]).
+/// `PROMPT_TUNING` and `PREFIX_TUNING` adapters are grafted by the `prompt` plugin's methods
+/// instead (see [`super::prompt`]).
 pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Result<ImportReport> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
-    if super::prompt::is_prompt_tuning(&config_path)? {
-        return super::prompt::import(registry, model, dir);
+    if let Some(method) = super::prompt::prompt_learning_method(&config_path)? {
+        return super::prompt::import(registry, model, dir, method);
     }
     let missing: Vec<String> = [&config_path, &weights_path]
         .iter()
@@ -286,7 +287,7 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         ignored_fields,
         skipped_keys,
         targets_from_file,
-        prompt_tokens: None,
+        prompt: None,
     })
 }
 

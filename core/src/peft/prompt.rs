@@ -1,10 +1,11 @@
-//! HF PEFT prompt-tuning adapters (`peft_type` `PROMPT_TUNING`): grafted by the `prompt`
-//! plugin's `prompt_tuning` method, whose declared [`PeftFiles`](graft_plugin_sdk::PeftFiles)
-//! also write them back (see [`super::mapped`]).
+//! HF PEFT prompt-learning adapters (`peft_type` `PROMPT_TUNING`, `PREFIX_TUNING`): grafted
+//! by the `prompt` plugin's `prompt_tuning` and `prefix_tuning` methods, whose declared
+//! [`PeftFiles`](graft_plugin_sdk::PeftFiles) also write them back (see [`super::mapped`]).
 //!
-//! PEFT saves the prompt as `prompt_embeddings` `[num_virtual_tokens, token_dim]` and, for
-//! classification, the task head it trains as `base_model.<module>.<param>`
-//! (`modules_to_save`); those replace the model's head.
+//! PEFT saves the prompt as `prompt_embeddings` (`[num_virtual_tokens, token_dim]` for prompt
+//! tuning; `[num_virtual_tokens, layers · 2 · kv_width]` for prefix tuning, the prefix every
+//! layer's cache starts with) and, for classification, the task head it trains as
+//! `base_model.<module>.<param>` (`modules_to_save`); those replace the model's head.
 
 use std::path::Path;
 
@@ -17,17 +18,25 @@ use crate::ir::Model;
 use crate::plugins::{apply_method, graph_view, PluginRegistry};
 use crate::{Error, Result};
 
-/// The `peft_type` this module reads.
-const PEFT_TYPE: &str = "PROMPT_TUNING";
+/// The prompt-learning `peft_type`s this module reads, and the method that grafts each.
+const METHODS: &[(&str, &str)] = &[
+    ("PROMPT_TUNING", "prompt_tuning"),
+    ("PREFIX_TUNING", "prefix_tuning"),
+];
 
-/// Whether the `adapter_config.json` at `config_path` is a prompt-tuning adapter's (false when
-/// it is missing or unreadable: the LoRA import reports that).
-pub(super) fn is_prompt_tuning(config_path: &Path) -> Result<bool> {
+/// The method that grafts the adapter whose `adapter_config.json` is at `config_path`, when
+/// it is a prompt-learning adapter graft reads (`None` when the file is missing or names
+/// another type: the LoRA import reports those).
+pub(super) fn prompt_learning_method(config_path: &Path) -> Result<Option<&'static str>> {
     if !config_path.is_file() {
-        return Ok(false);
+        return Ok(None);
     }
     let config = read_json(config_path)?;
-    Ok(config.get("peft_type").and_then(Value::as_str) == Some(PEFT_TYPE))
+    let peft_type = config.get("peft_type").and_then(Value::as_str);
+    Ok(METHODS
+        .iter()
+        .find(|(name, _)| Some(*name) == peft_type)
+        .map(|(_, method)| *method))
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -40,17 +49,19 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-/// Grafts the prompt-tuning adapter saved in `dir` onto `model`, so that the model computes
-/// what PEFT's `PeftModel` computes (outputs gain the virtual positions in front, as PEFT's
-/// do): the `prompt_tuning` method with the config's `num_virtual_tokens` and `task_type`, the
-/// saved prompt, and the saved task head in place of the model's. Refused, naming the file and
-/// field: a prompt for more than one transformer (encoder–decoder prompts), a `token_dim` or
-/// prompt shape other than the model's token embedding width, and a file without the prompt.
-/// On any error `model` is unchanged.
+/// Grafts the prompt-learning adapter saved in `dir` onto `model` with `method` (see
+/// [`prompt_learning_method`]), so that the model computes what PEFT's `PeftModel` computes
+/// (prompt tuning: the outputs gain the virtual positions in front, as PEFT's do): the method
+/// with the config's `num_virtual_tokens` (and, for prompt tuning, `task_type`), the saved
+/// prompt, and the saved task head in place of the model's. Refused, naming the file and
+/// field: a prompt for more than one transformer (encoder–decoder prompts), PEFT's prefix MLP
+/// in training form, a prompt shape other than the model's, and a file without the prompt. On
+/// any error `model` is unchanged.
 pub(super) fn import(
     registry: &PluginRegistry,
     model: &mut Model,
     dir: &Path,
+    method: &str,
 ) -> Result<ImportReport> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -68,6 +79,14 @@ pub(super) fn import(
                  transformer (encoder or decoder), not encoder–decoder prompts"
             )));
         }
+    }
+    if field("prefix_projection").and_then(Value::as_bool) == Some(true) {
+        return Err(fail(
+            "prefix_projection is true: PEFT keeps the prefix MLP (embedding → Linear → Tanh → \
+             Linear) in such files, which graft does not import; save the adapter with \
+             prefix_projection=false"
+                .into(),
+        ));
     }
     let task_type = field("task_type")
         .and_then(Value::as_str)
@@ -92,29 +111,27 @@ pub(super) fn import(
         .find(|t| matches!(t.role, TensorRole::LoraA | TensorRole::LoraB))
     {
         return Err(weights_error(format!(
-            "key {:?} is a LoRA tensor in a {PEFT_TYPE} adapter",
+            "key {:?} is a LoRA tensor in a prompt-learning adapter",
             lora.key
         )));
     }
 
+    let settings = match method {
+        "prompt_tuning" => json!({ "num_virtual_tokens": n, "task_type": task_type }),
+        _ => json!({ "num_virtual_tokens": n }),
+    };
     let mut patched = model.clone();
-    apply_method(
-        registry,
-        &mut patched,
-        "prompt_tuning",
-        &json!({ "num_virtual_tokens": n, "task_type": task_type }),
-    )?;
+    apply_method(registry, &mut patched, method, &settings)?;
     let record = crate::patch::read_record(&patched)?;
     let declared = record
         .methods
         .last()
         .and_then(|m| m.training.peft.as_ref())
         .and_then(|files| files.tensors.first())
-        .ok_or_else(|| fail("the prompt_tuning method declared no prompt tensor".into()))?;
+        .ok_or_else(|| fail(format!("the {method} method declared no prompt tensor")))?;
     if prompt.shape != declared.shape {
         return Err(weights_error(format!(
-            "{PROMPT_KEY:?} is {:?}, but this model's prompt is {:?} (num_virtual_tokens × the \
-             token embedding width){}",
+            "{PROMPT_KEY:?} is {:?}, but this model's {method} prompt is {:?}{}",
             prompt.shape,
             declared.shape,
             match field("token_dim").and_then(Value::as_u64) {
@@ -145,7 +162,7 @@ pub(super) fn import(
     Ok(ImportReport {
         replaced: replacements.into_iter().map(|r| r.report).collect(),
         skipped_keys,
-        prompt_tokens: Some(n),
+        prompt: Some((method.to_owned(), n)),
         ..ImportReport::default()
     })
 }

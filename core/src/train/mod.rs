@@ -3,6 +3,7 @@
 //! feeds batches, clips gradients, updates parameters, evaluates, checkpoints and writes metrics,
 //! the loss curve and the adapter.
 
+mod cache;
 pub mod checkpoint;
 pub mod data;
 mod data_check;
@@ -611,6 +612,7 @@ pub fn train(
             ));
         }
     }
+    let caches = cache::EmptyCaches::of(patched)?;
     let mut session =
         OrtSession::from_bytes(&crate::onnx::to_bytes(&graph.model)?, options.session)?;
     let mut evaluator = match &eval_set {
@@ -745,6 +747,7 @@ pub fn train(
             feeds.extend(
                 collate(&batch)
                     .into_iter()
+                    .chain(caches.feeds(batch.len()))
                     .filter(|(name, _)| session.input_names.contains(name)),
             );
             feeds.extend(participation.feeds(true, step_number, total_steps, micro)?);
@@ -969,6 +972,7 @@ struct Evaluator<'a> {
     graph: EvaluationGraph,
     task: Task,
     batches: Vec<Vec<&'a Example>>,
+    caches: cache::EmptyCaches,
 }
 
 impl<'a> Evaluator<'a> {
@@ -992,6 +996,7 @@ impl<'a> Evaluator<'a> {
             graph,
             task,
             batches,
+            caches: cache::EmptyCaches::of(patched)?,
         })
     }
 
@@ -1019,6 +1024,7 @@ impl<'a> Evaluator<'a> {
             feeds.extend(
                 collated
                     .into_iter()
+                    .chain(self.caches.feeds(batch.len()))
                     .filter(|(name, _)| self.session.input_names.contains(name)),
             );
             let outputs = self.session.run(&feeds)?;

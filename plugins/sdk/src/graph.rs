@@ -286,6 +286,10 @@ pub struct GraphInput {
     /// For `past_key`/`past_value`: the layer whose cache it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<usize>,
+    /// For `past_key`/`past_value`: the graph output that returns this cache with the step's
+    /// keys or values appended (`present`), when the core found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<String>,
 }
 
 /// The role of a site in its layer.

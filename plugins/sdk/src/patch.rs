@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Graph edits, applied by the core atomically (all or nothing) after validation, with this
-/// meaning: add `parameters`, `graph_inputs` and `nodes`; then apply `rewires` in list order;
-/// then expose `graph_outputs` and make `mark_trainable` trainable. `folds` are not applied:
+/// meaning: add `parameters`, `graph_inputs` and `nodes`; then apply `rewires` in list order,
+/// then `output_rewires`; then expose `graph_outputs` and make `mark_trainable` trainable. `folds` are not applied:
 /// they tell `graft merge` how to fold the added branches back into the base weights.
 ///
 /// Every missing list deserializes as empty.
@@ -23,6 +23,10 @@ pub struct Patch {
     /// Consumer redirections, applied in list order.
     #[serde(default)]
     pub rewires: Vec<Rewire>,
+    /// Graph outputs that return another value under their own name, while every node keeps
+    /// reading the original (a `present` cache output that must not return a prefix).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_rewires: Vec<OutputRewire>,
     /// New graph inputs (for example an extra mask the caller must feed).
     #[serde(default)]
     pub graph_inputs: Vec<NewValue>,
@@ -223,6 +227,15 @@ pub struct Rewire {
     /// If non-empty, the only consumer nodes rewired.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub only: Vec<String>,
+}
+
+/// A graph output made to return `replacement` (see [`Patch::output_rewires`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputRewire {
+    /// The graph output's name (also the value it returns before the patch).
+    pub output: String,
+    /// The value it returns instead, under the same name.
+    pub replacement: String,
 }
 
 /// A new graph input or output with its declared type and shape.
@@ -455,6 +468,7 @@ impl Patch {
         self.parameters.is_empty()
             && self.nodes.is_empty()
             && self.rewires.is_empty()
+            && self.output_rewires.is_empty()
             && self.graph_inputs.is_empty()
             && self.graph_outputs.is_empty()
             && self.mark_trainable.is_empty()
@@ -542,6 +556,20 @@ impl Patch {
             }
             if r.value == r.replacement {
                 problems.push(format!("rewire of \"{}\" onto itself", r.value));
+            }
+        }
+        for r in &self.output_rewires {
+            if !graph.outputs.contains(&r.output) {
+                problems.push(format!(
+                    "output rewire names \"{}\", which is no graph output",
+                    r.output
+                ));
+            }
+            if !exists(&r.replacement) {
+                problems.push(format!(
+                    "output rewire reads unknown value \"{}\"",
+                    r.replacement
+                ));
             }
         }
         for v in &self.graph_outputs {

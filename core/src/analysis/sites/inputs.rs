@@ -21,6 +21,13 @@ const CACHE_VIEW_OPS: &[&str] = &[
     "Identity",
 ];
 
+/// Whether `node` merely moves a cached tensor: one of [`CACHE_VIEW_OPS`], or a `Concat` of a
+/// single input (the legacy exporter's copy of each cache tensor).
+fn is_cache_view(node: &crate::ir::Node) -> bool {
+    CACHE_VIEW_OPS.contains(&node.op_type.as_str())
+        || (node.is("Concat") && node.inputs.iter().filter(|i| !i.is_empty()).count() == 1)
+}
+
 /// HF's input names, used only for inputs whose structure gives no role.
 const NAMED_ROLES: &[(&str, InputRole)] = &[
     ("input_ids", InputRole::TokenIds),
@@ -38,12 +45,13 @@ pub(super) fn find_input_roles(
     embeddings: &[Embedding],
 ) -> Vec<GraphInput> {
     let mut roles: HashMap<String, GraphInput> = HashMap::new();
-    let mut assign = |name: &str, role, stack: Option<&str>, layer| {
+    let mut assign = |name: &str, role, stack: Option<&str>, layer, present: Option<&str>| {
         roles.entry(name.to_owned()).or_insert(GraphInput {
             name: name.to_owned(),
             role,
             stack: stack.map(str::to_owned),
             layer,
+            present: present.map(str::to_owned),
         });
     };
     for detected in stacks {
@@ -55,8 +63,11 @@ pub(super) fn find_input_roles(
                     (&attention.value_states, InputRole::PastValue),
                 ];
                 for (states, role) in caches {
-                    if let Some(cache) = states.as_deref().and_then(|s| cache_input(context, s)) {
-                        assign(cache, role, Some(&stack.name), Some(layer.index));
+                    if let Some((cache, concat)) =
+                        states.as_deref().and_then(|s| cache_input(context, s))
+                    {
+                        let present = graph_output_through_views(context, concat);
+                        assign(cache, role, Some(&stack.name), Some(layer.index), present);
                     }
                 }
             }
@@ -93,17 +104,17 @@ pub(super) fn find_input_roles(
             ("Conv", EmbeddingKind::Patch) => InputRole::PixelValues,
             _ => continue,
         };
-        assign(source, role, None, None);
+        assign(source, role, None, None, None);
     }
     for core in cores {
         for input in &core.mask_inputs {
-            assign(input, InputRole::AttentionMask, None, None);
+            assign(input, InputRole::AttentionMask, None, None, None);
         }
     }
     for input in &context.graph.inputs {
         let named = NAMED_ROLES.iter().find(|(name, _)| *name == input.name);
         if let Some(&(name, role)) = named.filter(|_| context.is_graph_input(&input.name)) {
-            assign(name, role, None, None);
+            assign(name, role, None, None, None);
         }
     }
     context
@@ -114,21 +125,61 @@ pub(super) fn find_input_roles(
         .collect()
 }
 
-/// The graph input concatenated (through views) in front of the per-head `states`.
-fn cache_input<'m>(context: &Context<'m>, states: &'m str) -> Option<&'m str> {
+/// The graph input concatenated (through views) in front of the per-head `states`, and the
+/// concatenation's output.
+fn cache_input<'m>(context: &Context<'m>, states: &'m str) -> Option<(&'m str, &'m str)> {
     let mut current = states;
     for _ in 0..16 {
         let (_, node) = context.producer(current)?;
-        if node.is("Concat") {
-            return node.inputs.iter().find_map(|input| {
-                let source = peel(context, input);
-                context.is_graph_input(source).then_some(source)
-            });
+        if node.is("Concat") && !is_cache_view(node) {
+            let cache = concatenated_graph_input(context, node, 2)?;
+            return Some((cache, node.outputs.first()?.as_str()));
         }
-        if !CACHE_VIEW_OPS.contains(&node.op_type.as_str()) {
+        if !is_cache_view(node) {
             return None;
         }
         current = node.input(0)?;
+    }
+    None
+}
+
+/// The graph input among the (view-peeled) inputs of the `Concat` `node`, looking `depth`
+/// levels into inner `Concat`s (a cache that a prefix was put before).
+fn concatenated_graph_input<'m>(
+    context: &Context<'m>,
+    node: &'m crate::ir::Node,
+    depth: usize,
+) -> Option<&'m str> {
+    node.inputs.iter().find_map(|input| {
+        let source = peel(context, input);
+        if context.is_graph_input(source) {
+            return Some(source);
+        }
+        let (_, inner) = context.producer(source)?;
+        (depth > 0 && inner.is("Concat"))
+            .then(|| concatenated_graph_input(context, inner, depth - 1))
+            .flatten()
+    })
+}
+
+/// The graph output that `value` is, or that it reaches through a chain of
+/// [`CACHE_VIEW_OPS`] (the `present` cache a layer returns).
+fn graph_output_through_views<'m>(context: &Context<'m>, value: &'m str) -> Option<&'m str> {
+    let mut current = value;
+    for _ in 0..16 {
+        if let Some(output) = context.graph.outputs.iter().find(|o| o.name == current) {
+            return Some(output.name.as_str());
+        }
+        let next = context
+            .consumers(current)
+            .iter()
+            .find_map(|&(position, _)| {
+                let node = context.node(position);
+                (is_cache_view(node) && node.input(0) == Some(current))
+                    .then(|| node.outputs.first().map(String::as_str))
+                    .flatten()
+            })?;
+        current = next;
     }
     None
 }
@@ -138,12 +189,10 @@ fn peel<'m>(context: &Context<'m>, value: &'m str) -> &'m str {
     let mut current = value;
     for _ in 0..16 {
         match context.producer(current) {
-            Some((_, node)) if CACHE_VIEW_OPS.contains(&node.op_type.as_str()) => {
-                match node.input(0) {
-                    Some(input) => current = input,
-                    None => break,
-                }
-            }
+            Some((_, node)) if is_cache_view(node) => match node.input(0) {
+                Some(input) => current = input,
+                None => break,
+            },
             _ => break,
         }
     }

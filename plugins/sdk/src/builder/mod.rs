@@ -15,7 +15,9 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::{GraphView, Site};
-use crate::patch::{AttributeValue, Fold, Init, NewNode, NewParameter, NewValue, Patch, Rewire};
+use crate::patch::{
+    AttributeValue, Fold, Init, NewNode, NewParameter, NewValue, OutputRewire, Patch, Rewire,
+};
 use crate::protocol::{PatchReply, TensorPayload};
 use crate::training::{HostInput, HostInputKind};
 use std::collections::{BTreeMap, BTreeSet};
@@ -323,6 +325,15 @@ impl<'g> PatchBuilder<'g> {
             replacement: replacement.into(),
             keep: vec![],
             only: vec![],
+        });
+    }
+
+    /// Makes the graph output `output` return `replacement` under its own name; every node,
+    /// and later builder calls, still read `output`'s original value.
+    pub fn rewire_graph_output(&mut self, output: &str, replacement: &str) {
+        self.patch.output_rewires.push(OutputRewire {
+            output: output.into(),
+            replacement: replacement.into(),
         });
     }
 

@@ -1,9 +1,10 @@
-//! Prompt tuning (the `prompt_tuning` method of the `prompt` plugin): HF PEFT's prompt-tuning
-//! adapters (recorded by models/record_references.py) import and compute what PEFT computed, on
-//! both exporters; graft's own prompts export to files PEFT loads and computes the same with
+//! Soft prompts (the `prompt` plugin). Prompt tuning: HF PEFT's prompt-tuning adapters
+//! (recorded by models/record_references.py) import and compute what PEFT computed, on both
+//! exporters; graft's own prompts export to files PEFT loads and computes the same with
 //! (recorded by models/check_graft_export.py); an empty prompt changes nothing; prompts train
 //! for classification and language modelling; the graph runs in tract; bad settings are
-//! refused by name.
+//! refused by name. Prefix tuning, on the models exported with a key/value cache: the same
+//! parity both ways with PEFT's `PREFIX_TUNING`, generation step by step, training, gradients.
 
 mod common;
 
@@ -359,6 +360,286 @@ fn prompt_gradients_match_central_differences() {
                     "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
                 );
             }
+        }
+    }
+}
+
+// Prefix tuning (`prefix_tuning`): the prefix is every layer's key/value cache, on the models
+// exported with a cache.
+
+const CACHE_FIXTURES: [&str; 4] = [
+    "gpt2-past-legacy",
+    "gpt2-past-dynamo",
+    "llama-past-legacy",
+    "llama-past-dynamo",
+];
+
+fn arch_of(fixture: &str) -> &str {
+    fixture.split('-').next().unwrap()
+}
+
+/// `inputs` plus an empty cache (`[batch, heads, 0, head_dim]`) for each cache input of
+/// `model` that `inputs` lacks.
+fn with_empty_caches(
+    model: &graft::ir::Model,
+    mut inputs: Vec<(String, HostTensor)>,
+) -> Vec<(String, HostTensor)> {
+    let batch = inputs[0].1.shape()[0];
+    for input in &model.graph.inputs {
+        if !input.name.starts_with("past") || inputs.iter().any(|(n, _)| *n == input.name) {
+            continue;
+        }
+        let shape = input.value_type().unwrap().shape.unwrap();
+        let fixed = |d: &graft::ir::Dim| match d {
+            graft::ir::Dim::Fixed(n) => *n as usize,
+            other => panic!("{}: {other:?}", input.name),
+        };
+        let dims = [batch, fixed(&shape[1]), 0, fixed(&shape[3])];
+        inputs.push((
+            input.name.clone(),
+            HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims))),
+        ));
+    }
+    inputs
+}
+
+#[test]
+fn peft_prefix_adapters_import_and_reproduce_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in CACHE_FIXTURES {
+        let recording = reference(&format!("peft-prefix-{}", arch_of(fixture)));
+        let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
+        let inputs = graft::runtime::read_npz(&recording.join("inputs.npz")).unwrap();
+        let patched = dir.path().join(format!("{fixture}.onnx"));
+        let (code, stdout, stderr) = run_graft(&[
+            "apply",
+            text(&fixture_model(fixture)),
+            "--from-peft",
+            text(&recording),
+            "-o",
+            text(&patched),
+        ]);
+        assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+        assert!(
+            stdout.contains("prefix_tuning: 4 virtual tokens"),
+            "{stdout}"
+        );
+        let model = graft::onnx::load(&patched).unwrap();
+        let got = run_model(&model, &with_empty_caches(&model, inputs));
+        let diff = logits(&got).max_abs_diff(logits(&want));
+        assert!(diff <= PARITY_TOLERANCE, "{fixture}: graft vs PEFT {diff}");
+    }
+}
+
+#[test]
+fn graft_prefixes_export_to_files_peft_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in CACHE_FIXTURES {
+        let arch = arch_of(fixture);
+        let recording = reference(&format!("graft-export-prefix-{arch}"));
+        let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
+        let inputs =
+            graft::runtime::read_npz(&reference(&format!("peft-prefix-{arch}/inputs.npz")))
+                .unwrap();
+        let patched = dir.path().join(format!("{fixture}.onnx"));
+        apply_method(fixture, "prefix_tuning", &EXPORT_SETTINGS, &patched);
+        let model = graft::onnx::load(&patched).unwrap();
+        let got = run_model(&model, &with_empty_caches(&model, inputs));
+        let diff = logits(&got).max_abs_diff(logits(&want));
+        assert!(
+            diff <= PARITY_TOLERANCE,
+            "{fixture}: graft vs PEFT on graft's export {diff}"
+        );
+        let exported = dir.path().join(format!("{fixture}-peft"));
+        let (code, stdout, stderr) = run_graft(&[
+            "export",
+            text(&patched),
+            "--format",
+            "peft",
+            "-o",
+            text(&exported),
+        ]);
+        assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+        assert_eq!(
+            read_tensors(&exported.join("adapter_model.safetensors")),
+            read_tensors(&recording.join("adapter_model.safetensors")),
+            "{fixture}"
+        );
+    }
+}
+
+/// With a past, the prefixed model is the base model given the prefix in front of its cache
+/// (and ones in front of its mask), and its `present` outputs return the cache without the
+/// prefix; so generating step by step, each step fed the last one's `present`, gives what one
+/// run over the whole sequence gives.
+#[test]
+fn a_prefix_leaves_generation_working() {
+    let dir = tempfile::tempdir().unwrap();
+    for fixture in CACHE_FIXTURES {
+        let patched = dir.path().join(format!("{fixture}.onnx"));
+        apply_method(fixture, "prefix_tuning", &EXPORT_SETTINGS, &patched);
+        let model = graft::onnx::load(&patched).unwrap();
+        let ids = fixture_inputs(fixture)
+            .into_iter()
+            .find(|(n, _)| n == "input_ids")
+            .unwrap()
+            .1;
+        let HostTensor::I64(ids) = ids else {
+            panic!("int64 ids")
+        };
+        let columns = |from: usize, to: usize| {
+            HostTensor::I64(ids.slice(ndarray::s![.., from..to]).to_owned().into_dyn())
+        };
+        let ones = |width: usize| {
+            HostTensor::I64(ndarray::ArrayD::ones(ndarray::IxDyn(&[
+                ids.shape()[0],
+                width,
+            ])))
+        };
+        let length = ids.shape()[1];
+        let whole = run_model(
+            &model,
+            &with_empty_caches(
+                &model,
+                vec![
+                    ("input_ids".into(), columns(0, length)),
+                    ("attention_mask".into(), ones(length)),
+                ],
+            ),
+        );
+        let split = 4;
+        let first = run_model(
+            &model,
+            &with_empty_caches(
+                &model,
+                vec![
+                    ("input_ids".into(), columns(0, split)),
+                    ("attention_mask".into(), ones(split)),
+                ],
+            ),
+        );
+        let mut second_inputs = vec![
+            ("input_ids".to_owned(), columns(split, length)),
+            ("attention_mask".to_owned(), ones(length)),
+        ];
+        for (name, value) in &first {
+            if let Some(layer_part) = name.strip_prefix("present") {
+                assert_eq!(
+                    value.shape()[2],
+                    split,
+                    "{fixture} {name}: the prefix is returned"
+                );
+                second_inputs.push((format!("past_key_values{layer_part}"), value.clone()));
+            }
+        }
+        let second = run_model(&model, &second_inputs);
+        let HostTensor::F32(all) = logits(&whole) else {
+            panic!()
+        };
+        let HostTensor::F32(last) = logits(&second) else {
+            panic!()
+        };
+        let tail = all.slice(ndarray::s![.., split.., ..]).to_owned();
+        let diff = (&tail - last).mapv(f32::abs).fold(0.0f32, |a, &b| a.max(b));
+        assert!(diff <= 1e-5, "{fixture}: step by step vs at once {diff}");
+    }
+}
+
+#[test]
+fn prefixes_change_nothing_when_empty_train_and_are_refused_without_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = "llama-past-legacy";
+    let empty = dir.path().join("empty.onnx");
+    apply_method(fixture, "prefix_tuning", &["num_virtual_tokens=0"], &empty);
+    let base = graft::onnx::load(&fixture_model(fixture)).unwrap();
+    let inputs = fixture_inputs(fixture);
+    let unchanged = run_model(&graft::onnx::load(&empty).unwrap(), &inputs);
+    assert_eq!(
+        logits(&unchanged).max_abs_diff(logits(&run_model(&base, &inputs))),
+        0.0
+    );
+
+    let patched = dir.path().join("gpt2.onnx");
+    apply_method(
+        "gpt2-past-dynamo",
+        "prefix_tuning",
+        &["num_virtual_tokens=8"],
+        &patched,
+    );
+    let run = dir.path().join("run");
+    let (code, stdout, stderr) = run_graft(&[
+        "train",
+        text(&patched),
+        "--task",
+        "causal-lm",
+        "--data",
+        text(&repository("examples/data/corpus.txt")),
+        "--tokenizer",
+        text(&repository("models/tokenizers/causal/tokenizer.json")),
+        "--max-len",
+        "64",
+        "--steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--out",
+        text(&run),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_loss_falls(&metrics(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "PREFIX_TUNING");
+
+    let out = dir.path().join("refused.onnx");
+    let (code, _, stderr) = run_graft(&[
+        "apply",
+        text(&fixture_model("gpt2-legacy")),
+        "-m",
+        "prefix_tuning",
+        "-o",
+        text(&out),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no cache inputs"), "{stderr}");
+    assert!(!out.exists());
+}
+
+/// The prefix's gradients agree with central differences of the causal-LM loss, with a past.
+#[test]
+fn prefix_gradients_match_central_differences() {
+    let registry =
+        graft::plugins::PluginRegistry::discover(&[plugin_library("graft_plugin_prompt")]).unwrap();
+    for fixture in ["gpt2-past-legacy", "llama-past-dynamo"] {
+        let mut model = graft::onnx::load(&fixture_model(fixture)).unwrap();
+        graft::plugins::apply_method(
+            &registry,
+            &mut model,
+            "prefix_tuning",
+            &serde_json::json!({"num_virtual_tokens": 2, "init_std": 0.5}),
+        )
+        .unwrap();
+        let task = graft::train::Task::CausalLm;
+        let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
+        assert_eq!(gradients.len(), 1, "{fixture}");
+        let (name, analytic) = &gradients[0];
+        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
+        let h = 1e-3f32;
+        for index in [0, values.len() / 3, values.len() - 1] {
+            let shifted = |delta: f32| {
+                let mut v = values.clone();
+                v[index] += delta;
+                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
+            };
+            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+            let got = analytic[index];
+            assert!(
+                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+                "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
+            );
         }
     }
 }
