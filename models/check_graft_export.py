@@ -41,17 +41,19 @@ PROMPT_SETTINGS = ["--set", "num_virtual_tokens=4", "--set", "seed=7"]
 PROMPT_TOLERANCE = 1e-5
 
 
-def check_prompt_export(graft: str, arch: str) -> list[str]:
-    """graft apply -m prompt_tuning (PROMPT_SETTINGS) on fixtures/<arch>-legacy, export as PEFT
-    files into references/graft-export-prompt-<arch>/, load them with PeftModel.from_pretrained
-    and record its outputs there (outputs.npz); returns the failures."""
+def check_prompt_export(graft: str, arch: str, method: str = "prompt_tuning") -> list[str]:
+    """graft apply -m <method> (PROMPT_SETTINGS) on fixtures/<arch>-legacy, export as PEFT
+    files into references/graft-export-<prompt|p_tuning>-<arch>/, load them with
+    PeftModel.from_pretrained and record its outputs there (outputs.npz); returns the
+    failures. (A P-Tuning export holds the encoder's output, which PEFT uses as is.)"""
     import onnxruntime as ort
 
-    out = ROOT / "models/references" / f"graft-export-prompt-{arch}"
+    folder = "prompt" if method == "prompt_tuning" else method
+    out = ROOT / "models/references" / f"graft-export-{folder}-{arch}"
     fixture = ROOT / f"models/fixtures/{arch}-legacy"
     with tempfile.TemporaryDirectory() as tmp:
         patched = Path(tmp) / "patched.onnx"
-        subprocess.run([graft, "apply", str(fixture / "model.onnx"), "-m", "prompt_tuning",
+        subprocess.run([graft, "apply", str(fixture / "model.onnx"), "-m", method,
                         *PROMPT_SETTINGS, "-o", str(patched)], check=True, stdout=subprocess.DEVNULL)
         if out.exists():
             shutil.rmtree(out)
@@ -67,16 +69,18 @@ def check_prompt_export(graft: str, arch: str) -> list[str]:
     outputs = R.run_outputs(rec, model, feeds)
     R.G.write_npz(out / "outputs.npz", outputs)
     difference = float(np.max(np.abs(outputs["logits"] - graft_logits)))
-    print(f"prompt {arch}: PEFT on graft's export vs graft {difference:.3g} "
+    print(f"{method} {arch}: PEFT on graft's export vs graft {difference:.3g} "
           f"(logits {list(outputs['logits'].shape)})")
     if not difference <= PROMPT_TOLERANCE:
-        return [f"prompt {arch}: PEFT computes differently from graft ({difference:.3g})"]
+        return [f"{method} {arch}: PEFT computes differently from graft ({difference:.3g})"]
     return []
 
 
 # Prefix tuning: the same on the models exported with a cache; graft's graph runs with empty
 # caches on the inputs of the PEFT prefix recording (no past), where PEFT's cache is the prefix.
 PREFIX_ARCHS = ["gpt2", "llama"]
+# P-Tuning: the prompt encoder (an MLP) is graft's; PEFT reads the prompt it computes.
+P_TUNING_ARCHS = ["bert", "gpt2"]
 
 
 def check_prefix_export(graft: str, arch: str) -> list[str]:
@@ -151,6 +155,8 @@ def main() -> int:
             failed.append(f"{arch}: PEFT computes differently from graft's export ({difference:.3g})")
     for arch in PROMPT_ARCHS:
         failed += check_prompt_export(ns.graft, arch)
+    for arch in P_TUNING_ARCHS:
+        failed += check_prompt_export(ns.graft, arch, "p_tuning")
     for arch in PREFIX_ARCHS:
         failed += check_prefix_export(ns.graft, arch)
     for failure in failed:

@@ -643,3 +643,113 @@ fn prefix_gradients_match_central_differences() {
         }
     }
 }
+
+// P-Tuning (`p_tuning`): a trained MLP prompt encoder computes the virtual tokens; `graft
+// merge` bakes them into a table, and PEFT's `P_TUNING` files hold that table.
+
+#[test]
+fn p_tuning_bakes_its_encoder_and_exports_what_peft_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["bert", "gpt2"] {
+        let recording = reference(&format!("graft-export-p_tuning-{arch}"));
+        let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let fixture = format!("{arch}-{exporter}");
+            let inputs = fixture_inputs(&fixture);
+            let patched = dir.path().join(format!("{fixture}.onnx"));
+            apply_method(&fixture, "p_tuning", &EXPORT_SETTINGS, &patched);
+            let model = graft::onnx::load(&patched).unwrap();
+            let got = run_model(&model, &inputs);
+            let diff = logits(&got).max_abs_diff(logits(&want));
+            assert!(
+                diff <= PARITY_TOLERANCE,
+                "{fixture}: graft vs PEFT on graft's export {diff}"
+            );
+
+            // The merge evaluates the encoder once: the same outputs from a plain table.
+            let merged = dir.path().join(format!("{fixture}-merged.onnx"));
+            let (code, stdout, stderr) = run_graft(&["merge", text(&patched), "-o", text(&merged)]);
+            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            let merged = graft::onnx::load(&merged).unwrap();
+            assert!(
+                !merged
+                    .graph
+                    .nodes
+                    .iter()
+                    .any(|n| n.name.starts_with("p_tuning.encoder")),
+                "{fixture}: the encoder is still in the merged graph"
+            );
+            let baked = run_model(&merged, &inputs);
+            assert_eq!(logits(&baked).max_abs_diff(logits(&got)), 0.0, "{fixture}");
+
+            let exported = dir.path().join(format!("{fixture}-peft"));
+            let (code, stdout, stderr) = run_graft(&[
+                "export",
+                text(&patched),
+                "--format",
+                "peft",
+                "-o",
+                text(&exported),
+            ]);
+            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(exported.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(config["peft_type"], "P_TUNING");
+            // PEFT's P_TUNING files import as the table they hold.
+            let imported = dir.path().join(format!("{fixture}-imported.onnx"));
+            let (code, stdout, stderr) = run_graft(&[
+                "apply",
+                text(&fixture_model(&fixture)),
+                "--from-peft",
+                text(&recording),
+                "-o",
+                text(&imported),
+            ]);
+            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            let again = run_model(&graft::onnx::load(&imported).unwrap(), &inputs);
+            let diff = logits(&again).max_abs_diff(logits(&want));
+            assert!(
+                diff <= PARITY_TOLERANCE,
+                "{fixture}: imported P_TUNING {diff}"
+            );
+        }
+    }
+}
+
+/// The gradients reach the encoder's input embeddings and every layer of the MLP.
+#[test]
+fn p_tuning_gradients_match_central_differences() {
+    let registry =
+        graft::plugins::PluginRegistry::discover(&[plugin_library("graft_plugin_prompt")]).unwrap();
+    let fixture = "gpt2-legacy";
+    let mut model = graft::onnx::load(&fixture_model(fixture)).unwrap();
+    graft::plugins::apply_method(
+        &registry,
+        &mut model,
+        "p_tuning",
+        &serde_json::json!({"num_virtual_tokens": 2, "encoder_hidden_size": 8}),
+    )
+    .unwrap();
+    let task = graft::train::Task::CausalLm;
+    let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
+    assert_eq!(gradients.len(), 7, "embedding + 3 × (weight, bias)");
+    for (name, analytic) in &gradients {
+        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
+        let h = 1e-3f32;
+        for index in [0, values.len() - 1] {
+            let shifted = |delta: f32| {
+                let mut v = values.clone();
+                v[index] += delta;
+                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
+            };
+            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+            let got = analytic[index];
+            assert!(
+                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+                "{name}[{index}]: gradient {got} vs central difference {numeric}"
+            );
+        }
+    }
+}

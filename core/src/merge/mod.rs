@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use graft_plugin_sdk::{Fold, WeightLayout};
 
-use crate::ir::{Graph, Model};
+use crate::ir::{Graph, Model, Tensor};
 use crate::patch::GraftRecord;
 use crate::{Error, Result};
 use rows::{add_low_rank_columns, multiply, update_weight, LowRankRows};
@@ -132,14 +132,7 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 add_dense(&mut model.graph, weight, *layout, &values, &mut report)?;
             }
             Fold::Bake { value, nodes } => {
-                let subgraph: Vec<_> = model
-                    .graph
-                    .nodes
-                    .iter()
-                    .filter(|n| nodes.contains(&n.name))
-                    .cloned()
-                    .collect();
-                let baked = evaluate::evaluate(model, subgraph, value)?;
+                let baked = bake(model, value, nodes)?;
                 model.graph.nodes.retain(|n| !nodes.contains(&n.name));
                 report.removed_nodes += nodes.len();
                 model.graph.initializers.push(baked);
@@ -565,4 +558,17 @@ mod tests {
         // a partial last panel and a tail past the last whole tile.
         check_low_rank_merge([67, 2900], false);
     }
+}
+
+/// The value `value` of a bake fold, computed once by its `nodes` from the model's current
+/// parameters (see [`Fold::Bake`]), as an initializer named `value`.
+pub(crate) fn bake(model: &Model, value: &str, nodes: &[String]) -> Result<Tensor> {
+    let subgraph: Vec<_> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| nodes.contains(&n.name))
+        .cloned()
+        .collect();
+    evaluate::evaluate(model, subgraph, value)
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use graft_plugin_sdk::{AppliedMethod, PeftFiles};
+use graft_plugin_sdk::{AppliedMethod, Fold, PeftFiles};
 
 use super::export::write_files;
 use super::keys::KEY_PREFIX;
@@ -53,15 +53,27 @@ pub(crate) fn declared_tensors(
     files: &PeftFiles,
     key_prefix: &str,
 ) -> Result<Vec<KeyedBytes>> {
+    let record = crate::patch::read_record(model)?;
     let mut tensors = Vec::new();
     for mapping in &files.tensors {
-        let tensor = model
-            .graph
-            .initializer(&mapping.tensor)
-            .ok_or_else(|| Error::Tensor {
-                name: mapping.tensor.clone(),
-                reason: "a method declared it for its adapter files, but the model lacks it".into(),
-            })?;
+        let tensor = match model.graph.initializer(&mapping.tensor) {
+            Some(tensor) => tensor.clone(),
+            // A value the method computes (a P-Tuning prompt encoder's output): baked now.
+            None => match record.folds.iter().find_map(|fold| match fold {
+                Fold::Bake { value, nodes } if *value == mapping.tensor => Some(nodes),
+                _ => None,
+            }) {
+                Some(nodes) => crate::merge::bake(model, &mapping.tensor, nodes)?,
+                None => {
+                    return Err(Error::Tensor {
+                        name: mapping.tensor.clone(),
+                        reason: "a method declared it for its adapter files, but the model \
+                                 lacks it"
+                            .into(),
+                    })
+                }
+            },
+        };
         let mut values = tensor.float_values()?;
         if mapping.transpose {
             let [rows, cols] = matrix(&mapping.tensor, &tensor.dims)?;

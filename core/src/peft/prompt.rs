@@ -22,6 +22,8 @@ use crate::{Error, Result};
 const METHODS: &[(&str, &str)] = &[
     ("PROMPT_TUNING", "prompt_tuning"),
     ("PREFIX_TUNING", "prefix_tuning"),
+    // PEFT saves a P-Tuning prompt as its encoder's output: a prompt-tuning table.
+    ("P_TUNING", "prompt_tuning"),
 ];
 
 /// The method that grafts the adapter whose `adapter_config.json` is at `config_path`, when

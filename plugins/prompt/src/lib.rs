@@ -1,5 +1,6 @@
 //! The `prompt` method plugin: soft prompts. `prompt_tuning` (`tuning.rs`) puts learned
-//! virtual tokens before the input's token embeddings; `prefix_tuning` (`prefix.rs`) puts
+//! virtual tokens before the input's token embeddings, `p_tuning` (also `tuning.rs`) computes
+//! them with a trained MLP prompt encoder that `graft merge` bakes; `prefix_tuning` (`prefix.rs`) puts
 //! learned keys and values before every layer's cache. Both read and write HF PEFT's files.
 
 mod prefix;
@@ -17,7 +18,11 @@ impl Plugin for Prompt {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     fn methods() -> Vec<MethodDescription> {
-        vec![tuning::description(), prefix::description()]
+        vec![
+            tuning::description(),
+            tuning::p_tuning_description(),
+            prefix::description(),
+        ]
     }
 
     fn patch(
@@ -28,7 +33,7 @@ impl Plugin for Prompt {
     ) -> Result<PatchReply, String> {
         match method {
             "prefix_tuning" => prefix::patch(config, graph),
-            _ => tuning::patch(config, graph),
+            _ => tuning::patch(config, graph, method),
         }
     }
 }

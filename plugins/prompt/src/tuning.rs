@@ -11,61 +11,87 @@
 //! lets the model count `0 … n+S−1`; the two agree on unpadded inputs).
 
 use graft_plugin_sdk::{
-    ConfigKey, DType, GraphView, Init, InputRole, MethodConfig, MethodDescription, PatchBuilder,
-    PatchReply, PeftFiles, PeftTensor, SequenceFill, StackKind, WeightLayout,
+    ConfigKey, DType, Fold, GraphView, Init, InputRole, MethodConfig, MethodDescription,
+    PatchBuilder, PatchReply, PeftFiles, PeftTensor, SequenceFill, StackKind, WeightLayout,
 };
 use serde_json::json;
 
 /// The inits `init` accepts.
 const INITS: &str = "random, sample_vocab, tokens";
 
-/// The method's description and settings.
+/// The settings `prompt_tuning` and `p_tuning` share.
+fn shared_keys() -> Vec<ConfigKey> {
+    vec![
+        ConfigKey::int(
+            "num_virtual_tokens",
+            20,
+            "number of virtual tokens; the model's outputs gain as many leading positions",
+        ),
+        ConfigKey::string(
+            "init",
+            "random",
+            "random: N(0, init_std²) as PEFT's RANDOM; sample_vocab: rows of the \
+                     vocabulary drawn with `seed`; tokens: the embeddings of init_tokens, \
+                     repeated or cut to num_virtual_tokens as PEFT's TEXT init does",
+        ),
+        ConfigKey::new(
+            "init_tokens",
+            graft_plugin_sdk::ConfigKind::List,
+            "".into(),
+            "token ids for init=tokens (a tokenized text such as \"Classify the \
+                     sentiment:\")",
+        ),
+        ConfigKey::float("init_std", 1.0, "standard deviation of the random init"),
+        ConfigKey::int("seed", 0, "seed of the random and sample_vocab inits"),
+        ConfigKey::bool(
+            "train_head",
+            true,
+            "for SEQ_CLS and TOKEN_CLS, also train the classification head (the head \
+                     whose output is the model's output), as PEFT does through modules_to_save",
+        ),
+        ConfigKey::string(
+            "task_type",
+            "auto",
+            "PEFT task_type written in adapter_config.json: SEQ_CLS, TOKEN_CLS, \
+                     CAUSAL_LM, SEQ_2_SEQ_LM, FEATURE_EXTRACTION; auto: CAUSAL_LM for a decoder, \
+                     SEQ_CLS for an encoder with one output per sequence, TOKEN_CLS with one per \
+                     token",
+        ),
+    ]
+}
+
+/// `prompt_tuning`'s description and settings.
 pub fn description() -> MethodDescription {
     MethodDescription::new(
         "prompt_tuning",
         "learned virtual tokens before the input's token embeddings (HF PEFT's PROMPT_TUNING)",
-        vec![
-            ConfigKey::int(
-                "num_virtual_tokens",
-                20,
-                "number of virtual tokens; the model's outputs gain as many leading positions",
-            ),
-            ConfigKey::string(
-                "init",
-                "random",
-                "random: N(0, init_std²) as PEFT's RANDOM; sample_vocab: rows of the \
-                     vocabulary drawn with `seed`; tokens: the embeddings of init_tokens, \
-                     repeated or cut to num_virtual_tokens as PEFT's TEXT init does",
-            ),
-            ConfigKey::new(
-                "init_tokens",
-                graft_plugin_sdk::ConfigKind::List,
-                "".into(),
-                "token ids for init=tokens (a tokenized text such as \"Classify the \
-                     sentiment:\")",
-            ),
-            ConfigKey::float("init_std", 1.0, "standard deviation of the random init"),
-            ConfigKey::int("seed", 0, "seed of the random and sample_vocab inits"),
-            ConfigKey::bool(
-                "train_head",
-                true,
-                "for SEQ_CLS and TOKEN_CLS, also train the classification head (the head \
-                     whose output is the model's output), as PEFT does through modules_to_save",
-            ),
-            ConfigKey::string(
-                "task_type",
-                "auto",
-                "PEFT task_type written in adapter_config.json: SEQ_CLS, TOKEN_CLS, \
-                     CAUSAL_LM, SEQ_2_SEQ_LM, FEATURE_EXTRACTION; auto: CAUSAL_LM for a decoder, \
-                     SEQ_CLS for an encoder with one output per sequence, TOKEN_CLS with one per \
-                     token",
-            ),
-        ],
+        shared_keys(),
     )
 }
 
-/// The patch of `prompt_tuning` with `config` on `graph`.
-pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, String> {
+/// `p_tuning`'s description and settings: those of `prompt_tuning` and the prompt encoder's.
+pub fn p_tuning_description() -> MethodDescription {
+    let mut keys = shared_keys();
+    keys.push(ConfigKey::int(
+        "encoder_hidden_size",
+        0,
+        "width of the prompt encoder's hidden layers; 0: the model's hidden size",
+    ));
+    keys.push(ConfigKey::string(
+        "encoder_reparameterization_type",
+        "MLP",
+        "the prompt encoder: MLP (PEFT's three Linear layers with ReLUs between them)",
+    ));
+    MethodDescription::new(
+        "p_tuning",
+        "virtual tokens computed by a trained prompt encoder (an MLP) from learned embeddings, \
+         baked into a table by graft merge (HF PEFT's P_TUNING)",
+        keys,
+    )
+}
+
+/// The patch of `method` (`prompt_tuning` or `p_tuning`) with `config` on `graph`.
+pub fn patch(config: &MethodConfig, graph: &GraphView, method: &str) -> Result<PatchReply, String> {
     let n = config.get_usize("num_virtual_tokens")?;
     let token_ids = graph
         .inputs_with_role(InputRole::TokenIds)
@@ -90,22 +116,52 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
         .iter()
         .find(|e| e.kind == graft_plugin_sdk::EmbeddingKind::Token)
         .ok_or_else(|| "the model has no token embedding (see graft inspect)".to_owned())?;
-    let mut builder =
-        PatchBuilder::new(graph, "prompt_tuning").with_seed(config.get_i64("seed")? as u64);
+    let encoded = method == "p_tuning";
+    let mut builder = PatchBuilder::new(graph, method).with_seed(config.get_i64("seed")? as u64);
     let init = prompt_init(config, &mut builder, embedding, n)?;
     builder.extend_sequence_input(&token_ids, n, SequenceFill::CopyFirst)?;
     let mask = graph
         .inputs_with_role(InputRole::AttentionMask)
         .next()
         .map(|i| i.name.clone());
-    let prompt = builder.prepend_to_sequence(
-        &embedding.output,
-        mask.as_deref(),
-        n,
-        embedding.dim,
-        init,
-        true,
-    )?;
+    let mut encoder_width = 0;
+    let prompt = if encoded && n > 0 {
+        encoder_width = match config.get_usize("encoder_hidden_size")? {
+            0 => embedding.dim,
+            width => width,
+        };
+        let kind = config.get_string("encoder_reparameterization_type")?;
+        if kind != "MLP" {
+            return Err(format!(
+                "encoder_reparameterization_type: \"{kind}\" is not supported; graft builds \
+                 PEFT's MLP prompt encoder (MLP)"
+            ));
+        }
+        let dtype = builder.value_dtype(&embedding.output)?;
+        let input = builder.parameter(
+            "p_tuning.prompt.embedding",
+            dtype,
+            vec![n, embedding.dim],
+            init,
+            true,
+        );
+        let (encoded, nodes) =
+            builder.block(|b| mlp_encoder(b, &input, dtype, embedding.dim, encoder_width))?;
+        builder.fold(Fold::Bake {
+            value: encoded.clone(),
+            nodes,
+        });
+        builder.prepend_value_to_sequence(&embedding.output, mask.as_deref(), &encoded, n, true)?
+    } else {
+        builder.prepend_to_sequence(
+            &embedding.output,
+            mask.as_deref(),
+            n,
+            embedding.dim,
+            init,
+            true,
+        )?
+    };
     if let Some(token_types) = graph.inputs_with_role(InputRole::TokenTypeIds).next() {
         builder.extend_sequence_input(&token_types.name, n, SequenceFill::Value(0))?;
     }
@@ -128,7 +184,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
         }];
         tensors.extend(head_tensors);
         reply.patch.training.peft = Some(PeftFiles {
-            config: peft_config(config, graph, &task_type, n, embedding.dim)?,
+            config: peft_config(config, graph, &task_type, n, embedding.dim, encoder_width)?,
             tensors,
             bare_keys: true,
         });
@@ -293,6 +349,7 @@ fn peft_config(
     task_type: &str,
     n: usize,
     token_dim: usize,
+    encoder_width: usize,
 ) -> Result<serde_json::Value, String> {
     let stack = graph.stacks.first();
     let init = match config.get_string("init")?.as_str() {
@@ -301,7 +358,7 @@ fn peft_config(
         // init would need a tokenizer name to reload.
         _ => "RANDOM",
     };
-    Ok(json!({
+    let mut files = json!({
         "peft_type": "PROMPT_TUNING",
         "task_type": task_type,
         "num_virtual_tokens": n,
@@ -322,7 +379,25 @@ fn peft_config(
         } else {
             json!(null)
         },
-    }))
+    });
+    if encoder_width > 0 {
+        // PEFT's P_TUNING file holds the encoder's output (the baked prompt), as here.
+        let object = files.as_object_mut().expect("a JSON object");
+        for key in [
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+            "tokenizer_kwargs",
+        ] {
+            object.remove(key);
+        }
+        object.insert("peft_type".into(), json!("P_TUNING"));
+        object.insert("encoder_reparameterization_type".into(), json!("MLP"));
+        object.insert("encoder_hidden_size".into(), json!(encoder_width));
+        object.insert("encoder_num_layers".into(), json!(2));
+        object.insert("encoder_dropout".into(), json!(0.0));
+    }
+    Ok(files)
 }
 
 /// PEFT's task type for the model: `CAUSAL_LM` for a decoder-only model, `SEQ_2_SEQ_LM` for
@@ -350,4 +425,48 @@ fn auto_task_type(graph: &GraphView) -> String {
         }
     };
     task.to_owned()
+}
+
+/// PEFT's MLP prompt encoder on `input` `[n, dim]`: `Linear(dim, width) → ReLU → Linear(width,
+/// width) → ReLU → Linear(width, dim)`, each `Linear` with PyTorch's default init; returns
+/// the encoded prompt `[n, dim]`.
+fn mlp_encoder(
+    builder: &mut PatchBuilder<'_>,
+    input: &str,
+    dtype: DType,
+    dim: usize,
+    width: usize,
+) -> graft_plugin_sdk::Result<String> {
+    let mut x = input.to_owned();
+    let layers = [(dim, width), (width, width), (width, dim)];
+    for (index, (fan_in, fan_out)) in layers.into_iter().enumerate() {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let weight_init = Init::linear_default(fan_in, builder.next_seed());
+        let bias_init = Init::Uniform {
+            low: -bound,
+            high: bound,
+            seed: builder.next_seed(),
+        };
+        let stem = format!("p_tuning.encoder.{index}");
+        let weight = builder.parameter(
+            &format!("{stem}.weight"),
+            dtype,
+            vec![fan_in, fan_out],
+            weight_init,
+            true,
+        );
+        let bias = builder.parameter(
+            &format!("{stem}.bias"),
+            dtype,
+            vec![fan_out],
+            bias_init,
+            true,
+        );
+        let product = builder.op(&format!("{stem}.matmul"), "MatMul", &[&x, &weight], &[]);
+        x = builder.op(&format!("{stem}.add"), "Add", &[&product, &bias], &[]);
+        if index + 1 < layers.len() {
+            x = builder.op(&format!("{stem}.relu"), "Relu", &[&x], &[]);
+        }
+    }
+    Ok(x)
 }

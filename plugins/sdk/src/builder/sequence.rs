@@ -96,13 +96,63 @@ impl PatchBuilder<'_> {
             init,
             true,
         );
+        self.put_prompt(
+            &stem,
+            embedding_output,
+            attention_mask,
+            &prompt,
+            n_virtual,
+            placeholders,
+        )
+    }
+
+    /// [`PatchBuilder::prepend_to_sequence`] with a prompt the patch computes: `prompt`
+    /// `[n_virtual, hidden]` (a prompt encoder's output, as in P-Tuning) instead of a new
+    /// parameter. The returned names' `prompt` is `prompt`. `n_virtual = 0` emits nothing.
+    pub fn prepend_value_to_sequence(
+        &mut self,
+        embedding_output: &str,
+        attention_mask: Option<&str>,
+        prompt: &str,
+        n_virtual: usize,
+        placeholders: bool,
+    ) -> Result<PromptNames> {
+        if n_virtual == 0 {
+            return Ok(PromptNames {
+                prompt: None,
+                output: self.current(embedding_output),
+                mask_output: attention_mask.map(|m| self.current(m)),
+                nodes: vec![],
+            });
+        }
+        let stem = self.stem(&format!("{}.prompt", self.prefix));
+        self.put_prompt(
+            &stem,
+            embedding_output,
+            attention_mask,
+            prompt,
+            n_virtual,
+            placeholders,
+        )
+    }
+
+    /// The nodes of [`PatchBuilder::prepend_value_to_sequence`], named under `stem`.
+    fn put_prompt(
+        &mut self,
+        stem: &str,
+        embedding_output: &str,
+        attention_mask: Option<&str>,
+        prompt: &str,
+        n_virtual: usize,
+        placeholders: bool,
+    ) -> Result<PromptNames> {
         let ((output, mask_output), nodes) = self.block(|builder| {
             let e = builder.current(embedding_output);
             let axes = builder.constant_ints(&format!("{stem}.axes"), &[0]);
             let p3 = builder.op(
                 &format!("{stem}.unsqueeze"),
                 "Unsqueeze",
-                &[&prompt, &axes],
+                &[prompt, &axes],
                 &[],
             );
             let onto = if placeholders {
@@ -118,7 +168,7 @@ impl PatchBuilder<'_> {
             } else {
                 e.clone()
             };
-            let output = builder.prepend_over_batch(&stem, &p3, &onto, &[1, 1], 1);
+            let output = builder.prepend_over_batch(stem, &p3, &onto, &[1, 1], 1);
             if placeholders {
                 builder.rewire(&e, &output);
             }
@@ -129,7 +179,7 @@ impl PatchBuilder<'_> {
             Ok((output, mask_output))
         })?;
         Ok(PromptNames {
-            prompt: Some(prompt),
+            prompt: Some(prompt.to_owned()),
             output,
             mask_output,
             nodes,
