@@ -753,3 +753,77 @@ fn p_tuning_gradients_match_central_differences() {
         }
     }
 }
+
+/// With `prefix_projection` the prefix is an MLP's output (the paper's reparameterization):
+/// its gradients reach every layer of the MLP, `graft merge` bakes it into the table, and the
+/// PEFT export holds that table, which imports back to the same outputs.
+#[test]
+fn projected_prefixes_train_through_their_mlp_and_bake() {
+    let registry =
+        graft::plugins::PluginRegistry::discover(&[plugin_library("graft_plugin_prompt")]).unwrap();
+    let fixture = "llama-past-legacy";
+    let mut model = graft::onnx::load(&fixture_model(fixture)).unwrap();
+    graft::plugins::apply_method(
+        &registry,
+        &mut model,
+        "prefix_tuning",
+        &serde_json::json!({
+            "num_virtual_tokens": 2, "prefix_projection": true, "encoder_hidden_size": 8
+        }),
+    )
+    .unwrap();
+    let task = graft::train::Task::CausalLm;
+    let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
+    assert_eq!(gradients.len(), 5, "embedding + 2 × (weight, bias)");
+    for (name, analytic) in &gradients {
+        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
+        let h = 1e-3f32;
+        for index in [0, values.len() - 1] {
+            let shifted = |delta: f32| {
+                let mut v = values.clone();
+                v[index] += delta;
+                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
+            };
+            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+            let got = analytic[index];
+            assert!(
+                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+                "{name}[{index}]: gradient {got} vs central difference {numeric}"
+            );
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("projected.onnx");
+    graft::onnx::save(&model, &patched, &Default::default()).unwrap();
+    let inputs = fixture_inputs(fixture);
+    let want = run_model(&model, &inputs);
+    let merged = dir.path().join("merged.onnx");
+    let (code, stdout, stderr) = run_graft(&["merge", text(&patched), "-o", text(&merged)]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let baked = run_model(&graft::onnx::load(&merged).unwrap(), &inputs);
+    assert_eq!(logits(&baked).max_abs_diff(logits(&want)), 0.0);
+    let exported = dir.path().join("peft");
+    let (code, stdout, stderr) = run_graft(&[
+        "export",
+        text(&patched),
+        "--format",
+        "peft",
+        "-o",
+        text(&exported),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let imported = dir.path().join("imported.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        text(&fixture_model(fixture)),
+        "--from-peft",
+        text(&exported),
+        "-o",
+        text(&imported),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let again = run_model(&graft::onnx::load(&imported).unwrap(), &inputs);
+    let diff = logits(&again).max_abs_diff(logits(&want));
+    assert!(diff <= 1e-6, "the exported table computes {diff} away");
+}

@@ -15,7 +15,7 @@
 //! cache's `[heads, n, head_dim]`).
 
 use graft_plugin_sdk::{
-    AttributeValue, ConfigKey, GraphInput, GraphView, Init, InputRole, MethodConfig,
+    AttributeValue, ConfigKey, DType, Fold, GraphInput, GraphView, Init, InputRole, MethodConfig,
     MethodDescription, PatchBuilder, PatchReply, PeftFiles, PeftTensor, Stack,
 };
 use serde_json::json;
@@ -34,6 +34,18 @@ pub fn description() -> MethodDescription {
                 "standard deviation of the prefix's random init (PEFT's nn.Embedding: 1)",
             ),
             ConfigKey::int("seed", 0, "seed of the random init"),
+            ConfigKey::bool(
+                "prefix_projection",
+                false,
+                "reparameterize the prefix as PEFT's MLP (embedding → Linear → Tanh → Linear, \
+                 as in the prefix-tuning paper); graft merge and the PEFT export store the \
+                 table it computes",
+            ),
+            ConfigKey::int(
+                "encoder_hidden_size",
+                512,
+                "width of the MLP's hidden layer (with prefix_projection)",
+            ),
         ],
     )
 }
@@ -61,13 +73,26 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
         std: config.get_f64("init_std")?,
         seed: builder.next_seed(),
     };
-    let table = builder.parameter(
-        "prefix_tuning.prefix",
-        dtype,
-        vec![n, n_layers * 2 * kv_width],
-        init,
-        true,
-    );
+    let width = n_layers * 2 * kv_width;
+    let table = if config.get_bool("prefix_projection")? {
+        let hidden = config.get_usize("encoder_hidden_size")?;
+        let input = builder.parameter(
+            "prefix_tuning.prefix.embedding",
+            dtype,
+            vec![n, kv_width],
+            init,
+            true,
+        );
+        let (table, nodes) =
+            builder.block(|b| mlp_reparameterization(b, &input, dtype, kv_width, hidden, width))?;
+        builder.fold(Fold::Bake {
+            value: table.clone(),
+            nodes,
+        });
+        table
+    } else {
+        builder.parameter("prefix_tuning.prefix", dtype, vec![n, width], init, true)
+    };
     for (layer, cache) in caches.iter().enumerate() {
         for (side, input) in [(0, cache.key), (1, cache.value)] {
             let block = 2 * layer + side;
@@ -88,6 +113,8 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
             "num_layers": n_layers,
             "num_attention_heads": stack.n_kv_heads,
             "num_transformer_submodules": 1,
+            // The file holds the table (with prefix_projection, the MLP's output, baked), which
+            // is PEFT's inference form.
             "prefix_projection": false,
             "encoder_hidden_size": stack.hidden_size,
             "inference_mode": true,
@@ -99,7 +126,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
             key: "prompt_embeddings".into(),
             tensor: table,
             transpose: false,
-            shape: vec![n, n_layers * 2 * kv_width],
+            shape: vec![n, width],
             rank_axis: None,
         }],
         bare_keys: true,
@@ -225,4 +252,48 @@ fn prepend_block(
         builder.rewire_graph_output(present, &kept);
     }
     Ok(())
+}
+
+/// The prefix-tuning paper's reparameterization, as PEFT's `prefix_projection`: `input` `[n,
+/// dim]` through `Linear(dim, hidden) → Tanh → Linear(hidden, width)`, each `Linear` with
+/// PyTorch's default init; returns the table `[n, width]`.
+fn mlp_reparameterization(
+    builder: &mut PatchBuilder<'_>,
+    input: &str,
+    dtype: DType,
+    dim: usize,
+    hidden: usize,
+    width: usize,
+) -> graft_plugin_sdk::Result<String> {
+    let mut x = input.to_owned();
+    for (index, (fan_in, fan_out)) in [(dim, hidden), (hidden, width)].into_iter().enumerate() {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let weight_init = Init::linear_default(fan_in, builder.next_seed());
+        let bias_init = Init::Uniform {
+            low: -bound,
+            high: bound,
+            seed: builder.next_seed(),
+        };
+        let stem = format!("prefix_tuning.transform.{index}");
+        let weight = builder.parameter(
+            &format!("{stem}.weight"),
+            dtype,
+            vec![fan_in, fan_out],
+            weight_init,
+            true,
+        );
+        let bias = builder.parameter(
+            &format!("{stem}.bias"),
+            dtype,
+            vec![fan_out],
+            bias_init,
+            true,
+        );
+        let product = builder.op(&format!("{stem}.matmul"), "MatMul", &[&x, &weight], &[]);
+        x = builder.op(&format!("{stem}.add"), "Add", &[&product, &bias], &[]);
+        if index == 0 {
+            x = builder.op(&format!("{stem}.tanh"), "Tanh", &[&x], &[]);
+        }
+    }
+    Ok(x)
 }
