@@ -445,6 +445,19 @@ fn drop_unused_parameters(model: &mut Model, record: &GraftRecord, report: &mut 
         .retain(|input| !trainable.contains(input.name.as_str()) && !dead.contains(&input.name));
 }
 
+/// The value `value` of a bake fold, computed once by its `nodes` from the model's current
+/// parameters (see [`Fold::Bake`]), as an initializer named `value`.
+pub(crate) fn bake(model: &Model, value: &str, nodes: &[String]) -> Result<Tensor> {
+    let subgraph: Vec<_> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| nodes.contains(&n.name))
+        .cloned()
+        .collect();
+    evaluate::evaluate(model, subgraph, value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,17 +571,4 @@ mod tests {
         // a partial last panel and a tail past the last whole tile.
         check_low_rank_merge([67, 2900], false);
     }
-}
-
-/// The value `value` of a bake fold, computed once by its `nodes` from the model's current
-/// parameters (see [`Fold::Bake`]), as an initializer named `value`.
-pub(crate) fn bake(model: &Model, value: &str, nodes: &[String]) -> Result<Tensor> {
-    let subgraph: Vec<_> = model
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| nodes.contains(&n.name))
-        .cloned()
-        .collect();
-    evaluate::evaluate(model, subgraph, value)
 }
