@@ -30,6 +30,17 @@ Recordings (each into models/references/<name>/):
       outputs.npz          PeftModel logits [B, S, V] on inputs.npz
       (table -> per-layer past mapping, mask / position / label treatment: PREFIX_TREATMENT)
 
+  prefix-bert, prefix-roberta   HF PEFT prefix tuning on the encoders (SEQ_CLS)
+      PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, prefix_projection=False) on
+      base_recording(arch); table <- seeded N(0, 0.5^2); classifier (modules_to_save) perturbed
+      adapter_config.json, adapter_model.safetensors   (prompt_embeddings [4, L*2*hidden] + base_model.classifier.*)
+      inputs.npz           fixtures/<arch>-legacy/inputs.npz (the ONNX-named feeds)
+      outputs.npz          logits [B, 2] from TRANSFORMERS, not PEFT: PEFT 0.21.2's SEQ_CLS prefix forward
+                           refuses under transformers 5.24 ("Model does not support past key values ...");
+                           the plain HF model with the saved classifier, cache = the table's past, mask with
+                           n ones prepended (ENCODER_PREFIX_TREATMENT; checked against PEFT's own forward
+                           run through a signature shim)
+
   train-bert, train-llama            20 AdamW steps of LoRA training
       data.jsonl           pre-tokenized, already padded examples; batch k = lines
                            [k*B, (k+1)*B) (mod the dataset), no shuffling
@@ -57,12 +68,14 @@ Usage (from the repository root):
   python models/record_references.py --only train-llama --out /tmp/refs
   python models/record_references.py --only adalora-bert,adalora-llama
   python models/record_references.py --only peft-prefix-gpt2,peft-prefix-llama
+  python models/record_references.py --only prefix-bert,prefix-roberta
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -943,6 +956,347 @@ def record_prefix_tuning(arch: str, out_dir: Path) -> dict:
         "max_abs_base_output": max(float(np.max(np.abs(a))) for a in base_out.values()),
         "peft_treatment": PREFIX_TREATMENT,
         "peft_input_probe": probe,
+        "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# 1d. PEFT prefix tuning on encoders (SEQ_CLS): prefix table + classifier, reference outputs
+# --------------------------------------------------------------------------------------
+
+ENCODER_PREFIX_ERROR = "Model does not support past key values which are required for prefix tuning."
+
+# What PEFT 0.21.2 does for a SEQ_CLS prefix-tuning forward (peft_model.py PeftModelForSequenceClassification.forward
+# + _prefix_tuning_forward) and why it cannot run under transformers 5.24; written into the manifest and checked by
+# record_encoder_prefix (a shim that lets PEFT's own code run, the kwargs reaching the backbone, positions).
+ENCODER_PREFIX_TREATMENT = {
+    "peft_forward_refuses": "PeftModelForSequenceClassification.forward -> _prefix_tuning_forward: 'past_key_values' is not a "
+    "parameter of <Bert|Roberta>ForSequenceClassification.forward, so PEFT falls back to the backbone (transformer_backbone_name "
+    "= 'bert' / 'roberta', a BertModel / RobertaModel) and checks inspect.signature(backbone.forward) for 'past_key_values'; "
+    "transformers 5 renamed that parameter to `cache` (@deprecate_kwarg('past_key_values', '5.40.0', new_name='cache')), so PEFT "
+    f"raises ValueError('{ENCODER_PREFIX_ERROR}') before calling the model. get_peft_model, save_pretrained, "
+    "PeftModel.from_pretrained and get_prompt work.",
+    "outputs_npz_source": "computed with transformers, not PEFT: the plain HF <Bert|Roberta>ForSequenceClassification (fresh "
+    "base_recording) with its classifier loaded from the saved base_model.classifier.* (= PEFT's perturbed modules_to_save copy), "
+    "called with cache = DynamicCache(formula past of the saved table), attention_mask = cat(ones(B, n), mask), token_type_ids "
+    "unchanged (bert), input_ids unchanged, no position_ids. This is what PEFT's _prefix_tuning_forward would feed (checked: with "
+    "the backbone's forward wrapped to take `past_key_values` and pass it on as `cache`, PEFT's own forward runs and returns the "
+    "same logits bit for bit)",
+    "saved_files": "adapter_model.safetensors: prompt_embeddings [n, L*2*token_dim] (PrefixEncoder.embedding.weight, token_dim = "
+    "hidden_size, num_attention_heads = the model's heads: no num_key_value_heads in BERT/RoBERTa configs) and "
+    "base_model.classifier.* (the modules_to_save copy, adapter name removed; PEFT adds 'classifier' and 'score' to "
+    "modules_to_save for SEQ_CLS)",
+    "table_to_past": "as for the decoders (PREFIX_TREATMENT['table_to_past']): get_prompt -> DynamicCache(L chunks); "
+    "key_i[b, h, t, d] = table[t, (2i)*token_dim + h*hd + d], value_i[b, h, t, d] = table[t, (2i+1)*token_dim + h*hd + d]. "
+    "BERT/RoBERTa self-attention concatenates cache keys/values in front of the new ones (cache.update) even though the "
+    "model is not a decoder: attention is bidirectional over [n prefix + S real] keys, queries = the S real tokens",
+    "input_ids": "passed unchanged (no inputs_embeds)",
+    "attention_mask": "torch.cat((torch.ones(B, n), attention_mask), dim=1): n ones PREPENDED, float32 [B, n+S] "
+    "(int64 and float32 give identical logits)",
+    "token_type_ids": "bert: passed UNCHANGED [B, S] (_adjust_prompt_learning_kwargs(remove_token_type_ids=False); the zeros "
+    "are prepended only in the prompt-tuning branch); roberta: none given (the model uses its all-zero buffer)",
+    "position_ids": "not given: the HF embeddings count from the cache length n (bert: position_ids = n + arange(S), the pads "
+    "included; roberta: create_position_ids_from_input_ids(input_ids, pad, cache_length=n) = (cumsum(ids != pad) + n) * "
+    "(ids != pad) + pad, i.e. real token j (no left padding) at pad + 1 + n + j, pad tokens at pad). If given, PEFT ADDS n",
+    "pooling": "PEFT's fallback takes outputs[1] if len(outputs) > 1 else outputs[0] of the backbone (bert: pooler_output; "
+    "roberta: add_pooling_layer=False, so the only non-None field, last_hidden_state), applies base_model.dropout if the "
+    "model has a `dropout` child (bert; identity in eval) and the classifier (bert: Linear on the pooled [CLS]; roberta: "
+    "RobertaClassificationHead on last_hidden_state[:, 0]) -- the same computation as the HF model's own forward. The "
+    "pooled / classified token is the FIRST REAL token (the prefix has no hidden states, unlike prompt tuning)",
+    "outputs": "logits [B, num_labels] = [B, 2]",
+}
+
+
+def encoder_prefix_positions(ids: torch.Tensor, arch: str, n: int, pad: int) -> torch.Tensor:
+    """The position ids the HF embeddings use for `ids` after a cache of n positions (stated rule, explicit)."""
+    b, s = ids.shape
+    if arch == "bert":
+        return (torch.arange(s) + n).expand(b, s).contiguous()
+    real = (ids != pad).long()
+    return (torch.cumsum(real, dim=1) + n) * real + pad
+
+
+def record_encoder_prefix(arch: str, out_dir: Path) -> dict:
+    """HF PEFT prefix tuning on an encoder: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
+    prefix_projection=False) on base_recording(arch) (BertForSequenceClassification / RobertaForSequenceClassification).
+
+    torch.manual_seed(seed_of("prefix", arch)) before get_peft_model (as the decoder recordings); the table is then
+    overwritten with seeded N(0, 0.5^2) (gen("prefix", arch)) and PEFT's modules_to_save classifier copy perturbed
+    (perturb_modules_to_save, gen("prefix", arch, "modules_to_save")); saved with save_adapter (prompt_embeddings +
+    base_model.classifier.*).  PEFT 0.21.2's SEQ_CLS prefix forward refuses these models under transformers 5.24
+    (ENCODER_PREFIX_ERROR), so outputs.npz is computed with transformers: the plain HF model with the saved classifier,
+    cache = DynamicCache of the formula past, mask with n ones prepended (ENCODER_PREFIX_TREATMENT); checked against
+    PEFT's own forward run through a signature shim, and the positions the embeddings use are checked explicitly."""
+    n = PREFIX_VIRTUAL_TOKENS
+    name = f"prefix-{arch}"
+    rec = base_recording(arch)
+    hf = rec.config
+    pad = hf.pad_token_id
+    feeds = fixture_arrays(arch, "legacy", "inputs")
+    b, s = feeds["input_ids"].shape
+    base_out = run_outputs(rec, rec.model, feeds)
+    base_classifier = {k: v.detach().clone() for k, v in rec.model.classifier.state_dict().items()}
+
+    cfg = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n, prefix_projection=False)
+    init_seed = seed_of("prefix", arch)
+    torch.manual_seed(init_seed)  # PrefixEncoder's nn.Embedding draws N(0, 1) from the global RNG (overwritten below)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(rec.model, cfg)
+    pc = model.peft_config["default"]
+    heads, token_dim, n_layers = pc.num_attention_heads, pc.token_dim, pc.num_layers
+    head_dim = token_dim // heads
+    if (heads, token_dim, n_layers) != (hf.num_attention_heads, hf.hidden_size, hf.num_hidden_layers):
+        raise AssertionError(f"{name}: PEFT heads/token_dim/layers {(heads, token_dim, n_layers)} != the model's")
+    emb = model.prompt_encoder["default"].embedding
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=gen("prefix", arch), dtype=emb.weight.dtype) * PREFIX_STD)
+    table = emb.weight.detach().clone()
+    if list(table.shape) != [n, n_layers * 2 * token_dim]:
+        raise AssertionError(f"{name}: embedding {list(table.shape)}")
+    mts = perturb_modules_to_save(model, gen("prefix", arch, "modules_to_save"))
+    if not mts or any(".classifier.modules_to_save.default." not in nm for nm in mts):
+        raise AssertionError(f"{name}: modules_to_save params {mts}")
+    live = dict(model.named_parameters())
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    save_adapter(model, out_dir)
+    saved = safetensors.torch.load_file(str(out_dir / "adapter_model.safetensors"))
+    want_keys = sorted(["prompt_embeddings"] + [nm.replace(".modules_to_save.default", "") for nm in mts])
+    if sorted(saved) != want_keys:
+        raise AssertionError(f"{name}: saved keys {sorted(saved)}, expected {want_keys}")
+    if not torch.equal(saved["prompt_embeddings"], table):
+        raise AssertionError(f"{name}: saved prompt_embeddings != the live table")
+    for nm in mts:
+        if not torch.equal(saved[nm.replace(".modules_to_save.default", "")], live[nm].detach()):
+            raise AssertionError(f"{name}: saved {nm} != the live perturbed classifier")
+    saved_classifier = {k[len("base_model.classifier."):]: v for k, v in saved.items() if k.startswith("base_model.classifier.")}
+    model.eval()
+
+    # PEFT's own forward refuses (the signature check; see ENCODER_PREFIX_TREATMENT)
+    ids_t, mask_t = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    tt = {"token_type_ids": torch.from_numpy(feeds["token_type_ids"])} if "token_type_ids" in feeds else {}
+    try:
+        with torch.no_grad():
+            run_outputs(rec, model, feeds)
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    if refusal != ENCODER_PREFIX_ERROR:
+        raise AssertionError(f"{name}: PEFT's forward no longer refuses as expected (got {refusal!r}); use its outputs instead")
+    backbone = model.base_model.get_submodule(model.transformer_backbone_name)
+    sig_model = list(inspect.signature(model.base_model.forward).parameters)
+    sig_backbone = list(inspect.signature(backbone.forward).parameters)
+    if "past_key_values" in sig_model or "past_key_values" in sig_backbone or "cache" not in sig_backbone:
+        raise AssertionError(f"{name}: unexpected signatures {sig_model} / {sig_backbone}")
+
+    # the reference: fresh plain HF model + the SAVED classifier + the formula past of the SAVED table
+    past = prefix_past_from_table(saved["prompt_embeddings"].numpy(), n_layers, heads, head_dim, b)
+    with torch.no_grad():
+        peft_past = model.get_prompt(b)
+    d_get_prompt = max(
+        max(float((ly.keys - torch.from_numpy(k)).abs().max()), float((ly.values - torch.from_numpy(v)).abs().max()))
+        for ly, (k, v) in zip(peft_past.layers, past)
+    )
+    if type(peft_past).__name__ != "DynamicCache" or d_get_prompt != 0.0:
+        raise AssertionError(f"{name}: PEFT get_prompt ({type(peft_past).__name__}) != prefix_past_from_table ({d_get_prompt:.3g})")
+    fresh = base_recording(arch)
+    fresh.model.classifier.load_state_dict(saved_classifier, strict=True)
+    positions_seen = []
+    hook = fresh.model.get_submodule(f"{arch}.embeddings.position_embeddings").register_forward_hook(
+        lambda _m, a, _o: positions_seen.append(a[0].detach().clone()))
+    try:
+        logits = run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, past, **tt)
+        used_positions = positions_seen[-1]
+        d_f32 = float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t.float(), past, **tt) - logits).abs().max())
+        # left-padded probe (not in outputs.npz): which positions does a left-padded example get?
+        lp_ids, lp_mask = ids_t.clone(), mask_t.clone()
+        lp_ids[-1] = torch.cat((torch.full((2,), pad), ids_t[-1, :-2]))
+        lp_mask[-1] = torch.cat((torch.zeros(2, dtype=mask_t.dtype), torch.ones(s - 2, dtype=mask_t.dtype)))
+        run_with_prefix_past(fresh.model, fresh.config, lp_ids, lp_mask, past, **tt)
+        left_padded_positions = positions_seen[-1]
+    finally:
+        hook.remove()
+    out = {"logits": logits.numpy()}
+    if list(logits.shape) != [b, hf.num_labels]:
+        raise AssertionError(f"{name}: logits {list(logits.shape)}")
+    rule_positions = encoder_prefix_positions(ids_t, arch, n, pad)
+    if not torch.equal(used_positions.expand(b, s), rule_positions):
+        raise AssertionError(f"{name}: positions used {used_positions.tolist()} != the stated rule {rule_positions.tolist()}")
+    if not torch.equal(left_padded_positions.expand(b, s), encoder_prefix_positions(lp_ids, arch, n, pad)):
+        raise AssertionError(f"{name}: left-padded positions {left_padded_positions.tolist()} != the stated rule")
+
+    def d_pos(pos):
+        return float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, past, position_ids=pos, **tt) - logits).abs().max())
+
+    ar = torch.arange(s).expand(b, s).contiguous()
+    real = (ids_t != pad).long()
+    pos_checks = {"explicit position_ids = the stated rule (%s)" % ("n + arange(S)" if arch == "bert" else
+                  "(cumsum(ids != pad) + n) * (ids != pad) + pad"): d_pos(rule_positions)}
+    pos_wrong = {"arange(S) (no shift)": d_pos(ar)}
+    if arch == "bert":
+        pos_wrong["n + 1 + arange(S)"] = d_pos(ar + n + 1)
+    else:
+        pos_checks["n + pad + 1 + arange(S) (shifted, not padding-aware: differs only at the pad tokens, which are masked)"] = \
+            d_pos(ar + n + pad + 1)
+        pos_wrong["cumsum(ids != pad) * (ids != pad) + pad (padding-aware, not shifted by n)"] = d_pos(torch.cumsum(real, 1) * real + pad)
+        pos_wrong["n + arange(S) (BERT's rule)"] = d_pos(ar + n)
+    if max(max(pos_checks.values()), d_f32) > PREFIX_MAPPING_TOL or min(pos_wrong.values()) < 1e-3:
+        raise AssertionError(f"{name}: position checks {pos_checks} / wrong {pos_wrong} / f32 mask {d_f32}")
+
+    d_wrong = {k: float((run_with_prefix_past(fresh.model, fresh.config, ids_t, mask_t, w, **tt) - logits).abs().max())
+               for k, w in wrong_layouts(saved["prompt_embeddings"].numpy(), n_layers, heads, head_dim, b).items()}
+    if min(d_wrong.values()) < 1e-3:
+        raise AssertionError(f"{name}: a wrong layout reproduces the logits: {d_wrong}")
+    d_base = max_diff(out, base_out)
+    plain_base = base_recording(arch)
+    d_base_classifier = float((run_with_prefix_past(plain_base.model, plain_base.config, ids_t, mask_t, past, **tt) - logits).abs().max())
+    if not all(torch.equal(plain_base.model.classifier.state_dict()[k], v) for k, v in base_classifier.items()):
+        raise AssertionError(f"{name}: base classifier changed")
+    if d_base < 1e-3 or d_base_classifier < 1e-3:
+        raise AssertionError(f"{name}: prefix vs base {d_base:.3g}, saved vs base classifier {d_base_classifier:.3g}")
+
+    # PEFT's own _prefix_tuning_forward, with the backbone's forward wrapped so that its signature check passes
+    seen = []
+    orig_forward = backbone.forward
+
+    def shim(input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+             past_key_values=None, **kw):
+        seen.append({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                     "position_ids": position_ids, "inputs_embeds": inputs_embeds, "past_key_values": past_key_values,
+                     "past_seq_length": past_key_values.get_seq_length() if past_key_values is not None else None,
+                     "past_layers": [(ly.keys[:, :, :n].clone(), ly.values[:, :, :n].clone()) for ly in past_key_values.layers]
+                     if past_key_values is not None else None, **kw})
+        return orig_forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, cache=past_key_values, **kw)
+
+    backbone.forward = shim
+    try:
+        with torch.no_grad():
+            shim_out = run_outputs(rec, model, feeds)
+            shim_pos = model(input_ids=ids_t, attention_mask=mask_t, position_ids=ar, return_dict=True, **tt).logits
+    finally:
+        del backbone.forward
+    d_shim = max_diff(shim_out, out)
+    d_shim_pos = float((shim_pos - logits).abs().max())
+    k1 = seen[0]
+    if d_shim != 0.0:
+        raise AssertionError(f"{name}: PEFT's forward through the shim differs from the reference by {d_shim:.3g}")
+    if not (torch.equal(k1["input_ids"], ids_t) and k1["inputs_embeds"] is None and k1["position_ids"] is None):
+        raise AssertionError(f"{name}: shim: input_ids / inputs_embeds / position_ids not as stated")
+    if k1["attention_mask"].dtype != torch.float32 or not torch.equal(k1["attention_mask"], torch.cat((torch.ones(b, n), mask_t), 1)):
+        raise AssertionError(f"{name}: shim: attention_mask != cat(ones(B, n), mask) float32")
+    if tt and not torch.equal(k1["token_type_ids"], tt["token_type_ids"]) or not tt and k1["token_type_ids"] is not None:
+        raise AssertionError(f"{name}: shim: token_type_ids not passed unchanged")
+    if k1["past_seq_length"] != n or any(not (torch.equal(kk, torch.from_numpy(wk)) and torch.equal(vv, torch.from_numpy(wv)))
+                                            for (kk, vv), (wk, wv) in zip(k1["past_layers"], past)):
+        raise AssertionError(f"{name}: shim: PEFT's cache is not the formula past")
+    if not torch.equal(seen[1]["position_ids"], ar + n):
+        raise AssertionError(f"{name}: shim: given position_ids not offset by n")
+    if arch == "bert" and d_shim_pos != 0.0:
+        raise AssertionError(f"{name}: shim with position_ids=arange(S) (+n by PEFT) differs by {d_shim_pos:.3g}")
+
+    G.write_npz(out_dir / "outputs.npz", out)
+    G.write_npz(out_dir / "inputs.npz", feeds)
+
+    # the saved files alone: fresh base + PeftModel.from_pretrained -> same table / classifier / cache / logits
+    fresh2 = base_recording(arch)
+    loaded = PeftModel.from_pretrained(fresh2.model, str(out_dir))
+    loaded.eval()
+    try:
+        with torch.no_grad():
+            run_outputs(fresh2, loaded, feeds)
+        reload_refusal = None
+    except ValueError as e:
+        reload_refusal = str(e)
+    with torch.no_grad():
+        reload_past = loaded.get_prompt(b)
+    d_reload_past = max(max(float((ly.keys - torch.from_numpy(k)).abs().max()), float((ly.values - torch.from_numpy(v)).abs().max()))
+                        for ly, (k, v) in zip(reload_past.layers, past))
+    ext = torch.cat((torch.ones(b, n, dtype=mask_t.dtype), mask_t), dim=1)
+    with torch.no_grad():
+        reload_logits = loaded.get_base_model()(input_ids=ids_t, attention_mask=ext, cache=reload_past, return_dict=True, **tt).logits
+    d_reload = float((reload_logits - logits).abs().max())
+    if reload_refusal != ENCODER_PREFIX_ERROR or d_reload_past != 0.0 or d_reload != 0.0:
+        raise AssertionError(f"{name}: reloaded: refusal {reload_refusal!r}, get_prompt {d_reload_past:.3g}, logits {d_reload:.3g}")
+
+    written = json.loads((out_dir / "adapter_config.json").read_text())
+    pos_rule = ("position_ids = n + arange(S) for every token (pads included: BERT is not padding-aware)" if arch == "bert" else
+                f"position_ids = (cumsum(input_ids != {pad}) + n) * (input_ids != {pad}) + {pad}: padding-aware and shifted by n "
+                f"(real token j of an unpadded prefix at {pad} + 1 + n + j = {pad + 1 + n} + j; pad tokens at {pad})")
+    return {
+        "base_fixture": f"{arch}-legacy (same weights and inputs as {arch}-dynamo)",
+        "base_model": f"base_recording('{arch}') ({type(fresh.model).__name__})",
+        "inputs": f"inputs.npz (in this folder) = models/fixtures/{arch}-legacy/inputs.npz ({', '.join(sorted(feeds))}; "
+        "the last example right-padded by 2)",
+        "peft": {"class": type(model).__name__,
+                 "config": f"PrefixTuningConfig(task_type='SEQ_CLS', num_virtual_tokens={n}, prefix_projection=False)"},
+        "task_type": "SEQ_CLS",
+        "num_virtual_tokens": n,
+        "peft_forward_refuses": {
+            "error": f"ValueError: {refusal}",
+            "raised_by": "peft/peft_model.py PeftModelForSequenceClassification._prefix_tuning_forward (also after "
+            "PeftModel.from_pretrained)",
+            "why": f"'past_key_values' not in {type(fresh.model).__name__}.forward parameters {sig_model}, nor in the backbone "
+            f"{type(backbone).__name__}.forward parameters {sig_backbone} (transformers {transformers.__version__} calls it `cache`)",
+        },
+        "outputs_npz": "NOT PEFT's output (its forward refuses): transformers' " + type(fresh.model).__name__ + " (fresh "
+        "base_recording) with the classifier loaded from the saved base_model.classifier.*, cache = DynamicCache(formula past of "
+        "the saved prompt_embeddings), attention_mask = cat(ones(B, n) int64, mask), input_ids unchanged"
+        + (", token_type_ids unchanged" if tt else "") + ", no position_ids: logits [B, 2]",
+        "adapter_config_prefix_fields": {k: written.get(k) for k in ("peft_type", "task_type", "num_virtual_tokens", "token_dim",
+                                                                       "num_attention_heads", "num_layers", "num_transformer_submodules",
+                                                                       "encoder_hidden_size", "prefix_projection", "inference_mode",
+                                                                       "modules_to_save")},
+        "model_heads": {"num_attention_heads": hf.num_attention_heads, "head_dim": head_dim, "hidden_size": hf.hidden_size},
+        "token_dim": token_dim,
+        "table": {"key": "prompt_embeddings", "shape": list(table.shape), "layout": f"[n={n}, L={n_layers} x 2 x H={heads} x hd={head_dim}]"},
+        "table_to_past_formula": f"key_i[b, h, t, d] = prompt_embeddings[t, (2*i)*{token_dim} + h*{head_dim} + d]; "
+        f"value_i[b, h, t, d] = prompt_embeddings[t, (2*i+1)*{token_dim} + h*{head_dim} + d]; past tensors [B, {heads}, {n}, {head_dim}]",
+        "prefix_init": f"torch.manual_seed({init_seed}) then get_peft_model (PrefixEncoder nn.Embedding N(0, 1)), then embedding.weight <- "
+        f"randn * {PREFIX_STD} from torch.Generator seeded {seed_of('prefix', arch)} (gen('prefix', '{arch}'))",
+        "prefix_init_seed": init_seed,
+        "prefix_table_std": float(table.std()),
+        "modules_to_save_params_perturbed": [nm.replace(".default", "") for nm in mts],
+        "modules_to_save_noise": f"randn * {MODULES_TO_SAVE_NOISE}, torch.Generator seeded {seed_of('prefix', arch, 'modules_to_save')}, sorted names",
+        "base_output_shapes": {k: list(v.shape) for k, v in base_out.items()},
+        "output_shapes": {k: list(v.shape) for k, v in out.items()},
+        "positions": {
+            "rule": pos_rule,
+            "used_on_inputs_npz (position_embeddings input, forward hook)": used_positions.tolist(),
+            "used_on_a_left_padded_probe (last example: 2 pads then its first S-2 tokens; not in outputs.npz)": {
+                "input_ids": lp_ids.tolist(), "attention_mask": lp_mask.tolist(), "positions": left_padded_positions.tolist()},
+            "max_abs_vs_outputs (same logits)": pos_checks,
+            "max_abs_vs_outputs (wrong positions, negative controls)": pos_wrong,
+        },
+        "max_abs_prefix_vs_base": d_base,
+        "max_abs_saved_vs_base_classifier (same prefix)": d_base_classifier,
+        "max_abs_get_prompt_vs_formula": d_get_prompt,
+        "max_abs_float32_mask_vs_outputs": d_f32,
+        "max_abs_wrong_layouts_vs_outputs (negative controls)": d_wrong,
+        "peft_forward_through_signature_shim": {
+            "how": f"{model.transformer_backbone_name}.forward temporarily replaced by a function with a `past_key_values` "
+            "parameter that calls the original forward with cache=past_key_values; then the recording's rec.run on the PeftModel",
+            "max_abs_vs_outputs": d_shim,
+            "kwargs_reaching_backbone": {k: ({"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} if torch.is_tensor(v)
+                                             else type(v).__name__ if isinstance(v, transformers.Cache) else v)
+                                         for k, v in sorted(k1.items()) if k not in ("past_layers", "past_seq_length")},
+            "checked": "input_ids unchanged, inputs_embeds None, attention_mask = cat(ones(B, n), mask) float32, token_type_ids "
+            + ("unchanged" if tt else "None") + ", position_ids None, past_key_values = DynamicCache whose first n positions equal "
+            "the formula past (bit for bit)",
+            "with_position_ids_arange_S": f"PEFT adds n (reach the backbone as n + arange(S)); max abs vs outputs {d_shim_pos!r}"
+            + (" (= BERT's default positions)" if arch == "bert" else
+               " (RoBERTa's own default is pad + 1 + n + j, padding-aware: explicit position ids through PEFT do not reproduce it)"),
+        },
+        "max_abs_reloaded_vs_outputs": {
+            "get_prompt vs formula": d_reload_past,
+            "loaded.get_base_model() (classifier = the loaded modules_to_save copy) with cache = loaded.get_prompt(B)": d_reload,
+            "loaded PeftModel forward": f"refuses too: ValueError: {reload_refusal}",
+        },
+        "max_abs_output": max(float(np.max(np.abs(a))) for a in out.values()),
+        "max_abs_base_output": max(float(np.max(np.abs(a))) for a in base_out.values()),
+        "peft_treatment": ENCODER_PREFIX_TREATMENT,
         "tensors": safetensors_summary(out_dir / "adapter_model.safetensors"),
     }
 
@@ -1832,6 +2186,8 @@ RECORDINGS = {
     "peft-prompt-llama": lambda d: record_prompt_tuning("llama", d),
     "peft-prefix-gpt2": lambda d: record_prefix_tuning("gpt2", d),
     "peft-prefix-llama": lambda d: record_prefix_tuning("llama", d),
+    "prefix-bert": lambda d: record_encoder_prefix("bert", d),
+    "prefix-roberta": lambda d: record_encoder_prefix("roberta", d),
     "train-bert": lambda d: record_train("bert", d),
     "train-llama": lambda d: record_train("llama", d),
     "adalora-bert": lambda d: record_adalora("bert", d),

@@ -27,6 +27,35 @@ fn text(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Checks every gradient of `model`'s training graph for `task` against central differences
+/// of the loss (step 1e-3) at the first, middle and last element of each trained tensor;
+/// returns the number of tensors checked.
+fn assert_gradients_match_central_differences(
+    model: &graft::ir::Model,
+    fixture: &str,
+    task: graft::train::Task,
+) -> usize {
+    let (_, gradients) = loss_and_gradients(model, fixture, task, &[]);
+    for (name, analytic) in &gradients {
+        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
+        let h = 1e-3f32;
+        for index in [0, values.len() / 2, values.len() - 1] {
+            let shifted = |delta: f32| {
+                let mut v = values.clone();
+                v[index] += delta;
+                loss_and_gradients(model, fixture, task, &[(name.clone(), v)]).0
+            };
+            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+            let got = analytic[index];
+            assert!(
+                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
+                "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
+            );
+        }
+    }
+    gradients.len()
+}
+
 #[test]
 fn peft_prompt_adapters_import_and_reproduce_peft() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,25 +371,8 @@ fn prompt_gradients_match_central_differences() {
             &serde_json::json!({"num_virtual_tokens": 3, "init_std": 0.5}),
         )
         .unwrap();
-        let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
-        assert!(!gradients.is_empty(), "{fixture}: no gradients");
-        for (name, analytic) in &gradients {
-            let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
-            let h = 1e-3f32;
-            for index in [0, values.len() / 2, values.len() - 1] {
-                let shifted = |delta: f32| {
-                    let mut v = values.clone();
-                    v[index] += delta;
-                    loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
-                };
-                let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-                let got = analytic[index];
-                assert!(
-                    (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
-                    "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
-                );
-            }
-        }
+        let gradients = assert_gradients_match_central_differences(&model, fixture, task);
+        assert!(gradients > 0, "{fixture}: no gradients");
     }
 }
 
@@ -623,24 +635,8 @@ fn prefix_gradients_match_central_differences() {
         )
         .unwrap();
         let task = graft::train::Task::CausalLm;
-        let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
-        assert_eq!(gradients.len(), 1, "{fixture}");
-        let (name, analytic) = &gradients[0];
-        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
-        let h = 1e-3f32;
-        for index in [0, values.len() / 3, values.len() - 1] {
-            let shifted = |delta: f32| {
-                let mut v = values.clone();
-                v[index] += delta;
-                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
-            };
-            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-            let got = analytic[index];
-            assert!(
-                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
-                "{fixture} {name}[{index}]: gradient {got} vs central difference {numeric}"
-            );
-        }
+        let gradients = assert_gradients_match_central_differences(&model, fixture, task);
+        assert_eq!(gradients, 1, "{fixture}");
     }
 }
 
@@ -733,25 +729,8 @@ fn p_tuning_gradients_match_central_differences() {
     )
     .unwrap();
     let task = graft::train::Task::CausalLm;
-    let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
-    assert_eq!(gradients.len(), 7, "embedding + 3 × (weight, bias)");
-    for (name, analytic) in &gradients {
-        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
-        let h = 1e-3f32;
-        for index in [0, values.len() - 1] {
-            let shifted = |delta: f32| {
-                let mut v = values.clone();
-                v[index] += delta;
-                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
-            };
-            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-            let got = analytic[index];
-            assert!(
-                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
-                "{name}[{index}]: gradient {got} vs central difference {numeric}"
-            );
-        }
-    }
+    let gradients = assert_gradients_match_central_differences(&model, fixture, task);
+    assert_eq!(gradients, 7, "embedding + 3 × (weight, bias)");
 }
 
 /// With `prefix_projection` the prefix is an MLP's output (the paper's reparameterization):
@@ -773,25 +752,8 @@ fn projected_prefixes_train_through_their_mlp_and_bake() {
     )
     .unwrap();
     let task = graft::train::Task::CausalLm;
-    let (_, gradients) = loss_and_gradients(&model, fixture, task, &[]);
-    assert_eq!(gradients.len(), 5, "embedding + 2 × (weight, bias)");
-    for (name, analytic) in &gradients {
-        let values = model.graph.initializer(name).unwrap().to_f32().unwrap();
-        let h = 1e-3f32;
-        for index in [0, values.len() - 1] {
-            let shifted = |delta: f32| {
-                let mut v = values.clone();
-                v[index] += delta;
-                loss_and_gradients(&model, fixture, task, &[(name.clone(), v)]).0
-            };
-            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-            let got = analytic[index];
-            assert!(
-                (got - numeric).abs() <= 2e-3 + 1e-2 * numeric.abs(),
-                "{name}[{index}]: gradient {got} vs central difference {numeric}"
-            );
-        }
-    }
+    let gradients = assert_gradients_match_central_differences(&model, fixture, task);
+    assert_eq!(gradients, 5, "embedding + 2 × (weight, bias)");
 
     let dir = tempfile::tempdir().unwrap();
     let patched = dir.path().join("projected.onnx");

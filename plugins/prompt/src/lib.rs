@@ -3,6 +3,7 @@
 //! them with a trained MLP prompt encoder that `graft merge` bakes; `prefix_tuning` (`prefix.rs`) puts
 //! learned keys and values before every layer's cache. Both read and write HF PEFT's files.
 
+mod mlp;
 mod prefix;
 mod tuning;
 

@@ -15,7 +15,7 @@
 //! cache's `[heads, n, head_dim]`).
 
 use graft_plugin_sdk::{
-    AttributeValue, ConfigKey, DType, Fold, GraphInput, GraphView, Init, InputRole, MethodConfig,
+    AttributeValue, ConfigKey, Fold, GraphInput, GraphView, Init, InputRole, MethodConfig,
     MethodDescription, PatchBuilder, PatchReply, PeftFiles, PeftTensor, Stack,
 };
 use serde_json::json;
@@ -83,8 +83,16 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
             init,
             true,
         );
-        let (table, nodes) =
-            builder.block(|b| mlp_reparameterization(b, &input, dtype, kv_width, hidden, width))?;
+        let (table, nodes) = builder.block(|b| {
+            crate::mlp::mlp(
+                b,
+                "prefix_tuning.transform",
+                &input,
+                dtype,
+                &[kv_width, hidden, width],
+                "Tanh",
+            )
+        })?;
         builder.fold(Fold::Bake {
             value: table.clone(),
             nodes,
@@ -252,48 +260,4 @@ fn prepend_block(
         builder.rewire_graph_output(present, &kept);
     }
     Ok(())
-}
-
-/// The prefix-tuning paper's reparameterization, as PEFT's `prefix_projection`: `input` `[n,
-/// dim]` through `Linear(dim, hidden) → Tanh → Linear(hidden, width)`, each `Linear` with
-/// PyTorch's default init; returns the table `[n, width]`.
-fn mlp_reparameterization(
-    builder: &mut PatchBuilder<'_>,
-    input: &str,
-    dtype: DType,
-    dim: usize,
-    hidden: usize,
-    width: usize,
-) -> graft_plugin_sdk::Result<String> {
-    let mut x = input.to_owned();
-    for (index, (fan_in, fan_out)) in [(dim, hidden), (hidden, width)].into_iter().enumerate() {
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let weight_init = Init::linear_default(fan_in, builder.next_seed());
-        let bias_init = Init::Uniform {
-            low: -bound,
-            high: bound,
-            seed: builder.next_seed(),
-        };
-        let stem = format!("prefix_tuning.transform.{index}");
-        let weight = builder.parameter(
-            &format!("{stem}.weight"),
-            dtype,
-            vec![fan_in, fan_out],
-            weight_init,
-            true,
-        );
-        let bias = builder.parameter(
-            &format!("{stem}.bias"),
-            dtype,
-            vec![fan_out],
-            bias_init,
-            true,
-        );
-        let product = builder.op(&format!("{stem}.matmul"), "MatMul", &[&x, &weight], &[]);
-        x = builder.op(&format!("{stem}.add"), "Add", &[&product, &bias], &[]);
-        if index == 0 {
-            x = builder.op(&format!("{stem}.tanh"), "Tanh", &[&x], &[]);
-        }
-    }
-    Ok(x)
 }

@@ -145,8 +145,10 @@ pub fn patch(config: &MethodConfig, graph: &GraphView, method: &str) -> Result<P
             init,
             true,
         );
-        let (encoded, nodes) =
-            builder.block(|b| mlp_encoder(b, &input, dtype, embedding.dim, encoder_width))?;
+        let (encoded, nodes) = builder.block(|b| {
+            let widths = [embedding.dim, encoder_width, encoder_width, embedding.dim];
+            crate::mlp::mlp(b, "p_tuning.encoder", &input, dtype, &widths, "Relu")
+        })?;
         builder.fold(Fold::Bake {
             value: encoded.clone(),
             nodes,
@@ -425,48 +427,4 @@ fn auto_task_type(graph: &GraphView) -> String {
         }
     };
     task.to_owned()
-}
-
-/// PEFT's MLP prompt encoder on `input` `[n, dim]`: `Linear(dim, width) → ReLU → Linear(width,
-/// width) → ReLU → Linear(width, dim)`, each `Linear` with PyTorch's default init; returns
-/// the encoded prompt `[n, dim]`.
-fn mlp_encoder(
-    builder: &mut PatchBuilder<'_>,
-    input: &str,
-    dtype: DType,
-    dim: usize,
-    width: usize,
-) -> graft_plugin_sdk::Result<String> {
-    let mut x = input.to_owned();
-    let layers = [(dim, width), (width, width), (width, dim)];
-    for (index, (fan_in, fan_out)) in layers.into_iter().enumerate() {
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let weight_init = Init::linear_default(fan_in, builder.next_seed());
-        let bias_init = Init::Uniform {
-            low: -bound,
-            high: bound,
-            seed: builder.next_seed(),
-        };
-        let stem = format!("p_tuning.encoder.{index}");
-        let weight = builder.parameter(
-            &format!("{stem}.weight"),
-            dtype,
-            vec![fan_in, fan_out],
-            weight_init,
-            true,
-        );
-        let bias = builder.parameter(
-            &format!("{stem}.bias"),
-            dtype,
-            vec![fan_out],
-            bias_init,
-            true,
-        );
-        let product = builder.op(&format!("{stem}.matmul"), "MatMul", &[&x, &weight], &[]);
-        x = builder.op(&format!("{stem}.add"), "Add", &[&product, &bias], &[]);
-        if index + 1 < layers.len() {
-            x = builder.op(&format!("{stem}.relu"), "Relu", &[&x], &[]);
-        }
-    }
-    Ok(x)
 }
