@@ -1,6 +1,9 @@
 //! `prompt_tuning`: learned virtual-token embeddings put before the token embeddings
 //! (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"), as HF
-//! PEFT's `PromptTuningConfig` does, written as PEFT's `PROMPT_TUNING` adapter files.
+//! PEFT's `PromptTuningConfig` does, written as PEFT's `PROMPT_TUNING` adapter files; and
+//! `p_tuning` (Liu et al., 2021, "GPT Understands, Too"), whose virtual tokens PEFT's MLP
+//! prompt encoder computes from learned embeddings, under a bake fold, written as PEFT's
+//! `P_TUNING` files (which hold the computed tokens).
 //!
 //! The graph edit follows what PEFT feeds the model: the token ids are lengthened by the
 //! number of virtual tokens (repeating each sequence's first id, so that everything the graph
