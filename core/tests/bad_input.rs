@@ -503,3 +503,57 @@ fn a_folder_swapped_for_a_symlink_during_loads_never_leaks_outside_data() {
     assert_eq!(loaded + refused, 500);
     assert!(refused > 0, "the swap never raced a load");
 }
+
+/// A committed malformed input under `core/tests/data/`.
+fn bad_input_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// `runtime::read_npz` (`graft run --inputs`) refuses `name` with an [`graft::Error::Config`]
+/// naming the file, the array and every one of `needles`, without allocating what the file
+/// declares.
+fn assert_npz_refused(name: &str, array: &str, needles: &[&str]) {
+    let path = bad_input_file(name);
+    let error = graft::runtime::read_npz(&path).expect_err("a malformed .npz is refused");
+    let message = error.to_string();
+    assert!(matches!(error, graft::Error::Config(_)), "{message}");
+    let path = path.display().to_string();
+    let array = format!("array {array:?}");
+    for needle in [path.as_str(), array.as_str()].iter().chain(needles) {
+        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+    }
+}
+
+/// Found by the `npz` fuzz target (its crash input, kept as is): the second member's `.npy`
+/// header is version 3 with a header length of about 3.2 GB, which ndarray-npy allocated
+/// before reading (an out-of-memory abort). The mutated member also fails its zip CRC, which
+/// `read_npz` now checks before the `.npy` header is parsed.
+#[test]
+fn npz_from_fuzzing_with_a_3gb_npy_header_is_refused() {
+    assert_npz_refused("npz-npy-header-length-3gb.npz", "attention_mask", &[]);
+}
+
+/// The same fault with a sound zip member (CRC correct): a version-2 `.npy` header that
+/// declares 4 GB of header in a member of a few bytes.
+#[test]
+fn npz_with_a_header_longer_than_its_member_is_refused() {
+    assert_npz_refused(
+        "npz-npy-header-length-4gb.npz",
+        "x",
+        &["declares 4026531840 bytes of header"],
+    );
+}
+
+/// Its sibling, found while fixing it: a header declaring float64 shape `(1000000000,)` with
+/// no data after it made ndarray-npy allocate 8 GB before reading; the element count is now
+/// checked against the bytes that follow.
+#[test]
+fn npz_with_more_elements_than_bytes_is_refused() {
+    assert_npz_refused(
+        "npz-npy-shape-1e9-no-data.npz",
+        "x",
+        &["shape [1000000000]", "more elements than the 0 bytes"],
+    );
+}

@@ -83,24 +83,39 @@ impl HostTensor {
     }
 }
 
-/// Reads every array of an `.npz` file (float32, float64, int64, int32, bool), keyed by name.
+/// Reads every array of an `.npz` file (float32, float64, int64, int32, bool), keyed by name
+/// (a trailing `.npy` dropped).
+///
+/// Memory stays proportional to the file: each member is decompressed into memory (as much
+/// as it really holds, whatever its zip header claims), and an `.npy` header that declares a
+/// longer header or more elements than the member's bytes hold is refused by name, before
+/// anything of the declared size is allocated. Any other malformed archive or array is an
+/// [`Error::Config`] naming the file too.
 pub fn read_npz(path: &Path) -> Result<Vec<(String, HostTensor)>> {
+    use ndarray_npy::ReadNpyExt;
+    use std::io::Read;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let file = crate::input_file::open(path)?;
-    let mut npz = ndarray_npy::NpzReader::new(file).map_err(|e| fail(e.to_string()))?;
-    let names = npz.names().map_err(|e| fail(e.to_string()))?;
-    let mut arrays = Vec::with_capacity(names.len());
-    for name in names {
-        let key = name.trim_end_matches(".npy").to_owned();
-        let tensor = if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(&name) {
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| fail(e.to_string()))?;
+    let mut arrays = Vec::with_capacity(archive.len());
+    for index in 0..archive.len() {
+        let mut member = archive.by_index(index).map_err(|e| fail(e.to_string()))?;
+        let key = member.name().trim_end_matches(".npy").to_owned();
+        let mut bytes = Vec::new();
+        member
+            .read_to_end(&mut bytes)
+            .map_err(|e| fail(format!("array {key:?}: {e}")))?;
+        check_npy_sizes(&bytes).map_err(|reason| fail(format!("array {key:?}: {reason}")))?;
+        let npy = bytes.as_slice();
+        let tensor = if let Ok(a) = ArrayD::<f32>::read_npy(npy) {
             HostTensor::F32(a)
-        } else if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i64>, ndarray::IxDyn>(&name) {
+        } else if let Ok(a) = ArrayD::<i64>::read_npy(npy) {
             HostTensor::I64(a)
-        } else if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<f64>, ndarray::IxDyn>(&name) {
+        } else if let Ok(a) = ArrayD::<f64>::read_npy(npy) {
             HostTensor::F64(a)
-        } else if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<i32>, ndarray::IxDyn>(&name) {
+        } else if let Ok(a) = ArrayD::<i32>::read_npy(npy) {
             HostTensor::I32(a)
-        } else if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<bool>, ndarray::IxDyn>(&name) {
+        } else if let Ok(a) = ArrayD::<bool>::read_npy(npy) {
             HostTensor::Bool(a)
         } else {
             return Err(fail(format!(
@@ -110,6 +125,49 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, HostTensor)>> {
         arrays.push((key, tensor));
     }
     Ok(arrays)
+}
+
+/// `Ok` when the `.npy` image `npy` declares no more than it holds: a header no longer than the
+/// bytes after its length field, and at most one element per byte after the header (every
+/// element type graft reads takes at least a byte). The `.npy` reader allocates what the header
+/// declares before it reads, so a few bytes could otherwise ask for gigabytes. Whatever else
+/// is wrong is left to the reader.
+fn check_npy_sizes(npy: &[u8]) -> std::result::Result<(), String> {
+    // Magic (6 bytes), version (2), then the header length: u16 in version 1, u32 after.
+    if !npy.starts_with(b"\x93NUMPY") {
+        return Ok(());
+    }
+    let (length_end, header_len) = match npy.get(6).copied() {
+        Some(1) if npy.len() >= 10 => (10, u16::from_le_bytes([npy[8], npy[9]]) as usize),
+        Some(2 | 3) if npy.len() >= 12 => (
+            12,
+            u32::from_le_bytes([npy[8], npy[9], npy[10], npy[11]]) as usize,
+        ),
+        _ => return Ok(()),
+    };
+    let after_length = npy.len() - length_end;
+    if header_len > after_length {
+        return Err(format!(
+            "its .npy header declares {header_len} bytes of header, but only {after_length} \
+             bytes follow"
+        ));
+    }
+    let mut rest = npy;
+    let Ok(header) = ndarray_npy::npy::header::Header::from_reader(&mut rest) else {
+        return Ok(());
+    };
+    let elements = header
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    match elements {
+        Some(n) if n <= rest.len() => Ok(()),
+        _ => Err(format!(
+            "its .npy header declares shape {:?}, more elements than the {} bytes of data hold",
+            header.shape,
+            rest.len()
+        )),
+    }
 }
 
 /// Writes arrays to an `.npz` file (atomically: built in memory, then written beside the
