@@ -522,7 +522,10 @@ fn assert_npz_refused(name: &str, array: &str, needles: &[&str]) {
     let path = path.display().to_string();
     let array = format!("array {array:?}");
     for needle in [path.as_str(), array.as_str()].iter().chain(needles) {
-        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{message:?} should mention {needle:?}"
+        );
     }
 }
 
@@ -556,4 +559,61 @@ fn npz_with_more_elements_than_bytes_is_refused() {
         "x",
         &["shape [1000000000]", "more elements than the 0 bytes"],
     );
+}
+
+/// Found while checking what the `plugin_reply` fuzz target reaches: a patch reply whose new
+/// parameter (LoRA's B, `Init::Zeros`) has shape `[2^62, 4]` made `patch::materialize`
+/// overflow the element count, a panic in debug builds (a wrapped count in release); a shape
+/// of `[2, 10^12]` made it abort allocating 8 TB. The count is checked, and both buffers are
+/// reserved fallibly.
+#[test]
+fn plugin_reply_with_an_overflowing_parameter_shape_is_refused() {
+    let frame = std::fs::read(bad_input_file("plugin-reply-shape-overflow.frame")).unwrap();
+    let reply = graft_plugin_sdk::PatchReply::from_frame(&frame).expect("the frame decodes");
+    reply.check_payloads().expect("its payloads are sound");
+    let mut model = onnx::load(&fixture_model(FIXTURE)).unwrap();
+    let error =
+        graft::patch::apply_patch(&mut model, &reply, graft::patch::AppliedMethod::default())
+            .expect_err("the reply is refused");
+    let message = error.to_string();
+    assert!(matches!(error, graft::Error::Tensor { .. }), "{message}");
+    for needle in [
+        "lora.bert.encoder.layer.0.attention.self.query.B",
+        "more elements than a tensor can hold",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{message:?} should mention {needle:?}"
+        );
+    }
+}
+
+/// The other shapes a plugin could ask `patch::materialize` for that no tensor can have: more
+/// elements than memory can be reserved for, and a dimension beyond int64 (which a zero
+/// elsewhere in the shape used to let through as a negative dimension).
+#[test]
+fn generated_parameters_with_impossible_shapes_are_refused() {
+    for (shape, needle) in [
+        (vec![1usize << 61], "too large to allocate"),
+        (vec![0, 1usize << 63], "beyond the int64 range"),
+    ] {
+        let parameter = graft_plugin_sdk::NewParameter {
+            name: "p".into(),
+            dtype: graft_plugin_sdk::DType::Float,
+            shape: shape.clone(),
+            init: graft_plugin_sdk::Init::Zeros,
+            trainable: true,
+        };
+        let error = graft::patch::materialize(&parameter, &[], &graft::ir::Graph::default())
+            .expect_err("an impossible shape is refused");
+        let message = error.to_string();
+        assert!(
+            matches!(error, graft::Error::Tensor { .. }),
+            "{shape:?}: {message}"
+        );
+        assert!(
+            message.contains(needle),
+            "{shape:?}: {message:?} should mention {needle:?}"
+        );
+    }
 }

@@ -12,20 +12,48 @@
 //!   declared defaults then checked with `MethodConfig::new` as `graft apply` checks a config.
 //!
 //! Any of them may be refused; none may panic.
+//!
+//! graft allocates the parameters a patch declares (fallibly: a shape that overflows, or that
+//! no memory can be reserved for, is refused by name). A reply declaring a generated parameter
+//! of more than [`MAX_ELEMENTS`] elements that could still be reserved is not applied, since
+//! the allocation would be attempted and libFuzzer's 2 GB limit would report it; overflowing
+//! and unreservable shapes are applied, and must be refused without allocating.
 #![no_main]
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use graft::ir::Model;
-use graft_plugin_sdk::{
-    decode_frame, MethodConfig, PatchReply, PluginDescription, StepReply,
-};
+use graft_plugin_sdk::{decode_frame, Init, MethodConfig, PatchReply, PluginDescription, StepReply};
 use libfuzzer_sys::fuzz_target;
 
 fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| graft_fuzz::fixture("bert-legacy"))
+}
+
+/// The most elements of one generated parameter (or host input) a reply may declare to be
+/// applied here: 16 Mi, at most 192 MB of staging and tensor bytes.
+const MAX_ELEMENTS: usize = 1 << 24;
+
+/// Whether `reply` declares a generated tensor large enough for graft to try to allocate it
+/// beyond the fuzzer's memory budget (see the module documentation).
+fn too_large_to_apply(reply: &PatchReply) -> bool {
+    let shapes = reply
+        .patch
+        .parameters
+        .iter()
+        .filter(|p| !matches!(p.init, Init::Data { .. }))
+        .map(|p| &p.shape)
+        .chain(reply.patch.training.host_inputs.iter().map(|h| &h.shape));
+    for shape in shapes {
+        let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let reservable = (isize::MAX as usize) / std::mem::size_of::<f64>();
+        if elements.is_some_and(|n| n > MAX_ELEMENTS && n <= reservable) {
+            return true;
+        }
+    }
+    false
 }
 
 fn check_description(json: &[u8]) {
@@ -44,7 +72,7 @@ fn check_description(json: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(reply) = PatchReply::from_frame(data) {
-        if reply.check_payloads().is_ok() {
+        if reply.check_payloads().is_ok() && !too_large_to_apply(&reply) {
             let mut patched = model().clone();
             let method = graft::patch::AppliedMethod {
                 method: "fuzz".into(),

@@ -16,18 +16,43 @@ pub fn data_type(dtype: DType) -> Result<DataType> {
 /// Builds the tensor for `parameter`, drawing random inits from a generator seeded by the init's
 /// seed (the same seed always gives the same values), taking `Init::Data` bytes from
 /// `payloads` and `Init::Rows` from the initializers of `base` (the graph being patched).
+///
+/// The shape is a plugin's to choose and is not trusted: one with a dimension beyond int64, an
+/// element count that overflows, or more elements than memory can be reserved for is an
+/// [`Error::Tensor`] naming the parameter, never a panic or an allocation abort.
 pub fn materialize(
     parameter: &NewParameter,
     payloads: &[TensorPayload],
     base: &Graph,
 ) -> Result<Tensor> {
     let dtype = data_type(parameter.dtype)?;
-    let dims: Vec<i64> = parameter.shape.iter().map(|&d| d as i64).collect();
-    let n_elements: usize = parameter.shape.iter().product();
     let fail = |reason: String| Error::Tensor {
         name: parameter.name.clone(),
         reason,
     };
+    // The shape comes from a plugin's reply: its dimensions and element count are checked, not
+    // trusted (an overflowing product, or a dimension beyond int64, is refused by name).
+    let dims = parameter
+        .shape
+        .iter()
+        .map(|&d| i64::try_from(d))
+        .collect::<std::result::Result<Vec<i64>, _>>()
+        .map_err(|_| {
+            fail(format!(
+                "shape {:?} has a dimension beyond the int64 range",
+                parameter.shape
+            ))
+        })?;
+    let n_elements = parameter
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            fail(format!(
+                "shape {:?} has more elements than a tensor can hold",
+                parameter.shape
+            ))
+        })?;
     if let Init::Data { key } = &parameter.init {
         let payload = payloads
             .iter()
@@ -52,29 +77,43 @@ pub fn materialize(
     if let Init::Rows { table, rows } = &parameter.init {
         return copy_rows(parameter, dtype, dims, base, table, rows).map_err(fail);
     }
-    let values: Vec<f64> = match &parameter.init {
-        Init::Zeros => vec![0.0; n_elements],
-        Init::Ones => vec![1.0; n_elements],
-        Init::Constant { value } => vec![*value; n_elements],
-        Init::Uniform { low, high, seed } => uniform(*seed, *low, *high, n_elements),
+    // Both buffers are reserved fallibly, so that a shape no memory can hold is an error naming
+    // the parameter, not an abort of graft (a plugin's reply must not be able to end the host).
+    let too_large = || {
+        fail(format!(
+            "shape {:?} ({n_elements} elements) is too large to allocate",
+            parameter.shape
+        ))
+    };
+    let mut values: Vec<f64> = Vec::new();
+    values
+        .try_reserve_exact(n_elements)
+        .map_err(|_| too_large())?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(parameter.dtype.byte_len(n_elements).unwrap_or(0))
+        .map_err(|_| too_large())?;
+    match &parameter.init {
+        Init::Zeros => values.resize(n_elements, 0.0),
+        Init::Ones => values.resize(n_elements, 1.0),
+        Init::Constant { value } => values.resize(n_elements, *value),
+        Init::Uniform { low, high, seed } => values.extend(uniform(*seed, *low, *high, n_elements)),
         Init::KaimingUniform { fan_in, a, seed } => {
             let bound = Init::kaiming_uniform_bound(*fan_in, *a);
-            uniform(*seed, -bound, bound, n_elements)
+            values.extend(uniform(*seed, -bound, bound, n_elements))
         }
         Init::Normal { mean, std, seed } => {
             let mut rng = ChaCha8Rng::seed_from_u64(*seed);
-            (0..n_elements)
-                .map(|_| {
-                    // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
-                    let u1: f64 = 1.0 - rng.gen::<f64>();
-                    let u2: f64 = rng.gen::<f64>();
-                    mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-                })
-                .collect()
+            values.extend((0..n_elements).map(|_| {
+                // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
+                let u1: f64 = 1.0 - rng.gen::<f64>();
+                let u2: f64 = rng.gen::<f64>();
+                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            }))
         }
         Init::Data { .. } | Init::Rows { .. } => unreachable!("handled above"),
     };
-    let bytes = encode(dtype, &values).ok_or_else(|| {
+    encode(dtype, &values, &mut bytes).ok_or_else(|| {
         fail(format!(
             "graft cannot fill a {dtype} parameter with {:?}",
             parameter.init
@@ -122,48 +161,37 @@ fn copy_rows(
     Ok(Tensor::from_raw(&parameter.name, dtype, dims, out))
 }
 
-fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> Vec<f64> {
+fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> impl Iterator<Item = f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n_elements)
-        .map(|_| low + (high - low) * rng.gen::<f64>())
-        .collect()
+    (0..n_elements).map(move |_| low + (high - low) * rng.gen::<f64>())
 }
 
-/// Encodes f64 values as raw little-endian bytes of `dtype` (floats rounded, integers truncated).
-fn encode(dtype: DataType, values: &[f64]) -> Option<Vec<u8>> {
-    Some(match dtype {
-        DataType::Float => values
-            .iter()
-            .flat_map(|&v| (v as f32).to_le_bytes())
-            .collect(),
-        DataType::Double => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-        DataType::Float16 => values
-            .iter()
-            .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
-            .collect(),
-        DataType::Bfloat16 => values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
-            .collect(),
-        DataType::Int64 => values
-            .iter()
-            .flat_map(|&v| (v as i64).to_le_bytes())
-            .collect(),
-        DataType::Int32 => values
-            .iter()
-            .flat_map(|&v| (v as i32).to_le_bytes())
-            .collect(),
-        DataType::Int8 => values.iter().map(|&v| v as i8 as u8).collect(),
-        DataType::Uint8 | DataType::Bool => values.iter().map(|&v| v as u8).collect(),
+/// Appends `values` to `out` as raw little-endian bytes of `dtype` (floats rounded, integers
+/// truncated); `None` for a type graft cannot fill.
+fn encode(dtype: DataType, values: &[f64], out: &mut Vec<u8>) -> Option<()> {
+    let values = values.iter().copied();
+    match dtype {
+        DataType::Float => out.extend(values.flat_map(|v| (v as f32).to_le_bytes())),
+        DataType::Double => out.extend(values.flat_map(f64::to_le_bytes)),
+        DataType::Float16 => out.extend(values.flat_map(|v| half::f16::from_f64(v).to_le_bytes())),
+        DataType::Bfloat16 => {
+            out.extend(values.flat_map(|v| half::bf16::from_f64(v).to_le_bytes()))
+        }
+        DataType::Int64 => out.extend(values.flat_map(|v| (v as i64).to_le_bytes())),
+        DataType::Int32 => out.extend(values.flat_map(|v| (v as i32).to_le_bytes())),
+        DataType::Int8 => out.extend(values.map(|v| v as i8 as u8)),
+        DataType::Uint8 | DataType::Bool => out.extend(values.map(|v| v as u8)),
         _ => return None,
-    })
+    }
+    Some(())
 }
 
 /// Builds the default tensor of a host-fed input (see [`graft_plugin_sdk::HostInput`]), after
 /// checking that its type and shape suit its kind.
 pub fn materialize_host_input(input: &graft_plugin_sdk::HostInput) -> Result<Tensor> {
     use graft_plugin_sdk::HostInputKind as Kind;
-    let scalar = input.shape.iter().product::<usize>() == 1 && input.shape.len() <= 1;
+    // `[]` or `[1]`; written without a product, which a plugin's shape could overflow.
+    let scalar = input.shape.len() <= 1 && input.shape.iter().all(|&d| d == 1);
     let fits = match input.kind {
         Kind::TrainingMode => {
             input.dtype == DType::Bool && input.shape.is_empty() && input.default == Init::Zeros
