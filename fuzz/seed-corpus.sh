@@ -56,5 +56,5 @@ done
 # Generated: graft-named and PEFT-named adapters of bert-legacy with LoRA branches, the same
 # as an .onnx_adapter file, plugin replies, an npz of every element type, JSONL with a float
 # feature.
-(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -a -s address make_seeds >/dev/null \
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build -a make_seeds >/dev/null \
     && ASAN_OPTIONS=detect_leaks=0 ./target/x86_64-unknown-linux-gnu/release/make_seeds corpus)
