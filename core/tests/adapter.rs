@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use graft::ir::Model;
 use graft::plugins::{apply_method as apply_in_process, PluginRegistry};
-use graft::runtime::{HostTensor, TractSession};
 use serde_json::json;
 
 /// The AdapterHub recordings: (fixture architecture, variant).
@@ -36,10 +35,6 @@ fn adapted(fixture: &str, settings: serde_json::Value) -> Model {
     apply_in_process(&registry(), &mut model, "adapter", &settings)
         .unwrap_or_else(|e| panic!("{fixture} {settings}: {e}"));
     model
-}
-
-fn logits(outputs: &[(String, HostTensor)]) -> &HostTensor {
-    &outputs.iter().find(|(n, _)| n == "logits").unwrap().1
 }
 
 /// With the up projections zero (`mam_adapter` init, par_bn's default) every variant leaves
@@ -308,13 +303,7 @@ fn adapters_train_refuse_to_merge_and_export_as_a_graph() {
         max_diff(&in_ort, &base) > 1e-3,
         "the trained adapter changes nothing"
     );
-    let mut tract = TractSession::from_bytes(&graft::onnx::to_bytes(&exported).unwrap()).unwrap();
-    let fed: Vec<_> = inputs
-        .iter()
-        .filter(|(n, _)| tract.input_names.contains(n))
-        .cloned()
-        .collect();
-    let in_tract = tract.run(&fed).unwrap();
+    let in_tract = run_tract(&exported, &inputs).unwrap();
     let diff = logits(&in_tract).max_abs_diff(logits(&in_ort));
     assert!(diff <= 1e-5, "tract vs ONNX Runtime: {diff}");
 }

@@ -8,19 +8,10 @@ mod common;
 
 use common::*;
 use graft::plugins::{apply_method as apply_in_process, PluginRegistry};
-use graft::runtime::HostTensor;
 use serde_json::json;
 
 /// The `adapters` library computes in float32 in another operation order.
 const PARITY_TOLERANCE: f64 = 1e-5;
-
-fn logits(outputs: &[(String, HostTensor)]) -> &HostTensor {
-    &outputs.iter().find(|(n, _)| n == "logits").unwrap().1
-}
-
-fn json_file(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 /// A fusion folder imports with the adapters beside it, reproduces the `adapters` library's
 /// logits, and exports to folders holding the same tensors and settings.
@@ -95,8 +86,8 @@ fn adapterhub_fusions_reproduce_the_adapters_library_both_ways() {
                 let ours = read_tensors(&exported.join(folder).join(weights));
                 assert_eq!(theirs, ours, "{fixture} {variant} {folder}: tensors differ");
                 let (theirs, ours) = (
-                    json_file(&recording.join(original).join(config)),
-                    json_file(&exported.join(folder).join(config)),
+                    read_json(&recording.join(original).join(config)),
+                    read_json(&exported.join(folder).join(config)),
                 );
                 for key in ["name", "hidden_size", "model_type", "adapter_names"] {
                     assert_eq!(

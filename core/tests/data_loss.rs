@@ -22,10 +22,6 @@ use graft::runtime::HostTensor;
 
 const FIXTURE: &str = "bert-legacy";
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// Runs `graft ARGS` and asserts that it exits with status 2, an `error:` line that contains
 /// every one of `needles`, and no panic.
 fn assert_refused(args: &[&str], needles: &[&str]) -> String {

@@ -13,10 +13,6 @@ use common::*;
 
 const FIXTURE: &str = "bert-legacy";
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// The broken C plugin, compiled once per test process.
 fn broken_plugin() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();

@@ -10,10 +10,6 @@ use common::*;
 
 const FIXTURE: &str = "bert-legacy";
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// Runs `graft ARGS` and asserts that it exits with status 2, an `error:` line that contains
 /// every one of `needles`, and no panic; returns stderr.
 fn assert_refused(args: &[&str], needles: &[&str]) -> String {

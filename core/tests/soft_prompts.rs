@@ -19,12 +19,32 @@ const EXPORT_SETTINGS: [&str; 2] = ["num_virtual_tokens=4", "seed=7"];
 
 const ARCHS: [&str; 3] = ["bert", "gpt2", "llama"];
 
-fn logits(outputs: &[(String, HostTensor)]) -> &HostTensor {
-    &outputs.iter().find(|(n, _)| n == "logits").unwrap().1
+/// `graft export PATCHED --format peft -o OUT`, asserting success; returns the written
+/// `adapter_config.json`.
+fn export_peft(patched: &std::path::Path, out: &std::path::Path) -> serde_json::Value {
+    let (code, stdout, stderr) =
+        run_graft(&["export", text(patched), "--format", "peft", "-o", text(out)]);
+    assert_eq!(code, 0, "export of {}: {stdout}{stderr}", patched.display());
+    read_json(&out.join("adapter_config.json"))
 }
 
-fn text(path: &std::path::Path) -> &str {
-    path.to_str().unwrap()
+/// `graft apply FIXTURE --from-peft ADAPTER -o OUT`, asserting success; returns its stdout.
+fn import_peft(fixture: &str, adapter: &std::path::Path, out: &std::path::Path) -> String {
+    let (code, stdout, stderr) = run_graft(&[
+        "apply",
+        text(&fixture_model(fixture)),
+        "--from-peft",
+        text(adapter),
+        "-o",
+        text(out),
+    ]);
+    assert_eq!(
+        code,
+        0,
+        "{fixture} from {}: {stdout}{stderr}",
+        adapter.display()
+    );
+    stdout
 }
 
 /// Checks every gradient of `model`'s training graph for `task` against central differences
@@ -65,15 +85,7 @@ fn peft_prompt_adapters_import_and_reproduce_peft() {
         for exporter in ["legacy", "dynamo"] {
             let fixture = format!("{arch}-{exporter}");
             let patched = dir.path().join(format!("{fixture}.onnx"));
-            let (code, stdout, stderr) = run_graft(&[
-                "apply",
-                text(&fixture_model(&fixture)),
-                "--from-peft",
-                text(&recording),
-                "-o",
-                text(&patched),
-            ]);
-            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            let stdout = import_peft(&fixture, &recording, &patched);
             assert!(
                 stdout.contains("prompt_tuning: 4 virtual tokens"),
                 "{stdout}"
@@ -110,24 +122,12 @@ fn graft_prompts_export_to_files_peft_reproduces() {
                 "{fixture}: graft vs PEFT on graft's export {diff}"
             );
             let exported = dir.path().join(format!("{fixture}-peft"));
-            let (code, stdout, stderr) = run_graft(&[
-                "export",
-                text(&patched),
-                "--format",
-                "peft",
-                "-o",
-                text(&exported),
-            ]);
-            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            let config = export_peft(&patched, &exported);
             assert_eq!(
                 read_tensors(&exported.join("adapter_model.safetensors")),
                 read_tensors(&recording.join("adapter_model.safetensors")),
                 "{fixture}: the exported tensors differ from the checked export"
             );
-            let config: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(exported.join("adapter_config.json")).unwrap(),
-            )
-            .unwrap();
             assert_eq!(config["peft_type"], "PROMPT_TUNING");
             assert_eq!(config["num_virtual_tokens"], 4);
             let task = if arch == "bert" {
@@ -186,15 +186,7 @@ fn prompts_run_in_tract_as_in_onnx_runtime() {
         let model = graft::onnx::load(&patched).unwrap();
         let inputs = fixture_inputs(fixture);
         let ort = run_model(&model, &inputs);
-        let mut session =
-            graft::runtime::TractSession::from_bytes(&graft::onnx::to_bytes(&model).unwrap())
-                .unwrap();
-        let fed: Vec<_> = inputs
-            .iter()
-            .filter(|(name, _)| session.input_names.contains(name))
-            .cloned()
-            .collect();
-        let tract = session.run(&fed).unwrap();
+        let tract = run_tract(&model, &inputs).unwrap();
         for (name, value) in &ort {
             let other = &tract.iter().find(|(n, _)| n == name).unwrap().1;
             let diff = value.max_abs_diff(other);
@@ -272,9 +264,7 @@ fn prompts_train_for_classification_and_language_modelling() {
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_loss_falls(&metrics(&run));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&run.join("adapter_config.json"));
     assert_eq!(config["peft_type"], "PROMPT_TUNING");
 }
 
@@ -433,15 +423,7 @@ fn peft_prefix_adapters_import_and_reproduce_peft() {
         let want = graft::runtime::read_npz(&recording.join("outputs.npz")).unwrap();
         let inputs = graft::runtime::read_npz(&recording.join("inputs.npz")).unwrap();
         let patched = dir.path().join(format!("{fixture}.onnx"));
-        let (code, stdout, stderr) = run_graft(&[
-            "apply",
-            text(&fixture_model(fixture)),
-            "--from-peft",
-            text(&recording),
-            "-o",
-            text(&patched),
-        ]);
-        assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+        let stdout = import_peft(fixture, &recording, &patched);
         assert!(
             stdout.contains("prefix_tuning: 4 virtual tokens"),
             "{stdout}"
@@ -473,15 +455,7 @@ fn graft_prefixes_export_to_files_peft_reproduces() {
             "{fixture}: graft vs PEFT on graft's export {diff}"
         );
         let exported = dir.path().join(format!("{fixture}-peft"));
-        let (code, stdout, stderr) = run_graft(&[
-            "export",
-            text(&patched),
-            "--format",
-            "peft",
-            "-o",
-            text(&exported),
-        ]);
-        assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+        export_peft(&patched, &exported);
         assert_eq!(
             read_tensors(&exported.join("adapter_model.safetensors")),
             read_tensors(&recording.join("adapter_model.safetensors")),
@@ -611,9 +585,7 @@ fn prefixes_change_nothing_when_empty_train_and_are_refused_without_a_cache() {
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_loss_falls(&metrics(&run));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&run.join("adapter_config.json"));
     assert_eq!(config["peft_type"], "PREFIX_TUNING");
 
     let out = dir.path().join("refused.onnx");
@@ -689,31 +661,11 @@ fn p_tuning_bakes_its_encoder_and_exports_what_peft_reproduces() {
             assert_eq!(logits(&baked).max_abs_diff(logits(&got)), 0.0, "{fixture}");
 
             let exported = dir.path().join(format!("{fixture}-peft"));
-            let (code, stdout, stderr) = run_graft(&[
-                "export",
-                text(&patched),
-                "--format",
-                "peft",
-                "-o",
-                text(&exported),
-            ]);
-            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
-            let config: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(exported.join("adapter_config.json")).unwrap(),
-            )
-            .unwrap();
+            let config = export_peft(&patched, &exported);
             assert_eq!(config["peft_type"], "P_TUNING");
             // PEFT's P_TUNING files import as the table they hold.
             let imported = dir.path().join(format!("{fixture}-imported.onnx"));
-            let (code, stdout, stderr) = run_graft(&[
-                "apply",
-                text(&fixture_model(&fixture)),
-                "--from-peft",
-                text(&recording),
-                "-o",
-                text(&imported),
-            ]);
-            assert_eq!(code, 0, "{fixture}: {stdout}{stderr}");
+            import_peft(&fixture, &recording, &imported);
             let again = run_model(&graft::onnx::load(&imported).unwrap(), &inputs);
             let diff = logits(&again).max_abs_diff(logits(&want));
             assert!(
@@ -776,25 +728,9 @@ fn projected_prefixes_train_through_their_mlp_and_bake() {
     let baked = run_model(&graft::onnx::load(&merged).unwrap(), &inputs);
     assert_eq!(logits(&baked).max_abs_diff(logits(&want)), 0.0);
     let exported = dir.path().join("peft");
-    let (code, stdout, stderr) = run_graft(&[
-        "export",
-        text(&patched),
-        "--format",
-        "peft",
-        "-o",
-        text(&exported),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    export_peft(&patched, &exported);
     let imported = dir.path().join("imported.onnx");
-    let (code, stdout, stderr) = run_graft(&[
-        "apply",
-        text(&fixture_model(fixture)),
-        "--from-peft",
-        text(&exported),
-        "-o",
-        text(&imported),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    import_peft(fixture, &exported, &imported);
     let again = run_model(&graft::onnx::load(&imported).unwrap(), &inputs);
     let diff = logits(&again).max_abs_diff(logits(&want));
     assert!(diff <= 1e-6, "the exported table computes {diff} away");

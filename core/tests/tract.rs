@@ -4,10 +4,9 @@
 mod common;
 
 use common::*;
-use graft::ir::Model;
 use graft::onnx;
 use graft::plugins::{apply_method, PluginRegistry};
-use graft::runtime::{HostTensor, TractSession};
+
 use serde_json::json;
 
 /// Fixtures tract 0.23.9 cannot run, with the error it gives. Each entry is checked to still
@@ -18,19 +17,6 @@ const TRACT_GAPS: &[(&str, &str)] = &[("roberta-dynamo", "TDim is not a number")
 /// and normalisations), so outputs agree to float32 rounding, not bit for bit; the largest
 /// difference measured over the 32 graphs is 3.3e-6 (LLaMA with past KV).
 const TOLERANCE: f64 = 1e-5;
-
-fn run_tract(
-    model: &Model,
-    inputs: &[(String, HostTensor)],
-) -> graft::Result<Vec<(String, HostTensor)>> {
-    let mut session = TractSession::from_bytes(&onnx::to_bytes(model)?)?;
-    let fed: Vec<_> = inputs
-        .iter()
-        .filter(|(name, _)| session.input_names.contains(name))
-        .cloned()
-        .collect();
-    session.run(&fed)
-}
 
 fn lora_targets(fixture: &str) -> &'static str {
     if fixture.starts_with("gpt2") {

@@ -22,10 +22,6 @@ fn tokenizer(name: &str) -> PathBuf {
         .join("tokenizer.json")
 }
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// `graft apply FIXTURE -m lora` (rank 4, on q and v, or on GPT-2's fused qkv) into `dir`;
 /// returns the patched model.
 fn patched(fixture: &str, dir: &Path) -> PathBuf {

@@ -11,10 +11,6 @@ use common::*;
 
 const STEPS: u64 = 150;
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 fn patched_bert(dir: &Path) -> PathBuf {
     let patched = dir.join("patched.onnx");
     apply_lora("bert-legacy", &["r=4", "targets=q,v"], &patched);

@@ -10,10 +10,6 @@ use common::*;
 
 const FIXTURE: &str = "bert-legacy";
 
-fn text(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 /// `graft verify --json MODEL`: the exit code and the parsed report.
 fn verify_json(model: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let mut args = vec!["verify", "--json", text(model)];

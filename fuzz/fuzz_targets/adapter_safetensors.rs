@@ -8,27 +8,18 @@
 //! `load_into` reads back.
 #![no_main]
 
-use std::sync::OnceLock;
 
-use graft::ir::Model;
 use libfuzzer_sys::fuzz_target;
-
-fn patched() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        graft_fuzz::lora_patched(graft_fuzz::fixture("bert-legacy"), graft_fuzz::BInit::Zeros)
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let path = graft_fuzz::scratch_file("adapter.safetensors", data);
-    let mut model = patched().clone();
+    let mut model = graft_fuzz::patched_bert().clone();
     if graft::adapter::load_into(&mut model, &path).is_ok() {
         let saved = graft_fuzz::scratch("saved.safetensors");
         graft::adapter::save(&model, &saved).expect("a loaded adapter saves");
-        let mut again = patched().clone();
+        let mut again = graft_fuzz::patched_bert().clone();
         graft::adapter::load_into(&mut again, &saved).expect("a saved adapter loads");
     }
-    let mut model = patched().clone();
+    let mut model = graft_fuzz::patched_bert().clone();
     let _ = graft::peft::load_values(&mut model, &path);
 });

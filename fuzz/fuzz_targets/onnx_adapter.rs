@@ -8,18 +8,9 @@
 #![no_main]
 
 use std::path::Path;
-use std::sync::OnceLock;
 
-use graft::ir::Model;
 use graft::onnx_adapter::OnnxAdapter;
 use libfuzzer_sys::fuzz_target;
-
-fn patched() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        graft_fuzz::lora_patched(graft_fuzz::fixture("bert-legacy"), graft_fuzz::BInit::Zeros)
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let source = Path::new("fuzz.onnx_adapter");
@@ -29,6 +20,6 @@ fuzz_target!(|data: &[u8]| {
     let encoded = adapter.to_bytes();
     let decoded = OnnxAdapter::from_bytes(&encoded, source).expect("an encoded adapter decodes");
     assert_eq!(decoded, adapter, "the adapter changed in a round trip");
-    let mut model = patched().clone();
+    let mut model = graft_fuzz::patched_bert().clone();
     let _ = adapter.load_into(&mut model, source);
 });

@@ -101,6 +101,13 @@ pub fn lora_patched(mut model: Model, b_init: BInit) -> Model {
     model
 }
 
+/// `bert-legacy` with rank-2 LoRA branches on `q` and `v` (B = 0; [`lora_patched`]), built
+/// once per process.
+pub fn patched_bert() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| lora_patched(fixture("bert-legacy"), BInit::Zeros))
+}
+
 /// `name` in a scratch folder that lives as long as the process (one per fuzz process, so
 /// parallel jobs do not share files).
 pub fn scratch(name: &str) -> PathBuf {

@@ -114,14 +114,8 @@ pub fn save(model: &Model, path: &Path, options: &SaveOptions) -> Result<()> {
         }
     };
     writer.out_dir_canonical = out_dir_canonical.clone();
-    writer.checksums = Some(Checksums {
-        previous: checksum::recorded(model).unwrap_or_default(),
-        written: BTreeMap::new(),
-    });
+    writer.checksums.previous = checksum::recorded(model).unwrap_or_default();
     let mut proto = model_to_proto(model, &mut writer)?;
-    if let Some(checksums) = writer.checksums.take() {
-        record_checksums(&mut proto, &checksums.written);
-    }
     if let Some((mut data, written)) = writer.finish() {
         crate::pause::point(&format!("data-written:{file_name}"));
         let chosen = link_data_file(&mut data, &out_dir, &data_names, &options.placement)?;
@@ -231,21 +225,21 @@ struct DataWriter {
     keep_existing: bool,
     external: Option<ExternalFile>,
     out_dir_canonical: Option<PathBuf>,
-    /// The checksums being recorded, when the model is saved to a file.
-    checksums: Option<Checksums>,
+    /// The checksums being recorded.
+    checksums: Checksums,
 }
 
 /// The checksums of a save: those the model recorded before, and those of the output.
+#[derive(Default)]
 struct Checksums {
     previous: HashMap<String, u32>,
     written: BTreeMap<String, u32>,
 }
 
 impl Checksums {
-    /// Records the checksum of `tensor`, computed from `bytes`.
-    fn record(&mut self, tensor: &Tensor, bytes: &[u8]) {
-        self.written
-            .insert(tensor.name.clone(), checksum::crc32(bytes));
+    /// Records `crc` as the checksum of `tensor`.
+    fn record(&mut self, tensor: &Tensor, crc: u32) {
+        self.written.insert(tensor.name.clone(), crc);
     }
 
     /// Keeps the checksum recorded before for `tensor`, whose bytes stay where they were.
@@ -271,7 +265,7 @@ impl DataWriter {
             keep_existing: false,
             external: None,
             out_dir_canonical: None,
-            checksums: None,
+            checksums: Checksums::default(),
         }
     }
 
@@ -292,7 +286,7 @@ impl DataWriter {
                 written: Vec::new(),
             }),
             out_dir_canonical: None,
-            checksums: None,
+            checksums: Checksums::default(),
         })
     }
 
@@ -307,16 +301,12 @@ impl DataWriter {
             let same_dir = self.out_dir_canonical.as_deref() == file.path.parent();
             if self.keep_existing && same_dir {
                 set_external(proto, location, *offset, *length);
-                if let Some(checksums) = &mut self.checksums {
-                    checksums.keep(tensor);
-                }
+                self.checksums.keep(tensor);
                 return Ok(());
             }
         }
         let bytes = tensor.raw_bytes()?;
-        if let Some(checksums) = &mut self.checksums {
-            checksums.record(tensor, bytes);
-        }
+        self.checksums.record(tensor, checksum::crc32(bytes));
         match &mut self.external {
             Some(external) if bytes.len() >= EXTERNAL_THRESHOLD_BYTES => {
                 let alignment = if bytes.len() >= 1 << 20 { 4096 } else { 64 };
@@ -348,6 +338,8 @@ fn set_external(proto: &mut TensorProto, location: &str, offset: usize, length: 
     ]);
 }
 
+/// The model message, its tensors placed by `writer` and their checksums recorded in its
+/// metadata (see [`checksum`](super::checksum)).
 fn model_to_proto(model: &Model, writer: &mut DataWriter) -> Result<ModelProto> {
     let mut proto = ModelProto::new();
     proto.ir_version = model.ir_version;
@@ -370,6 +362,7 @@ fn model_to_proto(model: &Model, writer: &mut DataWriter) -> Result<ModelProto> 
     proto.graph = Some(graph_to_proto(&model.graph, writer)?).into();
     proto.functions = model.functions.clone();
     proto.training_info = model.training_info.clone();
+    record_checksums(&mut proto, &writer.checksums.written);
     Ok(proto)
 }
 
@@ -409,11 +402,9 @@ fn node_to_proto(node: &Node) -> NodeProto {
 /// The ONNX message for one tensor, with its bytes placed by `writer`.
 fn tensor_to_proto(tensor: &Tensor, writer: &mut DataWriter) -> Result<TensorProto> {
     if let TensorData::Opaque(proto) = &tensor.data {
-        if let Some(checksums) = &mut writer.checksums {
-            checksums
-                .written
-                .insert(tensor.name.clone(), checksum::tensor_crc32(tensor)?);
-        }
+        writer
+            .checksums
+            .record(tensor, checksum::tensor_crc32(tensor)?);
         return Ok((**proto).clone());
     }
     let mut proto = TensorProto::new();
@@ -429,15 +420,7 @@ fn tensor_to_proto(tensor: &Tensor, writer: &mut DataWriter) -> Result<TensorPro
 /// bytes, and tests; fails above protobuf's 2 GiB limit), with its tensors' checksums recorded
 /// as [`save`] records them.
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
-    let mut writer = DataWriter::inline();
-    writer.checksums = Some(Checksums {
-        previous: HashMap::new(),
-        written: BTreeMap::new(),
-    });
-    let mut proto = model_to_proto(model, &mut writer)?;
-    if let Some(checksums) = writer.checksums.take() {
-        record_checksums(&mut proto, &checksums.written);
-    }
+    let proto = model_to_proto(model, &mut DataWriter::inline())?;
     proto
         .write_to_bytes()
         .map_err(|e| Error::Config(format!("cannot encode the model: {e}")))

@@ -131,8 +131,8 @@ impl ImportReport {
 pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Result<ImportReport> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
-    if let Some(method) = super::prompt::prompt_learning_method(&config_path)? {
-        return super::prompt::import(registry, model, dir, method);
+    if let Some((method, config)) = super::prompt::prompt_learning_method(&config_path)? {
+        return super::prompt::import(registry, model, dir, method, &config);
     }
     let missing: Vec<String> = [&config_path, &weights_path]
         .iter()

@@ -26,19 +26,20 @@ const METHODS: &[(&str, &str)] = &[
     ("P_TUNING", "prompt_tuning"),
 ];
 
-/// The method that grafts the adapter whose `adapter_config.json` is at `config_path`, when
-/// it is a prompt-learning adapter graft reads (`None` when the file is missing or names
-/// another type: the LoRA import reports those).
-pub(super) fn prompt_learning_method(config_path: &Path) -> Result<Option<&'static str>> {
+/// The method that grafts the adapter whose `adapter_config.json` is at `config_path`, with
+/// the parsed config, when it is a prompt-learning adapter graft reads (`None` when the file
+/// is missing or names another type: the LoRA import reports those).
+pub(super) fn prompt_learning_method(config_path: &Path) -> Result<Option<(&'static str, Value)>> {
     if !config_path.is_file() {
         return Ok(None);
     }
     let config = read_json(config_path)?;
     let peft_type = config.get("peft_type").and_then(Value::as_str);
-    Ok(METHODS
+    let method = METHODS
         .iter()
         .find(|(name, _)| Some(*name) == peft_type)
-        .map(|(_, method)| *method))
+        .map(|(_, method)| *method);
+    Ok(method.map(|method| (method, config)))
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -51,8 +52,8 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-/// Grafts the prompt-learning adapter saved in `dir` onto `model` with `method` (see
-/// [`prompt_learning_method`]), so that the model computes what PEFT's `PeftModel` computes
+/// Grafts the prompt-learning adapter saved in `dir`, whose `adapter_config.json` is `config`,
+/// onto `model` with `method` (both from [`prompt_learning_method`]), so that the model computes what PEFT's `PeftModel` computes
 /// (prompt tuning: the outputs gain the virtual positions in front, as PEFT's do): the method
 /// with the config's `num_virtual_tokens` (and, for prompt tuning, `task_type`), the saved
 /// prompt, and the saved task head in place of the model's. Refused, naming the file and
@@ -64,10 +65,10 @@ pub(super) fn import(
     model: &mut Model,
     dir: &Path,
     method: &str,
+    config: &Value,
 ) -> Result<ImportReport> {
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
-    let config = read_json(&config_path)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", config_path.display()));
     let field = |name: &str| config.get(name).filter(|v| !v.is_null());
     let n = field("num_virtual_tokens")

@@ -623,6 +623,7 @@ pub fn train(
             &eval_set.examples,
             options.batch_size.max(1),
             options.session,
+            caches.clone(),
         )?),
         None => None,
     };
@@ -983,6 +984,7 @@ impl<'a> Evaluator<'a> {
         examples: &'a [Example],
         batch_size: usize,
         session_options: SessionOptions,
+        caches: cache::EmptyCaches,
     ) -> Result<Self> {
         let graph = evaluation_graph_for(patched, task, methods)?;
         let bytes = crate::onnx::to_bytes(&graph.model)?;
@@ -996,7 +998,7 @@ impl<'a> Evaluator<'a> {
             graph,
             task,
             batches,
-            caches: cache::EmptyCaches::of(patched)?,
+            caches,
         })
     }
 

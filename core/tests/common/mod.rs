@@ -438,3 +438,32 @@ pub fn keep_for_the_adapters_check(name: &str, exported: &std::path::Path, logit
     )
     .unwrap();
 }
+
+/// A path as the `&str` a command line takes (the tests' paths are UTF-8).
+pub fn text(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The `logits` output among `outputs`.
+pub fn logits(outputs: &[(String, HostTensor)]) -> &HostTensor {
+    &outputs.iter().find(|(n, _)| n == "logits").unwrap().1
+}
+
+/// The JSON file at `path`.
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `model` run in tract (the second runtime) on those of `inputs` it takes.
+pub fn run_tract(
+    model: &Model,
+    inputs: &[(String, HostTensor)],
+) -> graft::Result<Vec<(String, HostTensor)>> {
+    let mut session = graft::runtime::TractSession::from_bytes(&graft::onnx::to_bytes(model)?)?;
+    let fed: Vec<_> = inputs
+        .iter()
+        .filter(|(name, _)| session.input_names.contains(name))
+        .cloned()
+        .collect();
+    session.run(&fed)
+}

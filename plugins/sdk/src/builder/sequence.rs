@@ -80,12 +80,7 @@ impl PatchBuilder<'_> {
         placeholders: bool,
     ) -> Result<PromptNames> {
         if n_virtual == 0 {
-            return Ok(PromptNames {
-                prompt: None,
-                output: self.current(embedding_output),
-                mask_output: attention_mask.map(|m| self.current(m)),
-                nodes: vec![],
-            });
+            return Ok(self.no_prompt(embedding_output, attention_mask));
         }
         let dtype = self.value_dtype(embedding_output)?;
         let stem = self.stem(&format!("{}.prompt", self.prefix));
@@ -118,12 +113,7 @@ impl PatchBuilder<'_> {
         placeholders: bool,
     ) -> Result<PromptNames> {
         if n_virtual == 0 {
-            return Ok(PromptNames {
-                prompt: None,
-                output: self.current(embedding_output),
-                mask_output: attention_mask.map(|m| self.current(m)),
-                nodes: vec![],
-            });
+            return Ok(self.no_prompt(embedding_output, attention_mask));
         }
         let stem = self.stem(&format!("{}.prompt", self.prefix));
         self.put_prompt(
@@ -134,6 +124,16 @@ impl PatchBuilder<'_> {
             n_virtual,
             placeholders,
         )
+    }
+
+    /// What an empty prompt leaves: the sequence and the mask as they are, no nodes.
+    fn no_prompt(&self, embedding_output: &str, attention_mask: Option<&str>) -> PromptNames {
+        PromptNames {
+            prompt: None,
+            output: self.current(embedding_output),
+            mask_output: attention_mask.map(|m| self.current(m)),
+            nodes: vec![],
+        }
     }
 
     /// The nodes of [`PatchBuilder::prepend_value_to_sequence`], named under `stem`.
