@@ -161,12 +161,28 @@ fn is_empty_value(value: &serde_json::Value) -> bool {
     }
 }
 
-/// Reads and checks `adapter_config.json`; returns the config and the unknown fields it ignores.
-pub(super) fn read_config(path: &Path) -> Result<(AdapterConfig, Vec<String>)> {
+/// Reads `adapter_config.json` as JSON and as the fields every PEFT tuner shares (targeting,
+/// patterns, `modules_to_save`), whatever its `peft_type`.
+pub(super) fn read_adapter_config(path: &Path) -> Result<(AdapterConfig, serde_json::Value)> {
     let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
     let text = crate::input_file::read_to_string(path)?;
-    let config: AdapterConfig =
-        serde_json::from_str(&text).map_err(|e| fail(format!("not a PEFT adapter config: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+    let config: AdapterConfig = serde_json::from_value(value.clone())
+        .map_err(|e| fail(format!("not a PEFT adapter config: {e}")))?;
+    Ok((config, value))
+}
+
+/// True for the PEFT fields no tuner's outputs depend on (provenance, bookkeeping).
+pub(super) fn is_inert_field(field: &str) -> bool {
+    INERT_FIELDS.contains(&field)
+}
+
+/// Reads and checks a LoRA `adapter_config.json`; returns the config and the unknown fields it
+/// ignores.
+pub(super) fn read_config(path: &Path) -> Result<(AdapterConfig, Vec<String>)> {
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", path.display()));
+    let (config, _) = read_adapter_config(path)?;
     match config.peft_type.as_deref() {
         Some("LORA") => {}
         Some(other) => {

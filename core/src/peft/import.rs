@@ -62,6 +62,8 @@ pub struct ImportReport {
     /// For a prompt-learning adapter: the method that grafted it and its number of virtual
     /// tokens.
     pub prompt: Option<(String, usize)>,
+    /// The graft method that grafted the adapter (`lora`, `loha`, `ia3`, `prompt_tuning`, …).
+    pub method: String,
 }
 
 impl ImportReport {
@@ -134,18 +136,10 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
     if let Some((method, config)) = super::prompt::prompt_learning_method(&config_path)? {
         return super::prompt::import(registry, model, dir, method, &config);
     }
-    let missing: Vec<String> = [&config_path, &weights_path]
-        .iter()
-        .filter(|p| !p.is_file())
-        .map(|p| p.display().to_string())
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::Config(format!(
-            "{} is not a PEFT adapter folder: missing {}",
-            dir.display(),
-            missing.join(" and ")
-        )));
+    if let Some((method, spec)) = super::declared::method_for(registry, &config_path)? {
+        return super::declared::import(registry, model, dir, &method, &spec);
     }
+    require_adapter_files(dir)?;
     let (config, ignored_fields) = read_config(&config_path)?;
     let config_error =
         |reason: String| Error::Config(format!("{}: {reason}", config_path.display()));
@@ -156,59 +150,19 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         compile_patterns(&config.alpha_pattern, "alpha_pattern").map_err(config_error)?;
     let tensors = read_peft_tensors(&weights_path)?;
     let view = graph_view(model)?;
-
-    let labels: Vec<&str> = view
-        .sites()
-        .filter(|s| s.site.kind.is_linear())
-        .filter_map(|s| s.site.label.as_deref())
-        .collect();
-    let some_labels = || {
-        let shown: Vec<&str> = labels.iter().copied().take(4).collect();
-        if shown.is_empty() {
-            "none: this model's sites have no labels".to_owned()
-        } else {
-            format!("{}, … (see graft inspect)", shown.join(", "))
-        }
-    };
-    let file_modules: BTreeSet<&str> = tensors
-        .iter()
-        .filter(|t| matches!(t.role, TensorRole::LoraA | TensorRole::LoraB))
-        .map(|t| t.module.as_str())
-        .collect();
-    for tensor in &tensors {
-        if matches!(tensor.role, TensorRole::LoraA | TensorRole::LoraB)
-            && !labels.contains(&tensor.module.as_str())
-        {
-            return Err(Error::Config(format!(
-                "{}: key {:?} names module {:?}, which matches no linear site of this model; site labels: {}",
-                weights_path.display(),
-                tensor.key,
-                tensor.module,
-                some_labels()
-            )));
-        }
-    }
-    let targets_from_file = config.target_modules.is_none();
-    let targeted: Vec<&str> = labels
-        .iter()
-        .copied()
-        .filter(|label| {
-            selection
-                .selects(label)
-                .unwrap_or_else(|| file_modules.contains(label))
-        })
-        .collect();
-    if let Some(unselected) = file_modules.iter().find(|m| !targeted.contains(m)) {
-        return Err(config_error(format!(
-            "{WEIGHTS_FILE} has LoRA tensors for {unselected:?}, but target_modules, layers_to_transform, exclude_modules and modules_to_save do not select it"
-        )));
-    }
-    if targeted.is_empty() {
-        return Err(config_error(format!(
-            "target_modules match no linear site of this model; site labels: {}",
-            some_labels()
-        )));
-    }
+    let Targets {
+        targeted,
+        file_modules,
+        targets_from_file,
+    } = resolve_targets(
+        &view,
+        &selection,
+        &tensors,
+        |role| matches!(role, TensorRole::LoraA | TensorRole::LoraB),
+        &config_path,
+        &weights_path,
+    )?;
+    let targeted: Vec<&str> = targeted.iter().map(String::as_str).collect();
 
     let base_r = config.r.unwrap_or(8);
     let base_alpha = config.lora_alpha.unwrap_or(8.0);
@@ -230,7 +184,7 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
             r,
             alpha,
             scale,
-            loaded: file_modules.contains(module),
+            loaded: file_modules.contains(*module),
         });
     }
 
@@ -244,25 +198,11 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
     let (replacements, skipped_keys) =
         full_tensor_replacements(&view, model, &tensors, &weights_path)?;
 
-    let exact = |module: &str| format!("^{}$", regex::escape(module));
-    let rank_overrides: serde_json::Map<String, serde_json::Value> = branches
-        .iter()
-        .filter(|b| b.r != base_r)
-        .map(|b| (exact(&b.module), json!(b.r)))
-        .collect();
-    let alpha_overrides: serde_json::Map<String, serde_json::Value> = branches
-        .iter()
-        .filter(|b| b.alpha != base_alpha)
-        .map(|b| (exact(&b.module), json!(b.alpha)))
-        .collect();
-    let target_regex = format!(
-        "^(?:{})$",
-        targeted
-            .iter()
-            .map(|m| regex::escape(m))
-            .collect::<Vec<_>>()
-            .join("|")
-    );
+    let rank_overrides = exact_overrides(&branches, |b| (b.r != base_r).then(|| json!(b.r)));
+    let alpha_overrides = exact_overrides(&branches, |b| {
+        (b.alpha != base_alpha).then(|| json!(b.alpha))
+    });
+    let target_regex = exact_regex(&targeted);
     let plugin_config = json!({
         "targets": [],
         "target_regex": target_regex,
@@ -288,7 +228,129 @@ pub fn import(registry: &PluginRegistry, model: &mut Model, dir: &Path) -> Resul
         skipped_keys,
         targets_from_file,
         prompt: None,
+        method: "lora".into(),
     })
+}
+
+/// Fails naming what is missing unless `dir` holds both adapter files.
+pub(super) fn require_adapter_files(dir: &Path) -> Result<()> {
+    let missing: Vec<String> = [dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE)]
+        .iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{} is not a PEFT adapter folder: missing {}",
+        dir.display(),
+        missing.join(" and ")
+    )))
+}
+
+/// The linear modules an adapter config targets on a model, as PEFT would wrap them.
+pub(super) struct Targets {
+    /// The targeted site labels, in graph order.
+    pub(super) targeted: Vec<String>,
+    /// The modules the tensor file has adapter tensors for.
+    pub(super) file_modules: BTreeSet<String>,
+    /// The config has no `target_modules`: the file's modules were targeted.
+    pub(super) targets_from_file: bool,
+}
+
+/// PEFT's targeting of `selection` over the linear sites of `view`. Adapter tensors (those
+/// `is_adapter` says) must name a linear site and a targeted one; with no `target_modules`
+/// the file's modules are the targets. Errors name the file, the key and some site labels.
+pub(super) fn resolve_targets(
+    view: &GraphView,
+    selection: &Selection,
+    tensors: &[PeftTensor],
+    is_adapter: impl Fn(&TensorRole) -> bool,
+    config_path: &Path,
+    weights_path: &Path,
+) -> Result<Targets> {
+    let labels: Vec<&str> = view
+        .sites()
+        .filter(|s| s.site.kind.is_linear())
+        .filter_map(|s| s.site.label.as_deref())
+        .collect();
+    let some_labels = || {
+        let shown: Vec<&str> = labels.iter().copied().take(4).collect();
+        if shown.is_empty() {
+            "none: this model's sites have no labels".to_owned()
+        } else {
+            format!("{}, … (see graft inspect)", shown.join(", "))
+        }
+    };
+    let file_modules: BTreeSet<String> = tensors
+        .iter()
+        .filter(|t| is_adapter(&t.role))
+        .map(|t| t.module.clone())
+        .collect();
+    if let Some(tensor) = tensors
+        .iter()
+        .find(|t| is_adapter(&t.role) && !labels.contains(&t.module.as_str()))
+    {
+        return Err(Error::Config(format!(
+            "{}: key {:?} names module {:?}, which matches no linear site of this model; site labels: {}",
+            weights_path.display(),
+            tensor.key,
+            tensor.module,
+            some_labels()
+        )));
+    }
+    let config_error =
+        |reason: String| Error::Config(format!("{}: {reason}", config_path.display()));
+    let targeted: Vec<String> = labels
+        .iter()
+        .filter(|label| {
+            selection
+                .selects(label)
+                .unwrap_or_else(|| file_modules.contains(**label))
+        })
+        .map(|label| label.to_string())
+        .collect();
+    if let Some(unselected) = file_modules.iter().find(|m| !targeted.contains(m)) {
+        return Err(config_error(format!(
+            "{WEIGHTS_FILE} has adapter tensors for {unselected:?}, but target_modules, layers_to_transform, exclude_modules and modules_to_save do not select it"
+        )));
+    }
+    if targeted.is_empty() {
+        return Err(config_error(format!(
+            "target_modules match no linear site of this model; site labels: {}",
+            some_labels()
+        )));
+    }
+    Ok(Targets {
+        targeted,
+        file_modules,
+        targets_from_file: selection.has_no_targets(),
+    })
+}
+
+/// A regular expression matching exactly the module paths `modules`.
+pub(super) fn exact_regex<S: AsRef<str>>(modules: &[S]) -> String {
+    format!(
+        "^(?:{})$",
+        modules
+            .iter()
+            .map(|m| regex::escape(m.as_ref()))
+            .collect::<Vec<_>>()
+            .join("|")
+    )
+}
+
+/// A method-config pattern map `{exact module regex: value}` with the value `pick` gives each
+/// branch that differs from the base setting.
+pub(super) fn exact_overrides(
+    branches: &[ImportedBranch],
+    pick: impl Fn(&ImportedBranch) -> Option<serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    branches
+        .iter()
+        .filter_map(|b| Some((exact_regex(&[&b.module]), pick(b)?)))
+        .collect()
 }
 
 /// A full tensor of the adapter resolved to the initializer it replaces.
@@ -314,7 +376,10 @@ pub(super) fn full_tensor_replacements(
                 replacements.push(resolve_full_tensor(view, model, tensor, param, file)?)
             }
             TensorRole::OriginalCopy => skipped_keys.push(tensor.key.clone()),
-            TensorRole::LoraA | TensorRole::LoraB | TensorRole::Prompt => {}
+            TensorRole::LoraA
+            | TensorRole::LoraB
+            | TensorRole::Prompt
+            | TensorRole::Method { .. } => {}
         }
     }
     Ok((replacements, skipped_keys))

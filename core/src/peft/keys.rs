@@ -28,6 +28,9 @@ pub(super) enum TensorRole {
     OriginalCopy,
     /// The learned prompt of a prompt-tuning adapter ([`PROMPT_KEY`]).
     Prompt,
+    /// A tensor of a plugin method that declared its PEFT keys (`<module>.hada_w1_a`), named by
+    /// the suffix after the module path.
+    Method { suffix: String },
 }
 
 /// One tensor of a PEFT file, keyed by the module it belongs to.
@@ -44,6 +47,13 @@ pub(super) struct PeftTensor {
 /// prompt-learning files with `base_model.` (and the prompt has none). Fails naming the key for
 /// anything else.
 pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
+    read_tensors_of(file, &[])
+}
+
+/// [`read_peft_tensors`] for a plugin method whose keys are `<module>.<suffix>` (optionally
+/// followed by `.weight` or an adapter name and `.weight`, as PEFT's state dicts have them):
+/// those become [`TensorRole::Method`] before any other reading of the key.
+pub(super) fn read_tensors_of(file: &Path, method_suffixes: &[String]) -> Result<Vec<PeftTensor>> {
     let bytes = crate::input_file::read(file)?;
     let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
     let tensors = safetensors::SafeTensors::deserialize(&bytes)
@@ -57,6 +67,15 @@ pub(super) fn read_peft_tensors(file: &Path) -> Result<Vec<PeftTensor>> {
             .or_else(|| key.strip_prefix(PROMPT_LEARNING_PREFIX));
         let (module, role) = if key == PROMPT_KEY {
             ("", TensorRole::Prompt)
+        } else if let Some((module, suffix)) =
+            rest.and_then(|rest| method_tensor(rest, method_suffixes))
+        {
+            (
+                module,
+                TensorRole::Method {
+                    suffix: suffix.to_owned(),
+                },
+            )
         } else if let Some((module, role)) = rest.and_then(lora_factor) {
             (module, role)
         } else if let Some(part) = rest
@@ -123,6 +142,23 @@ fn lora_factor(key: &str) -> Option<(&str, TensorRole)> {
     })
 }
 
+/// Splits `<module>.<suffix>` (or `<module>.<suffix>.weight`, or
+/// `<module>.<suffix>.<adapter>.weight`) for one of `suffixes`.
+fn method_tensor<'k>(key: &'k str, suffixes: &'k [String]) -> Option<(&'k str, &'k str)> {
+    suffixes.iter().find_map(|suffix| {
+        let marker = format!(".{suffix}");
+        let index = key.rfind(&marker)?;
+        let tail = &key[index + marker.len()..];
+        let plain = tail.is_empty()
+            || tail == ".weight"
+            || tail
+                .strip_prefix('.')
+                .and_then(|t| t.strip_suffix(".weight"))
+                .is_some_and(|name| !name.is_empty() && !name.contains('.'));
+        plain.then(|| (&key[..index], suffix.as_str()))
+    })
+}
+
 /// The PEFT tensor file of an adapter folder, or the file itself.
 pub(super) fn weights_file(path: &Path) -> std::path::PathBuf {
     if path.is_dir() {
@@ -163,5 +199,24 @@ mod tests {
             lora_factor("model.embed_tokens.lora_embedding_A.weight"),
             None
         );
+    }
+
+    #[test]
+    fn method_keys_are_split_at_a_declared_suffix() {
+        let suffixes = ["hada_w1_a".to_owned(), "lora_magnitude_vector".to_owned()];
+        let module = "model.layers.0.self_attn.q_proj";
+        for key in [
+            "model.layers.0.self_attn.q_proj.hada_w1_a",
+            "model.layers.0.self_attn.q_proj.hada_w1_a.weight",
+            "model.layers.0.self_attn.q_proj.hada_w1_a.default.weight",
+        ] {
+            assert_eq!(method_tensor(key, &suffixes), Some((module, "hada_w1_a")));
+        }
+        assert_eq!(
+            method_tensor("m.q.lora_magnitude_vector.weight", &suffixes),
+            Some(("m.q", "lora_magnitude_vector"))
+        );
+        assert_eq!(method_tensor("m.q.hada_w1_ab", &suffixes), None);
+        assert_eq!(method_tensor("m.q.hada_w1_a.x.y", &suffixes), None);
     }
 }

@@ -116,8 +116,38 @@ pub(crate) fn load_declared(
     let bytes = crate::input_file::read(file)?;
     let stored = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| fail(format!("not a safetensors file: {e}")))?;
-    let mut updates = Vec::new();
+    let mut items = Vec::new();
     for (key, view) in stored.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(fail(format!(
+                "{key:?} is {:?}; method {} needs float32",
+                view.dtype(),
+                method.method
+            )));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        items.push((key, view.shape().to_vec(), values));
+    }
+    load_declared_values(model, method, files, items, file, key_prefix, rank_pattern)
+}
+
+/// [`load_declared`] for tensors already read from `file`, as `(key, shape, values)`.
+pub(crate) fn load_declared_values(
+    model: &mut Model,
+    method: &AppliedMethod,
+    files: &PeftFiles,
+    items: Vec<(String, Vec<usize>, Vec<f32>)>,
+    file: &Path,
+    key_prefix: &str,
+    rank_pattern: &[(String, Vec<bool>)],
+) -> Result<usize> {
+    let fail = |reason: String| Error::Config(format!("{}: {reason}", file.display()));
+    let mut updates = Vec::new();
+    for (key, mut shape, mut values) in items {
         let short = key.strip_prefix(key_prefix).unwrap_or(&key);
         let mapping = files
             .tensors
@@ -130,24 +160,12 @@ pub(crate) fn load_declared(
                     files.tensors.first().map(|m| &m.key)
                 ))
             })?;
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(fail(format!(
-                "{key:?} is {:?}; method {} needs float32",
-                view.dtype(),
-                method.method
-            )));
-        }
-        let mut values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         let module = mapping.key.rsplit_once('.').map_or("", |(m, _)| m);
         let kept = rank_pattern
             .iter()
             .find(|(k, _)| k.rsplit_once('.').is_some_and(|(m, _)| m == module))
             .map(|(_, kept)| kept.as_slice());
-        let mut shape = view.shape().to_vec();
+        let stored_shape = shape.clone();
         if let (Some(kept), Some(axis)) = (kept, mapping.rank_axis) {
             if shape.get(axis) == Some(&kept.iter().filter(|k| **k).count()) {
                 values = expand_ranks(&values, &shape, axis, kept);
@@ -156,11 +174,8 @@ pub(crate) fn load_declared(
         }
         if shape != mapping.shape {
             return Err(fail(format!(
-                "{key:?} is {:?} {:?}; method {} needs float32 {:?}",
-                view.dtype(),
-                view.shape(),
-                method.method,
-                mapping.shape
+                "{key:?} is {stored_shape:?}; method {} needs {:?}",
+                method.method, mapping.shape
             )));
         }
         if mapping.transpose {

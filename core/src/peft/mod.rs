@@ -5,8 +5,9 @@
 //! `config` reads `adapter_config.json`, `select` is PEFT's module matching, `keys` reads the
 //! tensor file's keys, `import` and `export` are the two directions, `mapped` handles the
 //! layouts a method declares for itself ([`graft_plugin_sdk::PeftFiles`], e.g. AdaLoRA and
-//! prompt tuning), and `prompt` imports prompt-tuning adapters. This
-//! file holds what both directions share: a model's LoRA branches in PEFT's terms.
+//! prompt tuning), `declared` imports the adapters of plugin methods that declare how
+//! ([`graft_plugin_sdk::PeftImport`]: LoHa, LoKr, IA³, DoRA), and `prompt` imports
+//! prompt-tuning adapters. This file holds what both directions share: a model's LoRA branches in PEFT's terms.
 
 use graft_plugin_sdk::Fold;
 
@@ -14,6 +15,7 @@ use crate::ir::Model;
 use crate::{Error, Result};
 
 mod config;
+mod declared;
 mod export;
 mod import;
 mod keys;

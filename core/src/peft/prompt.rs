@@ -166,6 +166,7 @@ pub(super) fn import(
         replaced: replacements.into_iter().map(|r| r.report).collect(),
         skipped_keys,
         prompt: Some((method.to_owned(), n)),
+        method: method.to_owned(),
         ..ImportReport::default()
     })
 }

@@ -106,6 +106,11 @@ impl Selection {
         })
     }
 
+    /// True when the config names no `target_modules` (PEFT then targets the saved modules).
+    pub(super) fn has_no_targets(&self) -> bool {
+        self.targets.is_none()
+    }
+
     /// Whether PEFT would wrap `module` (given targets; `None` when the config has none).
     pub(super) fn selects(&self, module: &str) -> Option<bool> {
         let targets = self.targets.as_ref()?;

@@ -142,6 +142,7 @@ pub const PLUGIN_PACKAGES: &[&str] = &[
     "graft-plugin-adalora",
     "graft-plugin-adapter",
     "graft-plugin-prompt",
+    "graft-plugin-lycoris",
     "graft-test-plugin-wrong-abi",
     "graft-test-plugin-panics",
     "graft-test-plugin-invalid-patch",

@@ -30,6 +30,9 @@ pub struct MethodDescription {
     pub summary: String,
     /// Every config key it accepts; any other key is an error.
     pub config: Vec<ConfigKey>,
+    /// How `graft apply --from-peft` reads HF PEFT adapters of this method, if it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft_import: Option<PeftImport>,
 }
 
 impl MethodDescription {
@@ -39,8 +42,66 @@ impl MethodDescription {
             name: name.into(),
             summary: summary.into(),
             config,
+            peft_import: None,
         }
     }
+
+    /// The same method, reading HF PEFT adapters as `import` says.
+    pub fn with_peft_import(mut self, import: PeftImport) -> MethodDescription {
+        self.peft_import = Some(import);
+        self
+    }
+}
+
+/// How the host turns an HF PEFT adapter folder of a method on linear modules (LoHa, LoKr, IA³,
+/// DoRA, …) into this method's config, so `graft apply --from-peft` can graft it.
+///
+/// The host does what every PEFT tuner shares: it reads `target_modules`, `exclude_modules`,
+/// `layers_to_transform` / `layers_pattern` and `modules_to_save` as PEFT does, and resolves
+/// `rank_pattern` / `alpha_pattern` per module (PEFT's first key `k` in file order with
+/// `(.*\.)?(k)$` matching the module path). The method then receives:
+/// - `targets`: one regular expression matching exactly the targeted module paths (site
+///   labels);
+/// - with [`PeftImport::rank_field`]: `r` (the config's base rank) and `rank_pattern`, a map
+///   from exact module-path patterns to the ranks of the modules that differ;
+/// - with [`PeftImport::alpha_field`]: `alpha` and `alpha_pattern` likewise;
+/// - every [`PeftImport::fields`] entry present and not `null`, copied as is;
+/// - for every [`PeftImport::module_fields`] entry, one regular expression matching exactly the
+///   targeted modules that PEFT's selector in that field selects (`^$` when none).
+///
+/// The method's patch must declare its tensors in [`PeftFiles`](crate::PeftFiles) with keys
+/// `<module path>.<suffix>`, suffixes from [`PeftImport::tensor_suffixes`]; the host loads the
+/// file's tensors into them (and `modules_to_save` tensors into the base model) and refuses any
+/// other key. Config fields that are none of the above and not PEFT bookkeeping are ignored with
+/// a warning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeftImport {
+    /// The config's `peft_type` (`"LOHA"`).
+    pub peft_type: String,
+    /// A boolean config field that must be `true` for this method to read the adapter (LoRA's
+    /// `use_dora` for DoRA); a method without one reads the adapters where no other method's
+    /// flag is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
+    /// The config field holding the rank (`"r"`), for a method with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_field: Option<String>,
+    /// The config field holding alpha (`"alpha"`, LoRA's `"lora_alpha"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_field: Option<String>,
+    /// `(PEFT field, method key)` pairs copied into the method's config.
+    #[serde(default)]
+    pub fields: Vec<(String, String)>,
+    /// `(PEFT field, method key)` pairs of module selectors (IA³'s `feedforward_modules`),
+    /// passed as an exact regular expression over the targeted modules they select.
+    #[serde(default)]
+    pub module_fields: Vec<(String, String)>,
+    /// Fields that cannot change a loaded adapter's outputs (initialisation recipes), accepted
+    /// without a warning.
+    #[serde(default)]
+    pub inert_fields: Vec<String>,
+    /// The tensor names that follow the module path in the file's keys (`"hada_w1_a"`).
+    pub tensor_suffixes: Vec<String>,
 }
 
 /// The kind of value a config key takes. Serialized lowercase.

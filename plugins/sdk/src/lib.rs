@@ -186,12 +186,13 @@ mod select;
 mod training;
 
 pub use builder::{
-    Activation, Bottleneck, BottleneckNames, DequantNames, GateNames, LowRankNames, MaskNames,
-    PatchBuilder, Placement, PrefixNames, PromptNames, ResidualNames, ScaleNames, SequenceFill,
+    Activation, Bottleneck, BottleneckNames, DeltaNames, DequantNames, GateNames, LowRankNames,
+    MaskNames, PatchBuilder, Placement, PrefixNames, PromptNames, ResidualNames, ScaleNames,
+    SequenceFill,
 };
 pub use client::PluginClient;
 pub use config::MethodConfig;
-pub use describe::{ConfigKey, ConfigKind, MethodDescription, PluginDescription};
+pub use describe::{ConfigKey, ConfigKind, MethodDescription, PeftImport, PluginDescription};
 pub use dtype::{
     bytes_to_f32, bytes_to_f32_into, f16_bits_to_f32, f32_to_bf16_bits, f32_to_bytes,
     f32_to_bytes_into, f32_to_f16_bits, DType,

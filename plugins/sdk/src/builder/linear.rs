@@ -1,5 +1,6 @@
-//! Insertions on linear sites that merge back into the weight: low-rank branches (LoRA) and
-//! output and input scalings (IA³), each recording its [`Fold`].
+//! Insertions on linear sites that merge back into the weight: low-rank branches (LoRA),
+//! output and input scalings (IA³) and weight-delta branches (LoHa, LoKr, DoRA), each recording
+//! its [`Fold`].
 
 use super::PatchBuilder;
 use crate::error::{Error, Result};
@@ -31,7 +32,68 @@ pub struct ScaleNames {
     pub nodes: Vec<String>,
 }
 
-impl PatchBuilder<'_> {
+/// Names created by [`PatchBuilder::delta_branch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaNames {
+    /// The `[in, out]` weight update the caller's nodes computed.
+    pub delta: String,
+    /// The site's new output `y + x · delta`.
+    pub output: String,
+    /// Every node emitted, the caller's included, in order.
+    pub nodes: Vec<String>,
+}
+
+impl<'g> PatchBuilder<'g> {
+    /// Adds a branch that computes a whole weight update from parameters (a LoHa Hadamard or
+    /// LoKr Kronecker product, a DoRA rescaling): `build_delta` emits nodes that read only
+    /// parameters, constants and initializers (never a graph input or activation) and returns
+    /// their `[in, out]` output `D`; then `y' = y + x · D`, with `x` the site's input and `y` its
+    /// output as left by earlier helpers. Rewires `y` to `y'` and records [`Fold::Delta`] with
+    /// copies of `build_delta`'s nodes as the side subgraph, so merge adds `D` to the weight.
+    ///
+    /// Nodes: `build_delta`'s, then `MatMul(x, D)` and `Add(y, ·)`, named from `stem` (the
+    /// caller's [`PatchBuilder::stem`] for the site). Errors for a `norm` site or whatever
+    /// `build_delta` returns.
+    pub fn delta_branch(
+        &mut self,
+        site: &Site,
+        stem: &str,
+        build_delta: impl FnOnce(&mut PatchBuilder<'g>) -> Result<String>,
+    ) -> Result<DeltaNames> {
+        require_linear(site, "delta_branch")?;
+        let first = self.patch.nodes.len();
+        let ((delta, output, base), nodes) = self.block(|builder| {
+            let delta = build_delta(builder)?;
+            let x = builder.current(&site.input);
+            let update = builder.op(
+                &format!("{stem}.matmul_delta"),
+                "MatMul",
+                &[&x, &delta],
+                &[],
+            );
+            let base = builder.current(&site.output);
+            let output = builder.op(&format!("{stem}.add"), "Add", &[&base, &update], &[]);
+            builder.rewire(&base, &output);
+            Ok((delta, output, base))
+        })?;
+        // The caller's nodes are every node before the MatMul and the Add.
+        let delta_nodes = self.patch.nodes[first..self.patch.nodes.len() - 2].to_vec();
+        self.fold(Fold::Delta {
+            weight: site.weight.clone(),
+            layout: site.layout,
+            delta_nodes,
+            delta: delta.clone(),
+            branch_nodes: nodes.clone(),
+            branch_output: output.clone(),
+            base_output: base,
+        });
+        Ok(DeltaNames {
+            delta,
+            output,
+            nodes,
+        })
+    }
+
     /// Adds a low-rank branch on a linear site (LoRA):
     /// `y' = y + scale · ((dropout(x)) · A) · B`, `A` `[in, r]` and `B` `[r, out]` trainable
     /// in the weight's type, `x` the site's input (of any rank ≥ 2) as left by earlier

@@ -28,7 +28,7 @@ mod residual;
 mod sequence;
 mod trainable;
 
-pub use linear::{LowRankNames, ScaleNames};
+pub use linear::{DeltaNames, LowRankNames, ScaleNames};
 pub use quant::DequantNames;
 pub use residual::{Activation, Bottleneck, BottleneckNames, GateNames, Placement, ResidualNames};
 pub use sequence::{MaskNames, PrefixNames, PromptNames, SequenceFill};
