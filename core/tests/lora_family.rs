@@ -1,7 +1,8 @@
-//! The LoRA family beyond LoRA (the `lycoris` plugin's `loha` and `lokr`): exact no-ops at init,
-//! exact merges on both exporters' encoders and decoders, gradients against central
-//! differences, training through `graft train`, and HF PEFT parity both ways (adapters PEFT
-//! saved, recorded by models/record_references.py: `peft-loha-*`, `peft-lokr-*`).
+//! The LoRA family beyond LoRA — the `lycoris` plugin's `loha` and `lokr`, the `lora` plugin's
+//! `dora` — and IA³'s PEFT files: exact no-ops at init, exact merges on both exporters'
+//! encoders and decoders, gradients against central differences, training through `graft
+//! train`, and HF PEFT parity both ways (adapters PEFT saved, recorded by
+//! models/record_references.py: `peft-loha-*`, `peft-lokr-*`, `peft-dora-*`, `peft-ia3-*`).
 
 mod common;
 
@@ -18,7 +19,12 @@ use serde_json::json;
 const TOLERANCE: f64 = 1e-5;
 
 fn registry() -> PluginRegistry {
-    PluginRegistry::discover(&[plugin_library("graft_plugin_lycoris")]).unwrap()
+    PluginRegistry::discover(&[
+        plugin_library("graft_plugin_lycoris"),
+        plugin_library("graft_plugin_lora"),
+        plugin_library("graft_plugin_ia3"),
+    ])
+    .unwrap()
 }
 
 fn applied(fixture: &str, method: &str, settings: serde_json::Value) -> Model {
@@ -30,7 +36,7 @@ fn applied(fixture: &str, method: &str, settings: serde_json::Value) -> Model {
 
 /// Method settings covering each factor layout: LoHa; LoKr with a full first factor and a
 /// rank-r second one; both factored (`decompose_both`); both full (a rank above half the
-/// dimensions); a fixed split (`decompose_factor`).
+/// dimensions); a fixed split (`decompose_factor`); DoRA, with and without rsLoRA.
 fn variants() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("loha", json!({"targets": "all-linear", "r": 4, "alpha": 6})),
@@ -44,6 +50,11 @@ fn variants() -> Vec<(&'static str, serde_json::Value)> {
             "lokr",
             json!({"targets": "all-linear", "r": 1, "decompose_factor": 4}),
         ),
+        ("dora", json!({"targets": "all-linear", "r": 4, "alpha": 8})),
+        (
+            "dora",
+            json!({"targets": "attention", "r": 2, "alpha": 4, "rslora": true}),
+        ),
     ]
 }
 
@@ -51,7 +62,7 @@ fn variants() -> Vec<(&'static str, serde_json::Value)> {
 /// factor non-zero the outputs move, and `graft merge` folds the update into the weights
 /// exactly, leaving the base graph's topology.
 #[test]
-fn loha_and_lokr_start_as_no_ops_and_merge_exactly() {
+fn lora_family_starts_as_no_ops_and_merges_exactly() {
     for fixture in [
         "bert-legacy",
         "bert-dynamo",
@@ -94,7 +105,7 @@ fn loha_and_lokr_start_as_no_ops_and_merge_exactly() {
 /// The Hadamard and Kronecker subgraphs' gradients agree with central differences of the loss
 /// on an encoder and a decoder.
 #[test]
-fn loha_and_lokr_gradients_match_central_differences() {
+fn lora_family_gradients_match_central_differences() {
     let cases = [
         ("bert-legacy", graft::train::Task::SeqCls),
         ("llama-legacy", graft::train::Task::CausalLm),
@@ -107,6 +118,7 @@ fn loha_and_lokr_gradients_match_central_differences() {
                 json!({"targets": "q,ffn_down", "r": 1, "decompose_both": true}),
             ),
             ("lokr", json!({"targets": "v", "r": 16})),
+            ("dora", json!({"targets": "q,ffn_down", "r": 2})),
         ] {
             let mut model = applied(fixture, method, settings.clone());
             randomize_trainable(&mut model);
@@ -139,14 +151,19 @@ fn loha_and_lokr_gradients_match_central_differences() {
     }
 }
 
-/// `graft train` trains LoHa and LoKr on the shipped sentiment data (the loss falls); the
-/// trained model merges to the same outputs, and its PEFT export loads back onto the base model
-/// with the same outputs.
+/// `graft train` trains LoHa, LoKr, DoRA and IA³ on the shipped sentiment data (the loss
+/// falls); the trained model merges to the same outputs, and its PEFT export loads back onto the
+/// base model with the same outputs.
 #[test]
-fn loha_and_lokr_train_merge_and_export() {
+fn lora_family_trains_merges_and_exports_to_peft() {
     for (method, settings) in [
         ("loha", ["loha.r=4", "loha.targets=q,v,ffn_down"]),
         ("lokr", ["lokr.r=2", "lokr.targets=q,v,ffn_down"]),
+        ("dora", ["dora.r=4", "dora.targets=q,v,ffn_down"]),
+        (
+            "ia3",
+            ["ia3.targets=k,v,ffn_down", "ia3.feedforward=ffn_down"],
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let patched = dir.path().join("patched.onnx");
@@ -230,6 +247,7 @@ fn unsupported_settings_are_refused_by_name() {
         ("lokr", json!({"module_dropout": 0.5}), "module_dropout"),
         ("lokr", json!({"decompose_factor": 0}), "decompose_factor"),
         ("loha", json!({"targets": "gate_proj_nowhere"}), "match no"),
+        ("dora", json!({"dropout": 0.1}), "dropout"),
     ] {
         let error = apply_in_process(&registry(), &mut model, method, &settings).unwrap_err();
         assert!(error.to_string().contains(needle), "{method}: {error}");

@@ -384,9 +384,12 @@ fn other_peft_types_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let adapter = copy_adapter("peft-bert", dir.path());
     edit_config(&adapter, |config| {
-        config.insert("peft_type".into(), "IA3".into());
+        config.insert("peft_type".into(), "VERA".into());
     });
-    assert_import_rejected(&adapter, &["adapter_config.json", "\"IA3\"", "LORA"]);
+    assert_import_rejected(
+        &adapter,
+        &["adapter_config.json", "\"VERA\"", "LORA", "LOHA"],
+    );
 }
 
 #[test]
@@ -394,9 +397,15 @@ fn unsupported_lora_variants_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let adapter = copy_adapter("peft-bert", dir.path());
     edit_config(&adapter, |config| {
+        config.insert("lora_bias".into(), true.into());
+    });
+    assert_import_rejected(&adapter, &["lora_bias", "a bias on lora_B"]);
+    // A DoRA config without the magnitudes DoRA files carry.
+    let adapter = copy_adapter("peft-bert", &dir.path().join("dora"));
+    edit_config(&adapter, |config| {
         config.insert("use_dora".into(), true.into());
     });
-    assert_import_rejected(&adapter, &["use_dora", "DoRA"]);
+    assert_import_rejected(&adapter, &["lora_magnitude_vector", "use_dora"]);
 }
 
 #[test]

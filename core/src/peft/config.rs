@@ -199,17 +199,37 @@ pub(super) fn read_config(path: &Path) -> Result<(AdapterConfig, Vec<String>)> {
             )));
         }
     }
-    let mut ignored = Vec::new();
-    for (field, value) in &config.other {
-        if let Some((_, what)) = UNSUPPORTED_FIELDS.iter().find(|(name, _)| name == field) {
-            if !is_empty_value(value) {
-                return Err(fail(format!(
-                    "{field} = {value} asks for {what}, which graft does not support"
-                )));
-            }
-        } else if !INERT_FIELDS.contains(&field.as_str()) {
-            ignored.push(field.clone());
+    refuse_unsupported_lora_fields(path, &config.other, None)?;
+    let ignored = config
+        .other
+        .keys()
+        .filter(|field| {
+            !INERT_FIELDS.contains(&field.as_str())
+                && !UNSUPPORTED_FIELDS.iter().any(|(name, _)| name == *field)
+        })
+        .cloned()
+        .collect();
+    Ok((config, ignored))
+}
+
+/// Refuses the LoRA config fields that ask for behaviour graft does not reproduce (DoRA,
+/// LoRA biases, …) unless empty, except `allowed` (the flag of the method reading the file,
+/// such as `use_dora` for `dora`).
+pub(super) fn refuse_unsupported_lora_fields<'a>(
+    path: &Path,
+    fields: impl IntoIterator<Item = (&'a String, &'a serde_json::Value)>,
+    allowed: Option<&str>,
+) -> Result<()> {
+    for (field, value) in fields {
+        let Some((_, what)) = UNSUPPORTED_FIELDS.iter().find(|(name, _)| name == field) else {
+            continue;
+        };
+        if Some(field.as_str()) != allowed && !is_empty_value(value) {
+            return Err(Error::Config(format!(
+                "{}: {field} = {value} asks for {what}, which graft does not support",
+                path.display()
+            )));
         }
     }
-    Ok((config, ignored))
+    Ok(())
 }

@@ -9,7 +9,10 @@ use std::path::Path;
 use graft_plugin_sdk::PeftImport;
 use serde_json::{json, Value};
 
-use super::config::{is_inert_field, read_adapter_config, ModuleSelector, CONFIG_FILE};
+use super::config::{
+    is_inert_field, read_adapter_config, refuse_unsupported_lora_fields, ModuleSelector,
+    CONFIG_FILE,
+};
 use super::import::{
     exact_overrides, exact_regex, full_tensor_replacements, replace_initializer,
     require_adapter_files, resolve_targets, ImportReport, ImportedBranch, Targets,
@@ -108,6 +111,10 @@ pub(super) fn import(
     let config_path = dir.join(CONFIG_FILE);
     let weights_path = dir.join(WEIGHTS_FILE);
     let (config, raw) = read_adapter_config(&config_path)?;
+    if spec.peft_type == "LORA" {
+        let fields = raw.as_object().into_iter().flatten();
+        refuse_unsupported_lora_fields(&config_path, fields, spec.flag.as_deref())?;
+    }
     let config_error =
         |reason: String| Error::Config(format!("{}: {reason}", config_path.display()));
     let selection = Selection::new(&config).map_err(config_error)?;
@@ -265,6 +272,32 @@ pub(super) fn import(
             ),
         });
     };
+    let in_file: std::collections::BTreeSet<String> = tensors
+        .iter()
+        .filter_map(|t| match &t.role {
+            TensorRole::Method { suffix } => Some(format!("{}.{suffix}", t.module)),
+            _ => None,
+        })
+        .collect();
+    if let Some(missing) = files.tensors.iter().find(|m| {
+        let module = m.key.rsplit_once('.').map_or("", |(module, _)| module);
+        file_modules.contains(module) && !in_file.contains(&m.key)
+    }) {
+        return Err(Error::Config(format!(
+            "{}: has tensors for module {:?} but not {:?}, which a {} adapter{} needs",
+            weights_path.display(),
+            missing
+                .key
+                .rsplit_once('.')
+                .map_or("", |(module, _)| module),
+            missing.key,
+            spec.peft_type,
+            spec.flag
+                .as_ref()
+                .map(|f| format!(" with {f}"))
+                .unwrap_or_default()
+        )));
+    }
     let items = tensors
         .into_iter()
         .filter(|t| matches!(t.role, TensorRole::Method { .. }))

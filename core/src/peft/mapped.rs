@@ -13,9 +13,22 @@ use crate::ir::Model;
 use crate::{Error, Result};
 
 /// The one method of `model` that declared PEFT files, if any; two are an error (a PEFT
-/// adapter folder holds one adapter).
-fn declared(model: &Model) -> Result<Option<(AppliedMethod, PeftFiles)>> {
+/// adapter folder holds one adapter), and so are LoRA branches beside it, which its files
+/// would leave out.
+pub(super) fn declared(model: &Model) -> Result<Option<(AppliedMethod, PeftFiles)>> {
     let record = crate::patch::read_record(model)?;
+    if let Some(method) = record.methods.iter().find(|m| m.training.peft.is_some()) {
+        if record
+            .folds
+            .iter()
+            .any(|f| matches!(f, Fold::LowRank { .. }))
+        {
+            return Err(Error::Config(format!(
+                "the model has LoRA branches and method {}'s HF PEFT files; a PEFT adapter holds one of them: export each method's model separately, or use `graft merge` or `--format onnx`",
+                method.method
+            )));
+        }
+    }
     let mut found = record
         .methods
         .into_iter()

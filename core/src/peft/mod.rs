@@ -121,6 +121,22 @@ pub fn lora_branches(model: &Model) -> Result<Vec<PeftLora>> {
     Ok(branches)
 }
 
+/// True when [`export`] can write the model's adapter as one HF PEFT adapter: one method
+/// declared PEFT files and nothing else adapts the model the files would miss, or the model's
+/// LoRA branches all have module-path labels.
+pub fn can_export(model: &Model) -> Result<bool> {
+    let declaring = crate::patch::read_record(model)?
+        .methods
+        .iter()
+        .filter(|m| m.training.peft.is_some())
+        .count();
+    Ok(match declaring {
+        0 => lora_branches(model).is_ok(),
+        1 => mapped::declared(model).is_ok(),
+        _ => false,
+    })
+}
+
 /// Transposes a row-major [rows, cols] matrix.
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];

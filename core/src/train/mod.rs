@@ -1181,18 +1181,14 @@ fn task_name(task: Task) -> &'static str {
 }
 
 /// Writes the trainable tensors of `trained` into `dir`: `adapter.safetensors` with graft's
-/// names (what `graft merge --adapter` reads) and, when the model has LoRA branches with labels,
-/// the HF PEFT files (`adapter_model.safetensors`, `adapter_config.json`). Returns the files
-/// written.
+/// names (what `graft merge --adapter` reads) and, when its adapter fits one HF PEFT adapter
+/// ([`crate::peft::can_export`]), the PEFT files (`adapter_model.safetensors`,
+/// `adapter_config.json`). Returns the files written.
 pub fn save_adapter(trained: &Model, dir: &Path) -> Result<Vec<PathBuf>> {
     let adapter = dir.join("adapter.safetensors");
     crate::adapter::save(trained, &adapter)?;
     let mut files = vec![adapter];
-    let declares_peft = crate::patch::read_record(trained)?
-        .methods
-        .iter()
-        .any(|m| m.training.peft.is_some());
-    if declares_peft || crate::peft::lora_branches(trained).is_ok() {
+    if crate::peft::can_export(trained)? {
         crate::peft::export(trained, dir)?;
         files.push(dir.join("adapter_model.safetensors"));
         files.push(dir.join("adapter_config.json"));
