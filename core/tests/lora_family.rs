@@ -254,8 +254,107 @@ fn unsupported_settings_are_refused_by_name() {
     }
 }
 
-/// Unused until the PEFT recordings are read (kept for the parity tests below).
-#[allow(dead_code)]
-fn recorded_outputs(recording: &str, file: &str) -> Vec<(String, graft::runtime::HostTensor)> {
-    read_npz(&reference(recording).join(file)).unwrap()
+/// The PEFT recordings: (fixture architecture, method).
+const RECORDINGS: &[(&str, &str)] = &[
+    ("bert", "loha"),
+    ("llama", "loha"),
+    ("bert", "lokr"),
+    ("llama", "lokr"),
+    ("bert", "dora"),
+    ("llama", "dora"),
+    ("bert", "ia3"),
+    ("llama", "ia3"),
+];
+
+/// Adapters HF PEFT saved load through `graft apply --from-peft` onto both exporters' fixtures
+/// and compute what PEFT computed, unmerged and merged; `graft export --format peft` writes
+/// the same tensors back (keys, shapes, values), and the export imports to the same outputs.
+#[test]
+fn peft_adapters_of_the_lora_family_match_peft_both_ways() {
+    for (arch, method) in RECORDINGS {
+        let recording = format!("peft-{method}-{arch}");
+        let adapter = reference(&recording);
+        let peft_unmerged = read_npz(&adapter.join("outputs.npz")).unwrap();
+        let peft_merged = read_npz(&adapter.join("merged_outputs.npz")).unwrap();
+        for exporter in ["legacy", "dynamo"] {
+            let fixture = format!("{arch}-{exporter}");
+            let dir = tempfile::tempdir().unwrap();
+            let patched = dir.path().join("patched.onnx");
+            let stdout = import_peft(&fixture, &adapter, &patched);
+            assert!(stdout.contains(method), "{fixture} {recording}: {stdout}");
+            let inputs = fixture_inputs(&fixture);
+            let model = graft::onnx::load(&patched).unwrap();
+            let unmerged = run_model(&model, &inputs);
+            let base_diff = max_diff(&unmerged, &fixture_outputs(&fixture));
+            let unmerged_diff = max_diff(&unmerged, &peft_unmerged);
+            let mut merged = model.clone();
+            graft::merge::merge(&mut merged).unwrap();
+            let merged_diff = max_diff(&run_model(&merged, &inputs), &peft_merged);
+            println!(
+                "{fixture} + {recording}: imported vs PEFT {unmerged_diff:.2e}, merged vs PEFT merged {merged_diff:.2e} (adapter moves the outputs by {base_diff:.2e})"
+            );
+            assert!(
+                base_diff > 1e-2,
+                "{fixture} {recording}: the adapter does nothing"
+            );
+            assert!(
+                unmerged_diff <= TOLERANCE,
+                "{fixture} {recording}: imported vs PEFT {unmerged_diff}"
+            );
+            assert!(
+                merged_diff <= TOLERANCE,
+                "{fixture} {recording}: merged vs PEFT merged {merged_diff}"
+            );
+
+            let exported = dir.path().join("exported");
+            let (code, stdout, stderr) = run_graft(&[
+                "export",
+                patched.to_str().unwrap(),
+                "--format",
+                "peft",
+                "-o",
+                exported.to_str().unwrap(),
+            ]);
+            assert_eq!(code, 0, "{fixture} {recording}: {stdout}{stderr}");
+            let method_tensors = |path: &Path| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+                read_tensors(&path.join("adapter_model.safetensors"))
+                    .into_iter()
+                    .filter(|(key, _, _)| !key.contains("classifier") && !key.contains("score"))
+                    .map(|(key, shape, values)| {
+                        (key.trim_end_matches(".weight").to_owned(), shape, values)
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                method_tensors(&exported),
+                method_tensors(&adapter),
+                "{fixture} {recording}: the export holds other tensors than PEFT's file"
+            );
+            let config = read_json(&exported.join("adapter_config.json"));
+            let recorded = read_json(&adapter.join("adapter_config.json"));
+            for field in [
+                "peft_type",
+                "r",
+                "alpha",
+                "lora_alpha",
+                "use_dora",
+                "decompose_both",
+                "decompose_factor",
+            ] {
+                if let Some(value) = recorded.get(field) {
+                    assert_eq!(
+                        config[field]
+                            .as_f64()
+                            .map(serde_json::Value::from)
+                            .unwrap_or_else(|| config[field].clone()),
+                        value
+                            .as_f64()
+                            .map(serde_json::Value::from)
+                            .unwrap_or_else(|| value.clone()),
+                        "{fixture} {recording}: {field}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -50,8 +50,9 @@ pub struct Args {
         required_unless_present_any = ["from_peft", "from_adapterhub"]
     )]
     methods: Vec<String>,
-    /// Import the HF PEFT adapter saved in DIR (LORA, PROMPT_TUNING, PREFIX_TUNING) instead of applying
-    /// methods.
+    /// Import the HF PEFT adapter saved in DIR instead of applying methods: LORA (with use_dora:
+    /// the dora method), PROMPT_TUNING, P_TUNING, PREFIX_TUNING, and every peft_type a plugin
+    /// declares (LOHA, LOKR, IA3 with the shipped plugins; `graft plugins` lists them).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["methods", "config", "settings"])]
     from_peft: Option<PathBuf>,
     /// Import the AdapterHub bottleneck adapter saved in DIR (`adapter_config.json` and
@@ -118,10 +119,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{method}: {n} virtual tokens");
         }
         for branch in &report.branches {
-            println!(
-                "lora {}: r {} alpha {} scale {}",
-                branch.module, branch.r, branch.alpha, branch.scale
-            );
+            if branch.r > 0 {
+                println!(
+                    "{} {}: r {} alpha {} scale {}",
+                    report.method, branch.module, branch.r, branch.alpha, branch.scale
+                );
+            } else {
+                println!("{} {}", report.method, branch.module);
+            }
         }
         for replaced in &report.replaced {
             println!(

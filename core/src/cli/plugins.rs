@@ -56,6 +56,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         for method in &plugin.description.methods {
             println!("  method {}: {}", method.name, method.summary);
+            if let Some(import) = &method.peft_import {
+                let flag = import
+                    .flag
+                    .as_ref()
+                    .map(|f| format!(" with {f}"))
+                    .unwrap_or_default();
+                println!(
+                    "    reads HF PEFT {}{flag} adapters (graft apply --from-peft)",
+                    import.peft_type
+                );
+            }
             for key in &method.config {
                 let default = if key.default.is_null() {
                     "(required)".to_owned()

@@ -18,12 +18,12 @@ use crate::ir::Model;
 use crate::plugins::{apply_method, graph_view, PluginRegistry};
 use crate::{Error, Result};
 
-/// One LoRA branch built by [`import`].
+/// One adapted module built by [`import`] (a LoRA branch, or another method's on that module).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImportedBranch {
     /// The module path (site label).
     pub module: String,
-    /// Rank, after `rank_pattern`.
+    /// Rank, after `rank_pattern`; 0 for a method without one (IA³).
     pub r: usize,
     /// Alpha, after `alpha_pattern`.
     pub alpha: f64,
