@@ -2,6 +2,7 @@
 //! reported by `main` with exit status 2.
 
 mod apply;
+mod combine;
 mod convert;
 mod export;
 mod inspect;
@@ -32,6 +33,7 @@ enum Command {
     Train(Box<train::Args>),
     Merge(merge::Args),
     Export(export::Args),
+    Combine(combine::Args),
     Plugins(plugins::Args),
     Run(run::Args),
     Convert(convert::Args),
@@ -56,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(*args),
         Command::Merge(args) => merge::run(args),
         Command::Export(args) => export::run(args),
+        Command::Combine(args) => combine::run(args),
         Command::Plugins(args) => plugins::run(args),
         Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),

@@ -14,6 +14,7 @@ use graft_plugin_sdk::Fold;
 use crate::ir::Model;
 use crate::{Error, Result};
 
+mod combine;
 mod config;
 mod declared;
 mod export;
@@ -23,6 +24,7 @@ pub(crate) mod mapped;
 mod prompt;
 mod select;
 
+pub use combine::{combine, Combination, CombineOptions, CombineReport, MajoritySign};
 pub use config::CONFIG_FILE;
 pub use export::export;
 pub(crate) use export::write_safetensors;
