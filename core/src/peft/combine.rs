@@ -553,9 +553,9 @@ fn truncated_svd(present: &[(&Factors, f64, &Path)], k: usize) -> (Matrix, Matri
     let right = qa.matmul(&v);
     let mut a = Matrix::zeros(k, n_in);
     let mut b = Matrix::zeros(n_out, k);
-    for c in 0..k.min(s.len()) {
+    for (c, &singular) in s.iter().enumerate().take(k) {
         for i in 0..n_out {
-            b.set(i, c, left.at(i, c) * s[c]);
+            b.set(i, c, left.at(i, c) * singular);
         }
         for j in 0..n_in {
             a.set(c, j, right.at(j, c));
@@ -706,8 +706,8 @@ mod tests {
         assert!(s.windows(2).all(|w| w[0] >= w[1]), "{s:?}");
         let mut us = u.clone();
         for i in 0..us.rows {
-            for j in 0..us.cols {
-                us.set(i, j, u.at(i, j) * s[j]);
+            for (j, &singular) in s.iter().enumerate() {
+                us.set(i, j, u.at(i, j) * singular);
             }
         }
         assert!(max_abs_diff(&us.matmul(&v.transpose()), &m) < 1e-12);
