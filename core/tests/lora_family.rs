@@ -358,3 +358,116 @@ fn peft_adapters_of_the_lora_family_match_peft_both_ways() {
         }
     }
 }
+
+/// The base model with every linear weight replaced, on the host, by what QLoRA stores: NF4
+/// codes in blocks of 64 times block scales rebuilt from their 8-bit double quantization in
+/// groups of 256 (the SDK's reference codecs, independent of the graph).
+fn host_quantized(fixture: &str) -> Model {
+    use graft_plugin_sdk::quant::{double_quantize, quantize_blockwise, NF4_CODEBOOK};
+    let mut model = graft::onnx::load(&fixture_model(fixture)).unwrap();
+    let view = graft::plugins::graph_view(&model).unwrap();
+    for site_ref in view.sites().filter(|s| s.site.kind.is_linear()) {
+        let name = &site_ref.site.weight;
+        let tensor = model.graph.initializer(name).unwrap();
+        let values = tensor.to_f32().unwrap();
+        let q = quantize_blockwise(&values, 64, &NF4_CODEBOOK).unwrap();
+        let scales = double_quantize(&q.absmax, 256).unwrap().decode();
+        let codes = graft_plugin_sdk::quant::unpack_nibbles(&q.codes);
+        let rebuilt: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| NF4_CODEBOOK[*c as usize] * scales[i / 64])
+            .collect();
+        let dims = tensor.dims.clone();
+        let index = model
+            .graph
+            .initializers
+            .iter()
+            .position(|t| &t.name == name)
+            .unwrap();
+        model.graph.initializers[index] = graft::ir::Tensor::from_f32(name, dims, &rebuilt);
+    }
+    model
+}
+
+/// QLoRA stores every linear weight as NF4 codes with double-quantized scales — 4.127 bits
+/// per weight — and computes, at init, what the host-side reconstruction of those weights
+/// computes; with trained LoRA factors `graft merge` folds into float weights exactly, leaving
+/// the base topology.
+#[test]
+fn qlora_dequantizes_in_the_graph_and_merges_into_float() {
+    for fixture in ["llama-legacy", "bert-dynamo", "gpt2-legacy"] {
+        let inputs = fixture_inputs(fixture);
+        let mut model = applied(fixture, "qlora", json!({"r": 4}));
+        let reference = run_model(&host_quantized(fixture), &inputs);
+        let at_init = max_diff(&run_model(&model, &inputs), &reference);
+        assert!(
+            at_init <= TOLERANCE,
+            "{fixture}: qlora at init differs from the host's NF4 reconstruction by {at_init}"
+        );
+        let quantization_error = max_diff(&reference, &fixture_outputs(fixture));
+        assert!(quantization_error > 0.0, "{fixture}: nothing was quantized");
+
+        // Storage: packed codes, 8-bit scale codes, float32 group scales and offsets, over
+        // the weights they replace.
+        let view = graft::plugins::graph_view(&graft::onnx::load(&fixture_model(fixture)).unwrap())
+            .unwrap();
+        let quantized_elements: usize = view
+            .sites()
+            .filter(|s| s.site.kind.is_linear())
+            .map(|s| s.site.in_features * s.site.out_features)
+            .sum();
+        let stored_bytes: usize = model
+            .graph
+            .initializers
+            .iter()
+            .filter(|t| {
+                t.name.starts_with("qlora.") && !t.name.ends_with(".A") && !t.name.ends_with(".B")
+            })
+            .map(|t| t.raw_bytes().unwrap().len())
+            .sum();
+        let bits = stored_bytes as f64 * 8.0 / quantized_elements as f64;
+        println!("{fixture}: {bits:.3} bits per quantized weight, quantization moves the outputs by {quantization_error:.3}");
+        // Partial scale groups on these small models cost a little more than QLoRA's 4.127.
+        assert!(bits <= 4.2, "{fixture}: {bits} bits per weight");
+
+        randomize_trainable(&mut model);
+        let unmerged = run_model(&model, &inputs);
+        assert!(
+            max_diff(&unmerged, &reference) > 1e-3,
+            "{fixture}: LoRA does nothing"
+        );
+        let mut merged = model.clone();
+        graft::merge::merge(&mut merged).unwrap();
+        let drift = max_diff(&run_model(&merged, &inputs), &unmerged);
+        assert!(drift <= TOLERANCE, "{fixture}: merged differs by {drift}");
+        assert_eq!(
+            op_types(&merged),
+            op_types(&graft::onnx::load(&fixture_model(fixture)).unwrap()),
+            "{fixture}: the merged graph keeps dequantization or LoRA nodes"
+        );
+    }
+}
+
+/// `graft train` trains QLoRA's factors through the dequantization on the shipped data (the
+/// loss falls); the 4-bit codes stay as they were.
+#[test]
+fn qlora_trains_through_the_dequantization() {
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched.onnx");
+    apply_method("bert-legacy", "qlora", &["qlora.r=4"], &patched);
+    let run = dir.path().join("run");
+    let (code, stdout, stderr) =
+        train_seq_cls(&patched, "examples/data/sentiment.jsonl", 30, &run, &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_loss_falls(&metrics(&run));
+    let trained = read_tensors(&run.join("adapter.safetensors"));
+    assert!(!trained.is_empty());
+    assert!(
+        trained
+            .iter()
+            .all(|(name, _, _)| name.ends_with(".A") || name.ends_with(".B")),
+        "only the LoRA factors train: {:?}",
+        trained.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+}

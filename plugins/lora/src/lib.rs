@@ -1,8 +1,10 @@
 //! The `lora` method plugin: low-rank branches `y + (α/r)·(x·A)·B` on selected linear sites
-//! (Hu et al., 2021), configured like HF PEFT's `LoraConfig`, and [`dora`] (LoRA with a learned
-//! magnitude per output, Liu et al., 2024; PEFT's `use_dora`).
+//! (Hu et al., 2021), configured like HF PEFT's `LoraConfig`; [`dora`] (LoRA with a learned
+//! magnitude per output, Liu et al., 2024; PEFT's `use_dora`); and [`qlora`] (LoRA on NF4
+//! base weights, Dettmers et al., 2023).
 
 pub mod dora;
+pub mod qlora;
 
 use graft_plugin_sdk::{
     export_plugin, ConfigKey, ConfigKind, GraphView, Host, Init, MethodConfig, MethodDescription,
@@ -25,6 +27,7 @@ impl Plugin for Lora {
                 lora_keys(),
             ),
             dora::description(),
+            qlora::description(),
         ]
     }
 
@@ -34,8 +37,10 @@ impl Plugin for Lora {
         config: &MethodConfig,
         graph: &GraphView,
     ) -> Result<PatchReply, String> {
-        if method == "dora" {
-            return dora::patch(host, config, graph);
+        match method {
+            "dora" => return dora::patch(host, config, graph),
+            "qlora" => return qlora::patch(host, config, graph),
+            _ => {}
         }
         // Some(0.0) adds no dropout node; passing every value lets the SDK refuse those
         // outside [0, 1).

@@ -608,7 +608,13 @@ impl Patch {
         for t in trainable.filter(|t| earlier.contains(t) && reported.insert(*t)) {
             problems.push(format!("\"{t}\" is already trainable by an earlier method"));
         }
+        // A bake fold's value is an initializer once merged: later folds may update it (a
+        // LoRA branch on a dequantized weight).
+        let mut baked = BTreeSet::new();
         for f in &self.folds {
+            if let Fold::Bake { value, .. } = f {
+                baked.insert(value.as_str());
+            }
             if let Fold::InPlace { tensor } = f {
                 if graph.tensor(tensor).is_none() {
                     problems.push(format!(
@@ -618,7 +624,10 @@ impl Patch {
                 continue;
             }
             if let Some(weight) = f.weight() {
-                if graph.tensor(weight).is_none() && !params.contains(weight) {
+                if graph.tensor(weight).is_none()
+                    && !params.contains(weight)
+                    && !baked.contains(weight)
+                {
                     problems.push(format!("fold names unknown weight \"{weight}\""));
                 }
             }

@@ -92,6 +92,95 @@ pub fn dequantize_blockwise(q: &Quantized, block_size: usize, codebook: &[f32; 1
         .collect()
 }
 
+/// Block scales stored in 8 bits (QLoRA's double quantization): the scales minus their mean
+/// `offset`, in groups of `block_size`, each group as int8 codes of `value / scale · 127`
+/// rounded, `scale` its largest magnitude (float32); the last group may be partial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleQuantized {
+    /// One code per scale.
+    pub codes: Vec<i8>,
+    /// One float32 scale per group.
+    pub scales: Vec<f32>,
+    /// The mean of the original scales, added back after decoding.
+    pub offset: f32,
+    /// Scales per group (256 in QLoRA).
+    pub block_size: usize,
+    /// The number of scales encoded (`codes.len()`).
+    pub count: usize,
+}
+
+impl DoubleQuantized {
+    /// The decoded scales, exactly as the dequantizing subgraph computes them.
+    pub fn decode(&self) -> Vec<f32> {
+        (0..self.count)
+            .map(|i| {
+                let scaled = self.codes[i] as f32 * self.scales[i / self.block_size];
+                scaled * (1.0 / 127.0) + self.offset
+            })
+            .collect()
+    }
+
+    /// Errors when the code, scale and count lengths disagree.
+    pub fn check(&self) -> Result<(), String> {
+        let groups = self.count.div_ceil(self.block_size.max(1));
+        if self.block_size == 0 || self.codes.len() != self.count || self.scales.len() != groups {
+            return Err(format!(
+                "{} codes and {} group scales do not hold {} scales in groups of {}",
+                self.codes.len(),
+                self.scales.len(),
+                self.count,
+                self.block_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes block scales to 8 bits in groups of `block_size` ([`DoubleQuantized`]).
+pub fn double_quantize(scales: &[f32], block_size: usize) -> Result<DoubleQuantized, String> {
+    if block_size == 0 {
+        return Err("double-quantization block size 0".into());
+    }
+    let offset = if scales.is_empty() {
+        0.0
+    } else {
+        (scales.iter().map(|v| *v as f64).sum::<f64>() / scales.len() as f64) as f32
+    };
+    let groups = scales.len().div_ceil(block_size);
+    let mut codes = vec![0i8; scales.len()];
+    let mut group_scales = Vec::with_capacity(groups);
+    for (g, chunk) in scales.chunks(block_size).enumerate() {
+        let scale = chunk.iter().fold(0f32, |m, v| m.max((v - offset).abs()));
+        group_scales.push(scale);
+        for (i, v) in chunk.iter().enumerate() {
+            let code = if scale > 0.0 {
+                ((v - offset) / scale * 127.0).round().clamp(-127.0, 127.0)
+            } else {
+                0.0
+            };
+            codes[g * block_size + i] = code as i8;
+        }
+    }
+    Ok(DoubleQuantized {
+        codes,
+        scales: group_scales,
+        offset,
+        block_size,
+        count: scales.len(),
+    })
+}
+
+/// Bits per weight element of NF4 storage with `block_size` blocks, double-quantized in groups
+/// of `scale_block` (`None`: float32 scales): `4 + 8/block + 32/(block·scale_block)` (QLoRA's
+/// 4.127 for 64 and 256), or `4 + 32/block`.
+pub fn bits_per_parameter(block_size: usize, scale_block: Option<usize>) -> f64 {
+    let block = block_size as f64;
+    match scale_block {
+        Some(group) => 4.0 + 8.0 / block + 32.0 / (block * group as f64),
+        None => 4.0 + 32.0 / block,
+    }
+}
+
 pub(crate) fn check_blocks(n: usize, block_size: usize) -> Result<(), String> {
     if block_size == 0 || block_size % 2 != 0 {
         return Err(format!("block size {block_size} must be even and positive"));
@@ -117,6 +206,25 @@ fn nearest(codebook: &[f32; 16], x: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn double_quantization_is_close_and_costs_qlora_bits() {
+        let scales: Vec<f32> = (0..300).map(|i| 0.01 + (i % 37) as f32 * 0.003).collect();
+        let dq = double_quantize(&scales, 256).unwrap();
+        assert_eq!((dq.codes.len(), dq.scales.len()), (300, 2));
+        dq.check().unwrap();
+        let back = dq.decode();
+        let worst = scales
+            .iter()
+            .zip(&back)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let range = dq.scales.iter().fold(0f32, |m, v| m.max(*v));
+        assert!(
+            worst <= range / 254.0 + 1e-7,
+            "{worst} vs half a step of {range}"
+        );
+        assert!((bits_per_parameter(64, Some(256)) - 4.127).abs() < 1e-3);
+    }
 
     #[test]
     fn packing_is_high_nibble_first() {

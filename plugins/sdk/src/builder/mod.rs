@@ -64,6 +64,9 @@ pub struct PatchBuilder<'g> {
     heads: BTreeMap<String, String>,
     restricted: BTreeMap<(String, String), String>,
     default_dtype: Option<DType>,
+    /// Element types of values this patch computes that the builder knows (a dequantized
+    /// weight), for helpers that read them as weights.
+    computed_dtypes: BTreeMap<String, DType>,
     seed: u64,
     seeds_drawn: u64,
 }
@@ -96,6 +99,7 @@ impl<'g> PatchBuilder<'g> {
             heads: BTreeMap::new(),
             restricted: BTreeMap::new(),
             default_dtype,
+            computed_dtypes: BTreeMap::new(),
             seed: 0,
             seeds_drawn: 0,
         }
@@ -450,6 +454,7 @@ impl<'g> PatchBuilder<'g> {
                     .find(|i| i.name == value)
                     .map(|i| i.dtype)
             })
+            .or_else(|| self.computed_dtypes.get(value).copied())
             .or(self.default_dtype)
             .ok_or_else(|| Error::Build(format!("the element type of \"{value}\" is unknown")))
     }
@@ -512,6 +517,7 @@ impl<'g> PatchBuilder<'g> {
         self.graph
             .tensor(&site.weight)
             .map(|t| t.dtype)
+            .or_else(|| self.computed_dtypes.get(&site.weight).copied())
             .ok_or_else(|| {
                 Error::Build(format!(
                     "site {}: no initializer \"{}\"",

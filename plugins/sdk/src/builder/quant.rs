@@ -5,7 +5,96 @@ use super::{attr_int, PatchBuilder};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::patch::AttributeValue;
-use crate::quant::check_blocks;
+use crate::quant::{check_blocks, DoubleQuantized};
+
+/// The block scales of a quantized weight: float32, or double-quantized.
+enum BlockScales {
+    Float(Vec<f32>),
+    Double(DoubleQuantized),
+}
+
+/// Where the dequantizing subgraph reads its block scales from.
+enum ScaleSource {
+    Parameter(String),
+    Double {
+        codes: String,
+        scales: String,
+        offset: String,
+        block_size: usize,
+    },
+}
+
+/// Emits the double-quantized scales' reconstruction, `[n_blocks, 1]` float; returns it.
+fn rebuild_scales(
+    b: &mut PatchBuilder<'_>,
+    stem: &str,
+    [codes, scales, offset]: [&String; 3],
+    group: usize,
+    n_blocks: usize,
+) -> String {
+    let as_float = b.op(
+        &format!("{stem}.absmax_float"),
+        "Cast",
+        &[codes],
+        &[attr_int("to", DType::Float.onnx_code() as i64)],
+    );
+    let padding = n_blocks.div_ceil(group) * group - n_blocks;
+    let pads = b.constant_ints(&format!("{stem}.absmax_pads"), &[0, padding as i64]);
+    let padded = b.op(
+        &format!("{stem}.absmax_padded"),
+        "Pad",
+        &[&as_float, &pads],
+        &[],
+    );
+    let grouped_shape = b.constant_ints(&format!("{stem}.absmax_groups"), &[-1, group as i64]);
+    let grouped = b.op(
+        &format!("{stem}.absmax_grouped"),
+        "Reshape",
+        &[&padded, &grouped_shape],
+        &[],
+    );
+    let scaled = b.op(
+        &format!("{stem}.absmax_scaled"),
+        "Mul",
+        &[&grouped, scales],
+        &[],
+    );
+    let step = b.constant_scalar(&format!("{stem}.absmax_step"), 1.0 / 127.0, DType::Float);
+    let unit = b.op(
+        &format!("{stem}.absmax_unit"),
+        "Mul",
+        &[&scaled, &step],
+        &[],
+    );
+    let flat_shape = b.constant_ints(&format!("{stem}.absmax_flat_shape"), &[-1]);
+    let flat = b.op(
+        &format!("{stem}.absmax_flat"),
+        "Reshape",
+        &[&unit, &flat_shape],
+        &[],
+    );
+    let start = b.constant_ints(&format!("{stem}.absmax_start"), &[0]);
+    let end = b.constant_ints(&format!("{stem}.absmax_end"), &[n_blocks as i64]);
+    let kept = b.op(
+        &format!("{stem}.absmax_kept"),
+        "Slice",
+        &[&flat, &start, &end],
+        &[],
+    );
+    let shifted = b.op(
+        &format!("{stem}.absmax_shifted"),
+        "Add",
+        &[&kept, offset],
+        &[],
+    );
+    let column = b.constant_ints(&format!("{stem}.absmax_column"), &[n_blocks as i64, 1]);
+    b.op(
+        &format!("{stem}.absmax_rebuilt"),
+        "Reshape",
+        &[&shifted, &column],
+        &[],
+    )
+}
 
 /// Names created by [`PatchBuilder::dequantize_weight`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +136,50 @@ impl PatchBuilder<'_> {
         block_size: usize,
         codebook: &[f32; 16],
     ) -> Result<DequantNames> {
+        self.dequantize(
+            weight,
+            codes,
+            BlockScales::Float(absmax),
+            block_size,
+            codebook,
+        )
+    }
+
+    /// [`PatchBuilder::dequantize_weight`] with QLoRA's double quantization: the block scales
+    /// are themselves stored in 8 bits ([`crate::quant::double_quantize`]), so a weight costs
+    /// `4 + 8/block_size + 32/(block_size·scales.block_size)` bits per element (4.127 for blocks
+    /// of 64 and 256). The scales are rebuilt in the graph as
+    /// `codes/127 · scale[block / scales.block_size] + offset` before the lookup.
+    ///
+    /// Nodes: `Cast(float)`, `Pad` with zeros to whole groups, `Reshape([n, scales.block_size])`, `Mul(·, scales)`, `Mul(1/127)`,
+    /// `Reshape([-1])`, `Slice` to the block count, `Add(offset)`, `Reshape([n_blocks, 1])`,
+    /// then [`PatchBuilder::dequantize_weight`]'s. `absmax` in the names is the rebuilt
+    /// scales' value. Errors as that helper does, and when the scale data do not fit.
+    pub fn dequantize_weight_double(
+        &mut self,
+        weight: &str,
+        codes: Vec<u8>,
+        scales: DoubleQuantized,
+        block_size: usize,
+        codebook: &[f32; 16],
+    ) -> Result<DequantNames> {
+        self.dequantize(
+            weight,
+            codes,
+            BlockScales::Double(scales),
+            block_size,
+            codebook,
+        )
+    }
+
+    fn dequantize(
+        &mut self,
+        weight: &str,
+        codes: Vec<u8>,
+        scales: BlockScales,
+        block_size: usize,
+        codebook: &[f32; 16],
+    ) -> Result<DequantNames> {
         let info = self.graph.tensor(weight).ok_or_else(|| {
             Error::Build(format!("dequantize_weight: no initializer \"{weight}\""))
         })?;
@@ -65,12 +198,20 @@ impl PatchBuilder<'_> {
         check_blocks(numel, block_size)
             .map_err(|e| Error::Build(format!("dequantize_weight on \"{weight}\": {e}")))?;
         let n_blocks = numel / block_size;
-        if codes.len() * 2 != numel || absmax.len() != n_blocks {
+        let n_scales = match &scales {
+            BlockScales::Float(absmax) => absmax.len(),
+            BlockScales::Double(double) => double.count,
+        };
+        if codes.len() * 2 != numel || n_scales != n_blocks {
             return Err(Error::Build(format!(
-                "dequantize_weight on \"{weight}\": {} code bytes and {} scales do not fit {numel} elements in blocks of {block_size}",
+                "dequantize_weight on \"{weight}\": {} code bytes and {n_scales} scales do not fit {numel} elements in blocks of {block_size}",
                 codes.len(),
-                absmax.len()
             )));
+        }
+        if let BlockScales::Double(double) = &scales {
+            double.check().map_err(|e| {
+                Error::Build(format!("dequantize_weight_double on \"{weight}\": {e}"))
+            })?;
         }
         let dtype = info.dtype;
         let shape = info.shape.clone();
@@ -81,13 +222,6 @@ impl PatchBuilder<'_> {
             vec![numel / 2],
             codes,
         )?;
-        let absmax_bytes = absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let absmax_init = self.data(
-            &format!("{stem}.absmax"),
-            DType::Float,
-            vec![n_blocks, 1],
-            absmax_bytes,
-        )?;
         let codes = self.parameter(
             &format!("{stem}.codes"),
             DType::Uint8,
@@ -95,14 +229,91 @@ impl PatchBuilder<'_> {
             codes_init,
             false,
         );
-        let absmax = self.parameter(
-            &format!("{stem}.absmax"),
-            DType::Float,
-            vec![n_blocks, 1],
-            absmax_init,
-            false,
-        );
-        let (output, nodes) = self.block(|builder| {
+        let absmax = match scales {
+            BlockScales::Float(absmax) => {
+                let bytes = absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let init = self.data(
+                    &format!("{stem}.absmax"),
+                    DType::Float,
+                    vec![n_blocks, 1],
+                    bytes,
+                )?;
+                let name = self.parameter(
+                    &format!("{stem}.absmax"),
+                    DType::Float,
+                    vec![n_blocks, 1],
+                    init,
+                    false,
+                );
+                ScaleSource::Parameter(name)
+            }
+            BlockScales::Double(double) => {
+                let count = double.codes.len();
+                let groups = double.scales.len();
+                let codes_init = self.data(
+                    &format!("{stem}.absmax_codes"),
+                    DType::Int8,
+                    vec![count],
+                    double.codes.iter().map(|c| *c as u8).collect(),
+                )?;
+                let scales_bytes = double.scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let scales_init = self.data(
+                    &format!("{stem}.absmax_scales"),
+                    DType::Float,
+                    vec![groups, 1],
+                    scales_bytes,
+                )?;
+                let offset_init = self.data(
+                    &format!("{stem}.absmax_offset"),
+                    DType::Float,
+                    vec![1],
+                    double.offset.to_le_bytes().to_vec(),
+                )?;
+                let scale_codes = self.parameter(
+                    &format!("{stem}.absmax_codes"),
+                    DType::Int8,
+                    vec![count],
+                    codes_init,
+                    false,
+                );
+                let scales = self.parameter(
+                    &format!("{stem}.absmax_scales"),
+                    DType::Float,
+                    vec![groups, 1],
+                    scales_init,
+                    false,
+                );
+                let offset = self.parameter(
+                    &format!("{stem}.absmax_offset"),
+                    DType::Float,
+                    vec![1],
+                    offset_init,
+                    false,
+                );
+                ScaleSource::Double {
+                    codes: scale_codes,
+                    scales,
+                    offset,
+                    block_size: double.block_size,
+                }
+            }
+        };
+        let ((output, absmax), nodes) = self.block(|builder| {
+            let absmax = match &absmax {
+                ScaleSource::Parameter(name) => name.clone(),
+                ScaleSource::Double {
+                    codes: scale_codes,
+                    scales,
+                    offset,
+                    block_size: group,
+                } => rebuild_scales(
+                    builder,
+                    &stem,
+                    [scale_codes, scales, offset],
+                    *group,
+                    n_blocks,
+                ),
+            };
             let four = builder.constant_scalar(&format!("{stem}.four"), 4.0, DType::Uint8);
             let right = ("direction", AttributeValue::String("RIGHT".into()));
             let left = ("direction", AttributeValue::String("LEFT".into()));
@@ -180,8 +391,9 @@ impl PatchBuilder<'_> {
                 );
             }
             builder.rewire(weight, &output);
-            Ok(output)
+            Ok((output, absmax))
         })?;
+        self.computed_dtypes.insert(output.clone(), dtype);
         Ok(DequantNames {
             codes,
             absmax,
