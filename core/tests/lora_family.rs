@@ -450,7 +450,8 @@ fn qlora_dequantizes_in_the_graph_and_merges_into_float() {
 }
 
 /// `graft train` trains QLoRA's factors through the dequantization on the shipped data (the
-/// loss falls); the 4-bit codes stay as they were.
+/// loss falls); the 4-bit codes stay as they were, and the factors are written as PEFT LoRA
+/// files.
 #[test]
 fn qlora_trains_through_the_dequantization() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,4 +471,12 @@ fn qlora_trains_through_the_dequantization() {
         "only the LoRA factors train: {:?}",
         trained.iter().map(|t| &t.0).collect::<Vec<_>>()
     );
+    // The LoRA factors are a PEFT LORA adapter (PEFT puts them on its own 4-bit base); graft
+    // loads them onto the float model.
+    let config = read_json(&run.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    let keys = read_tensors(&run.join("adapter_model.safetensors"));
+    assert_eq!(keys.len(), trained.len());
+    import_peft("bert-legacy", &run, &dir.path().join("float-base.onnx"));
 }

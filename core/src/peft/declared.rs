@@ -279,9 +279,16 @@ pub(super) fn import(
             _ => None,
         })
         .collect();
+    // Declared keys may carry PEFT's `.weight` (`lora_A.weight`); the file's are compared
+    // without it.
+    let declared_key = |key: &str| key.strip_suffix(".weight").unwrap_or(key).to_owned();
     if let Some(missing) = files.tensors.iter().find(|m| {
-        let module = m.key.rsplit_once('.').map_or("", |(module, _)| module);
-        file_modules.contains(module) && !in_file.contains(&m.key)
+        let key = declared_key(&m.key);
+        let module = key
+            .rsplit_once('.')
+            .map_or("", |(module, _)| module)
+            .to_owned();
+        file_modules.contains(&module) && !in_file.contains(&key)
     }) {
         return Err(Error::Config(format!(
             "{}: has tensors for module {:?} but not {:?}, which a {} adapter{} needs",

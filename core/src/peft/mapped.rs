@@ -13,16 +13,16 @@ use crate::ir::Model;
 use crate::{Error, Result};
 
 /// The one method of `model` that declared PEFT files, if any; two are an error (a PEFT
-/// adapter folder holds one adapter), and so are LoRA branches beside it, which its files
-/// would leave out.
+/// adapter folder holds one adapter), and so are another method's LoRA branches beside it,
+/// which its files would leave out.
 pub(super) fn declared(model: &Model) -> Result<Option<(AppliedMethod, PeftFiles)>> {
     let record = crate::patch::read_record(model)?;
     if let Some(method) = record.methods.iter().find(|m| m.training.peft.is_some()) {
-        if record
-            .folds
-            .iter()
-            .any(|f| matches!(f, Fold::LowRank { .. }))
-        {
+        let foreign_lora = record.folds.iter().any(|f| match f {
+            Fold::LowRank { a, .. } => !method.parameters.contains(a),
+            _ => false,
+        });
+        if foreign_lora {
             return Err(Error::Config(format!(
                 "the model has LoRA branches and method {}'s HF PEFT files; a PEFT adapter holds one of them: export each method's model separately, or use `graft merge` or `--format onnx`",
                 method.method
@@ -165,7 +165,11 @@ pub(crate) fn load_declared_values(
         let mapping = files
             .tensors
             .iter()
-            .find(|m| m.key == short || format!("{}.weight", m.key) == short)
+            .find(|m| {
+                m.key == short
+                    || format!("{}.weight", m.key) == short
+                    || m.key.strip_suffix(".weight") == Some(short)
+            })
             .ok_or_else(|| {
                 fail(format!(
                     "key {key:?} matches no tensor of method {} (it expects keys such as {:?})",

@@ -129,9 +129,11 @@ pub fn patch(
             if (alpha - base_alpha).abs() > 1e-9 * base_alpha.abs().max(1.0) {
                 alphas.insert(label.clone(), alpha.into());
             }
+            // PEFT's keys: `lora_A.weight`, `lora_B.weight`, and the magnitude without
+            // `.weight` (PEFT strips it to keep its older DoRA format).
             for (suffix, tensor, transpose, shape) in [
-                ("lora_A", &a, true, vec![r, n_in]),
-                ("lora_B", &bm, true, vec![n_out, r]),
+                ("lora_A.weight", &a, true, vec![r, n_in]),
+                ("lora_B.weight", &bm, true, vec![n_out, r]),
                 (MAGNITUDE_KEY, &m, false, vec![n_out]),
             ] {
                 tensors.push(PeftTensor {

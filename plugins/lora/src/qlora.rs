@@ -6,12 +6,13 @@
 //! the LoRA factors (the codes are frozen and get no gradient).
 //!
 //! `graft merge` folds into float: the dequantized weight is baked into a tensor of the
-//! weight's type and the LoRA update added to it.
+//! weight's type and the LoRA update added to it. `graft export --format peft` writes the LoRA
+//! factors as a `LORA` adapter, which PEFT loads onto a 4-bit base model as onto any other.
 
 use graft_plugin_sdk::quant::{double_quantize, quantize_blockwise, NF4_CODEBOOK};
 use graft_plugin_sdk::{
-    bytes_to_f32, ConfigKey, Fold, GraphView, Host, Init, MethodConfig, MethodDescription,
-    PatchBuilder, PatchReply, Site,
+    bytes_to_f32, serde_json, ConfigKey, Fold, GraphView, Host, Init, MethodConfig,
+    MethodDescription, PatchBuilder, PatchReply, PeftFiles, PeftTensor, Site,
 };
 
 use crate::{lora_keys, selected_sites};
@@ -70,6 +71,7 @@ pub fn patch(
     let dropout = Some(config.get_f32("dropout")?);
     let targets = selected_sites(config, graph)?;
     let mut b = PatchBuilder::new(graph, "qlora").with_seed(config.get_usize("seed")? as u64);
+    let (mut tensors, mut modules) = (Vec::new(), Vec::new());
     for target in &targets {
         let site = target.site;
         let values = weight_values(host, graph, site)?;
@@ -102,7 +104,7 @@ pub fn patch(
             ..site.clone()
         };
         let seed = b.next_seed();
-        b.low_rank_branch(
+        let branch = b.low_rank_branch(
             &quantized_site,
             target.r,
             target.scale as f32,
@@ -110,8 +112,82 @@ pub fn patch(
             Init::Zeros,
             dropout,
         )?;
+        if let Some(label) = &site.label {
+            modules.push((label.clone(), target.r, target.scale));
+            let (n_in, n_out, r) = (site.in_features, site.out_features, target.r);
+            tensors.push(PeftTensor {
+                key: format!("{label}.lora_A.weight"),
+                tensor: branch.a,
+                transpose: true,
+                shape: vec![r, n_in],
+                rank_axis: None,
+            });
+            tensors.push(PeftTensor {
+                key: format!("{label}.lora_B.weight"),
+                tensor: branch.b,
+                transpose: true,
+                shape: vec![n_out, r],
+                rank_axis: None,
+            });
+        }
     }
-    Ok(b.finish())
+    let mut reply = b.finish();
+    if modules.len() == targets.len() {
+        reply.patch.training.peft = Some(PeftFiles {
+            config: lora_config(config, &modules)?,
+            tensors,
+            ..PeftFiles::default()
+        });
+    }
+    Ok(reply)
+}
+
+/// PEFT's `adapter_config.json` for the LoRA factors of a QLoRA model (a `LORA` adapter, which
+/// PEFT loads onto a 4-bit base as onto any other): per-module ranks and alphas where they
+/// differ from the config's.
+fn lora_config(
+    config: &MethodConfig,
+    modules: &[(String, usize, f64)],
+) -> Result<serde_json::Value, String> {
+    let (r, alpha, rslora) = (
+        config.get_usize("r")?,
+        config.get_f64("alpha")?,
+        config.get_bool("rslora")?,
+    );
+    let (mut ranks, mut alphas) = (serde_json::Map::new(), serde_json::Map::new());
+    for (label, rank, scale) in modules {
+        if *rank != r {
+            ranks.insert(label.clone(), (*rank).into());
+        }
+        let module_alpha = scale
+            * if rslora {
+                (*rank as f64).sqrt()
+            } else {
+                *rank as f64
+            };
+        if (module_alpha - alpha).abs() > 1e-9 * alpha.abs().max(1.0) {
+            alphas.insert(label.clone(), module_alpha.into());
+        }
+    }
+    let mut targets: Vec<&str> = modules.iter().map(|m| m.0.as_str()).collect();
+    targets.sort_unstable();
+    Ok(serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": null,
+        "inference_mode": true,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.get_f64("dropout")?,
+        "use_rslora": rslora,
+        "fan_in_fan_out": false,
+        "bias": "none",
+        "target_modules": targets,
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    }))
 }
 
 /// The site weight's values as f32, in storage order.
