@@ -11,6 +11,12 @@ modules_to_save; llama: CAUSAL_LM):
   peft-dora-<arch>   LoraConfig(use_dora=True), magnitudes perturbed
   peft-ia3-<arch>    IA3Config with feedforward_modules
 
+  peft-combine-bert  LoraModel.add_weighted_adapter on three LoRA adapters of the bert model, with
+                     no task head (PEFT refuses to combine adapters that have modules_to_save)
+                     (sources/{a,b,c}/: r 4, 4, 2; lora_alpha 8, 16, 4), every combination type
+                     PEFT has that draws nothing at random, saved as combined/<name>/ with
+                     deltas.npz (per module B·A·scaling of the combined adapter, [out, in])
+
 Every adapter tensor is drawn anew (seeded, sorted parameter-name order) so the adapter changes the
 outputs. Each folder holds adapter_config.json + adapter_model.safetensors (PeftModel.save_pretrained),
 outputs.npz (the PeftModel, unmerged, on fixtures/<arch>-legacy/inputs.npz), merged_outputs.npz (after
@@ -145,14 +151,98 @@ def record(name: str, out_dir: Path) -> dict:
     return summary
 
 
+COMBINE_SOURCES = {"a": (4, 8), "b": (4, 16), "c": (2, 4)}
+# name: (adapters, weights, combination_type, extra add_weighted_adapter arguments)
+COMBINATIONS = {
+    "linear": (["a", "b"], [0.7, 0.3], "linear", {}),
+    "linear_negative": (["a", "b"], [1.0, -0.5], "linear", {}),
+    "cat": (["a", "b", "c"], [0.5, 0.3, 0.2], "cat", {}),
+    "svd": (["a", "b", "c"], [0.5, 0.3, 0.2], "svd", {}),
+    "svd_rank2": (["a", "b"], [0.6, 0.4], "svd", {"svd_rank": 2}),
+    "ties": (["a", "b"], [0.6, 0.4], "ties", {"density": 0.5, "majority_sign_method": "total"}),
+    "ties_frequency": (["a", "b"], [0.6, 0.4], "ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    "magnitude_prune": (["a", "b"], [0.6, 0.4], "magnitude_prune", {"density": 0.5}),
+    "dare_linear_full": (["a", "b"], [0.6, 0.4], "dare_linear", {"density": 1.0}),
+    "dare_ties_full": (["a", "b"], [0.6, 0.4], "dare_ties", {"density": 1.0}),
+}
+
+
+def save_selected(model, adapter: str, out_dir: Path) -> None:
+    """save_pretrained of one named adapter, its files moved into out_dir itself."""
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(staging), selected_adapters=[adapter])
+    saved = staging / adapter if (staging / adapter).is_dir() else staging
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file in ["adapter_config.json", "adapter_model.safetensors"]:
+        shutil.move(str(saved / file), str(out_dir / file))
+    shutil.rmtree(staging)
+
+
+def record_combine(out_dir: Path) -> dict:
+    from peft.tuners.lora import LoraLayer
+
+    rec = R.base_recording("bert")
+    torch.manual_seed(R.seed_of("combine", "init"))
+    names = list(COMBINE_SOURCES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r0, a0 = COMBINE_SOURCES[names[0]]
+        model = get_peft_model(rec.model, LoraConfig(r=r0, lora_alpha=a0,
+                                                     target_modules=["query", "value"],
+                                                     init_lora_weights="gaussian"), adapter_name=names[0])
+        for name in names[1:]:
+            r, alpha = COMBINE_SOURCES[name]
+            model.add_adapter(name, LoraConfig(r=r, lora_alpha=alpha,
+                                               target_modules=["query", "value"], init_lora_weights="gaussian"))
+    g = R.gen("combine", "factors")
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if ".lora_A." in n or ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for name in names:
+        save_selected(model, name, out_dir / "sources" / name)
+    recipe = {}
+    for combined, (adapters, weights, kind, extra) in COMBINATIONS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_weighted_adapter(adapters, weights, combined, combination_type=kind, **extra)
+        target = out_dir / "combined" / combined
+        save_selected(model, combined, target)
+        deltas = {}
+        for module_name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and combined in module.lora_A:
+                path = module_name.replace("base_model.model.", "", 1)
+                deltas[path] = module.get_delta_weight(combined).detach().numpy().astype("float32")
+        R.G.write_npz(target / "deltas.npz", deltas)
+        config = model.peft_config[combined]
+        recipe[combined] = {"adapters": adapters, "weights": weights, "combination_type": kind, **extra,
+                            "r": config.r, "lora_alpha": config.lora_alpha}
+        model.delete_adapter(combined)
+    summary = {"sources": {n: {"r": r, "lora_alpha": a} for n, (r, a) in COMBINE_SOURCES.items()},
+               "combinations": recipe,
+               "versions": {"torch": torch.__version__, "peft": R.peft.__version__}}
+    (out_dir / "recording.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated recordings")
+    parser.add_argument("--only", default=",".join([*CONFIGS, "peft-combine-bert"]), help="comma-separated recordings")
     parser.add_argument("--out", type=Path, default=R.REFS_DIR)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     for name in args.only.split(","):
+        if name == "peft-combine-bert":
+            record_combine(args.out / name)
+            print(f"{name}: {len(COMBINATIONS)} combinations")
+            continue
         if name not in CONFIGS:
             sys.exit(f"unknown recording {name!r}; choose from {', '.join(CONFIGS)}")
         summary = record(name, args.out / name)

@@ -351,3 +351,90 @@ fn bad_combinations_are_refused_by_name() {
         );
     }
 }
+
+/// Every combination PEFT's `add_weighted_adapter` computes without drawing at random, recorded
+/// by models/record_lora_family.py (peft-combine-bert): graft's factors equal PEFT's (svd, whose
+/// factors are unique only up to signs, by its update), every update `s · B · A` equals PEFT's
+/// `get_delta_weight`, and the config carries PEFT's rank and alpha.
+#[test]
+fn combinations_match_peft_add_weighted_adapter() {
+    let recording = reference("peft-combine-bert");
+    let summary = read_json(&recording.join("recording.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let combinations = summary["combinations"].as_object().unwrap();
+    assert!(combinations.len() >= 8, "recorded combinations");
+    for (name, recipe) in combinations {
+        let sources: Vec<PathBuf> = recipe["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| recording.join("sources").join(a.as_str().unwrap()))
+            .collect();
+        let weights: Vec<String> = recipe["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap().to_string())
+            .collect();
+        let combination = recipe["combination_type"].as_str().unwrap();
+        let mut flags = vec!["--combination".to_owned(), combination.to_owned()];
+        if let Some(density) = recipe["density"].as_f64() {
+            flags.extend(["--density".to_owned(), density.to_string()]);
+        }
+        if let Some(sign) = recipe["majority_sign_method"].as_str() {
+            flags.extend(["--majority-sign".to_owned(), sign.to_owned()]);
+        }
+        if let Some(rank) = recipe["svd_rank"].as_u64() {
+            flags.extend(["--svd-rank".to_owned(), rank.to_string()]);
+        }
+        let out = dir.path().join(name);
+        let source_refs: Vec<&Path> = sources.iter().map(PathBuf::as_path).collect();
+        let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        combine(&source_refs, &weights.join(","), &flag_refs, &out);
+
+        let config = read_json(&out.join("adapter_config.json"));
+        assert_eq!(config["r"], recipe["r"], "{name}: r");
+        assert_eq!(
+            config["lora_alpha"], recipe["lora_alpha"],
+            "{name}: lora_alpha"
+        );
+        let scale = recipe["lora_alpha"].as_f64().unwrap() / recipe["r"].as_f64().unwrap();
+        let expected_dir = recording.join("combined").join(name);
+        let (ours, theirs) = (factors(&out), factors(&expected_dir));
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{name}: modules"
+        );
+        let deltas: BTreeMap<String, graft::runtime::HostTensor> =
+            graft::runtime::read_npz(&expected_dir.join("deltas.npz"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        for (module, (a, a_shape, b, b_shape)) in &ours {
+            let (pa, pa_shape, pb, pb_shape) = &theirs[module];
+            assert_eq!(
+                (a_shape, b_shape),
+                (pa_shape, pb_shape),
+                "{name} {module}: shapes"
+            );
+            if combination != "svd" {
+                let diff = max_abs(a, pa).max(max_abs(b, pb));
+                assert!(
+                    diff <= 1e-5,
+                    "{name} {module}: factors differ from PEFT's by {diff}"
+                );
+            }
+            let delta: Vec<f64> = update(a, a_shape, b, b_shape)
+                .iter()
+                .map(|v| v * scale)
+                .collect();
+            let want = deltas[module].to_f64();
+            let diff = max_abs(&delta, &want);
+            assert!(
+                diff <= 1e-5,
+                "{name} {module}: update differs from PEFT's by {diff}"
+            );
+        }
+    }
+}

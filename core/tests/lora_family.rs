@@ -12,6 +12,7 @@ use common::*;
 use graft::ir::Model;
 use graft::plugins::{apply_method as apply_in_process, PluginRegistry};
 use graft::runtime::read_npz;
+use graft_plugin_sdk::Fold;
 use serde_json::json;
 
 /// PyTorch and ONNX Runtime sum in different orders; PEFT's own merged and unmerged outputs
@@ -447,6 +448,193 @@ fn qlora_dequantizes_in_the_graph_and_merges_into_float() {
             "{fixture}: the merged graph keeps dequantization or LoRA nodes"
         );
     }
+}
+
+/// The weight a quantized storage holds, decoded on the host from the model's initializers
+/// by the storage's definition (element `i` = `codebook[code_i] · scale[i / block]`, a
+/// double-quantized scale `code · group_scale / 127 + offset`).
+fn decode_storage(model: &Model, storage: &graft_plugin_sdk::QuantizedStorage) -> Vec<f32> {
+    use graft_plugin_sdk::StoredScales;
+    let bytes = |name: &str| {
+        model
+            .graph
+            .initializer(name)
+            .unwrap()
+            .raw_bytes()
+            .unwrap()
+            .to_vec()
+    };
+    let floats = |name: &str| model.graph.initializer(name).unwrap().to_f32().unwrap();
+    let scales: Vec<f32> = match &storage.scales {
+        StoredScales::Float { absmax } => floats(absmax),
+        StoredScales::Double {
+            codes,
+            scales,
+            offset,
+            block_size,
+        } => {
+            let (group_scales, offset) = (floats(scales), floats(offset)[0]);
+            bytes(codes)
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (*c as i8) as f32 * group_scales[i / block_size] * (1.0 / 127.0) + offset
+                })
+                .collect()
+        }
+    };
+    bytes(&storage.codes)
+        .iter()
+        .flat_map(|byte| [byte >> 4, byte & 0x0f])
+        .enumerate()
+        .map(|(i, code)| storage.codebook[code as usize] * scales[i / storage.block_size])
+        .collect()
+}
+
+/// `merge --requantize` keeps QLoRA's base weights in NF4: each merged weight is written back
+/// into codes and scales of the same layout (untrained, the codes come back unchanged), the
+/// dequantization nodes stay, the LoRA branches go, and the reported error is the distance
+/// between the host's decoding of the new storage and the float merge.
+#[test]
+fn qlora_merges_back_into_nf4_with_its_error_reported() {
+    for fixture in ["llama-legacy", "bert-dynamo"] {
+        let inputs = fixture_inputs(fixture);
+        let model = applied(fixture, "qlora", json!({"r": 4}));
+        let requantize = graft::merge::MergeOptions { requantize: true };
+        let storages: Vec<(String, graft_plugin_sdk::QuantizedStorage)> =
+            graft::patch::read_record(&model)
+                .unwrap()
+                .folds
+                .iter()
+                .filter_map(|fold| match fold {
+                    Fold::Bake {
+                        value,
+                        storage: Some(storage),
+                        ..
+                    } => Some((value.clone(), storage.clone())),
+                    _ => None,
+                })
+                .collect();
+        assert!(
+            !storages.is_empty(),
+            "{fixture}: no quantized storage recorded"
+        );
+
+        // Untrained (B = 0): the same codes, and the outputs of the patched model.
+        let mut untouched = model.clone();
+        let report = graft::merge::merge_with(&mut untouched, &requantize).unwrap();
+        assert_eq!(report.requantized.len(), storages.len(), "{fixture}");
+        for (_, storage) in &storages {
+            let codes = |m: &Model| {
+                m.graph
+                    .initializer(&storage.codes)
+                    .unwrap()
+                    .raw_bytes()
+                    .unwrap()
+                    .to_vec()
+            };
+            assert!(
+                codes(&untouched) == codes(&model),
+                "{fixture}: {} changed",
+                storage.codes
+            );
+        }
+        // Only the 8-bit scales are re-encoded (around new means): a small fraction of what
+        // quantizing the base did.
+        let quantization_error = max_diff(
+            &run_model(&host_quantized(fixture), &inputs),
+            &fixture_outputs(fixture),
+        );
+        let drift = max_diff(&run_model(&untouched, &inputs), &run_model(&model, &inputs));
+        println!("{fixture}: requantizing untrained moves the outputs by {drift:.3e}");
+        assert!(drift <= 0.1 * quantization_error, "{fixture}: requantizing an untrained model moves the outputs by {drift} (quantizing: {quantization_error})");
+
+        let mut trained = model.clone();
+        randomize_trainable(&mut trained);
+        let mut float = trained.clone();
+        graft::merge::merge(&mut float).unwrap();
+        let mut quantized = trained.clone();
+        let report = graft::merge::merge_with(&mut quantized, &requantize).unwrap();
+        assert!(
+            quantized
+                .graph
+                .initializers
+                .iter()
+                .all(|t| !t.name.ends_with(".A") && !t.name.ends_with(".B")),
+            "{fixture}: LoRA factors left in the requantized model"
+        );
+        let count = |m: &Model, op: &str| op_types(m).iter().filter(|t| *t == op).count();
+        assert_eq!(
+            count(&quantized, "BitShift"),
+            count(&model, "BitShift"),
+            "{fixture}: dequantization nodes"
+        );
+        assert_eq!(
+            count(&quantized, "MatMul") + count(&quantized, "Gemm"),
+            count(&float, "MatMul") + count(&float, "Gemm"),
+            "{fixture}: LoRA MatMuls left"
+        );
+        for (value, storage) in &storages {
+            let reported = report
+                .requantized
+                .iter()
+                .find(|r| &r.value == value)
+                .unwrap();
+            let want = float
+                .graph
+                .initializer(value)
+                .unwrap()
+                .float_values()
+                .unwrap();
+            let got = decode_storage(&quantized, storage);
+            let max_abs = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()));
+            let (err, norm) = got.iter().zip(&want).fold((0f64, 0f64), |(e, n), (g, w)| {
+                (e + (*g as f64 - *w as f64).powi(2), n + (*w as f64).powi(2))
+            });
+            let relative = (err / norm).sqrt();
+            assert!(
+                (reported.max_abs_error - max_abs).abs() <= 1e-7 * max_abs.max(1.0),
+                "{fixture} {value}: max error {} reported, {max_abs} decoded",
+                reported.max_abs_error
+            );
+            assert!(
+                (reported.relative_rms_error - relative).abs() <= 1e-6,
+                "{fixture} {value}: relative error {} reported, {relative} decoded",
+                reported.relative_rms_error
+            );
+            // NF4 of a roughly Gaussian weight: about 0.1 relative RMS error.
+            assert!(
+                relative > 1e-4 && relative < 0.2,
+                "{fixture} {value}: relative error {relative}"
+            );
+        }
+        let float_outputs = run_model(&float, &inputs);
+        let moved = max_diff(&run_model(&quantized, &inputs), &float_outputs);
+        println!("{fixture}: requantized merge moves the outputs by {moved:.3e} from the float merge (quantizing the base moved them by {quantization_error:.3e})");
+        assert!(
+            moved > 0.0 && moved <= 4.0 * quantization_error,
+            "{fixture}: requantized outputs moved by {moved}"
+        );
+    }
+
+    // A model without quantized weights is refused by name, and nothing is written.
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("lora.onnx");
+    apply_lora("bert-legacy", &[], &patched);
+    let out = dir.path().join("merged.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "merge",
+        patched.to_str().unwrap(),
+        "--requantize",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("--requantize"), "{stderr}");
+    assert!(!out.exists());
 }
 
 /// `graft train` trains QLoRA's factors through the dequantization on the shipped data (the

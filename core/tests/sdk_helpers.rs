@@ -699,6 +699,7 @@ fn a_bake_fold_stores_a_parameter_only_subgraph_as_a_tensor() {
         b.fold(Fold::Bake {
             value: weight.clone(),
             nodes,
+            storage: None,
         });
         (weight, p, q)
     });

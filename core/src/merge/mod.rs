@@ -10,7 +10,10 @@ use crate::patch::GraftRecord;
 use crate::{Error, Result};
 use rows::{add_low_rank_columns, multiply, update_weight, LowRankRows};
 
+pub use requantize::RequantizedWeight;
+
 mod evaluate;
+mod requantize;
 mod rows;
 
 /// What a merge did.
@@ -24,11 +27,29 @@ pub struct MergeReport {
     pub removed_parameters: usize,
     /// Bytes of base weights read and rewritten.
     pub bytes_touched: usize,
+    /// Weights written back into their quantized storage ([`MergeOptions::requantize`]), with
+    /// their error against merging into float.
+    pub requantized: Vec<RequantizedWeight>,
+}
+
+/// How [`merge_with`] merges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Write every weight that a method stores quantized (QLoRA's NF4) back into its codes and
+    /// block scales, in the same block layout, after folding the updates into it, instead of
+    /// merging it into float. Errors when the model has no quantized weight.
+    pub requantize: bool,
 }
 
 /// Folds every recorded branch of `model` into its base weights and removes the graft record.
 /// Only the targeted weights are read and rewritten; every other tensor keeps its storage.
+/// Quantized weights are merged into float ([`merge_with`] can requantize them).
 pub fn merge(model: &mut Model) -> Result<MergeReport> {
+    merge_with(model, &MergeOptions::default())
+}
+
+/// [`merge`] as `options` say.
+pub fn merge_with(model: &mut Model, options: &MergeOptions) -> Result<MergeReport> {
     let record = crate::patch::read_record(model)?;
     if record.methods.is_empty() {
         return Err(Error::Config(
@@ -36,6 +57,23 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 .into(),
         ));
     }
+    let quantized = |fold: &Fold| {
+        matches!(
+            fold,
+            Fold::Bake {
+                storage: Some(_),
+                ..
+            }
+        )
+    };
+    if options.requantize && !record.folds.iter().any(quantized) {
+        return Err(Error::Config(
+            "--requantize: the model stores no weight quantized (methods such as qlora do); \
+             merge without it"
+                .into(),
+        ));
+    }
+    let mut requantize = Vec::new();
     let mut report = MergeReport::default();
     let mut redirects: HashMap<String, String> = HashMap::new();
     let resolve = |redirects: &HashMap<String, String>, name: &str| -> String {
@@ -131,10 +169,23 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
                 let values = evaluate::evaluate(model, nodes, delta)?.float_values()?;
                 add_dense(&mut model.graph, weight, *layout, &values, &mut report)?;
             }
-            Fold::Bake { value, nodes } => {
+            Fold::Bake {
+                value,
+                nodes,
+                storage,
+            } => {
                 let baked = bake(model, value, nodes)?;
-                model.graph.nodes.retain(|n| !nodes.contains(&n.name));
-                report.removed_nodes += nodes.len();
+                match storage {
+                    // Later folds update the baked value; its nodes stay to dequantize the
+                    // rewritten storage, which replaces the value below.
+                    Some(storage) if options.requantize => {
+                        requantize.push((value.as_str(), storage))
+                    }
+                    _ => {
+                        model.graph.nodes.retain(|n| !nodes.contains(&n.name));
+                        report.removed_nodes += nodes.len();
+                    }
+                }
                 model.graph.initializers.push(baked);
             }
             Fold::InPlace { .. } => {}
@@ -149,6 +200,11 @@ pub fn merge(model: &mut Model) -> Result<MergeReport> {
             );
             redirects.insert(branch.output.to_owned(), branch.base_output.to_owned());
         }
+    }
+    for (value, storage) in requantize {
+        let (weight, written) = requantize::requantize(&mut model.graph, value, storage)?;
+        report.bytes_touched += written;
+        report.requantized.push(weight);
     }
     collapse_output_identities(&mut model.graph);
     drop_unread_method_nodes(&mut model.graph, &record, &mut report);

@@ -73,7 +73,7 @@ pub(crate) fn declared_tensors(
             Some(tensor) => tensor.clone(),
             // A value the method computes (a P-Tuning prompt encoder's output): baked now.
             None => match record.folds.iter().find_map(|fold| match fold {
-                Fold::Bake { value, nodes } if *value == mapping.tensor => Some(nodes),
+                Fold::Bake { value, nodes, .. } if *value == mapping.tensor => Some(nodes),
                 _ => None,
             }) {
                 Some(nodes) => crate::merge::bake(model, &mapping.tensor, nodes)?,

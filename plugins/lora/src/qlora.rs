@@ -11,8 +11,8 @@
 
 use graft_plugin_sdk::quant::{double_quantize, quantize_blockwise, NF4_CODEBOOK};
 use graft_plugin_sdk::{
-    bytes_to_f32, serde_json, ConfigKey, Fold, GraphView, Host, Init, MethodConfig,
-    MethodDescription, PatchBuilder, PatchReply, PeftFiles, PeftTensor, Site,
+    bytes_to_f32, serde_json, ConfigKey, GraphView, Host, Init, MethodConfig, MethodDescription,
+    PatchBuilder, PatchReply, PeftFiles, PeftTensor, Site,
 };
 
 use crate::{lora_keys, selected_sites};
@@ -95,10 +95,7 @@ pub fn patch(
                 &NF4_CODEBOOK,
             )?
         };
-        b.fold(Fold::Bake {
-            value: names.output.clone(),
-            nodes: names.nodes.clone(),
-        });
+        b.fold(names.bake_fold());
         let quantized_site = Site {
             weight: names.output,
             ..site.clone()

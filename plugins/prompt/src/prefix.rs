@@ -96,6 +96,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView) -> Result<PatchReply, Str
         builder.fold(Fold::Bake {
             value: table.clone(),
             nodes,
+            storage: None,
         });
         table
     } else {

@@ -155,6 +155,7 @@ pub fn patch(config: &MethodConfig, graph: &GraphView, method: &str) -> Result<P
         builder.fold(Fold::Bake {
             value: encoded.clone(),
             nodes,
+            storage: None,
         });
         builder.prepend_value_to_sequence(&embedding.output, mask.as_deref(), &encoded, n, true)?
     } else {

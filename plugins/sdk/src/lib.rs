@@ -209,7 +209,7 @@ pub use graph::{
 pub use host::{raw_host, Host, NoTensors, TensorSource};
 pub use patch::{
     AttributeValue, Branch, Fold, Init, NewNode, NewParameter, NewValue, OutputRewire, Patch,
-    Rewire,
+    QuantizedStorage, Rewire, StoredScales,
 };
 pub use protocol::{decode_frame, encode_frame, PatchReply, Request, TensorPayload};
 pub use record::{AppliedMethod, GraftRecord};

@@ -343,19 +343,62 @@ pub enum Fold {
         base_output: String,
     },
     /// The value `value`, computed in the graph by `nodes` from parameters and constants only
-    /// (a prefix-tuning MLP, a P-Tuning prompt encoder), is evaluated once at merge time and
-    /// stored as an initializer of the same name; `nodes` are removed.
+    /// (a prefix-tuning MLP, a P-Tuning prompt encoder, a dequantized weight), is evaluated
+    /// once at merge time and stored as an initializer of the same name; `nodes` are removed.
+    /// Later folds may update the baked value (a LoRA branch on a dequantized weight).
     Bake {
         /// The value to bake.
         value: String,
         /// The nodes computing it (every node between the parameters and `value`).
         nodes: Vec<String>,
+        /// Set when `nodes` dequantize a weight from 4-bit storage: merging with
+        /// requantization (`graft merge --requantize`) then writes the updated value back
+        /// into that storage, in the same block layout, and keeps `nodes` instead of baking.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage: Option<QuantizedStorage>,
     },
     /// The trained tensor replaces the base tensor of the same name (BitFit and other
     /// `mark_trainable` tensors); no nodes change.
     InPlace {
         /// The trained initializer.
         tensor: String,
+    },
+}
+
+/// Where a dequantized weight's 4-bit storage lives (the `storage` of a [`Fold::Bake`]): element `i`
+/// (row-major) is `codebook[code_i] · scale[i / block_size]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizedStorage {
+    /// The 16 values the codes index ([`crate::quant::NF4_CODEBOOK`] for QLoRA).
+    pub codebook: Vec<f32>,
+    /// Elements per block scale.
+    pub block_size: usize,
+    /// The packed codes, `uint8 [numel / 2]`, high nibble first.
+    pub codes: String,
+    /// The block scales.
+    pub scales: StoredScales,
+}
+
+/// How the block scales of a [`QuantizedStorage`] are stored. Serialized with a `"kind"` tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoredScales {
+    /// `float [n_blocks, 1]`.
+    Float {
+        /// The initializer.
+        absmax: String,
+    },
+    /// Double-quantized ([`crate::quant::DoubleQuantized`]): `int8 [n_blocks]` codes,
+    /// `float [n_groups, 1]` group scales and a `float [1]` offset.
+    Double {
+        /// The int8 codes.
+        codes: String,
+        /// The group scales.
+        scales: String,
+        /// The offset.
+        offset: String,
+        /// Scales per group.
+        block_size: usize,
     },
 }
 

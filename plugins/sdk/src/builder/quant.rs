@@ -4,7 +4,7 @@
 use super::{attr_int, PatchBuilder};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::patch::AttributeValue;
+use crate::patch::{AttributeValue, Fold, QuantizedStorage, StoredScales};
 use crate::quant::{check_blocks, DoubleQuantized};
 
 /// The block scales of a quantized weight: float32, or double-quantized.
@@ -97,7 +97,7 @@ fn rebuild_scales(
 }
 
 /// Names created by [`PatchBuilder::dequantize_weight`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DequantNames {
     /// Packed codes, `uint8 [numel / 2]`, frozen, carried as
     /// [`Init::Data`](crate::Init::Data).
@@ -109,6 +109,20 @@ pub struct DequantNames {
     pub output: String,
     /// Every node emitted, in order.
     pub nodes: Vec<String>,
+    /// Where the codes and scales are stored, for a merge that requantizes.
+    pub storage: QuantizedStorage,
+}
+
+impl DequantNames {
+    /// The fold that bakes the dequantized weight at merge time, or, when the merge
+    /// requantizes, writes the updated weight back into [`DequantNames::storage`].
+    pub fn bake_fold(&self) -> Fold {
+        Fold::Bake {
+            value: self.output.clone(),
+            nodes: self.nodes.clone(),
+            storage: Some(self.storage.clone()),
+        }
+    }
 }
 
 impl PatchBuilder<'_> {
@@ -298,6 +312,28 @@ impl PatchBuilder<'_> {
                 }
             }
         };
+        let stored_scales = match &absmax {
+            ScaleSource::Parameter(name) => StoredScales::Float {
+                absmax: name.clone(),
+            },
+            ScaleSource::Double {
+                codes,
+                scales,
+                offset,
+                block_size,
+            } => StoredScales::Double {
+                codes: codes.clone(),
+                scales: scales.clone(),
+                offset: offset.clone(),
+                block_size: *block_size,
+            },
+        };
+        let storage = QuantizedStorage {
+            codebook: codebook.to_vec(),
+            block_size,
+            codes: codes.clone(),
+            scales: stored_scales,
+        };
         let ((output, absmax), nodes) = self.block(|builder| {
             let absmax = match &absmax {
                 ScaleSource::Parameter(name) => name.clone(),
@@ -399,6 +435,7 @@ impl PatchBuilder<'_> {
             absmax,
             output,
             nodes,
+            storage,
         })
     }
 }
