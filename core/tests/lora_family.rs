@@ -620,8 +620,26 @@ fn qlora_merges_back_into_nf4_with_its_error_reported() {
         );
     }
 
-    // A model without quantized weights is refused by name, and nothing is written.
+    // Through the command line: one line per requantized weight; a model without quantized
+    // weights is refused by name, and nothing is written.
     let dir = tempfile::tempdir().unwrap();
+    let quantized = dir.path().join("qlora.onnx");
+    apply_method("bert-legacy", "qlora", &["qlora.r=4"], &quantized);
+    let merged = dir.path().join("nf4.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "merge",
+        quantized.to_str().unwrap(),
+        "--requantize",
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("relative RMS error"), "{stdout}");
+    let nf4 = graft::onnx::load(&merged).unwrap();
+    assert!(
+        op_types(&nf4).iter().any(|t| t == "BitShift"),
+        "the merged model is not NF4"
+    );
     let patched = dir.path().join("lora.onnx");
     apply_lora("bert-legacy", &[], &patched);
     let out = dir.path().join("merged.onnx");
