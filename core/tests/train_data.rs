@@ -422,37 +422,40 @@ fn text_formats_need_a_tokenizer_and_a_matching_task() {
 }
 
 /// Without --tokenizer, the tokenizer.json beside the model is used; without a terminal, a
-/// progress line is printed every --log-every steps and after the last.
+/// progress line is printed every --log-every steps and after the last (only after the last
+/// with --log-every 0).
 #[test]
 fn tokenizer_beside_the_model_and_log_every() {
     let dir = tempfile::tempdir().unwrap();
     let model = patched("llama-legacy", dir.path());
     std::fs::copy(tokenizer("causal"), dir.path().join("tokenizer.json")).unwrap();
     let corpus = example_data("corpus.txt");
-    let run = dir.path().join("run");
-    let (code, stdout, stderr) = run_graft(&[
-        "train",
-        text(&model),
-        "--task",
-        "causal-lm",
-        "--data",
-        text(&corpus),
-        "--max-len",
-        "64",
-        "--steps",
-        "5",
-        "--log-every",
-        "2",
-        "--out",
-        text(&run),
-    ]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    let logged: Vec<&str> = stdout
-        .lines()
-        .filter(|line| line.starts_with("step "))
-        .map(|line| line.split_whitespace().nth(1).unwrap())
-        .collect();
-    assert_eq!(logged, ["2", "4", "5"], "{stdout}");
+    for (every, want) in [("2", vec!["2", "4", "5"]), ("0", vec!["5"])] {
+        let run = dir.path().join(format!("run-{every}"));
+        let (code, stdout, stderr) = run_graft(&[
+            "train",
+            text(&model),
+            "--task",
+            "causal-lm",
+            "--data",
+            text(&corpus),
+            "--max-len",
+            "64",
+            "--steps",
+            "5",
+            "--log-every",
+            every,
+            "--out",
+            text(&run),
+        ]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let logged: Vec<&str> = stdout
+            .lines()
+            .filter(|line| line.starts_with("step "))
+            .map(|line| line.split_whitespace().nth(1).unwrap())
+            .collect();
+        assert_eq!(logged, want, "--log-every {every}: {stdout}");
+    }
 }
 
 /// Pre-tokenized lines may carry float features (nested lists, or lists with a fractional

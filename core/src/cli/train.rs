@@ -98,7 +98,7 @@ pub struct Args {
     #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Print a progress line every N steps when stderr is not a terminal (a progress bar
-    /// otherwise).
+    /// otherwise); 0 prints only the last step's. metrics.jsonl has every step either way.
     #[arg(long, value_name = "N", default_value_t = 1)]
     log_every: u64,
     /// Start from this HF PEFT adapter (folder or adapter_model.safetensors) instead of the
@@ -268,7 +268,7 @@ impl Progress {
         Progress {
             bar: None,
             terminal,
-            log_every: log_every.max(1),
+            log_every,
             total_steps: 0,
         }
     }
@@ -314,7 +314,9 @@ impl Progress {
                     ));
                 }
                 None => {
-                    if metrics.step % self.log_every == 0 || metrics.step == self.total_steps {
+                    if (self.log_every > 0 && metrics.step % self.log_every == 0)
+                        || metrics.step == self.total_steps
+                    {
                         println!("{}", step_line(metrics));
                     }
                 }
