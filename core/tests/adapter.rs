@@ -318,6 +318,7 @@ fn settings_are_checked_and_named_adapters_stack() {
         (json!({"non_linearity": "sparkle"}), "non_linearity"),
         (json!({"reduction_factor": 0}), "reduction_factor"),
         (json!({"reduction_factor": 64}), "leaves no bottleneck"),
+        (json!({"reduction_factor": 1e-9}), "more than 16 times"),
         (json!({"dropout": 1.5}), "dropout"),
         (json!({"name": "a b"}), "name"),
         (json!({"leave_out": "0,1"}), "no block gets an adapter"),

@@ -158,6 +158,10 @@ pub(crate) fn adapter_stem(
     ))
 }
 
+/// The widest bottleneck, as a multiple of the stream's width: a smaller `reduction_factor`
+/// (a corrupt or careless config) would allocate adapters many times the model's own size.
+const MAX_WIDENING: usize = 16;
+
 /// The bottleneck module `settings` describe for a stream of `stack`'s width, with
 /// AdapterHub's init (seeds drawn from `builder`).
 pub(crate) fn module(
@@ -171,6 +175,13 @@ pub(crate) fn module(
         return Err(format!(
             "reduction_factor {} leaves no bottleneck for the {}-wide stream of stack {}",
             settings.reduction_factor, hidden, stack.name
+        ));
+    }
+    if bottleneck > MAX_WIDENING * hidden {
+        return Err(format!(
+            "reduction_factor {} makes a {bottleneck}-wide bottleneck, more than {MAX_WIDENING} \
+             times the {hidden}-wide stream of stack {}; the smallest reduction_factor is 1/{MAX_WIDENING}",
+            settings.reduction_factor, stack.name
         ));
     }
     let seed = builder.next_seed();

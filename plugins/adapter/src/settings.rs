@@ -104,7 +104,7 @@ pub fn config_keys() -> Vec<ConfigKey> {
         preset("mh_adapter", ConfigKind::Bool, "an adapter after the self-attention block"),
         preset("output_adapter", ConfigKind::Bool, "an adapter after the feed-forward block"),
         ConfigKey::bool("cross_adapter", false, "an adapter after the cross-attention block"),
-        preset("reduction_factor", ConfigKind::Float, "hidden width / bottleneck width (16, 16, 2)"),
+        preset("reduction_factor", ConfigKind::Float, "hidden width / bottleneck width (16, 16, 2); at least 1/16"),
         preset("non_linearity", ConfigKind::String, "relu, swish (silu), gelu, tanh or identity"),
         preset("original_ln_before", ConfigKind::Bool, "the adapter reads the layer's normalized residual sum"),
         preset("original_ln_after", ConfigKind::Bool, "the adapter's result is added to the stream and normalized by the layer's norm"),
