@@ -12,6 +12,7 @@ pub mod atomic_file;
 pub mod autodiff;
 pub mod error;
 pub mod folder_lock;
+pub mod import_hf;
 pub mod input_file;
 pub mod ir;
 pub mod merge;

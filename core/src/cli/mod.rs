@@ -5,6 +5,7 @@ mod apply;
 mod combine;
 mod convert;
 mod export;
+mod import_hf;
 mod inspect;
 mod merge;
 mod plugins;
@@ -37,6 +38,7 @@ enum Command {
     Plugins(plugins::Args),
     Run(run::Args),
     Convert(convert::Args),
+    ImportHf(import_hf::Args),
     Verify(verify::Args),
     /// Serves one plugin library to a graft process over standard input and output (started
     /// by graft itself; see `graft::plugins::worker`).
@@ -62,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugins(args) => plugins::run(args),
         Command::Run(args) => run::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::ImportHf(args) => import_hf::run(args),
         Command::Verify(args) => verify::run(args),
         Command::PluginWorker(args) => {
             std::process::exit(graft::plugins::worker::serve(&args.library))

@@ -48,6 +48,11 @@ impl MappedFile {
         (self.device, self.inode)
     }
 
+    /// The file's bytes (paged in as they are read).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
     /// The file's length in bytes.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -1,0 +1,118 @@
+//! `graft import-hf`: build the ONNX graph of a Hugging Face checkpoint folder, without PyTorch.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use graft::analysis::sites::detect;
+use graft::import_hf::{self, Head, ImportOptions};
+use graft::onnx::{self, DataPlacement, SaveOptions};
+
+/// Build an ONNX model from a Hugging Face checkpoint folder, without PyTorch.
+///
+/// DIR holds `config.json` and the weights (`model.safetensors`, or shards listed by
+/// `model.safetensors.index.json`). Families: bert, roberta, xlm-roberta, distilbert (base
+/// model, sequence or token classification) and llama, mistral, qwen2 (causal LM or base, GQA,
+/// RoPE default/linear/llama3/yarn, an optional key/value cache). The graph computes what
+/// transformers computes in float32, so it trains and merges like an exported model; its
+/// initializers keep the checkpoint's names, so PEFT's target_modules and adapter files match.
+///
+/// Weights: when OUT is in DIR, float32 tensors are referenced in place in the safetensors
+/// files (nothing copied; keep the files beside the model); otherwise they are written inline,
+/// or to --external-data. float16/bfloat16 weights are converted to float32.
+///
+/// Example:
+///   graft import-hf all-MiniLM-L6-v2/ -o minilm.onnx --head seq-cls
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The checkpoint folder.
+    dir: PathBuf,
+    /// Where to write the model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The head to build: base, seq-cls, token-cls or causal-lm [default: the one config.json's
+    /// "architectures" names].
+    #[arg(long, value_parser = parse_head)]
+    head: Option<Head>,
+    /// Decoders: take past keys and values (`past_key_values.N.key|value`) and return present
+    /// ones (`present.N.key|value`), with the attention mask covering past and new tokens.
+    #[arg(long)]
+    kv_cache: bool,
+    /// Write tensors of 1 KiB or more to this file beside OUT (a plain file name).
+    #[arg(long, value_name = "FILE", conflicts_with = "inline")]
+    external_data: Option<String>,
+    /// Write every tensor inline (fails above protobuf's 2 GiB limit).
+    #[arg(long)]
+    inline: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_head(name: &str) -> Result<Head, String> {
+    Head::named(name).ok_or_else(|| {
+        format!("{name:?} is not a head; use base, seq-cls, token-cls or causal-lm")
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let options = ImportOptions {
+        head: args.head,
+        kv_cache: args.kv_cache,
+    };
+    let imported = import_hf::import(&args.dir, &options)?;
+    let structure = detect(&imported.model)
+        .context("graft cannot read the structure of the graph it built (please report this)")?;
+    let placement = match (args.external_data, args.inline) {
+        (Some(file), _) => DataPlacement::External(file),
+        (None, true) => DataPlacement::Inline,
+        (None, false) => DataPlacement::Auto,
+    };
+    onnx::save(&imported.model, &args.output, &SaveOptions { placement })
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let summary = &imported.summary;
+    if args.json {
+        let stacks: Vec<_> = (structure.stacks.iter())
+            .map(|s| serde_json::json!({"name": s.name, "n_layers": s.n_layers}))
+            .collect();
+        let mut value = serde_json::to_value(summary)?;
+        value["output"] = args.output.display().to_string().into();
+        value["stacks"] = stacks.into();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} {} ({} head), {} layers, hidden {}, {} heads ({} kv){}{}",
+        args.dir.display(),
+        summary.model_type,
+        summary.class.as_deref().unwrap_or("-"),
+        summary.head,
+        summary.layers,
+        summary.hidden_size,
+        summary.heads,
+        summary.kv_heads,
+        summary.rope.as_ref().map_or(String::new(), |r| format!(", rope {r}")),
+        if summary.kv_cache { ", kv cache" } else { "" },
+    );
+    let dtypes: Vec<String> = (summary.stored_dtypes.iter())
+        .map(|(dtype, n)| format!("{n} {dtype}"))
+        .collect();
+    println!(
+        "  weights: {} file(s), tensors {}",
+        summary.files.len(),
+        dtypes.join(", ")
+    );
+    for stack in &structure.stacks {
+        let sites: usize = stack.layers.iter().map(|l| l.sites.len()).sum();
+        println!(
+            "  detected: stack {} with {} layers, {} sites",
+            stack.name, stack.n_layers, sites
+        );
+    }
+    println!(
+        "wrote {} ({} nodes, {} parameters)",
+        args.output.display(),
+        summary.nodes,
+        summary.parameters
+    );
+    Ok(())
+}

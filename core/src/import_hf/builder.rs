@@ -1,0 +1,369 @@
+//! A small graph builder for the importer: nodes named like the legacy PyTorch exporter names
+//! them (`/bert/encoder/layer.0/attention/self/query/MatMul`), so that graft's labels read the
+//! Hugging Face module paths from them, and the few composite pieces both families share.
+
+use std::collections::HashMap;
+
+use crate::ir::attributes::{float_attribute, int_attribute, ints_attribute};
+use crate::ir::{DataType, Graph, Node, Tensor};
+use crate::Result;
+
+use super::checkpoint::Checkpoint;
+
+/// The largest finite float32, negated: what Hugging Face adds to the scores of masked keys.
+pub const MASKED: f32 = f32::MIN;
+
+/// Builds one graph in topological order, with weights drawn from a checkpoint.
+pub struct Builder<'a> {
+    pub graph: Graph,
+    checkpoint: &'a Checkpoint,
+    /// The module path new nodes belong to (`bert.encoder.layer.0.attention.self`).
+    scope: String,
+    /// Per scope and op type, how many nodes were named so far.
+    counters: HashMap<(String, String), usize>,
+    constants: usize,
+}
+
+impl<'a> Builder<'a> {
+    /// An empty graph whose weights come from `checkpoint`.
+    pub fn new(checkpoint: &'a Checkpoint) -> Self {
+        Builder {
+            graph: Graph {
+                name: "main_graph".into(),
+                ..Graph::default()
+            },
+            checkpoint,
+            scope: String::new(),
+            counters: HashMap::new(),
+            constants: 0,
+        }
+    }
+
+    /// Runs `body` with nodes named under the module path `scope`.
+    pub fn scoped<T>(&mut self, scope: &str, body: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let outer = std::mem::replace(&mut self.scope, scope.to_owned());
+        let result = body(self);
+        self.scope = outer;
+        result
+    }
+
+    /// `module.child`, or `child` at the top.
+    pub fn path(module: &str, child: &str) -> String {
+        match module {
+            "" => child.to_owned(),
+            _ => format!("{module}.{child}"),
+        }
+    }
+
+    /// Appends an `op` node reading `inputs` with `attributes`; returns its first output.
+    pub fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<onnx_protobuf::AttributeProto>,
+    ) -> String {
+        self.op_n(op, inputs, attributes, 1).remove(0)
+    }
+
+    /// Like [`Builder::op`] with `outputs` outputs.
+    pub fn op_n(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<onnx_protobuf::AttributeProto>,
+        outputs: usize,
+    ) -> Vec<String> {
+        let count = self
+            .counters
+            .entry((self.scope.clone(), op.to_owned()))
+            .or_insert(0);
+        let suffix = match *count {
+            0 => String::new(),
+            n => format!("_{n}"),
+        };
+        *count += 1;
+        let prefix: String = self
+            .scope
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(|s| format!("/{s}"))
+            .collect();
+        let name = format!("{}/{op}{suffix}", module_scope(&prefix));
+        let outputs: Vec<String> = (0..outputs)
+            .map(|i| format!("{name}_output_{i}"))
+            .collect();
+        let mut node = Node::new(
+            name,
+            op,
+            inputs.iter().map(|s| (*s).to_owned()).collect(),
+            outputs.clone(),
+        );
+        node.attributes = attributes;
+        self.graph.nodes.push(node);
+        outputs
+    }
+
+    fn constant(&mut self, tensor: impl FnOnce(String) -> Tensor) -> String {
+        self.constants += 1;
+        let name = format!("graft_import.const_{}", self.constants);
+        let tensor = tensor(name.clone());
+        self.graph.initializers.push(tensor);
+        name
+    }
+
+    /// An int64 constant of shape `dims`.
+    pub fn ints(&mut self, dims: &[i64], values: &[i64]) -> String {
+        self.constant(|name| Tensor::from_i64(name, dims.to_vec(), values))
+    }
+
+    /// A 1-D int64 constant.
+    pub fn ints1(&mut self, values: &[i64]) -> String {
+        self.ints(&[values.len() as i64], values)
+    }
+
+    /// A float32 constant of shape `dims`.
+    pub fn floats(&mut self, dims: &[i64], values: &[f32]) -> String {
+        self.constant(|name| Tensor::from_f32(name, dims.to_vec(), values))
+    }
+
+    /// A float32 scalar.
+    pub fn scalar(&mut self, value: f32) -> String {
+        self.floats(&[], &[value])
+    }
+
+    /// The checkpoint's tensor `name`, added as an initializer of that name (once), as float32.
+    pub fn weight(&mut self, name: &str) -> Result<String> {
+        if self.graph.initializer(name).is_none() {
+            let tensor = self.checkpoint.tensor(name)?;
+            self.graph.initializers.push(tensor);
+        }
+        Ok(name.to_owned())
+    }
+
+    /// The checkpoint's shape of tensor `name`, if it holds one.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.checkpoint.shape(name)
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.checkpoint.contains(name)
+    }
+
+    /// `x · Wᵀ (+ b)` for the `torch.nn.Linear` at `module` (`module.weight` is `[out, in]`,
+    /// read through a `Transpose` so that the checkpoint's bytes are used as they are).
+    pub fn linear(&mut self, x: &str, module: &str) -> Result<String> {
+        let weight = self.weight(&format!("{module}.weight"))?;
+        let bias = format!("{module}.bias");
+        let bias = self.has(&bias).then_some(bias);
+        self.linear_with(x, module, &weight, bias.as_deref())
+    }
+
+    /// `x · weightᵀ (+ bias)` named as the module `module` (a tied head reads another module's
+    /// weight).
+    pub fn linear_with(
+        &mut self,
+        x: &str,
+        module: &str,
+        weight: &str,
+        bias: Option<&str>,
+    ) -> Result<String> {
+        self.scoped(module, |b| {
+            let transposed = b.op("Transpose", &[weight], vec![ints_attribute("perm", &[1, 0])]);
+            let product = b.op("MatMul", &[x, &transposed], vec![]);
+            match bias {
+                Some(bias) => {
+                    let bias = b.weight(bias)?;
+                    Ok(b.op("Add", &[&bias, &product], vec![]))
+                }
+                None => Ok(product),
+            }
+        })
+    }
+
+    /// `LayerNormalization` over the last axis with the module's weight and bias.
+    pub fn layer_norm(&mut self, x: &str, module: &str, epsilon: f32) -> Result<String> {
+        let weight = self.weight(&format!("{module}.weight"))?;
+        let bias = self.weight(&format!("{module}.bias"))?;
+        self.scoped(module, |b| {
+            Ok(b.op(
+                "LayerNormalization",
+                &[x, &weight, &bias],
+                vec![int_attribute("axis", -1), float_attribute("epsilon", epsilon)],
+            ))
+        })
+    }
+
+    /// RMSNorm as LLaMA computes it: `weight · x / sqrt(mean(x²) + ε)`.
+    pub fn rms_norm(&mut self, x: &str, module: &str, epsilon: f32) -> Result<String> {
+        let weight = self.weight(&format!("{module}.weight"))?;
+        self.scoped(module, |b| {
+            let two = b.scalar(2.0);
+            let squares = b.op("Pow", &[x, &two], vec![]);
+            let mean = b.op(
+                "ReduceMean",
+                &[&squares],
+                vec![ints_attribute("axes", &[-1]), int_attribute("keepdims", 1)],
+            );
+            let eps = b.scalar(epsilon);
+            let shifted = b.op("Add", &[&mean, &eps], vec![]);
+            let root = b.op("Sqrt", &[&shifted], vec![]);
+            let inverse = b.op("Reciprocal", &[&root], vec![]);
+            let normalized = b.op("Mul", &[x, &inverse], vec![]);
+            Ok(b.op("Mul", &[&weight, &normalized], vec![]))
+        })
+    }
+
+    /// The activation function a config names, applied to `x`.
+    pub fn activation(&mut self, x: &str, activation: Activation) -> String {
+        match activation {
+            Activation::Relu => self.op("Relu", &[x], vec![]),
+            Activation::Silu => {
+                let gate = self.op("Sigmoid", &[x], vec![]);
+                self.op("Mul", &[x, &gate], vec![])
+            }
+            Activation::Gelu => {
+                let root2 = self.scalar(std::f32::consts::SQRT_2);
+                let scaled = self.op("Div", &[x, &root2], vec![]);
+                let erf = self.op("Erf", &[&scaled], vec![]);
+                let one = self.scalar(1.0);
+                let shifted = self.op("Add", &[&erf, &one], vec![]);
+                let product = self.op("Mul", &[x, &shifted], vec![]);
+                let half = self.scalar(0.5);
+                self.op("Mul", &[&product, &half], vec![])
+            }
+            Activation::GeluTanh => {
+                // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+                let three = self.scalar(3.0);
+                let cube = self.op("Pow", &[x, &three], vec![]);
+                let c = self.scalar(0.044715);
+                let cubic = self.op("Mul", &[&cube, &c], vec![]);
+                let inner = self.op("Add", &[x, &cubic], vec![]);
+                let k = self.scalar((2.0 / std::f64::consts::PI).sqrt() as f32);
+                let scaled = self.op("Mul", &[&inner, &k], vec![]);
+                let tanh = self.op("Tanh", &[&scaled], vec![]);
+                let one = self.scalar(1.0);
+                let shifted = self.op("Add", &[&tanh, &one], vec![]);
+                let product = self.op("Mul", &[x, &shifted], vec![]);
+                let half = self.scalar(0.5);
+                self.op("Mul", &[&product, &half], vec![])
+            }
+        }
+    }
+
+    /// `[B, S, heads·head_dim]` → `[B, heads, S, head_dim]`.
+    pub fn split_heads(&mut self, x: &str, heads: usize, head_dim: usize) -> String {
+        let shape = self.ints1(&[0, 0, heads as i64, head_dim as i64]);
+        let split = self.op("Reshape", &[x, &shape], vec![]);
+        self.op("Transpose", &[&split], vec![ints_attribute("perm", &[0, 2, 1, 3])])
+    }
+
+    /// `[B, heads, S, head_dim]` → `[B, S, heads·head_dim]`.
+    pub fn merge_heads(&mut self, x: &str, width: usize) -> String {
+        let transposed = self.op("Transpose", &[x], vec![ints_attribute("perm", &[0, 2, 1, 3])]);
+        let shape = self.ints1(&[0, 0, width as i64]);
+        self.op("Reshape", &[&transposed, &shape], vec![])
+    }
+
+    /// Scaled dot-product attention with an additive mask broadcastable to `[B, H, S, T]`:
+    /// `softmax(q·kᵀ·scale + mask)·v`.
+    pub fn attention(&mut self, q: &str, k: &str, v: &str, mask: &str, scale: f32) -> String {
+        let kt = self.op("Transpose", &[k], vec![ints_attribute("perm", &[0, 1, 3, 2])]);
+        let scores = self.op("MatMul", &[q, &kt], vec![]);
+        let scale = self.scalar(scale);
+        let scaled = self.op("Mul", &[&scores, &scale], vec![]);
+        let masked = self.op("Add", &[&scaled, mask], vec![]);
+        let probabilities = self.op("Softmax", &[&masked], vec![int_attribute("axis", -1)]);
+        self.op("MatMul", &[&probabilities, v], vec![])
+    }
+
+    /// Dimension `axis` of `x`'s shape as a 1-element int64 tensor.
+    pub fn dim(&mut self, x: &str, axis: i64) -> String {
+        let shape = self.op("Shape", &[x], vec![]);
+        let index = self.ints1(&[axis]);
+        self.op("Gather", &[&shape, &index], vec![int_attribute("axis", 0)])
+    }
+
+    /// Row `index` along axis 1 of `[B, S, H]`: `[B, H]` (the first token's state).
+    pub fn token(&mut self, x: &str, index: i64) -> String {
+        let index = self.ints(&[], &[index]);
+        self.op("Gather", &[x, &index], vec![int_attribute("axis", 1)])
+    }
+
+    /// A graph input.
+    pub fn input(&mut self, name: &str, dtype: DataType, dims: &[crate::ir::Dim]) -> String {
+        (self.graph.inputs).push(crate::ir::ValueInfo::tensor(name, dtype, dims));
+        name.to_owned()
+    }
+
+    /// Renames the value `value` to `name` and makes it a graph output.
+    pub fn output(&mut self, value: &str, name: &str, dims: &[crate::ir::Dim]) {
+        let identity = Node::new(
+            format!("graft_import.output.{name}"),
+            "Identity",
+            vec![value.to_owned()],
+            vec![name.to_owned()],
+        );
+        self.graph.nodes.push(identity);
+        (self.graph.outputs).push(crate::ir::ValueInfo::tensor(name, DataType::Float, dims));
+    }
+}
+
+/// The scope prefix as the legacy exporter writes it (`/bert/encoder/layer.0/attention`): the
+/// components of a module path, where a numeric component joins the one before it.
+fn module_scope(prefix: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for component in prefix.split('/').filter(|s| !s.is_empty()) {
+        match out.last_mut() {
+            Some(last) if component.chars().all(|c| c.is_ascii_digit()) => {
+                last.push('.');
+                last.push_str(component);
+            }
+            _ => out.push(component.to_owned()),
+        }
+    }
+    out.iter().map(|c| format!("/{c}")).collect()
+}
+
+/// The activation functions the importer builds, by the names configs use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+    /// The exact, erf-based GELU (`gelu`).
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation a config's `hidden_act` names, or `None`.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "relu" => Some(Activation::Relu),
+            "silu" | "swish" => Some(Activation::Silu),
+            "gelu" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+
+    /// The names [`Activation::named`] accepts.
+    pub const NAMES: &'static str = "relu, silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_join_layer_numbers_as_the_legacy_exporter_does() {
+        assert_eq!(
+            module_scope("/bert/encoder/layer/0/attention"),
+            "/bert/encoder/layer.0/attention"
+        );
+        assert_eq!(module_scope(""), "");
+    }
+}

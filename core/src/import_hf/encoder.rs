@@ -1,0 +1,260 @@
+//! BERT-family encoders (BERT, MiniLM, RoBERTa, XLM-R, DistilBERT) as transformers computes them
+//! in eager mode: embeddings, post-norm layers with a bidirectional padding mask, and the base,
+//! sequence-classification or token-classification head.
+
+use crate::ir::attributes::int_attribute;
+use crate::ir::{DataType, Dim};
+use crate::{Error, Result};
+
+use super::builder::{Builder, MASKED};
+use super::config::{EncoderConfig, EncoderKind, Head};
+
+/// Module paths of one encoder family.
+struct Names {
+    /// The base model's prefix in the checkpoint (`bert`, `roberta`, `distilbert`, or `` for a
+    /// bare base model).
+    base: String,
+    embeddings: &'static str,
+    layers: &'static str,
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    attention_out: &'static str,
+    attention_norm: &'static str,
+    up: &'static str,
+    down: &'static str,
+    output_norm: &'static str,
+}
+
+impl Names {
+    fn of(kind: EncoderKind, base: String) -> Names {
+        match kind {
+            EncoderKind::Bert | EncoderKind::Roberta => Names {
+                base,
+                embeddings: "embeddings",
+                layers: "encoder.layer",
+                query: "attention.self.query",
+                key: "attention.self.key",
+                value: "attention.self.value",
+                attention_out: "attention.output.dense",
+                attention_norm: "attention.output.LayerNorm",
+                up: "intermediate.dense",
+                down: "output.dense",
+                output_norm: "output.LayerNorm",
+            },
+            EncoderKind::DistilBert => Names {
+                base,
+                embeddings: "embeddings",
+                layers: "transformer.layer",
+                query: "attention.q_lin",
+                key: "attention.k_lin",
+                value: "attention.v_lin",
+                attention_out: "attention.out_lin",
+                attention_norm: "sa_layer_norm",
+                up: "ffn.lin1",
+                down: "ffn.lin2",
+                output_norm: "output_layer_norm",
+            },
+        }
+    }
+
+    fn module(&self, path: &str) -> String {
+        Builder::path(&self.base, path)
+    }
+}
+
+/// The checkpoint prefix of the base model: the family's (`bert.`) when its embeddings are
+/// stored under it, none for a bare base model.
+fn base_prefix(b: &Builder, kind: EncoderKind) -> Result<String> {
+    let family = match kind {
+        EncoderKind::Bert => "bert",
+        EncoderKind::Roberta => "roberta",
+        EncoderKind::DistilBert => "distilbert",
+    };
+    for prefix in [family, ""] {
+        if b.has(&Builder::path(prefix, "embeddings.word_embeddings.weight")) {
+            return Ok(prefix.to_owned());
+        }
+    }
+    Err(Error::Config(format!(
+        "the checkpoint has no {family}.embeddings.word_embeddings.weight or \
+         embeddings.word_embeddings.weight; it is not a {family} checkpoint"
+    )))
+}
+
+/// Builds the encoder with `head` into `b`.
+pub fn build(b: &mut Builder, config: &EncoderConfig, head: Head) -> Result<()> {
+    if head == Head::CausalLm {
+        return Err(Error::Config(
+            "an encoder has no causal-LM head; use --head base, seq-cls or token-cls".into(),
+        ));
+    }
+    let names = Names::of(config.kind, base_prefix(b, config.kind)?);
+    let batch_sequence = [Dim::Symbol("batch".into()), Dim::Symbol("sequence".into())];
+    let input_ids = b.input("input_ids", DataType::Int64, &batch_sequence);
+    let attention_mask = b.input("attention_mask", DataType::Int64, &batch_sequence);
+    let token_types = (config.type_vocab_size > 1)
+        .then(|| b.input("token_type_ids", DataType::Int64, &batch_sequence));
+
+    let embeddings = names.module(names.embeddings);
+    let mut hidden = b.scoped(&embeddings, |b| {
+        embed(b, config, &embeddings, &input_ids, token_types.as_deref())
+    })?;
+    let mask = b.scoped(&names.base, |b| Ok(additive_mask(b, &attention_mask)))?;
+
+    let head_dim = config.hidden_size / config.heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    for layer in 0..config.layers {
+        let layer_path = names.module(&format!("{}.{layer}", names.layers));
+        let module = |child: &str| Builder::path(&layer_path, child);
+        let q = b.linear(&hidden, &module(names.query))?;
+        let k = b.linear(&hidden, &module(names.key))?;
+        let v = b.linear(&hidden, &module(names.value))?;
+        let attention_scope = module(names.query).rsplit_once('.').map(|(s, _)| s.to_owned());
+        let context = b.scoped(attention_scope.as_deref().unwrap_or(&layer_path), |b| {
+            let q = b.split_heads(&q, config.heads, head_dim);
+            let k = b.split_heads(&k, config.heads, head_dim);
+            let v = b.split_heads(&v, config.heads, head_dim);
+            let context = b.attention(&q, &k, &v, &mask, scale);
+            Ok(b.merge_heads(&context, config.hidden_size))
+        })?;
+        let attended = b.linear(&context, &module(names.attention_out))?;
+        let norm = module(names.attention_norm);
+        let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&attended, &hidden], vec![])))?;
+        let h1 = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
+        let up = b.linear(&h1, &module(names.up))?;
+        let activated = b.scoped(&module(names.up), |b| Ok(b.activation(&up, config.activation)))?;
+        let down = b.linear(&activated, &module(names.down))?;
+        let norm = module(names.output_norm);
+        let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&down, &h1], vec![])))?;
+        hidden = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
+    }
+    head_on(b, config, &names, head, &hidden)
+}
+
+/// Word + position (+ token type) embeddings, normalized.
+fn embed(
+    b: &mut Builder,
+    config: &EncoderConfig,
+    embeddings: &str,
+    input_ids: &str,
+    token_types: Option<&str>,
+) -> Result<String> {
+    let module = |child: &str| Builder::path(embeddings, child);
+    let words = b.weight(&module("word_embeddings.weight"))?;
+    let mut sum = b.op("Gather", &[&words, input_ids], vec![]);
+    let types = module("token_type_embeddings.weight");
+    if b.has(&types) {
+        let types = b.weight(&types)?;
+        // Without a token_type_ids input every token has type 0, as transformers' buffer says.
+        let rows = match token_types {
+            Some(ids) => b.op("Gather", &[&types, ids], vec![]),
+            None => {
+                let zero = b.ints(&[], &[0]);
+                b.op("Gather", &[&types, &zero], vec![])
+            }
+        };
+        sum = b.op("Add", &[&sum, &rows], vec![]);
+    }
+    let positions = match config.kind {
+        // Padding tokens sit at position pad_token_id; the others count from pad_token_id + 1.
+        EncoderKind::Roberta => {
+            let pad = b.ints(&[], &[config.pad_token_id]);
+            let is_pad = b.op("Equal", &[input_ids, &pad], vec![]);
+            let is_token = b.op("Not", &[&is_pad], vec![]);
+            let ones = b.op("Cast", &[&is_token], vec![int_attribute("to", 7)]);
+            let axis = b.ints(&[], &[1]);
+            let counts = b.op("CumSum", &[&ones, &axis], vec![]);
+            let counted = b.op("Mul", &[&counts, &ones], vec![]);
+            b.op("Add", &[&counted, &pad], vec![])
+        }
+        EncoderKind::Bert | EncoderKind::DistilBert => {
+            let length = b.dim(input_ids, 1);
+            let start = b.ints(&[], &[0]);
+            let step = b.ints(&[], &[1]);
+            let empty = b.ints1(&[]);
+            let length = b.op("Reshape", &[&length, &empty], vec![]);
+            b.op("Range", &[&start, &length, &step], vec![])
+        }
+    };
+    let table = b.weight(&module("position_embeddings.weight"))?;
+    let rows = b.op("Gather", &[&table, &positions], vec![]);
+    let sum = b.op("Add", &[&sum, &rows], vec![]);
+    b.layer_norm(&sum, &module("LayerNorm"), config.layer_norm_eps)
+}
+
+/// `[B, 1, 1, S]`: 0 where `attention_mask` is 1, the most negative float where it is 0.
+fn additive_mask(b: &mut Builder, attention_mask: &str) -> String {
+    let mask = b.op("Cast", &[attention_mask], vec![int_attribute("to", 1)]);
+    let one = b.scalar(1.0);
+    let inverted = b.op("Sub", &[&one, &mask], vec![]);
+    let masked = b.scalar(MASKED);
+    let additive = b.op("Mul", &[&inverted, &masked], vec![]);
+    let axes = b.ints1(&[1, 2]);
+    b.op("Unsqueeze", &[&additive, &axes], vec![])
+}
+
+fn head_on(
+    b: &mut Builder,
+    config: &EncoderConfig,
+    names: &Names,
+    head: Head,
+    hidden: &str,
+) -> Result<()> {
+    let batch = Dim::Symbol("batch".into());
+    let sequence = Dim::Symbol("sequence".into());
+    let pooler = names.module("pooler.dense");
+    match (head, config.kind) {
+        (Head::Base, _) => {
+            let width = Dim::Fixed(config.hidden_size as i64);
+            b.output(hidden, "last_hidden_state", &[batch.clone(), sequence, width.clone()]);
+            if b.has(&format!("{pooler}.weight")) {
+                let pooled = pool(b, hidden, &pooler)?;
+                b.output(&pooled, "pooler_output", &[batch, width]);
+            }
+        }
+        (Head::SequenceClassification, EncoderKind::Bert) => {
+            let pooled = pool(b, hidden, &pooler)?;
+            let logits = b.linear(&pooled, "classifier")?;
+            b.output(&logits, "logits", &[batch, labels(b, "classifier")?]);
+        }
+        (Head::SequenceClassification, EncoderKind::Roberta) => {
+            let first = b.scoped("classifier", |b| Ok(b.token(hidden, 0)))?;
+            let dense = b.linear(&first, "classifier.dense")?;
+            let activated = b.scoped("classifier", |b| Ok(b.op("Tanh", &[&dense], vec![])))?;
+            let logits = b.linear(&activated, "classifier.out_proj")?;
+            b.output(&logits, "logits", &[batch, labels(b, "classifier.out_proj")?]);
+        }
+        (Head::SequenceClassification, EncoderKind::DistilBert) => {
+            let first = b.scoped("pre_classifier", |b| Ok(b.token(hidden, 0)))?;
+            let dense = b.linear(&first, "pre_classifier")?;
+            let activated = b.scoped("pre_classifier", |b| Ok(b.op("Relu", &[&dense], vec![])))?;
+            let logits = b.linear(&activated, "classifier")?;
+            b.output(&logits, "logits", &[batch, labels(b, "classifier")?]);
+        }
+        (Head::TokenClassification, _) => {
+            let logits = b.linear(hidden, "classifier")?;
+            b.output(&logits, "logits", &[batch, sequence, labels(b, "classifier")?]);
+        }
+        (Head::CausalLm, _) => unreachable!("refused above"),
+    }
+    Ok(())
+}
+
+/// BERT's pooler: `tanh(dense(first token))`.
+fn pool(b: &mut Builder, hidden: &str, pooler: &str) -> Result<String> {
+    let first = b.scoped(pooler, |b| Ok(b.token(hidden, 0)))?;
+    let dense = b.linear(&first, pooler)?;
+    b.scoped(pooler, |b| Ok(b.op("Tanh", &[&dense], vec![])))
+}
+
+/// The number of labels: the rows of the classifier's weight.
+fn labels(b: &Builder, module: &str) -> Result<Dim> {
+    let name = format!("{module}.weight");
+    match b.shape(&name) {
+        Some([rows, _]) => Ok(Dim::Fixed(*rows as i64)),
+        _ => Err(Error::Config(format!(
+            "the checkpoint has no 2-D {name}, which the classification head needs"
+        ))),
+    }
+}
