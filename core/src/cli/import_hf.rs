@@ -49,9 +49,8 @@ pub struct Args {
 }
 
 fn parse_head(name: &str) -> Result<Head, String> {
-    Head::named(name).ok_or_else(|| {
-        format!("{name:?} is not a head; use base, seq-cls, token-cls or causal-lm")
-    })
+    Head::named(name)
+        .ok_or_else(|| format!("{name:?} is not a head; use base, seq-cls, token-cls or causal-lm"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -90,7 +89,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.hidden_size,
         summary.heads,
         summary.kv_heads,
-        summary.rope.as_ref().map_or(String::new(), |r| format!(", rope {r}")),
+        summary
+            .rope
+            .as_ref()
+            .map_or(String::new(), |r| format!(", rope {r}")),
         if summary.kv_cache { ", kv cache" } else { "" },
     );
     let dtypes: Vec<String> = (summary.stored_dtypes.iter())

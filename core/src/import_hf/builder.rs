@@ -40,7 +40,11 @@ impl<'a> Builder<'a> {
     }
 
     /// Runs `body` with nodes named under the module path `scope`.
-    pub fn scoped<T>(&mut self, scope: &str, body: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub fn scoped<T>(
+        &mut self,
+        scope: &str,
+        body: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
         let outer = std::mem::replace(&mut self.scope, scope.to_owned());
         let result = body(self);
         self.scope = outer;
@@ -89,9 +93,7 @@ impl<'a> Builder<'a> {
             .map(|s| format!("/{s}"))
             .collect();
         let name = format!("{}/{op}{suffix}", module_scope(&prefix));
-        let outputs: Vec<String> = (0..outputs)
-            .map(|i| format!("{name}_output_{i}"))
-            .collect();
+        let outputs: Vec<String> = (0..outputs).map(|i| format!("{name}_output_{i}")).collect();
         let mut node = Node::new(
             name,
             op,
@@ -169,7 +171,11 @@ impl<'a> Builder<'a> {
         bias: Option<&str>,
     ) -> Result<String> {
         self.scoped(module, |b| {
-            let transposed = b.op("Transpose", &[weight], vec![ints_attribute("perm", &[1, 0])]);
+            let transposed = b.op(
+                "Transpose",
+                &[weight],
+                vec![ints_attribute("perm", &[1, 0])],
+            );
             let product = b.op("MatMul", &[x, &transposed], vec![]);
             match bias {
                 Some(bias) => {
@@ -189,7 +195,10 @@ impl<'a> Builder<'a> {
             Ok(b.op(
                 "LayerNormalization",
                 &[x, &weight, &bias],
-                vec![int_attribute("axis", -1), float_attribute("epsilon", epsilon)],
+                vec![
+                    int_attribute("axis", -1),
+                    float_attribute("epsilon", epsilon),
+                ],
             ))
         })
     }
@@ -255,12 +264,20 @@ impl<'a> Builder<'a> {
     pub fn split_heads(&mut self, x: &str, heads: usize, head_dim: usize) -> String {
         let shape = self.ints1(&[0, 0, heads as i64, head_dim as i64]);
         let split = self.op("Reshape", &[x, &shape], vec![]);
-        self.op("Transpose", &[&split], vec![ints_attribute("perm", &[0, 2, 1, 3])])
+        self.op(
+            "Transpose",
+            &[&split],
+            vec![ints_attribute("perm", &[0, 2, 1, 3])],
+        )
     }
 
     /// `[B, heads, S, head_dim]` → `[B, S, heads·head_dim]`.
     pub fn merge_heads(&mut self, x: &str, width: usize) -> String {
-        let transposed = self.op("Transpose", &[x], vec![ints_attribute("perm", &[0, 2, 1, 3])]);
+        let transposed = self.op(
+            "Transpose",
+            &[x],
+            vec![ints_attribute("perm", &[0, 2, 1, 3])],
+        );
         let shape = self.ints1(&[0, 0, width as i64]);
         self.op("Reshape", &[&transposed, &shape], vec![])
     }
@@ -268,7 +285,11 @@ impl<'a> Builder<'a> {
     /// Scaled dot-product attention with an additive mask broadcastable to `[B, H, S, T]`:
     /// `softmax(q·kᵀ·scale + mask)·v`.
     pub fn attention(&mut self, q: &str, k: &str, v: &str, mask: &str, scale: f32) -> String {
-        let kt = self.op("Transpose", &[k], vec![ints_attribute("perm", &[0, 1, 3, 2])]);
+        let kt = self.op(
+            "Transpose",
+            &[k],
+            vec![ints_attribute("perm", &[0, 1, 3, 2])],
+        );
         let scores = self.op("MatMul", &[q, &kt], vec![]);
         let scale = self.scalar(scale);
         let scaled = self.op("Mul", &[&scores, &scale], vec![]);
@@ -351,7 +372,8 @@ impl Activation {
     }
 
     /// The names [`Activation::named`] accepts.
-    pub const NAMES: &'static str = "relu, silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast";
+    pub const NAMES: &'static str =
+        "relu, silu, swish, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast";
 }
 
 #[cfg(test)]

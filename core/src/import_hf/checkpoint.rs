@@ -127,10 +127,14 @@ impl Checkpoint {
                 })
             }
         };
-        let values = graft_plugin_sdk::bytes_to_f32(source, bytes).ok_or_else(|| Error::Tensor {
-            name: name.to_owned(),
-            reason: format!("its byte length does not match its shape in {}", entry.location),
-        })?;
+        let values =
+            graft_plugin_sdk::bytes_to_f32(source, bytes).ok_or_else(|| Error::Tensor {
+                name: name.to_owned(),
+                reason: format!(
+                    "its byte length does not match its shape in {}",
+                    entry.location
+                ),
+            })?;
         Ok(Tensor::from_f32(name, dims, &values))
     }
 

@@ -139,7 +139,10 @@ pub(super) struct Fields {
 
 impl Fields {
     pub fn error(&self, field: &str, reason: impl std::fmt::Display) -> Error {
-        Error::Config(format!("{}: field {field:?}: {reason}", self.path.display()))
+        Error::Config(format!(
+            "{}: field {field:?}: {reason}",
+            self.path.display()
+        ))
     }
 
     pub fn get(&self, field: &str) -> Option<&Value> {
@@ -207,7 +210,10 @@ impl Fields {
         Activation::named(name).ok_or_else(|| {
             self.error(
                 field,
-                format!("activation {name:?} is not supported (graft builds {})", Activation::NAMES),
+                format!(
+                    "activation {name:?} is not supported (graft builds {})",
+                    Activation::NAMES
+                ),
             )
         })
     }
@@ -337,7 +343,10 @@ impl Fields {
 
     fn divisible(&self, field: &str, value: usize, by_field: &str, by: usize) -> Result<()> {
         if value % by != 0 {
-            return Err(self.error(field, format!("{value} is not a multiple of {by_field} ({by})")));
+            return Err(self.error(
+                field,
+                format!("{value} is not a multiple of {by_field} ({by})"),
+            ));
         }
         Ok(())
     }

@@ -12,7 +12,10 @@ use super::config::{DecoderConfig, Head};
 
 /// Builds the decoder with `head` into `b`.
 pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool) -> Result<()> {
-    if matches!(head, Head::SequenceClassification | Head::TokenClassification) {
+    if matches!(
+        head,
+        Head::SequenceClassification | Head::TokenClassification
+    ) {
         return Err(Error::Config(format!(
             "graft builds decoders with --head causal-lm or base, not {}",
             head.name()
@@ -31,9 +34,21 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
         .to_owned();
     let module = |child: &str| Builder::path(&base, child);
     let sym = |name: &str| Dim::Symbol(name.into());
-    let input_ids = b.input("input_ids", DataType::Int64, &[sym("batch"), sym("sequence")]);
-    let mask_length = if kv_cache { "total_sequence" } else { "sequence" };
-    let attention_mask = b.input("attention_mask", DataType::Int64, &[sym("batch"), sym(mask_length)]);
+    let input_ids = b.input(
+        "input_ids",
+        DataType::Int64,
+        &[sym("batch"), sym("sequence")],
+    );
+    let mask_length = if kv_cache {
+        "total_sequence"
+    } else {
+        "sequence"
+    };
+    let attention_mask = b.input(
+        "attention_mask",
+        DataType::Int64,
+        &[sym("batch"), sym(mask_length)],
+    );
     let cache_dims = |length: &str| {
         [
             sym("batch"),
@@ -105,7 +120,9 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
             Ok(b.merge_heads(&context, config.heads * config.head_dim))
         })?;
         let attended = b.linear(&context, &child("self_attn.o_proj"))?;
-        let h1 = b.scoped(&layer_path, |b| Ok(b.op("Add", &[&hidden, &attended], vec![])))?;
+        let h1 = b.scoped(&layer_path, |b| {
+            Ok(b.op("Add", &[&hidden, &attended], vec![]))
+        })?;
         let normed = b.rms_norm(&h1, &child("post_attention_layernorm"), config.rms_norm_eps)?;
         let gate = b.linear(&normed, &child("mlp.gate_proj"))?;
         let up = b.linear(&normed, &child("mlp.up_proj"))?;
@@ -131,7 +148,9 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
                         .into(),
                 ));
             };
-            let vocab = b.shape(&table).map_or(Dim::Unknown, |s| Dim::Fixed(s[0] as i64));
+            let vocab = b
+                .shape(&table)
+                .map_or(Dim::Unknown, |s| Dim::Fixed(s[0] as i64));
             b.output(&logits, "logits", &[batch, sequence, vocab]);
         }
         _ => {
@@ -140,8 +159,16 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
         }
     }
     for (layer, (key, value)) in present.iter().enumerate() {
-        b.output(key, &format!("present.{layer}.key"), &cache_dims("total_sequence"));
-        b.output(value, &format!("present.{layer}.value"), &cache_dims("total_sequence"));
+        b.output(
+            key,
+            &format!("present.{layer}.key"),
+            &cache_dims("total_sequence"),
+        );
+        b.output(
+            value,
+            &format!("present.{layer}.value"),
+            &cache_dims("total_sequence"),
+        );
     }
     Ok(())
 }
@@ -174,7 +201,11 @@ fn rotate(b: &mut Builder, x: &str, cos: &str, sin: &str, head_dim: usize) -> St
     let first = b.op("Slice", &[x, &start, &middle, &axis], vec![]);
     let second = b.op("Slice", &[x, &middle, &end, &axis], vec![]);
     let negated = b.op("Neg", &[&second], vec![]);
-    let rotated = b.op("Concat", &[&negated, &first], vec![int_attribute("axis", -1)]);
+    let rotated = b.op(
+        "Concat",
+        &[&negated, &first],
+        vec![int_attribute("axis", -1)],
+    );
     let straight = b.op("Mul", &[x, cos], vec![]);
     let turned = b.op("Mul", &[&rotated, sin], vec![]);
     b.op("Add", &[&straight, &turned], vec![])

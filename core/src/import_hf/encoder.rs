@@ -110,7 +110,9 @@ pub fn build(b: &mut Builder, config: &EncoderConfig, head: Head) -> Result<()> 
         let q = b.linear(&hidden, &module(names.query))?;
         let k = b.linear(&hidden, &module(names.key))?;
         let v = b.linear(&hidden, &module(names.value))?;
-        let attention_scope = module(names.query).rsplit_once('.').map(|(s, _)| s.to_owned());
+        let attention_scope = module(names.query)
+            .rsplit_once('.')
+            .map(|(s, _)| s.to_owned());
         let context = b.scoped(attention_scope.as_deref().unwrap_or(&layer_path), |b| {
             let q = b.split_heads(&q, config.heads, head_dim);
             let k = b.split_heads(&k, config.heads, head_dim);
@@ -123,7 +125,9 @@ pub fn build(b: &mut Builder, config: &EncoderConfig, head: Head) -> Result<()> 
         let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&attended, &hidden], vec![])))?;
         let h1 = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
         let up = b.linear(&h1, &module(names.up))?;
-        let activated = b.scoped(&module(names.up), |b| Ok(b.activation(&up, config.activation)))?;
+        let activated = b.scoped(&module(names.up), |b| {
+            Ok(b.activation(&up, config.activation))
+        })?;
         let down = b.linear(&activated, &module(names.down))?;
         let norm = module(names.output_norm);
         let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&down, &h1], vec![])))?;
@@ -207,7 +211,11 @@ fn head_on(
     match (head, config.kind) {
         (Head::Base, _) => {
             let width = Dim::Fixed(config.hidden_size as i64);
-            b.output(hidden, "last_hidden_state", &[batch.clone(), sequence, width.clone()]);
+            b.output(
+                hidden,
+                "last_hidden_state",
+                &[batch.clone(), sequence, width.clone()],
+            );
             if b.has(&format!("{pooler}.weight")) {
                 let pooled = pool(b, hidden, &pooler)?;
                 b.output(&pooled, "pooler_output", &[batch, width]);
@@ -223,7 +231,11 @@ fn head_on(
             let dense = b.linear(&first, "classifier.dense")?;
             let activated = b.scoped("classifier", |b| Ok(b.op("Tanh", &[&dense], vec![])))?;
             let logits = b.linear(&activated, "classifier.out_proj")?;
-            b.output(&logits, "logits", &[batch, labels(b, "classifier.out_proj")?]);
+            b.output(
+                &logits,
+                "logits",
+                &[batch, labels(b, "classifier.out_proj")?],
+            );
         }
         (Head::SequenceClassification, EncoderKind::DistilBert) => {
             let first = b.scoped("pre_classifier", |b| Ok(b.token(hidden, 0)))?;
@@ -234,7 +246,11 @@ fn head_on(
         }
         (Head::TokenClassification, _) => {
             let logits = b.linear(hidden, "classifier")?;
-            b.output(&logits, "logits", &[batch, sequence, labels(b, "classifier")?]);
+            b.output(
+                &logits,
+                "logits",
+                &[batch, sequence, labels(b, "classifier")?],
+            );
         }
         (Head::CausalLm, _) => unreachable!("refused above"),
     }

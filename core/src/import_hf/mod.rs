@@ -109,7 +109,13 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
         Architecture::Decoder(decoder) => {
             decoder::build(&mut b, decoder, head, options.kv_cache)?;
             let d = decoder;
-            (d.layers, d.hidden_size, d.heads, d.kv_heads, Some(d.rope.kind.clone()))
+            (
+                d.layers,
+                d.hidden_size,
+                d.heads,
+                d.kv_heads,
+                Some(d.rope.kind.clone()),
+            )
         }
     };
     let graph: Graph = b.graph;

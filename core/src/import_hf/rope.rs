@@ -30,7 +30,8 @@ impl Rope {
         head_dim: usize,
         max_position_embeddings: usize,
     ) -> Result<Rope> {
-        let (field, parameters) = match (fields.get("rope_parameters"), fields.get("rope_scaling")) {
+        let (field, parameters) = match (fields.get("rope_parameters"), fields.get("rope_scaling"))
+        {
             (Some(p), _) => ("rope_parameters", p.clone()),
             (None, Some(s)) => ("rope_scaling", s.clone()),
             (None, None) => ("rope_parameters", Value::Object(Default::default())),
@@ -89,7 +90,10 @@ impl Rope {
             "yarn" => {
                 let original = required("original_max_position_embeddings")?;
                 let factor = number("factor")?.unwrap_or(max_position_embeddings as f64 / original);
-                let truncate = object.get("truncate").and_then(Value::as_bool).unwrap_or(true);
+                let truncate = object
+                    .get("truncate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
                 let attention = match number("attention_factor")? {
                     Some(a) => a,
                     None => match (number("mscale")?, number("mscale_all_dim")?) {

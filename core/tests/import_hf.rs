@@ -1,0 +1,338 @@
+//! `graft import-hf`: graphs built from Hugging Face checkpoint folders compute what PyTorch
+//! computed (models/record_hf_checkpoints.py recorded the folders and the outputs), graft's site
+//! detection reads them, PEFT adapter files recorded on the exported fixtures apply to them, and
+//! bad folders are refused by name.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use graft::import_hf::{import, Head, ImportOptions};
+use graft::runtime::read_npz;
+
+/// Every recorded checkpoint folder (`models/references/hf-<name>`).
+const CHECKPOINTS: &[&str] = &[
+    "bert-seq-cls",
+    "roberta-seq-cls",
+    "llama-causal",
+    "minilm-base",
+    "bert-token-cls",
+    "xlmr-token-cls",
+    "distilbert-seq-cls",
+    "mistral-causal",
+    "qwen2-causal",
+    "llama3-rope-causal",
+    "yarn-rope-causal",
+];
+
+/// Float32 arithmetic in another order than PyTorch's; the recordings' outputs are O(1).
+const TOLERANCE: f64 = 1e-5;
+
+fn checkpoint(name: &str) -> std::path::PathBuf {
+    reference(&format!("hf-{name}"))
+}
+
+fn imported(dir: &Path, options: &ImportOptions) -> graft::ir::Model {
+    import(dir, options)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .model
+}
+
+#[test]
+fn every_checkpoint_computes_what_pytorch_computed() {
+    for name in CHECKPOINTS {
+        let dir = checkpoint(name);
+        let model = imported(&dir, &ImportOptions::default());
+        let inputs = read_npz(&dir.join("inputs.npz")).unwrap();
+        let expected = read_npz(&dir.join("outputs.npz")).unwrap();
+        let outputs = run_model(&model, &inputs);
+        assert_eq!(outputs.len(), expected.len(), "{name}: outputs");
+        let diff = max_diff(&expected, &outputs);
+        assert!(
+            diff <= TOLERANCE,
+            "{name}: max |graft - PyTorch| = {diff:e}"
+        );
+        eprintln!("hf-{name}: max |graft - PyTorch| = {diff:.2e}");
+    }
+}
+
+/// The checkpoints of the committed fixtures' own models give the fixtures' outputs, and
+/// detection finds in the built graph what `expected.json` says the exported one has.
+#[test]
+fn fixture_models_rebuilt_from_their_checkpoints_match_the_exports() {
+    for (name, fixture) in [
+        ("bert-seq-cls", "bert-legacy"),
+        ("roberta-seq-cls", "roberta-legacy"),
+        ("llama-causal", "llama-legacy"),
+    ] {
+        let model = imported(&checkpoint(name), &ImportOptions::default());
+        let diff = max_diff(
+            &fixture_outputs(fixture),
+            &run_model(&model, &fixture_inputs(fixture)),
+        );
+        assert!(diff <= TOLERANCE, "{name} on {fixture}'s inputs: {diff:e}");
+
+        let built = graft::analysis::sites::detect(&model).unwrap();
+        let exported =
+            graft::analysis::sites::detect(&graft::onnx::load(&fixture_model(fixture)).unwrap())
+                .unwrap();
+        let shape = |s: &graft::analysis::sites::Structure| -> Vec<_> {
+            (s.stacks.iter())
+                .map(|stack| {
+                    let sites: Vec<_> = (stack.layers.iter())
+                        .flat_map(|l| l.sites.iter().map(|s| (s.kind, s.label.clone())))
+                        .collect();
+                    (
+                        stack.n_layers,
+                        stack.hidden_size,
+                        stack.n_heads,
+                        stack.n_kv_heads,
+                        sites,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            shape(&built),
+            shape(&exported),
+            "{name}: detected structure"
+        );
+    }
+}
+
+#[test]
+fn a_decoder_with_a_kv_cache_matches_the_exported_cache_fixture() {
+    let options = ImportOptions {
+        kv_cache: true,
+        ..Default::default()
+    };
+    let model = imported(&checkpoint("llama-causal"), &options);
+    let fixture = "llama-past-legacy";
+    let outputs = run_model(&model, &fixture_inputs(fixture));
+    let expected = fixture_outputs(fixture);
+    assert_eq!(outputs.len(), expected.len());
+    let diff = max_diff(&expected, &outputs);
+    assert!(
+        diff <= TOLERANCE,
+        "logits and present keys/values: {diff:e}"
+    );
+}
+
+/// PEFT LoRA adapters recorded on the exported bert and llama fixtures apply to the imported
+/// models by module path and give PEFT's outputs.
+#[test]
+fn peft_adapters_apply_to_imported_models() {
+    let out = tempfile::tempdir().unwrap();
+    for (name, fixture, adapter) in [
+        ("bert-seq-cls", "bert-legacy", "peft-bert"),
+        ("llama-causal", "llama-legacy", "peft-llama"),
+    ] {
+        let model_path = out.path().join(format!("{name}.onnx"));
+        let dir = checkpoint(name);
+        let (code, _, stderr) = run_graft(&[
+            "import-hf",
+            dir.to_str().unwrap(),
+            "-o",
+            model_path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let patched = out.path().join(format!("{name}-peft.onnx"));
+        let adapter_dir = reference(adapter);
+        let (code, _, stderr) = run_graft(&[
+            "apply",
+            model_path.to_str().unwrap(),
+            "--from-peft",
+            adapter_dir.to_str().unwrap(),
+            "-o",
+            patched.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{name} + {adapter}: {stderr}");
+        let model = graft::onnx::load(&patched).unwrap();
+        let expected = read_npz(&adapter_dir.join("outputs.npz")).unwrap();
+        let diff = max_diff(&expected, &run_model(&model, &fixture_inputs(fixture)));
+        assert!(diff <= TOLERANCE, "{name} + {adapter}: {diff:e}");
+    }
+}
+
+/// Saved in the checkpoint's folder, float32 weights stay in the safetensors file (the model file
+/// holds the graph only) and the model loads, verifies and runs from there; saved elsewhere it
+/// carries its weights.
+#[test]
+fn float32_weights_are_referenced_in_place_beside_the_checkpoint() {
+    let folder = tempfile::tempdir().unwrap();
+    let source = checkpoint("llama-causal");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), folder.path().join(file)).unwrap();
+    }
+    let beside = folder.path().join("model.onnx");
+    let (code, stdout, stderr) = run_graft(&[
+        "import-hf",
+        folder.path().to_str().unwrap(),
+        "-o",
+        beside.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("detected: stack decoder with 2 layers"),
+        "{stdout}"
+    );
+    let weights = std::fs::metadata(folder.path().join("model.safetensors"))
+        .unwrap()
+        .len();
+    let graph = std::fs::metadata(&beside).unwrap().len();
+    assert!(
+        graph < weights / 2,
+        "model.onnx is {graph} bytes, the weights {weights}"
+    );
+    let (code, _, stderr) = run_graft(&["verify", beside.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let model = graft::onnx::load(&beside).unwrap();
+    let external = (model.graph.initializers.iter())
+        .filter(|t| t.is_external())
+        .count();
+    assert!(
+        external >= 20,
+        "{external} tensors refer to model.safetensors"
+    );
+    let inputs = read_npz(&source.join("inputs.npz")).unwrap();
+    let diff = max_diff(
+        &read_npz(&source.join("outputs.npz")).unwrap(),
+        &run_model(&model, &inputs),
+    );
+    assert!(diff <= TOLERANCE, "{diff:e}");
+
+    let elsewhere = tempfile::tempdir().unwrap().keep().join("model.onnx");
+    let (code, _, stderr) = run_graft(&[
+        "import-hf",
+        folder.path().to_str().unwrap(),
+        "-o",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::metadata(&elsewhere).unwrap().len() > weights);
+}
+
+#[test]
+fn the_head_can_be_chosen_and_the_summary_read_as_json() {
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("encoder.onnx");
+    let dir = checkpoint("bert-seq-cls");
+    let (code, stdout, stderr) = run_graft(&[
+        "import-hf",
+        dir.to_str().unwrap(),
+        "-o",
+        path.to_str().unwrap(),
+        "--head",
+        "base",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["head"], "base");
+    assert_eq!(summary["model_type"], "bert");
+    assert_eq!(summary["stacks"][0]["n_layers"], 2);
+    let model = graft::onnx::load(&path).unwrap();
+    let outputs: Vec<&str> = model
+        .graph
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(outputs, ["last_hidden_state", "pooler_output"]);
+
+    let options = ImportOptions {
+        head: Some(Head::CausalLm),
+        ..Default::default()
+    };
+    let error = import(&dir, &options).unwrap_err().to_string();
+    assert!(error.contains("causal-LM"), "{error}");
+}
+
+/// A bad folder is refused with a message naming what is wrong, exit status 2, and no output.
+#[test]
+fn bad_checkpoints_are_refused_by_name() {
+    let source = checkpoint("qwen2-causal");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    let edited = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut config = config.clone();
+        edit(&mut config);
+        config.to_string()
+    };
+    let weights = std::fs::read(source.join("model.safetensors")).unwrap();
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        (
+            "no hidden size",
+            edited(&|c| {
+                c.as_object_mut().unwrap().remove("hidden_size");
+            }),
+            weights.clone(),
+            "field \"hidden_size\": missing",
+        ),
+        (
+            "unknown family",
+            edited(&|c| c["model_type"] = "mamba".into()),
+            weights.clone(),
+            "\"mamba\" is not a family graft imports",
+        ),
+        (
+            "unknown activation",
+            edited(&|c| c["hidden_act"] = "quick_gelu_v9".into()),
+            weights.clone(),
+            "field \"hidden_act\": activation \"quick_gelu_v9\"",
+        ),
+        (
+            "dynamic rope",
+            edited(&|c| c["rope_parameters"]["rope_type"] = "dynamic".into()),
+            weights.clone(),
+            "rope type \"dynamic\" is not supported",
+        ),
+        (
+            "heads that do not divide",
+            edited(&|c| c["num_key_value_heads"] = 3.into()),
+            weights.clone(),
+            "field \"num_key_value_heads\": 3 does not divide",
+        ),
+        (
+            "a head nobody builds",
+            edited(&|c| c["architectures"] = serde_json::json!(["Qwen2ForQuestionAnswering"])),
+            weights.clone(),
+            "pass --head",
+        ),
+        (
+            "truncated weights",
+            config.to_string(),
+            weights[..weights.len() / 2].to_vec(),
+            "not a valid safetensors file",
+        ),
+        (
+            "weights missing a tensor",
+            edited(&|c| c["num_hidden_layers"] = 3.into()),
+            weights.clone(),
+            "no tensor \"model.layers.2.input_layernorm.weight\"",
+        ),
+    ];
+    for (what, config, weights, message) in cases {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(folder.path().join("config.json"), config).unwrap();
+        std::fs::write(folder.path().join("model.safetensors"), weights).unwrap();
+        let out = folder.path().join("out.onnx");
+        let (code, _, stderr) = run_graft(&[
+            "import-hf",
+            folder.path().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "{what}: {stderr}");
+        assert!(stderr.contains(message), "{what}: {stderr}");
+        assert!(!out.exists(), "{what}: an output was written");
+    }
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(empty.path().join("config.json"), config.to_string()).unwrap();
+    let error = import(empty.path(), &ImportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no model.safetensors"), "{error}");
+}
