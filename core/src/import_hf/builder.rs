@@ -17,6 +17,12 @@ pub const MASKED: f32 = f32::MIN;
 pub struct Builder<'a> {
     pub graph: Graph,
     checkpoint: &'a Checkpoint,
+    /// The base model's prefix in head classes (`bert`, `model`): a checkpoint of the bare base
+    /// model stores `encoder.layer.0…` where the class with a head names `bert.encoder.layer.0…`,
+    /// and the other way round; names are looked up both ways.
+    base_alias: Option<String>,
+    /// Draws the weights of heads the checkpoint lacks.
+    fresh: Option<FreshHeads>,
     /// The module path new nodes belong to (`bert.encoder.layer.0.attention.self`).
     scope: String,
     /// Per scope and op type, how many nodes were named so far.
@@ -33,6 +39,8 @@ impl<'a> Builder<'a> {
                 ..Graph::default()
             },
             checkpoint,
+            base_alias: None,
+            fresh: None,
             scope: String::new(),
             counters: HashMap::new(),
             constants: 0,
@@ -133,10 +141,35 @@ impl<'a> Builder<'a> {
         self.floats(&[], &[value])
     }
 
+    /// Looks names up with and without the base model's prefix `base` (see `base_alias`).
+    pub fn alias_base(&mut self, base: &str) {
+        self.base_alias = Some(base.to_owned());
+    }
+
+    /// Lets [`Builder::head_linear`] start heads the checkpoint lacks.
+    pub fn start_missing_heads(&mut self, fresh: FreshHeads) {
+        self.fresh = Some(fresh);
+    }
+
+    /// The checkpoint's key for the graph's tensor `name`.
+    fn key(&self, name: &str) -> Option<String> {
+        if self.checkpoint.contains(name) {
+            return Some(name.to_owned());
+        }
+        let base = self.base_alias.as_deref()?;
+        let other = match name.strip_prefix(base).and_then(|n| n.strip_prefix('.')) {
+            Some(bare) => bare.to_owned(),
+            None => format!("{base}.{name}"),
+        };
+        self.checkpoint.contains(&other).then_some(other)
+    }
+
     /// The checkpoint's tensor `name`, added as an initializer of that name (once), as float32.
     pub fn weight(&mut self, name: &str) -> Result<String> {
         if self.graph.initializer(name).is_none() {
-            let tensor = self.checkpoint.tensor(name)?;
+            let key = self.key(name).unwrap_or_else(|| name.to_owned());
+            let mut tensor = self.checkpoint.tensor(&key)?;
+            tensor.name = name.to_owned();
             self.graph.initializers.push(tensor);
         }
         Ok(name.to_owned())
@@ -144,12 +177,44 @@ impl<'a> Builder<'a> {
 
     /// The checkpoint's shape of tensor `name`, if it holds one.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.checkpoint.shape(name)
+        self.checkpoint.shape(&self.key(name)?)
     }
 
     /// Whether the checkpoint holds `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.checkpoint.contains(name)
+        self.key(name).is_some()
+    }
+
+    /// A head's linear `[out, in]` at `module`: the checkpoint's when it holds the module,
+    /// else (with [`Builder::start_missing_heads`]) new weights drawn as transformers draws
+    /// them (normal with the config's `initializer_range`, zero bias); `started` lists them.
+    pub fn head_linear(&mut self, x: &str, module: &str, out: usize, input: usize) -> Result<String> {
+        let weight = format!("{module}.weight");
+        if self.has(&weight) {
+            return self.linear(x, module);
+        }
+        let Some(fresh) = self.fresh.as_mut() else {
+            return Err(crate::Error::Config(format!(
+                "the checkpoint has no {weight}, which the head needs; pass --num-labels N to \
+                 start a new head"
+            )));
+        };
+        fresh.draws += 1;
+        let seed = fresh.seed.wrapping_add(fresh.draws);
+        let values: Vec<f32> = crate::patch::normal_values(seed, 0.0, fresh.std, out * input)
+            .map(|v| v as f32)
+            .collect();
+        fresh.started.push(module.to_owned());
+        let bias = format!("{module}.bias");
+        let tensor = Tensor::from_f32(&weight, vec![out as i64, input as i64], &values);
+        self.graph.initializers.push(tensor);
+        (self.graph.initializers).push(Tensor::from_f32(&bias, vec![out as i64], &vec![0.0; out]));
+        self.linear_with(x, module, &weight, Some(&bias))
+    }
+
+    /// The modules [`Builder::head_linear`] started.
+    pub fn started_heads(&self) -> Vec<String> {
+        self.fresh.as_ref().map_or_else(Vec::new, |f| f.started.clone())
     }
 
     /// `x · Wᵀ (+ b)` for the `torch.nn.Linear` at `module` (`module.weight` is `[out, in]`,
@@ -327,6 +392,29 @@ impl<'a> Builder<'a> {
         );
         self.graph.nodes.push(identity);
         (self.graph.outputs).push(crate::ir::ValueInfo::tensor(name, DataType::Float, dims));
+    }
+}
+
+/// How to start heads a checkpoint lacks (a classifier on a bare encoder).
+#[derive(Clone, Debug)]
+pub struct FreshHeads {
+    /// The standard deviation of the weights (the config's `initializer_range`).
+    pub std: f64,
+    /// The seed of the draws.
+    pub seed: u64,
+    draws: u64,
+    started: Vec<String>,
+}
+
+impl FreshHeads {
+    /// Heads drawn with `std` from `seed`.
+    pub fn new(std: f64, seed: u64) -> Self {
+        FreshHeads {
+            std,
+            seed,
+            draws: 0,
+            started: Vec::new(),
+        }
     }
 }
 

@@ -83,6 +83,10 @@ pub struct EncoderConfig {
     /// Rows of the token-type table (1: no `token_type_ids` input).
     pub type_vocab_size: usize,
     pub pad_token_id: i64,
+    /// The standard deviation transformers draws new weights with.
+    pub initializer_range: f64,
+    /// The labels `id2label` (or `num_labels`) names; transformers' default is 2.
+    pub num_labels: usize,
 }
 
 /// A LLaMA-like decoder's configuration.
@@ -275,6 +279,8 @@ impl Fields {
             activation: self.activation("hidden_act", "gelu")?,
             type_vocab_size: self.usize_or("type_vocab_size", 2)?,
             pad_token_id: self.i64_or("pad_token_id", 0)?,
+            initializer_range: self.f64_or("initializer_range", 0.02)?,
+            num_labels: self.num_labels()?,
         }))
     }
 
@@ -291,6 +297,8 @@ impl Fields {
             activation: self.activation("activation", "gelu")?,
             type_vocab_size: 1,
             pad_token_id: self.i64_or("pad_token_id", 0)?,
+            initializer_range: self.f64_or("initializer_range", 0.02)?,
+            num_labels: self.num_labels()?,
         }))
     }
 
@@ -339,6 +347,13 @@ impl Fields {
             sliding_window,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
         }))
+    }
+
+    fn num_labels(&self) -> Result<usize> {
+        match self.get("id2label").and_then(Value::as_object) {
+            Some(labels) if !labels.is_empty() => Ok(labels.len()),
+            _ => self.usize_or("num_labels", 2),
+        }
     }
 
     fn divisible(&self, field: &str, value: usize, by_field: &str, by: usize) -> Result<()> {

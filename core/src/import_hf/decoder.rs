@@ -21,18 +21,17 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
             head.name()
         )));
     }
-    let base = ["model", ""]
-        .into_iter()
-        .find(|p| b.has(&Builder::path(p, "embed_tokens.weight")))
-        .ok_or_else(|| {
-            Error::Config(
-                "the checkpoint has no model.embed_tokens.weight or embed_tokens.weight; it is \
-                 not a LLaMA-family checkpoint"
-                    .into(),
-            )
-        })?
-        .to_owned();
-    let module = |child: &str| Builder::path(&base, child);
+    // `model.layers…` under the LM head, `layers…` in the bare model, whichever way the
+    // checkpoint stores them.
+    b.alias_base("model");
+    let base = if head == Head::Base { "" } else { "model" };
+    if !b.has(&Builder::path(base, "embed_tokens.weight")) {
+        return Err(Error::Config(
+            "the checkpoint has no model.embed_tokens.weight; it is not a LLaMA-family checkpoint"
+                .into(),
+        ));
+    }
+    let module = |child: &str| Builder::path(base, child);
     let sym = |name: &str| Dim::Symbol(name.into());
     let input_ids = b.input(
         "input_ids",
@@ -75,7 +74,7 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
     let mut hidden = b.scoped(&module("embed_tokens"), |b| {
         Ok(b.op("Gather", &[&table, &input_ids], vec![]))
     })?;
-    let (cos, sin, mask) = b.scoped(&base, |b| {
+    let (cos, sin, mask) = b.scoped(base, |b| {
         let past_length = match past.first() {
             Some((key, _)) => b.dim(key, 2),
             None => b.ints1(&[0]),

@@ -63,33 +63,42 @@ impl Names {
     }
 }
 
-/// The checkpoint prefix of the base model: the family's (`bert.`) when its embeddings are
-/// stored under it, none for a bare base model.
-fn base_prefix(b: &Builder, kind: EncoderKind) -> Result<String> {
-    let family = match kind {
+/// The base model's prefix in the classes with a head.
+fn family_prefix(kind: EncoderKind) -> &'static str {
+    match kind {
         EncoderKind::Bert => "bert",
         EncoderKind::Roberta => "roberta",
         EncoderKind::DistilBert => "distilbert",
-    };
-    for prefix in [family, ""] {
-        if b.has(&Builder::path(prefix, "embeddings.word_embeddings.weight")) {
-            return Ok(prefix.to_owned());
-        }
     }
-    Err(Error::Config(format!(
-        "the checkpoint has no {family}.embeddings.word_embeddings.weight or \
-         embeddings.word_embeddings.weight; it is not a {family} checkpoint"
-    )))
 }
 
 /// Builds the encoder with `head` into `b`.
-pub fn build(b: &mut Builder, config: &EncoderConfig, head: Head) -> Result<()> {
+///
+/// `labels`, when given, is the number of labels the classification head must have; a head the
+/// checkpoint lacks is then started (see [`Builder::start_missing_heads`]).
+pub fn build(
+    b: &mut Builder,
+    config: &EncoderConfig,
+    head: Head,
+    labels: Option<usize>,
+) -> Result<()> {
     if head == Head::CausalLm {
         return Err(Error::Config(
             "an encoder has no causal-LM head; use --head base, seq-cls or token-cls".into(),
         ));
     }
-    let names = Names::of(config.kind, base_prefix(b, config.kind)?);
+    // Module paths as the class being built names them: `bert.encoder…` under a head,
+    // `encoder…` in the bare model, whichever way the checkpoint stores them.
+    let family = family_prefix(config.kind);
+    b.alias_base(family);
+    let base = if head == Head::Base { "" } else { family };
+    let names = Names::of(config.kind, base.to_owned());
+    let words = names.module(&format!("{}.word_embeddings.weight", names.embeddings));
+    if !b.has(&words) {
+        return Err(Error::Config(format!(
+            "the checkpoint has no {words}; it is not a {family} checkpoint"
+        )));
+    }
     let batch_sequence = [Dim::Symbol("batch".into()), Dim::Symbol("sequence".into())];
     let input_ids = b.input("input_ids", DataType::Int64, &batch_sequence);
     let attention_mask = b.input("attention_mask", DataType::Int64, &batch_sequence);
@@ -133,7 +142,7 @@ pub fn build(b: &mut Builder, config: &EncoderConfig, head: Head) -> Result<()> 
         let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&down, &h1], vec![])))?;
         hidden = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
     }
-    head_on(b, config, &names, head, &hidden)
+    head_on(b, config, &names, head, labels, &hidden)
 }
 
 /// Word + position (+ token type) embeddings, normalized.
@@ -203,54 +212,46 @@ fn head_on(
     config: &EncoderConfig,
     names: &Names,
     head: Head,
+    requested: Option<usize>,
     hidden: &str,
 ) -> Result<()> {
     let batch = Dim::Symbol("batch".into());
     let sequence = Dim::Symbol("sequence".into());
     let pooler = names.module("pooler.dense");
+    let width = config.hidden_size;
+    let labels = head_labels(b, config, head, requested)?;
+    let label_dim = Dim::Fixed(labels as i64);
     match (head, config.kind) {
         (Head::Base, _) => {
-            let width = Dim::Fixed(config.hidden_size as i64);
-            b.output(
-                hidden,
-                "last_hidden_state",
-                &[batch.clone(), sequence, width.clone()],
-            );
+            let dim = Dim::Fixed(width as i64);
+            b.output(hidden, "last_hidden_state", &[batch.clone(), sequence, dim.clone()]);
             if b.has(&format!("{pooler}.weight")) {
-                let pooled = pool(b, hidden, &pooler)?;
-                b.output(&pooled, "pooler_output", &[batch, width]);
+                let pooled = pool(b, hidden, &pooler, width)?;
+                b.output(&pooled, "pooler_output", &[batch, dim]);
             }
         }
         (Head::SequenceClassification, EncoderKind::Bert) => {
-            let pooled = pool(b, hidden, &pooler)?;
-            let logits = b.linear(&pooled, "classifier")?;
-            b.output(&logits, "logits", &[batch, labels(b, "classifier")?]);
+            let pooled = pool(b, hidden, &pooler, width)?;
+            let logits = b.head_linear(&pooled, "classifier", labels, width)?;
+            b.output(&logits, "logits", &[batch, label_dim]);
         }
         (Head::SequenceClassification, EncoderKind::Roberta) => {
             let first = b.scoped("classifier", |b| Ok(b.token(hidden, 0)))?;
-            let dense = b.linear(&first, "classifier.dense")?;
+            let dense = b.head_linear(&first, "classifier.dense", width, width)?;
             let activated = b.scoped("classifier", |b| Ok(b.op("Tanh", &[&dense], vec![])))?;
-            let logits = b.linear(&activated, "classifier.out_proj")?;
-            b.output(
-                &logits,
-                "logits",
-                &[batch, labels(b, "classifier.out_proj")?],
-            );
+            let logits = b.head_linear(&activated, "classifier.out_proj", labels, width)?;
+            b.output(&logits, "logits", &[batch, label_dim]);
         }
         (Head::SequenceClassification, EncoderKind::DistilBert) => {
             let first = b.scoped("pre_classifier", |b| Ok(b.token(hidden, 0)))?;
-            let dense = b.linear(&first, "pre_classifier")?;
+            let dense = b.head_linear(&first, "pre_classifier", width, width)?;
             let activated = b.scoped("pre_classifier", |b| Ok(b.op("Relu", &[&dense], vec![])))?;
-            let logits = b.linear(&activated, "classifier")?;
-            b.output(&logits, "logits", &[batch, labels(b, "classifier")?]);
+            let logits = b.head_linear(&activated, "classifier", labels, width)?;
+            b.output(&logits, "logits", &[batch, label_dim]);
         }
         (Head::TokenClassification, _) => {
-            let logits = b.linear(hidden, "classifier")?;
-            b.output(
-                &logits,
-                "logits",
-                &[batch, sequence, labels(b, "classifier")?],
-            );
+            let logits = b.head_linear(hidden, "classifier", labels, width)?;
+            b.output(&logits, "logits", &[batch, sequence, label_dim]);
         }
         (Head::CausalLm, _) => unreachable!("refused above"),
     }
@@ -258,19 +259,33 @@ fn head_on(
 }
 
 /// BERT's pooler: `tanh(dense(first token))`.
-fn pool(b: &mut Builder, hidden: &str, pooler: &str) -> Result<String> {
+fn pool(b: &mut Builder, hidden: &str, pooler: &str, width: usize) -> Result<String> {
     let first = b.scoped(pooler, |b| Ok(b.token(hidden, 0)))?;
-    let dense = b.linear(&first, pooler)?;
+    let dense = b.head_linear(&first, pooler, width, width)?;
     b.scoped(pooler, |b| Ok(b.op("Tanh", &[&dense], vec![])))
 }
 
-/// The number of labels: the rows of the classifier's weight.
-fn labels(b: &Builder, module: &str) -> Result<Dim> {
-    let name = format!("{module}.weight");
-    match b.shape(&name) {
-        Some([rows, _]) => Ok(Dim::Fixed(*rows as i64)),
-        _ => Err(Error::Config(format!(
-            "the checkpoint has no 2-D {name}, which the classification head needs"
+/// The number of labels: the rows of the checkpoint's classifier when it has one (which
+/// `requested` must then equal), else `requested`, else the config's.
+fn head_labels(
+    b: &Builder,
+    config: &EncoderConfig,
+    head: Head,
+    requested: Option<usize>,
+) -> Result<usize> {
+    let classifier = match (head, config.kind) {
+        (Head::SequenceClassification, EncoderKind::Roberta) => "classifier.out_proj.weight",
+        _ => "classifier.weight",
+    };
+    match (b.shape(classifier), requested) {
+        (Some([rows, _]), Some(n)) if *rows != n => Err(Error::Config(format!(
+            "--num-labels {n}: the checkpoint's classifier has {rows} labels ({classifier}); \
+             leave --num-labels out to use it"
         ))),
+        (Some([rows, _]), _) => Ok(*rows),
+        (Some(shape), _) => Err(Error::Config(format!(
+            "the checkpoint's {classifier} has shape {shape:?}, not [labels, hidden]"
+        ))),
+        (None, requested) => Ok(requested.unwrap_or(config.num_labels)),
     }
 }

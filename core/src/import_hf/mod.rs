@@ -19,15 +19,17 @@ mod checkpoint;
 mod config;
 mod decoder;
 mod encoder;
+mod package;
 mod rope;
 
 use std::path::Path;
 
 pub use config::{Head, MODEL_TYPES};
+pub use package::checkpoint_folder;
 
 use crate::ir::{Graph, Model};
 use crate::{Error, Result};
-use builder::Builder;
+use builder::{Builder, FreshHeads};
 use checkpoint::Checkpoint;
 use config::Architecture;
 
@@ -38,6 +40,12 @@ pub struct ImportOptions {
     pub head: Option<Head>,
     /// Decoders: past keys and values as inputs, present ones as outputs.
     pub kv_cache: bool,
+    /// Encoders with a classification head: the number of labels. A head the checkpoint lacks
+    /// (a classifier on a bare `BertModel`) is started only when this is given, drawn as
+    /// transformers draws new weights, from `seed`.
+    pub num_labels: Option<usize>,
+    /// The seed of new head weights.
+    pub seed: u64,
 }
 
 /// A built model and what it was built from.
@@ -67,6 +75,8 @@ pub struct ImportSummary {
     pub files: Vec<String>,
     /// Stored element types, with tensor counts.
     pub stored_dtypes: std::collections::BTreeMap<String, usize>,
+    /// Head modules the checkpoint lacked, started with new weights (`--num-labels`).
+    pub started_heads: Vec<String>,
     /// Parameters in the graph.
     pub parameters: usize,
     pub nodes: usize,
@@ -102,11 +112,21 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
                     "--kv-cache is for decoders; an encoder has no key/value cache".into(),
                 ));
             }
-            encoder::build(&mut b, encoder, head)?;
+            if options.num_labels.is_some() {
+                b.start_missing_heads(FreshHeads::new(encoder.initializer_range, options.seed));
+            }
+            encoder::build(&mut b, encoder, head, options.num_labels)?;
             let e = encoder;
             (e.layers, e.hidden_size, e.heads, e.heads, None)
         }
         Architecture::Decoder(decoder) => {
+            if options.num_labels.is_some() {
+                return Err(Error::Config(
+                    "--num-labels is for encoders' classification heads; graft builds decoders \
+                     with their LM head"
+                        .into(),
+                ));
+            }
             decoder::build(&mut b, decoder, head, options.kv_cache)?;
             let d = decoder;
             (
@@ -118,6 +138,7 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
             )
         }
     };
+    let started_heads = b.started_heads();
     let graph: Graph = b.graph;
     graph.validate()?;
     let parameters = graph
@@ -138,6 +159,7 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
         kv_cache: options.kv_cache,
         files: checkpoint.files(),
         stored_dtypes: checkpoint.dtypes(),
+        started_heads,
         parameters,
         nodes: graph.nodes.len(),
     };

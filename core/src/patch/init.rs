@@ -103,13 +103,7 @@ pub fn materialize(
             values.extend(uniform(*seed, -bound, bound, n_elements))
         }
         Init::Normal { mean, std, seed } => {
-            let mut rng = ChaCha8Rng::seed_from_u64(*seed);
-            values.extend((0..n_elements).map(|_| {
-                // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
-                let u1: f64 = 1.0 - rng.gen::<f64>();
-                let u2: f64 = rng.gen::<f64>();
-                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            }))
+            values.extend(normal_values(*seed, *mean, *std, n_elements))
         }
         Init::Data { .. } | Init::Rows { .. } => unreachable!("handled above"),
     };
@@ -159,6 +153,17 @@ fn copy_rows(
         out.extend_from_slice(&bytes[start..start + row_bytes]);
     }
     Ok(Tensor::from_raw(&parameter.name, dtype, dims, out))
+}
+
+/// `n_elements` draws from N(`mean`, `std`²), the same for the same seed.
+pub fn normal_values(seed: u64, mean: f64, std: f64, n_elements: usize) -> impl Iterator<Item = f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n_elements).map(move |_| {
+        // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].
+        let u1: f64 = 1.0 - rng.gen::<f64>();
+        let u2: f64 = rng.gen::<f64>();
+        mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    })
 }
 
 fn uniform(seed: u64, low: f64, high: f64, n_elements: usize) -> impl Iterator<Item = f64> {

@@ -8,5 +8,5 @@ mod record;
 
 pub(crate) use apply::apply_patch_with_view;
 pub use apply::{apply_patch, node_from_patch, node_on_cycle, topological_sort};
-pub use init::{data_type, materialize};
+pub use init::{data_type, materialize, normal_values};
 pub use record::{read_record, write_record, AppliedMethod, GraftRecord, RECORD_KEY};

@@ -3,7 +3,7 @@
 //! runtime, and host tensors to feed them.
 
 mod host_tensor;
-mod provision;
+pub(crate) mod provision;
 mod session;
 mod tract;
 

@@ -63,30 +63,13 @@ fn fetch_from_wheel(dir: &Path, library: &Path) -> Result<()> {
         "graft: fetching ONNX Runtime {ORT_VERSION} from the Python package index into {}",
         dir.display()
     );
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"])
-        .arg(format!("onnxruntime=={ORT_VERSION}"))
-        .arg("-d")
-        .arg(&download_dir)
-        .status()
-        .map_err(|e| {
+    let wheel = download_wheel(&format!("onnxruntime=={ORT_VERSION}"), &download_dir).map_err(
+        |reason| {
             Error::Runtime(format!(
-                "cannot run `{python} -m pip` to fetch ONNX Runtime ({e}); install Python 3 with pip, \
-                 or set ORT_DYLIB_PATH to libonnxruntime {ORT_VERSION}"
+                "{reason}; set ORT_DYLIB_PATH to libonnxruntime {ORT_VERSION} instead"
             ))
-        })?;
-    if !status.success() {
-        return Err(Error::Runtime(format!(
-            "`{python} -m pip download onnxruntime=={ORT_VERSION}` failed ({status}); \
-             set ORT_DYLIB_PATH to libonnxruntime {ORT_VERSION} instead"
-        )));
-    }
-    let wheel = std::fs::read_dir(&download_dir)
-        .map_err(|e| Error::io(&download_dir, e))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|ext| ext == "whl"))
-        .ok_or_else(|| Error::Runtime(format!("no wheel found in {}", download_dir.display())))?;
+        },
+    )?;
     let wheel_file = std::fs::File::open(&wheel).map_err(|e| Error::io(&wheel, e))?;
     let mut archive = zip::ZipArchive::new(wheel_file)
         .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
@@ -101,4 +84,32 @@ fn fetch_from_wheel(dir: &Path, library: &Path) -> Result<()> {
     std::fs::rename(&temp, library).map_err(|e| Error::io(library, e))?;
     let _ = std::fs::remove_dir_all(&download_dir);
     Ok(())
+}
+
+/// Downloads the wheel of `requirement` (`name==version`) with `python3 -m pip download` (no
+/// dependencies, no install; `$PYTHON` names another interpreter) into `download_dir`, which it
+/// creates, and returns the wheel's path. The error says what failed, for the caller to word.
+pub fn download_wheel(requirement: &str, download_dir: &Path) -> std::result::Result<PathBuf, String> {
+    std::fs::create_dir_all(download_dir)
+        .map_err(|e| format!("cannot create {}: {e}", download_dir.display()))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"])
+        .arg(requirement)
+        .arg("-d")
+        .arg(download_dir)
+        .status()
+        .map_err(|e| {
+            format!("cannot run `{python} -m pip` to fetch {requirement} ({e}); install Python 3 with pip")
+        })?;
+    if !status.success() {
+        return Err(format!(
+            "`{python} -m pip download {requirement}` failed ({status})"
+        ));
+    }
+    std::fs::read_dir(download_dir)
+        .map_err(|e| format!("cannot read {}: {e}", download_dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|ext| ext == "whl"))
+        .ok_or_else(|| format!("pip left no wheel in {}", download_dir.display()))
 }

@@ -1,11 +1,14 @@
 //! Linear projections: `MatMul(x, W)`, `MatMul(x, Transpose(W))` and `Gemm(x, W, b)` whose
-//! weight is a 2-D floating-point initializer, with the bias `Add` that follows a `MatMul`.
+//! weight is a 2-D floating-point initializer, with the bias `Add` that follows a `MatMul`, and
+//! the runs of output columns a `Slice` or `Split` takes from a linear's output.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use super::context::Context;
 use super::WeightLayout;
-use crate::ir::Node;
+use crate::analysis::shapes::normalize_axis;
+use crate::ir::{Dim, Node};
 
 /// One linear projection.
 #[derive(Clone, Debug)]
@@ -146,4 +149,65 @@ fn bias_add(
     }
     let output = node.outputs.first().filter(|o| !o.is_empty())?;
     Some((*position, bias.to_owned(), output.clone()))
+}
+
+/// The linear of which `value` is a run of consecutive output columns, with the run: the output
+/// of a `Slice` (step 1) or of a `Split` along the last axis of the linear's output.
+pub(super) fn output_columns(
+    context: &Context,
+    linears: &Linears,
+    value: &str,
+) -> Option<(usize, Range<usize>)> {
+    let (_, node) = context.producer(value)?;
+    let data = node.input(0)?;
+    let linear = linears.producing(data)?;
+    let width = linears.all[linear].out_features;
+    let last_axis = context.shape(data)?.len().checked_sub(1)?;
+    let on_last_axis = |axis: i64| normalize_axis(axis, last_axis + 1) == Some(last_axis);
+    if node.is("Split") {
+        if !on_last_axis(node.attr_int("axis", 0)) {
+            return None;
+        }
+        let mut start = 0;
+        for output in &node.outputs {
+            let part = context.fixed_dim_from_end(output, 1)?;
+            if output == value {
+                return (start + part <= width).then_some((linear, start..start + part));
+            }
+            start += part;
+        }
+        return None;
+    }
+    if !node.is("Slice") {
+        return None;
+    }
+    let scalar = |slot: usize| -> Option<i64> {
+        match context.shapes.integer_value(node.input(slot)?)? {
+            [Dim::Fixed(n)] => Some(*n),
+            _ => None,
+        }
+    };
+    let (start, end, axis, step) = if node.input(1).is_some() {
+        let optional = |slot: usize| match node.input(slot) {
+            Some(_) => scalar(slot),
+            None => Some(if slot == 3 { 0 } else { 1 }),
+        };
+        (scalar(1)?, scalar(2)?, optional(3)?, optional(4)?)
+    } else {
+        let single = |name: &str| match node.attr_ints(name)? {
+            [n] => Some(*n),
+            _ => None,
+        };
+        (single("starts")?, single("ends")?, single("axes").unwrap_or(0), 1)
+    };
+    if step != 1 || !on_last_axis(axis) {
+        return None;
+    }
+    let width = i64::try_from(width).ok()?;
+    let resolve = |bound: i64| {
+        let bound = if bound < 0 { bound.saturating_add(width) } else { bound };
+        usize::try_from(bound.clamp(0, width)).ok()
+    };
+    let (start, end) = (resolve(start)?, resolve(end)?);
+    (start < end).then_some((linear, start..end))
 }
