@@ -347,6 +347,7 @@ fn host_inputs_are_fed_and_a_step_hook_sets_them() {
             max_len: 32,
             eval_data: None,
             eval_every: None,
+            eval_at_start: false,
             eval_sweep: None,
             save_every: None,
             resume: false,

@@ -1,6 +1,6 @@
 //! `graft import-hf`: build the ONNX graph of a Hugging Face checkpoint folder, without PyTorch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use graft::analysis::sites::detect;
@@ -94,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     onnx::save(&imported.model, &args.output, &SaveOptions { placement })
         .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let tokenizer = place_tokenizer(&dir, &args.output)?;
     let summary = &imported.summary;
     if args.json {
         let stacks: Vec<_> = (structure.stacks.iter())
@@ -101,6 +102,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let mut value = serde_json::to_value(summary)?;
         value["output"] = args.output.display().to_string().into();
+        value["checkpoint"] = dir.display().to_string().into();
+        value["tokenizer"] = tokenizer.as_ref().map(|t| t.display().to_string()).into();
         value["stacks"] = stacks.into();
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -139,6 +142,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             stack.name, stack.n_layers, sites
         );
     }
+    if let Some(tokenizer) = &tokenizer {
+        println!("  tokenizer: {} (graft train finds it beside the model)", tokenizer.display());
+    }
     println!(
         "wrote {} ({} nodes, {} parameters)",
         args.output.display(),
@@ -146,4 +152,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.parameters
     );
     Ok(())
+}
+
+/// Puts the checkpoint's `tokenizer.json` beside the model, where `graft train` looks for it:
+/// copied when the output's folder has none, kept when it has the same file. Returns where the
+/// model's tokenizer is, if the checkpoint has one; an output folder holding another
+/// tokenizer.json is left alone (with a warning).
+fn place_tokenizer(dir: &Path, output: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let source = dir.join("tokenizer.json");
+    if !source.is_file() {
+        return Ok(None);
+    }
+    let target = graft::atomic_file::parent_dir(output).join("tokenizer.json");
+    let bytes = std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    match std::fs::read(&target) {
+        Ok(existing) if existing == bytes => Ok(Some(target)),
+        Ok(_) => {
+            eprintln!(
+                "warning: {} differs from the checkpoint's tokenizer.json; left as it is \
+                 (pass --tokenizer {} to graft train)",
+                target.display(),
+                source.display()
+            );
+            Ok(Some(source))
+        }
+        Err(_) => {
+            graft::atomic_file::write_atomically(&target, &bytes)?;
+            Ok(Some(target))
+        }
+    }
 }

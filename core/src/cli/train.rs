@@ -76,6 +76,9 @@ pub struct Args {
     /// Evaluate every K steps.
     #[arg(long, value_name = "K", requires = "eval_data")]
     eval_every: Option<u64>,
+    /// Also evaluate before the first step (logged as step 0): the score training starts from.
+    #[arg(long, requires = "eval_data")]
+    eval_at_start: bool,
     /// Repeat each evaluation once per value of a method's value input, as INPUT=V1,V2,…:
     /// `adapter.adapter.dropped_layers=0,1,2,3` scores a robust-AdapterDrop adapter with the
     /// adapters of the lowest 0, 1, 2 and 3 layers dropped; `adapter.NAME.active=1,0` with and
@@ -209,6 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_len: args.max_len,
         eval_data: args.eval_data.clone(),
         eval_every: args.eval_every,
+        eval_at_start: args.eval_at_start,
         eval_sweep: args.eval_sweep.clone(),
         save_every: args.save_every,
         resume: args.resume.is_some(),

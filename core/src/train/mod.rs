@@ -68,6 +68,8 @@ pub struct TrainOptions {
     pub eval_data: Option<PathBuf>,
     /// Evaluate every this many steps (and always after the last step).
     pub eval_every: Option<u64>,
+    /// Also evaluate before the first step (step 0: the model as it starts).
+    pub eval_at_start: bool,
     /// Repeat each evaluation once per value of a host input.
     pub eval_sweep: Option<EvalSweep>,
     /// Write a checkpoint every this many steps (and always after the last step).
@@ -722,6 +724,18 @@ pub fn train(
         skipped_lines: dataset.skipped,
         eval_examples: eval_set.as_ref().map(|set| set.examples.len()),
     });
+    if let Some(evaluator) = evaluator.as_mut().filter(|_| options.eval_at_start) {
+        if first_step == 0 {
+            let host_feeds = participation.feeds(false, 0, total_steps, 0)?;
+            for (setting, feeds) in sweep_feeds(options.eval_sweep.as_ref(), &host_feeds)? {
+                let mut evaluation = evaluator.evaluate(0, &store, &feeds)?;
+                evaluation.inputs.extend(setting);
+                write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
+                history.evaluations.push(evaluation.clone());
+                on_event(TrainEvent::Evaluated(&evaluation));
+            }
+        }
+    }
     for step in first_step..total_steps {
         let step_number = step + 1;
         let step_started = std::time::Instant::now();
