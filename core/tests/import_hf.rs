@@ -336,3 +336,92 @@ fn bad_checkpoints_are_refused_by_name() {
         .to_string();
     assert!(error.contains("no model.safetensors"), "{error}");
 }
+
+/// A bare BertModel checkpoint (all-MiniLM-L6-v2's shape) gets a classification head with
+/// `--num-labels`: module paths become the head class's (`bert.encoder…`), the new classifier is
+/// drawn from the seed (same seed, same head), and it trains, with `--eval-at-start` scoring the
+/// model before the first step.
+#[test]
+fn a_new_head_on_a_bare_encoder_is_seeded_and_trains() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = checkpoint("minilm-base");
+    let build = |name: &str, seed: &str| {
+        let path = out.path().join(name);
+        let (code, stdout, stderr) = run_graft(&[
+            "import-hf",
+            dir.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+            "--head",
+            "seq-cls",
+            "--num-labels",
+            "3",
+            "--seed",
+            seed,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("new head: classifier"), "{stdout}");
+        path
+    };
+    let (first, again, other) = (
+        build("a.onnx", "7"),
+        build("b.onnx", "7"),
+        build("c.onnx", "8"),
+    );
+    let inputs = read_npz(&dir.join("inputs.npz")).unwrap();
+    let logits = |path: &Path| run_model(&graft::onnx::load(path).unwrap(), &inputs);
+    assert_eq!(max_diff(&logits(&first), &logits(&again)), 0.0);
+    assert!(max_diff(&logits(&first), &logits(&other)) > 1e-3);
+    let model = graft::onnx::load(&first).unwrap();
+    let classifier = model.graph.initializer("classifier.weight").unwrap();
+    assert_eq!(classifier.dims, [3, 32]);
+    assert!(model
+        .graph
+        .initializer("bert.encoder.layer.0.attention.self.query.weight")
+        .is_some());
+
+    let (code, _, stderr) = run_graft(&[
+        "import-hf",
+        dir.to_str().unwrap(),
+        "-o",
+        out.path().join("d.onnx").to_str().unwrap(),
+        "--head",
+        "seq-cls",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("pass --num-labels N"), "{stderr}");
+
+    let patched = out.path().join("patched.onnx");
+    let (code, _, stderr) = run_graft(&[
+        "apply",
+        first.to_str().unwrap(),
+        "-m",
+        "lora",
+        "--set",
+        "targets=q,v",
+        "-o",
+        patched.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let run = out.path().join("run");
+    let eval = repository("examples/data/sentiment_eval.jsonl");
+    let (code, _, stderr) = train_seq_cls(
+        &patched,
+        "examples/data/sentiment.jsonl",
+        3,
+        &run,
+        &["--eval-data", eval.to_str().unwrap(), "--eval-at-start"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let lines = metrics(&run);
+    let evaluations: Vec<u64> = (lines.iter())
+        .filter(|l| l.get("eval_loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        evaluations,
+        [0, 3],
+        "evaluated before the first step and after the last"
+    );
+    assert_eq!(lines[0]["step"], 0);
+}

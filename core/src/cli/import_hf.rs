@@ -133,7 +133,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dtypes.join(", ")
     );
     for module in &summary.started_heads {
-        println!("  new head: {module} (drawn with seed {}; not in the checkpoint)", args.seed);
+        println!(
+            "  new head: {module} (drawn with seed {}; not in the checkpoint)",
+            args.seed
+        );
     }
     for stack in &structure.stacks {
         let sites: usize = stack.layers.iter().map(|l| l.sites.len()).sum();
@@ -143,7 +146,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(tokenizer) = &tokenizer {
-        println!("  tokenizer: {} (graft train finds it beside the model)", tokenizer.display());
+        println!(
+            "  tokenizer: {} (graft train finds it beside the model)",
+            tokenizer.display()
+        );
     }
     println!(
         "wrote {} ({} nodes, {} parameters)",
@@ -164,7 +170,8 @@ fn place_tokenizer(dir: &Path, output: &Path) -> anyhow::Result<Option<PathBuf>>
         return Ok(None);
     }
     let target = graft::atomic_file::parent_dir(output).join("tokenizer.json");
-    let bytes = std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    let bytes =
+        std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
     match std::fs::read(&target) {
         Ok(existing) if existing == bytes => Ok(Some(target)),
         Ok(_) => {

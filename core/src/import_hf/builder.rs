@@ -188,7 +188,13 @@ impl<'a> Builder<'a> {
     /// A head's linear `[out, in]` at `module`: the checkpoint's when it holds the module,
     /// else (with [`Builder::start_missing_heads`]) new weights drawn as transformers draws
     /// them (normal with the config's `initializer_range`, zero bias); `started` lists them.
-    pub fn head_linear(&mut self, x: &str, module: &str, out: usize, input: usize) -> Result<String> {
+    pub fn head_linear(
+        &mut self,
+        x: &str,
+        module: &str,
+        out: usize,
+        input: usize,
+    ) -> Result<String> {
         let weight = format!("{module}.weight");
         if self.has(&weight) {
             return self.linear(x, module);
@@ -214,7 +220,9 @@ impl<'a> Builder<'a> {
 
     /// The modules [`Builder::head_linear`] started.
     pub fn started_heads(&self) -> Vec<String> {
-        self.fresh.as_ref().map_or_else(Vec::new, |f| f.started.clone())
+        self.fresh
+            .as_ref()
+            .map_or_else(Vec::new, |f| f.started.clone())
     }
 
     /// `x · Wᵀ (+ b)` for the `torch.nn.Linear` at `module` (`module.weight` is `[out, in]`,

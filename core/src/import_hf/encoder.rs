@@ -224,7 +224,11 @@ fn head_on(
     match (head, config.kind) {
         (Head::Base, _) => {
             let dim = Dim::Fixed(width as i64);
-            b.output(hidden, "last_hidden_state", &[batch.clone(), sequence, dim.clone()]);
+            b.output(
+                hidden,
+                "last_hidden_state",
+                &[batch.clone(), sequence, dim.clone()],
+            );
             if b.has(&format!("{pooler}.weight")) {
                 let pooled = pool(b, hidden, &pooler, width)?;
                 b.output(&pooled, "pooler_output", &[batch, dim]);

