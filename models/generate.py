@@ -66,6 +66,8 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     T5Config,
@@ -562,6 +564,58 @@ def llama_past() -> Recording:
         run=run_with_cache(cfg, N_LAYERS),
         stacks=[stack("decoder", N_LAYERS, HIDDEN, N_HEADS, LLAMA_KV_HEADS, False, False, "gate_up_down")],
         labels=dict(_LLAMA_LABELS),
+    )
+
+
+PHI3_KV_HEADS = 2
+
+
+@register("phi3")
+def phi3() -> Recording:
+    """Phi-3: one fused `qkv_proj` (sliced into q, k, v) and one fused `gate_up_proj`
+    (chunked into gate and up halves, `up * silu(gate)`), GQA."""
+    cfg = Phi3Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=PHI3_KV_HEADS,
+        max_position_embeddings=MAX_POS,
+        original_max_position_embeddings=MAX_POS,
+        initializer_range=INIT_RANGE,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = init_model("phi3", Phi3ForCausalLM, cfg)
+
+    def make_inputs(b, s, p, g):
+        return dict(input_ids=ids(g, b, s), attention_mask=padded_mask(b, s))
+
+    def run(forward, input_ids, attention_mask):
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        return (out.logits,)
+
+    bs = {0: "batch", 1: "sequence"}
+    return Recording(
+        name="phi3",
+        arch="phi3",
+        model=model,
+        config=cfg,
+        inputs=[Tensor("input_ids", bs), Tensor("attention_mask", bs)],
+        outputs=[Tensor("logits", bs)],
+        make_inputs=make_inputs,
+        run=run,
+        stacks=[stack("decoder", N_LAYERS, HIDDEN, N_HEADS, PHI3_KV_HEADS, True, False, "fused_gate_up_down")],
+        labels={
+            "qkv": "model.layers.0.self_attn.qkv_proj",
+            "o": "model.layers.0.self_attn.o_proj",
+            "gate_up": "model.layers.0.mlp.gate_up_proj",
+            "down": "model.layers.0.mlp.down_proj",
+        },
     )
 
 

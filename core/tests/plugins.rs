@@ -20,9 +20,15 @@ fn registry() -> PluginRegistry {
     PluginRegistry::discover(&plugins).unwrap()
 }
 
-/// LoRA targets each architecture has (GPT-2 fuses q, k and v into one `c_attn`).
+/// Whether the architecture fuses q, k and v into one projection (GPT-2's `c_attn`, Phi-3's
+/// `qkv_proj`).
+fn fused_qkv(fixture: &str) -> bool {
+    fixture.starts_with("gpt2") || fixture.starts_with("phi3")
+}
+
+/// LoRA targets each architecture has.
 fn lora_targets(fixture: &str) -> &'static str {
-    if fixture.starts_with("gpt2") {
+    if fused_qkv(fixture) {
         "qkv,ffn_down"
     } else {
         "q,v,ffn_down"
@@ -43,11 +49,12 @@ fn every_method_is_a_no_op_at_init_and_merges_exactly_on_every_fixture() {
             ),
             (
                 "ia3",
-                json!({"targets": if fixture.starts_with("gpt2") { "qkv,ffn_down" } else { "k,v,ffn_down" }}),
+                json!({"targets": if fused_qkv(fixture) { "qkv,ffn_down" } else { "k,v,ffn_down" }}),
             ),
         ];
-        if !fixture.starts_with("llama") && !fixture.starts_with("t5") {
-            // LLaMA and T5 have no bias terms.
+        let unbiased = ["llama", "t5", "phi3"];
+        if !unbiased.iter().any(|arch| fixture.starts_with(arch)) {
+            // LLaMA, T5 and Phi-3 have no bias terms.
             methods.push(("bitfit", json!({})));
         }
         for (method, config) in methods {

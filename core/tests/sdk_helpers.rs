@@ -140,7 +140,9 @@ fn residual_modules_are_no_ops_at_init_on_every_fixture() {
                     assert_eq!(b.current(&o.output), names.output);
                     n_modules += 1;
 
-                    let up = site(&layer.sites, SiteKind::FfnUp).expect("ffn_up site");
+                    let up = site(&layer.sites, SiteKind::FfnUp)
+                        .or_else(|| site(&layer.sites, SiteKind::FfnGateUp))
+                        .expect("ffn_up or ffn_gate_up site");
                     let down = site(&layer.sites, SiteKind::FfnDown).expect("ffn_down site");
                     let init = Init::linear_default(up.in_features, b.next_seed());
                     let activation = activations[n_modules % activations.len()];

@@ -7,10 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{fixture_dir, fixture_model, FIXTURES};
+use common::{
+    apply_method, fixture_dir, fixture_inputs, fixture_model, max_diff, randomize_trainable,
+    run_model, FIXTURES,
+};
 use graft::analysis::{
     detect, infer_shapes, AttentionKind, EmbeddingKind, InputRole, NormPlacement, Site, SiteKind,
-    Stack, StackKind, Structure,
+    SplitPart, Stack, StackKind, Structure,
 };
 use graft::ir::{Dim, Model};
 use serde_json::Value;
@@ -212,6 +215,7 @@ fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
     let intermediate = intermediate_size(config, stack_name) as usize;
     let fused = want["fused_qkv"].as_bool().unwrap();
     let gated = want["ffn"].as_str() == Some("gate_up_down");
+    let fused_ffn = want["ffn"].as_str() == Some("fused_gate_up_down");
     let cross = want["cross_attention"].as_bool().unwrap();
     let self_attention = Some(AttentionKind::SelfAttention);
     for (index, layer) in stack.layers.iter().enumerate() {
@@ -275,13 +279,33 @@ fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
                 "{context}: o"
             );
         }
-        let up = one(SiteKind::FfnUp, None);
+        if fused_ffn {
+            let gate_up = one(SiteKind::FfnGateUp, None);
+            assert_eq!(
+                (gate_up.in_features, gate_up.out_features),
+                (hidden, 2 * intermediate),
+                "{context}: gate_up"
+            );
+            let mut halves: Vec<(SiteKind, usize)> =
+                gate_up.split.iter().map(|p| (p.kind, p.width)).collect();
+            halves.sort_by_key(|&(kind, _)| kind.name());
+            assert_eq!(
+                halves,
+                [
+                    (SiteKind::FfnGate, intermediate),
+                    (SiteKind::FfnUp, intermediate)
+                ],
+                "{context}: gate_up split"
+            );
+        } else {
+            let up = one(SiteKind::FfnUp, None);
+            assert_eq!(
+                (up.in_features, up.out_features),
+                (hidden, intermediate),
+                "{context}: up"
+            );
+        }
         let down = one(SiteKind::FfnDown, None);
-        assert_eq!(
-            (up.in_features, up.out_features),
-            (hidden, intermediate),
-            "{context}: up"
-        );
         assert_eq!(
             (down.in_features, down.out_features),
             (intermediate, hidden),
@@ -305,8 +329,14 @@ fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
             );
         }
         let other_kinds = layer.sites.iter().filter(|s| {
-            matches!(s.kind, SiteKind::FfnGateUp)
+            let ffn_kind_absent = if fused_ffn {
+                matches!(s.kind, SiteKind::FfnUp | SiteKind::FfnGate)
+            } else {
+                s.kind == SiteKind::FfnGateUp
+            };
+            ffn_kind_absent
                 || (fused && matches!(s.kind, SiteKind::Q | SiteKind::K | SiteKind::V))
+                || (s.kind.is_linear() && s.kind != SiteKind::FfnGateUp && !s.split.is_empty())
         });
         assert_eq!(other_kinds.count(), 0, "{context}: unexpected sites");
     }
@@ -323,6 +353,7 @@ fn label_kind(key: &str) -> SiteKind {
         "up" => SiteKind::FfnUp,
         "gate" => SiteKind::FfnGate,
         "down" => SiteKind::FfnDown,
+        "gate_up" => SiteKind::FfnGateUp,
         other => panic!("unknown label key {other}"),
     }
 }
@@ -539,6 +570,7 @@ fn detection_is_structural() {
                         (want.in_features, want.out_features, want.layout),
                         "{name}"
                     );
+                    assert_eq!(site.split, want.split, "{name}: split");
                 }
             }
         }
@@ -774,6 +806,110 @@ fn graph_inputs_have_their_roles() {
                     input.name
                 );
             }
+        }
+    }
+}
+
+/// Phi-3 fuses q, k, v into one `qkv_proj` (sliced apart) and gate and up into one
+/// `gate_up_proj` whose halves the legacy export takes with two `Slice`s and the dynamo export
+/// with one `Split`: both are one stack of two layers with the sites qkv, o, ffn_gate_up (gate
+/// half first, 64 + 64 columns) and ffn_down. IA3 with the FFN down input scaled and LoRA on both
+/// FFN projections apply there, change nothing at init (bit for bit: ones and a zero `B`), and
+/// change the outputs once their tensors move.
+#[test]
+fn phi3_fused_projections_are_one_stack_that_ia3_and_lora_adapt() {
+    let methods: [(&str, &[&str], usize); 2] = [
+        (
+            "ia3",
+            &["targets=qkv,ffn_gate_up,ffn_down", "feedforward=ffn_down"],
+            3,
+        ),
+        (
+            "lora",
+            &["targets=ffn_gate_up,ffn_down", "r=4", "alpha=8"],
+            4,
+        ),
+    ];
+    for name in ["phi3-legacy", "phi3-dynamo"] {
+        let base = load(name);
+        let structure = detect(&base).unwrap();
+        assert_eq!(structure.stacks.len(), 1, "{name}: stacks");
+        let stack = &structure.stacks[0];
+        assert_eq!(
+            (stack.n_layers, stack.layers.len()),
+            (2, 2),
+            "{name}: layers"
+        );
+        for layer in &stack.layers {
+            let kinds: Vec<SiteKind> = layer
+                .sites
+                .iter()
+                .map(|s| s.kind)
+                .filter(|k| k.is_linear())
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    SiteKind::Qkv,
+                    SiteKind::O,
+                    SiteKind::FfnGateUp,
+                    SiteKind::FfnDown
+                ],
+                "{name}: layer {}",
+                layer.index
+            );
+            let gate_up = layer
+                .sites
+                .iter()
+                .find(|s| s.kind == SiteKind::FfnGateUp)
+                .unwrap();
+            assert_eq!(
+                gate_up.split,
+                [
+                    SplitPart {
+                        kind: SiteKind::FfnGate,
+                        width: 64
+                    },
+                    SplitPart {
+                        kind: SiteKind::FfnUp,
+                        width: 64
+                    }
+                ],
+                "{name}: layer {}",
+                layer.index
+            );
+            assert_eq!(
+                gate_up.label.as_deref(),
+                Some(format!("model.layers.{}.mlp.gate_up_proj", layer.index).as_str()),
+                "{name}"
+            );
+        }
+
+        let inputs = fixture_inputs(name);
+        let base_outputs = run_model(&base, &inputs);
+        for (method, settings, tensors_per_layer) in methods {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("patched.onnx");
+            apply_method(name, method, settings, &out);
+            let mut patched = graft::onnx::load(&out).unwrap();
+            let record = graft::patch::read_record(&patched).unwrap();
+            assert_eq!(
+                record.trainable().count(),
+                2 * tensors_per_layer,
+                "{name} {method}: trainable tensors"
+            );
+            let at_init = run_model(&patched, &inputs);
+            assert_eq!(
+                max_diff(&base_outputs, &at_init),
+                0.0,
+                "{name} {method}: not a no-op at init"
+            );
+            randomize_trainable(&mut patched);
+            let change = max_diff(&base_outputs, &run_model(&patched, &inputs));
+            assert!(
+                change > 1e-4 && change.is_finite(),
+                "{name} {method}: outputs changed by {change}"
+            );
         }
     }
 }

@@ -15,11 +15,11 @@ const TRACT_GAPS: &[(&str, &str)] = &[("roberta-dynamo", "TDim is not a number")
 
 /// ORT and tract sum in different orders (tract's optimiser fuses and re-blocks MatMul, Softmax
 /// and normalisations), so outputs agree to float32 rounding, not bit for bit; the largest
-/// difference measured over the 32 graphs is 3.3e-6 (LLaMA with past KV).
+/// difference measured over the 38 graphs is 3.3e-6 (LLaMA with past KV).
 const TOLERANCE: f64 = 1e-5;
 
 fn lora_targets(fixture: &str) -> &'static str {
-    if fixture.starts_with("gpt2") {
+    if fixture.starts_with("gpt2") || fixture.starts_with("phi3") {
         "qkv"
     } else {
         "q,v"

@@ -9,5 +9,5 @@ pub mod sites;
 pub use shapes::{infer_shapes, ShapeConflict, ShapeMap};
 pub use sites::{
     detect, Attention, AttentionKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole, Layer,
-    NormPlacement, Site, SiteKind, Stack, StackKind, Structure, WeightLayout,
+    NormPlacement, Site, SiteKind, SplitPart, Stack, StackKind, Structure, WeightLayout,
 };

@@ -357,7 +357,7 @@ impl Fields {
     }
 
     fn divisible(&self, field: &str, value: usize, by_field: &str, by: usize) -> Result<()> {
-        if value % by != 0 {
+        if !value.is_multiple_of(by) {
             return Err(self.error(
                 field,
                 format!("{value} is not a multiple of {by_field} ({by})"),

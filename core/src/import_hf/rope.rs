@@ -152,7 +152,7 @@ fn llama3(base: &[f32], factor: f32, low: f32, high: f32, original: f32) -> Vec<
             let scaled = if wavelen > low_wavelen { f / factor } else { f };
             let smooth = (original / wavelen - low) / (high - low);
             let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
             if medium {
                 smoothed
             } else {

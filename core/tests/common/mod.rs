@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use graft::ir::Model;
 use graft::runtime::{read_npz, HostTensor, OrtSession, SessionOptions};
 
-/// The 16 committed fixtures: 8 model variants, each from both exporters.
+/// The 20 committed fixtures: 10 model variants, each from both exporters.
 pub const FIXTURES: &[&str] = &[
     "bert-legacy",
     "bert-dynamo",
@@ -20,6 +20,8 @@ pub const FIXTURES: &[&str] = &[
     "llama-dynamo",
     "llama-past-legacy",
     "llama-past-dynamo",
+    "phi3-legacy",
+    "phi3-dynamo",
     "t5-legacy",
     "t5-dynamo",
     "clip-legacy",

@@ -438,6 +438,21 @@ pub struct Site {
     /// enters attention, where the core found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_states: Option<String>,
+    /// On a fused site whose output the graph splits into parts along its last axis (an
+    /// `ffn_gate_up` site's gate and up halves): the parts in output-column order, their widths
+    /// adding up to `out_features`; empty where the core found no split.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitPart>,
+}
+
+/// One part of a fused site's output: `width` consecutive output columns that play the role of
+/// a `kind` projection (`ffn_gate` and `ffn_up` for the halves of an `ffn_gate_up` site).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPart {
+    /// The role of these columns.
+    pub kind: SiteKind,
+    /// The number of columns.
+    pub width: usize,
 }
 
 impl Site {

@@ -204,7 +204,7 @@ pub use export::Plugin;
 pub use graph::{
     Attention, AttentionKind, BlockKind, Dim, Embedding, EmbeddingKind, GraphInput, GraphView,
     Head, InputRole, Layer, NormInfo, NormKind, NormPlacement, ResidualBlock, Site, SiteKind,
-    SiteRef, Stack, StackKind, TensorInfo, ValueInfo, WeightLayout,
+    SiteRef, SplitPart, Stack, StackKind, TensorInfo, ValueInfo, WeightLayout,
 };
 pub use host::{raw_host, Host, NoTensors, TensorSource};
 pub use patch::{

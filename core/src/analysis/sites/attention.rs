@@ -1,12 +1,16 @@
 //! Attention by shape: a `Softmax` whose input comes (through scaling and masking) from a
 //! `MatMul` of two computed operands (queries · keysᵀ) and whose output is the left operand of
 //! another `MatMul` (· values). The linears feeding each operand are q, k and v (one linear
-//! feeding all three is a fused qkv); the linear reading the context is o.
+//! feeding all three is a fused qkv, with the runs of its output columns each operand reads);
+//! the linear reading the context is o.
 
 use std::collections::{HashSet, VecDeque};
 
+use std::ops::Range;
+
 use super::context::{Context, VIEW_OPS};
-use super::linear::Linears;
+use super::linear::{output_columns, Linears};
+use super::{SiteKind, SplitPart};
 use crate::ir::{DataType, Dim, Tensor};
 
 /// One attention found in the graph.
@@ -37,6 +41,9 @@ pub(super) struct AttentionCore {
     pub mask_inputs: Vec<String>,
     /// The additive term nearest the `Softmax` on the path from the `Q·Kᵀ` product.
     pub mask: Option<String>,
+    /// For a fused qkv linear whose output is sliced or split into queries, keys and values:
+    /// the parts in output-column order.
+    pub qkv_split: Vec<SplitPart>,
 }
 
 impl AttentionCore {
@@ -165,6 +172,16 @@ pub(super) fn find_attention(context: &Context, linears: &Linears) -> Vec<Attent
         let value_states = head_dim
             .zip(value_length)
             .and_then(|(d, length)| per_head_states(context, value_operand, &length, d));
+        let qkv_split = if fused {
+            let operands = [
+                (SiteKind::Q, query_operand),
+                (SiteKind::K, key_operand),
+                (SiteKind::V, value_operand),
+            ];
+            fused_parts(context, linears, query, &operands)
+        } else {
+            Vec::new()
+        };
         let (causal, mask_inputs) = mask_kind(context, scores_input, scores);
         let mask = additive_term(context, scores_input, scores);
         cores.push(AttentionCore {
@@ -183,6 +200,7 @@ pub(super) fn find_attention(context: &Context, linears: &Linears) -> Vec<Attent
             scores: scores_input.to_owned(),
             probabilities: probabilities.clone(),
             mask,
+            qkv_split,
         });
     }
     cores
@@ -312,6 +330,81 @@ fn nearest_linear(context: &Context, linears: &Linears, value: &str) -> Option<u
                 .input(0)
                 .is_some_and(|d| context.initializer(d).is_some());
         if BARRIER_OPS.contains(&op) || embedding_lookup {
+            continue;
+        }
+        let data_inputs: Vec<&str> = if matches!(op, "Reshape" | "Expand" | "Tile" | "Slice") {
+            node.input(0).into_iter().collect()
+        } else {
+            context.dynamic_inputs(position).collect()
+        };
+        queue.extend(data_inputs.into_iter().filter(|v| !context.is_constant(v)));
+    }
+    None
+}
+
+/// The parts of the fused `linear`'s output that reach each operand, in output-column order;
+/// empty unless each operand reaches its own run of columns and the runs tile the output.
+fn fused_parts(
+    context: &Context,
+    linears: &Linears,
+    linear: usize,
+    operands: &[(SiteKind, &str)],
+) -> Vec<SplitPart> {
+    let mut parts: Vec<(Range<usize>, SiteKind)> = Vec::new();
+    for &(kind, operand) in operands {
+        match nearest_columns(context, linears, linear, operand) {
+            Some(columns) => parts.push((columns, kind)),
+            None => return Vec::new(),
+        }
+    }
+    parts.sort_by_key(|(columns, _)| columns.start);
+    let mut end = 0;
+    for (columns, _) in &parts {
+        if columns.start != end {
+            return Vec::new();
+        }
+        end = columns.end;
+    }
+    if end != linears.all[linear].out_features {
+        return Vec::new();
+    }
+    parts
+        .into_iter()
+        .map(|(columns, kind)| SplitPart {
+            kind,
+            width: columns.len(),
+        })
+        .collect()
+}
+
+/// The run of `linear`'s output columns, taken by a `Slice` or `Split`, nearest to `value` on
+/// the data path back to the linear.
+fn nearest_columns(
+    context: &Context,
+    linears: &Linears,
+    linear: usize,
+    value: &str,
+) -> Option<Range<usize>> {
+    let mut queue = VecDeque::from([value]);
+    let mut visited = HashSet::new();
+    while let Some(current) = queue.pop_front() {
+        if visited.len() > 256 || !visited.insert(current) {
+            continue;
+        }
+        if let Some((found, columns)) = output_columns(context, linears, current) {
+            if found == linear {
+                return Some(columns);
+            }
+            continue;
+        }
+        if linears.producing(current).is_some() {
+            continue;
+        }
+        let Some((position, node)) = context.producer(current) else {
+            continue;
+        };
+        let op = node.op_type.as_str();
+        if BARRIER_OPS.contains(&op) {
             continue;
         }
         let data_inputs: Vec<&str> = if matches!(op, "Reshape" | "Expand" | "Tile" | "Slice") {

@@ -198,14 +198,23 @@ pub(super) fn output_columns(
             [n] => Some(*n),
             _ => None,
         };
-        (single("starts")?, single("ends")?, single("axes").unwrap_or(0), 1)
+        (
+            single("starts")?,
+            single("ends")?,
+            single("axes").unwrap_or(0),
+            1,
+        )
     };
     if step != 1 || !on_last_axis(axis) {
         return None;
     }
     let width = i64::try_from(width).ok()?;
     let resolve = |bound: i64| {
-        let bound = if bound < 0 { bound.saturating_add(width) } else { bound };
+        let bound = if bound < 0 {
+            bound.saturating_add(width)
+        } else {
+            bound
+        };
         usize::try_from(bound.clamp(0, width)).ok()
     };
     let (start, end) = (resolve(start)?, resolve(end)?);

@@ -5,8 +5,8 @@
 //! The passes, each in its own file: `linear` finds every linear (`MatMul`/`Gemm` with a
 //! weight initializer); `attention` finds each `Softmax` between two `MatMul`s and traces the
 //! linears feeding its query, key and value operands and the one reading its output; `ffn`
-//! finds linears joined by an activation; `norm` finds LayerNorm and RMSNorm, fused or
-//! decomposed; `stacks` chains the blocks along the residual stream into layers and stacks and
+//! finds linears (or the split halves of one) joined by an activation; `norm` finds LayerNorm
+//! and RMSNorm, fused or decomposed; `stacks` chains the blocks along the residual stream into layers and stacks and
 //! names them; `embeddings` finds token, position, token-type and patch embeddings and the
 //! heads after the last layer; `inputs` gives graph inputs their roles. [`Structure`] is the documented `graft inspect --json` schema.
 
@@ -48,8 +48,8 @@ pub struct Structure {
 
 pub use graft_plugin_sdk::{
     Attention, AttentionKind, BlockKind, Embedding, EmbeddingKind, GraphInput, Head, InputRole,
-    Layer, NormInfo, NormKind, NormPlacement, ResidualBlock, Site, SiteKind, Stack, StackKind,
-    WeightLayout,
+    Layer, NormInfo, NormKind, NormPlacement, ResidualBlock, Site, SiteKind, SplitPart, Stack,
+    StackKind, WeightLayout,
 };
 
 /// Finds `model`'s transformer structure from the graph's shape.

@@ -13,7 +13,7 @@ use super::linear::{Linear, Linears};
 use super::norm::Norm;
 use super::{
     Attention, AttentionKind, BlockKind as ResidualKind, Layer, NormInfo, NormPlacement,
-    ResidualBlock, Site, SiteKind, Stack, StackKind, WeightLayout,
+    ResidualBlock, Site, SiteKind, SplitPart, Stack, StackKind, WeightLayout,
 };
 use crate::analysis::labels::{initializer_label, node_label};
 
@@ -340,6 +340,7 @@ impl Assembly<'_, '_> {
                 site.attention = block_site.attention;
                 site.key_states = block_site.key_states;
                 site.value_states = block_site.value_states;
+                site.split = block_site.split;
                 layer.push((linear.node, site));
             }
         }
@@ -417,7 +418,8 @@ impl Assembly<'_, '_> {
         }
     }
 
-    /// The linear sites of a block, in the order q, k, v (or qkv), o / gate, up, down.
+    /// The linear sites of a block, in the order q, k, v (or qkv), o / gate, up (or gate_up),
+    /// down.
     fn block_sites(&self, block: &Block) -> Vec<BlockSite> {
         let site = |linear, kind, attention| BlockSite {
             linear,
@@ -425,6 +427,7 @@ impl Assembly<'_, '_> {
             attention,
             key_states: None,
             value_states: None,
+            split: Vec::new(),
         };
         match block.kind {
             BlockKind::Attention { core, cross } => {
@@ -439,6 +442,7 @@ impl Assembly<'_, '_> {
                     sites.push(BlockSite {
                         key_states: core.key_states.clone(),
                         value_states: core.value_states.clone(),
+                        split: core.qkv_split.clone(),
                         ..site(core.query, SiteKind::Qkv, attention)
                     });
                 } else {
@@ -464,8 +468,26 @@ impl Assembly<'_, '_> {
             BlockKind::Ffn(ffn) => {
                 let ffn = &self.ffns[ffn];
                 let mut sites = Vec::new();
-                sites.extend(ffn.gate.map(|gate| site(gate, SiteKind::FfnGate, None)));
-                sites.push(site(ffn.up, SiteKind::FfnUp, None));
+                match &ffn.fused_halves {
+                    Some(halves) => {
+                        let mut parts = [
+                            (halves.gate.start, SiteKind::FfnGate, halves.gate.len()),
+                            (halves.up.start, SiteKind::FfnUp, halves.up.len()),
+                        ];
+                        parts.sort_by_key(|&(start, _, _)| start);
+                        sites.push(BlockSite {
+                            split: parts
+                                .iter()
+                                .map(|&(_, kind, width)| SplitPart { kind, width })
+                                .collect(),
+                            ..site(ffn.up, SiteKind::FfnGateUp, None)
+                        });
+                    }
+                    None => {
+                        sites.extend(ffn.gate.map(|gate| site(gate, SiteKind::FfnGate, None)));
+                        sites.push(site(ffn.up, SiteKind::FfnUp, None));
+                    }
+                }
                 sites.push(site(ffn.down, SiteKind::FfnDown, None));
                 sites
             }
@@ -480,6 +502,7 @@ struct BlockSite {
     attention: Option<AttentionKind>,
     key_states: Option<String>,
     value_states: Option<String>,
+    split: Vec<SplitPart>,
 }
 
 /// The label of a linear: its node's, its bias `Add`'s, or its parameters' module path.
@@ -505,6 +528,7 @@ fn linear_site(context: &Context, linear: &Linear, kind: SiteKind) -> Site {
         output: linear.output.clone(),
         key_states: None,
         value_states: None,
+        split: Vec::new(),
     }
 }
 
@@ -536,6 +560,7 @@ fn norm_site(context: &Context, norm: &Norm) -> Site {
         output: norm.output.clone(),
         key_states: None,
         value_states: None,
+        split: Vec::new(),
     }
 }
 

@@ -30,6 +30,7 @@ fn site(layer: usize, kind: SiteKind, in_f: usize, out_f: usize, input: &str, bi
         output: format!("{base}.out"),
         key_states: (kind == SiteKind::K).then(|| format!("l{layer}.keys")),
         value_states: (kind == SiteKind::V).then(|| format!("l{layer}.values")),
+        split: Vec::new(),
     }
 }
 
