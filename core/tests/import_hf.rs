@@ -302,6 +302,12 @@ fn bad_checkpoints_are_refused_by_name() {
             "pass --head",
         ),
         (
+            "weights of other shapes than the config says",
+            edited(&|c| c["head_dim"] = 16.into()),
+            weights.clone(),
+            "model.layers.0.self_attn.q_proj.weight has shape [32, 32]; config.json implies [64, 32]",
+        ),
+        (
             "truncated weights",
             config.to_string(),
             weights[..weights.len() / 2].to_vec(),

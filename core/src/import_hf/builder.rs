@@ -197,7 +197,7 @@ impl<'a> Builder<'a> {
     ) -> Result<String> {
         let weight = format!("{module}.weight");
         if self.has(&weight) {
-            return self.linear(x, module);
+            return self.linear(x, module, out, input);
         }
         let Some(fresh) = self.fresh.as_mut() else {
             return Err(crate::Error::Config(format!(
@@ -227,11 +227,37 @@ impl<'a> Builder<'a> {
 
     /// `x · Wᵀ (+ b)` for the `torch.nn.Linear` at `module` (`module.weight` is `[out, in]`,
     /// read through a `Transpose` so that the checkpoint's bytes are used as they are).
-    pub fn linear(&mut self, x: &str, module: &str) -> Result<String> {
-        let weight = self.weight(&format!("{module}.weight"))?;
+    ///
+    /// The weight must be `[out, input]` and a bias `[out]`, the sizes the config implies;
+    /// another shape is refused naming the tensor.
+    pub fn linear(&mut self, x: &str, module: &str, out: usize, input: usize) -> Result<String> {
+        let weight = format!("{module}.weight");
+        self.expect_shape(&weight, &[out, input])?;
+        let weight = self.weight(&weight)?;
         let bias = format!("{module}.bias");
         let bias = self.has(&bias).then_some(bias);
+        if let Some(bias) = &bias {
+            self.expect_shape(bias, &[out])?;
+        }
         self.linear_with(x, module, &weight, bias.as_deref())
+    }
+
+    /// The first dimension of the checkpoint's tensor `name` (0 when missing or a scalar).
+    pub fn rows(&self, name: &str) -> usize {
+        self.shape(name)
+            .and_then(|s| s.first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Fails naming tensor `name` unless the checkpoint stores it with shape `dims` (a missing
+    /// tensor is left to [`Builder::weight`] to report).
+    pub fn expect_shape(&self, name: &str, dims: &[usize]) -> Result<()> {
+        match self.shape(name) {
+            Some(shape) if shape != dims => Err(crate::Error::Config(format!(
+                "the checkpoint's {name} has shape {shape:?}; config.json implies {dims:?}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// `x · weightᵀ (+ bias)` named as the module `module` (a tied head reads another module's
@@ -261,9 +287,18 @@ impl<'a> Builder<'a> {
     }
 
     /// `LayerNormalization` over the last axis with the module's weight and bias.
-    pub fn layer_norm(&mut self, x: &str, module: &str, epsilon: f32) -> Result<String> {
-        let weight = self.weight(&format!("{module}.weight"))?;
-        let bias = self.weight(&format!("{module}.bias"))?;
+    pub fn layer_norm(
+        &mut self,
+        x: &str,
+        module: &str,
+        width: usize,
+        epsilon: f32,
+    ) -> Result<String> {
+        let (weight, bias) = (format!("{module}.weight"), format!("{module}.bias"));
+        self.expect_shape(&weight, &[width])?;
+        self.expect_shape(&bias, &[width])?;
+        let weight = self.weight(&weight)?;
+        let bias = self.weight(&bias)?;
         self.scoped(module, |b| {
             Ok(b.op(
                 "LayerNormalization",
@@ -277,8 +312,16 @@ impl<'a> Builder<'a> {
     }
 
     /// RMSNorm as LLaMA computes it: `weight · x / sqrt(mean(x²) + ε)`.
-    pub fn rms_norm(&mut self, x: &str, module: &str, epsilon: f32) -> Result<String> {
-        let weight = self.weight(&format!("{module}.weight"))?;
+    pub fn rms_norm(
+        &mut self,
+        x: &str,
+        module: &str,
+        width: usize,
+        epsilon: f32,
+    ) -> Result<String> {
+        let weight = format!("{module}.weight");
+        self.expect_shape(&weight, &[width])?;
+        let weight = self.weight(&weight)?;
         self.scoped(module, |b| {
             let two = b.scalar(2.0);
             let squares = b.op("Pow", &[x, &two], vec![]);

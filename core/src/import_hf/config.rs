@@ -76,6 +76,8 @@ pub enum EncoderKind {
 pub struct EncoderConfig {
     pub kind: EncoderKind,
     pub hidden_size: usize,
+    /// The FFN's inner width.
+    pub intermediate_size: usize,
     pub layers: usize,
     pub heads: usize,
     pub layer_norm_eps: f32,
@@ -93,6 +95,8 @@ pub struct EncoderConfig {
 #[derive(Clone, Debug)]
 pub struct DecoderConfig {
     pub hidden_size: usize,
+    /// The FFN's inner width.
+    pub intermediate_size: usize,
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -273,6 +277,7 @@ impl Fields {
         Ok(Architecture::Encoder(EncoderConfig {
             kind,
             hidden_size,
+            intermediate_size: self.usize("intermediate_size")?,
             layers: self.usize("num_hidden_layers")?,
             heads,
             layer_norm_eps: self.f64_or("layer_norm_eps", 1e-12)? as f32,
@@ -291,6 +296,7 @@ impl Fields {
         Ok(Architecture::Encoder(EncoderConfig {
             kind: EncoderKind::DistilBert,
             hidden_size,
+            intermediate_size: self.usize("hidden_dim")?,
             layers: self.usize("n_layers")?,
             heads,
             layer_norm_eps: 1e-12,
@@ -337,6 +343,7 @@ impl Fields {
         let max_position_embeddings = self.usize_or("max_position_embeddings", 2048)?;
         Ok(Architecture::Decoder(DecoderConfig {
             hidden_size,
+            intermediate_size: self.usize("intermediate_size")?,
             layers: self.usize("num_hidden_layers")?,
             heads,
             kv_heads,

@@ -70,7 +70,10 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
         Vec::new()
     };
 
-    let table = b.weight(&module("embed_tokens.weight"))?;
+    let table = module("embed_tokens.weight");
+    let vocab = b.rows(&table);
+    b.expect_shape(&table, &[vocab, config.hidden_size])?;
+    let table = b.weight(&table)?;
     let mut hidden = b.scoped(&module("embed_tokens"), |b| {
         Ok(b.op("Gather", &[&table, &input_ids], vec![]))
     })?;
@@ -94,14 +97,21 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
     })?;
 
     let scale = 1.0 / (config.head_dim as f32).sqrt();
+    let (hidden_size, eps, ffn) = (
+        config.hidden_size,
+        config.rms_norm_eps,
+        config.intermediate_size,
+    );
+    let q_width = config.heads * config.head_dim;
+    let kv_width = config.kv_heads * config.head_dim;
     let mut present = Vec::new();
     for layer in 0..config.layers {
         let layer_path = module(&format!("layers.{layer}"));
         let child = |c: &str| Builder::path(&layer_path, c);
-        let normed = b.rms_norm(&hidden, &child("input_layernorm"), config.rms_norm_eps)?;
-        let q = b.linear(&normed, &child("self_attn.q_proj"))?;
-        let k = b.linear(&normed, &child("self_attn.k_proj"))?;
-        let v = b.linear(&normed, &child("self_attn.v_proj"))?;
+        let normed = b.rms_norm(&hidden, &child("input_layernorm"), hidden_size, eps)?;
+        let q = b.linear(&normed, &child("self_attn.q_proj"), q_width, hidden_size)?;
+        let k = b.linear(&normed, &child("self_attn.k_proj"), kv_width, hidden_size)?;
+        let v = b.linear(&normed, &child("self_attn.v_proj"), kv_width, hidden_size)?;
         let context = b.scoped(&child("self_attn"), |b| {
             let q = b.split_heads(&q, config.heads, config.head_dim);
             let k = b.split_heads(&k, config.kv_heads, config.head_dim);
@@ -118,26 +128,26 @@ pub fn build(b: &mut Builder, config: &DecoderConfig, head: Head, kv_cache: bool
             let context = b.attention(&q, &k, &v, &mask, scale);
             Ok(b.merge_heads(&context, config.heads * config.head_dim))
         })?;
-        let attended = b.linear(&context, &child("self_attn.o_proj"))?;
+        let attended = b.linear(&context, &child("self_attn.o_proj"), hidden_size, q_width)?;
         let h1 = b.scoped(&layer_path, |b| {
             Ok(b.op("Add", &[&hidden, &attended], vec![]))
         })?;
-        let normed = b.rms_norm(&h1, &child("post_attention_layernorm"), config.rms_norm_eps)?;
-        let gate = b.linear(&normed, &child("mlp.gate_proj"))?;
-        let up = b.linear(&normed, &child("mlp.up_proj"))?;
+        let normed = b.rms_norm(&h1, &child("post_attention_layernorm"), hidden_size, eps)?;
+        let gate = b.linear(&normed, &child("mlp.gate_proj"), ffn, hidden_size)?;
+        let up = b.linear(&normed, &child("mlp.up_proj"), ffn, hidden_size)?;
         let gated = b.scoped(&child("mlp"), |b| {
             let activated = b.activation(&gate, config.activation);
             Ok(b.op("Mul", &[&activated, &up], vec![]))
         })?;
-        let down = b.linear(&gated, &child("mlp.down_proj"))?;
+        let down = b.linear(&gated, &child("mlp.down_proj"), hidden_size, ffn)?;
         hidden = b.scoped(&layer_path, |b| Ok(b.op("Add", &[&h1, &down], vec![])))?;
     }
-    let hidden = b.rms_norm(&hidden, &module("norm"), config.rms_norm_eps)?;
+    let hidden = b.rms_norm(&hidden, &module("norm"), hidden_size, eps)?;
     let (batch, sequence) = (sym("batch"), sym("sequence"));
     match head {
         Head::CausalLm => {
             let logits = if b.has("lm_head.weight") {
-                b.linear(&hidden, "lm_head")?
+                b.linear(&hidden, "lm_head", vocab, hidden_size)?
             } else if config.tie_word_embeddings {
                 b.linear_with(&hidden, "lm_head", &table, None)?
             } else {

@@ -111,14 +111,15 @@ pub fn build(
     })?;
     let mask = b.scoped(&names.base, |b| Ok(additive_mask(b, &attention_mask)))?;
 
+    let (width, ffn) = (config.hidden_size, config.intermediate_size);
     let head_dim = config.hidden_size / config.heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     for layer in 0..config.layers {
         let layer_path = names.module(&format!("{}.{layer}", names.layers));
         let module = |child: &str| Builder::path(&layer_path, child);
-        let q = b.linear(&hidden, &module(names.query))?;
-        let k = b.linear(&hidden, &module(names.key))?;
-        let v = b.linear(&hidden, &module(names.value))?;
+        let q = b.linear(&hidden, &module(names.query), width, width)?;
+        let k = b.linear(&hidden, &module(names.key), width, width)?;
+        let v = b.linear(&hidden, &module(names.value), width, width)?;
         let attention_scope = module(names.query)
             .rsplit_once('.')
             .map(|(s, _)| s.to_owned());
@@ -129,18 +130,18 @@ pub fn build(
             let context = b.attention(&q, &k, &v, &mask, scale);
             Ok(b.merge_heads(&context, config.hidden_size))
         })?;
-        let attended = b.linear(&context, &module(names.attention_out))?;
+        let attended = b.linear(&context, &module(names.attention_out), width, width)?;
         let norm = module(names.attention_norm);
         let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&attended, &hidden], vec![])))?;
-        let h1 = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
-        let up = b.linear(&h1, &module(names.up))?;
+        let h1 = b.layer_norm(&residual, &norm, width, config.layer_norm_eps)?;
+        let up = b.linear(&h1, &module(names.up), ffn, width)?;
         let activated = b.scoped(&module(names.up), |b| {
             Ok(b.activation(&up, config.activation))
         })?;
-        let down = b.linear(&activated, &module(names.down))?;
+        let down = b.linear(&activated, &module(names.down), width, ffn)?;
         let norm = module(names.output_norm);
         let residual = b.scoped(&norm, |b| Ok(b.op("Add", &[&down, &h1], vec![])))?;
-        hidden = b.layer_norm(&residual, &norm, config.layer_norm_eps)?;
+        hidden = b.layer_norm(&residual, &norm, width, config.layer_norm_eps)?;
     }
     head_on(b, config, &names, head, labels, &hidden)
 }
@@ -154,7 +155,9 @@ fn embed(
     token_types: Option<&str>,
 ) -> Result<String> {
     let module = |child: &str| Builder::path(embeddings, child);
-    let words = b.weight(&module("word_embeddings.weight"))?;
+    let words = module("word_embeddings.weight");
+    b.expect_shape(&words, &[b.rows(&words), config.hidden_size])?;
+    let words = b.weight(&words)?;
     let mut sum = b.op("Gather", &[&words, input_ids], vec![]);
     let types = module("token_type_embeddings.weight");
     if b.has(&types) {
@@ -193,7 +196,12 @@ fn embed(
     let table = b.weight(&module("position_embeddings.weight"))?;
     let rows = b.op("Gather", &[&table, &positions], vec![]);
     let sum = b.op("Add", &[&sum, &rows], vec![]);
-    b.layer_norm(&sum, &module("LayerNorm"), config.layer_norm_eps)
+    b.layer_norm(
+        &sum,
+        &module("LayerNorm"),
+        config.hidden_size,
+        config.layer_norm_eps,
+    )
 }
 
 /// `[B, 1, 1, S]`: 0 where `attention_mask` is 1, the most negative float where it is 0.
