@@ -245,6 +245,17 @@ fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
                     qkv.key_states.is_some() || qkv.value_states.is_some(),
                     "{context}: states"
                 );
+                let parts: Vec<(SiteKind, usize)> =
+                    qkv.split.iter().map(|p| (p.kind, p.width)).collect();
+                assert_eq!(
+                    parts,
+                    [
+                        (SiteKind::Q, query_width),
+                        (SiteKind::K, key_width),
+                        (SiteKind::V, key_width)
+                    ],
+                    "{context}: qkv split"
+                );
             } else {
                 let q = one(SiteKind::Q, attention);
                 let k = one(SiteKind::K, attention);
@@ -336,7 +347,7 @@ fn check_stack(name: &str, config: &Value, want: &Value, stack: &Stack) {
             };
             ffn_kind_absent
                 || (fused && matches!(s.kind, SiteKind::Q | SiteKind::K | SiteKind::V))
-                || (s.kind.is_linear() && s.kind != SiteKind::FfnGateUp && !s.split.is_empty())
+                || (!matches!(s.kind, SiteKind::Qkv | SiteKind::FfnGateUp) && !s.split.is_empty())
         });
         assert_eq!(other_kinds.count(), 0, "{context}: unexpected sites");
     }
@@ -479,6 +490,7 @@ fn structure_serializes_to_the_documented_schema() {
     assert_eq!(site["attention"], "self");
     assert_eq!(site["layout"], "in_out");
     assert_eq!(site["label"], "model.layers.0.self_attn.q_proj");
+    assert!(site.get("split").is_none(), "no split written for a q site");
     assert_eq!(
         json["stacks"][0]["layers"][0]["sites"][6]["kind"],
         "ffn_gate"
@@ -812,8 +824,8 @@ fn graph_inputs_have_their_roles() {
 
 /// Phi-3 fuses q, k, v into one `qkv_proj` (sliced apart) and gate and up into one
 /// `gate_up_proj` whose halves the legacy export takes with two `Slice`s and the dynamo export
-/// with one `Split`: both are one stack of two layers with the sites qkv, o, ffn_gate_up (gate
-/// half first, 64 + 64 columns) and ffn_down. IA3 with the FFN down input scaled and LoRA on both
+/// with one `Split`: both are one stack of two layers with the sites qkv (32 + 16 + 16 columns),
+/// o, ffn_gate_up (gate half first, 64 + 64 columns) and ffn_down. IA3 with the FFN down input scaled and LoRA on both
 /// FFN projections apply there, change nothing at init (bit for bit: ones and a zero `B`), and
 /// change the outputs once their tensors move.
 #[test]
@@ -858,6 +870,22 @@ fn phi3_fused_projections_are_one_stack_that_ia3_and_lora_adapt() {
                 "{name}: layer {}",
                 layer.index
             );
+            let part = |kind, width| SplitPart { kind, width };
+            let qkv = layer
+                .sites
+                .iter()
+                .find(|s| s.kind == SiteKind::Qkv)
+                .unwrap();
+            assert_eq!(
+                qkv.split,
+                [
+                    part(SiteKind::Q, 32),
+                    part(SiteKind::K, 16),
+                    part(SiteKind::V, 16)
+                ],
+                "{name}: layer {}",
+                layer.index
+            );
             let gate_up = layer
                 .sites
                 .iter()
@@ -865,16 +893,7 @@ fn phi3_fused_projections_are_one_stack_that_ia3_and_lora_adapt() {
                 .unwrap();
             assert_eq!(
                 gate_up.split,
-                [
-                    SplitPart {
-                        kind: SiteKind::FfnGate,
-                        width: 64
-                    },
-                    SplitPart {
-                        kind: SiteKind::FfnUp,
-                        width: 64
-                    }
-                ],
+                [part(SiteKind::FfnGate, 64), part(SiteKind::FfnUp, 64)],
                 "{name}: layer {}",
                 layer.index
             );

@@ -438,15 +438,17 @@ pub struct Site {
     /// enters attention, where the core found it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_states: Option<String>,
-    /// On a fused site whose output the graph splits into parts along its last axis (an
-    /// `ffn_gate_up` site's gate and up halves): the parts in output-column order, their widths
-    /// adding up to `out_features`; empty where the core found no split.
+    /// On a fused site whose output the graph splits into parts along its last axis (a `qkv`
+    /// site's queries, keys and values, an `ffn_gate_up` site's gate and up halves): the parts
+    /// in output-column order, their widths adding up to `out_features`; empty where the core
+    /// found no such split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub split: Vec<SplitPart>,
 }
 
 /// One part of a fused site's output: `width` consecutive output columns that play the role of
-/// a `kind` projection (`ffn_gate` and `ffn_up` for the halves of an `ffn_gate_up` site).
+/// a `kind` projection (`q`, `k`, `v` for a `qkv` site; `ffn_gate`, `ffn_up` for an
+/// `ffn_gate_up` site).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitPart {
     /// The role of these columns.

@@ -152,7 +152,8 @@ fn bias_add(
 }
 
 /// The linear of which `value` is a run of consecutive output columns, with the run: the output
-/// of a `Slice` (step 1) or of a `Split` along the last axis of the linear's output.
+/// of a `Slice` (step 1) or of a `Split` along the last axis of the linear's output, or of a
+/// view of it that keeps that axis.
 pub(super) fn output_columns(
     context: &Context,
     linears: &Linears,
@@ -160,8 +161,13 @@ pub(super) fn output_columns(
 ) -> Option<(usize, Range<usize>)> {
     let (_, node) = context.producer(value)?;
     let data = node.input(0)?;
-    let linear = linears.producing(data)?;
+    let linear = linears.producing(context.source_of(data))?;
     let width = linears.all[linear].out_features;
+    // Views that keep the last axis whole (GPT-2's `Reshape` from `[batch · sequence, 3 · hidden]`
+    // back to `[batch, sequence, 3 · hidden]`) keep every row, so columns stay columns.
+    if context.fixed_dim_from_end(data, 1) != Some(width) {
+        return None;
+    }
     let last_axis = context.shape(data)?.len().checked_sub(1)?;
     let on_last_axis = |axis: i64| normalize_axis(axis, last_axis + 1) == Some(last_axis);
     if node.is("Split") {
