@@ -431,3 +431,47 @@ fn a_new_head_on_a_bare_encoder_is_seeded_and_trains() {
     );
     assert_eq!(lines[0]["step"], 0);
 }
+
+/// `--head base` on a causal LM checkpoint: the decoder alone, named as LlamaModel names its
+/// modules (`layers.0…`); its final states times `lm_head.weight`ᵀ (on the host) are PyTorch's
+/// logits.
+#[test]
+fn a_decoder_without_its_head_gives_the_states_the_lm_head_reads() {
+    let dir = checkpoint("llama-causal");
+    let options = ImportOptions {
+        head: Some(Head::Base),
+        ..Default::default()
+    };
+    let model = imported(&dir, &options);
+    assert!(model
+        .graph
+        .initializer("layers.0.self_attn.q_proj.weight")
+        .is_some());
+    assert!(model.graph.initializer("lm_head.weight").is_none());
+    let outputs = run_model(&model, &read_npz(&dir.join("inputs.npz")).unwrap());
+    let [(name, states)] = &outputs[..] else {
+        panic!("one output expected, got {}", outputs.len())
+    };
+    assert_eq!(name, "last_hidden_state");
+    let head = read_tensors(&dir.join("model.safetensors"))
+        .into_iter()
+        .find(|t| t.0 == "lm_head.weight")
+        .unwrap();
+    let (vocab, width) = (head.1[0], head.1[1]);
+    let states = states.to_f64();
+    let expected = read_npz(&dir.join("outputs.npz")).unwrap();
+    let logits = expected[0].1.to_f64();
+    let mut worst: f64 = 0.0;
+    for (row, state) in states.chunks(width).enumerate() {
+        for v in 0..vocab {
+            let dot: f64 = (state.iter().zip(&head.2[v * width..(v + 1) * width]))
+                .map(|(s, w)| s * *w as f64)
+                .sum();
+            worst = worst.max((dot - logits[row * vocab + v]).abs());
+        }
+    }
+    assert!(
+        worst <= TOLERANCE,
+        "states · lm_headᵀ vs PyTorch's logits: {worst:e}"
+    );
+}
