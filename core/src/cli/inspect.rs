@@ -15,10 +15,12 @@ use graft::onnx;
 /// `--json` prints a stable schema:
 /// `{"opset","producer","n_params","stacks":[{"name","n_layers","hidden_size","n_heads","n_kv_heads",
 /// "layers":[{"index","sites":[{"kind","attention","node","weight","label","in_features",
-/// "out_features","layout","bias","input","output"}]}]}],"embeddings":[…],"heads":[…]}` where
-/// `kind` is one of q k v o qkv ffn_up ffn_gate ffn_down ffn_gate_up norm, `attention` is self or
-/// cross (attention sites only), and `layout` is in_out (MatMul(x, W[in,out])) or out_in
-/// (Gemm transB=1, MatMul(x, Transpose(W))).
+/// "out_features","layout","bias","input","output","split"}]}]}],"embeddings":[…],"heads":[…]}`
+/// where `kind` is one of q k v o qkv ffn_up ffn_gate ffn_down ffn_gate_up norm, `attention` is
+/// self or cross (attention sites only), `layout` is in_out (MatMul(x, W[in,out])) or out_in
+/// (Gemm transB=1, MatMul(x, Transpose(W))), and `split` (fused qkv and ffn_gate_up sites only,
+/// absent when the parts are not contiguous) lists the parts of the output in column order as
+/// `[{"kind","width"}]`. The table marks a fused site's parts after its kind (`ffn_gate_up 64+64`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The ONNX model to inspect.
@@ -57,15 +59,15 @@ fn print_table(path: &std::path::Path, structure: &Structure) {
             stack.name, stack.n_layers, stack.hidden_size, stack.n_heads, stack.n_kv_heads
         );
         println!(
-            "  {:<5} {:<11} {:<5} {:>6} {:>6}  {:<6} {:<52} weight",
+            "  {:<5} {:<18} {:<5} {:>6} {:>6}  {:<6} {:<52} weight",
             "layer", "site", "attn", "in", "out", "layout", "label"
         );
         for layer in &stack.layers {
             for site in &layer.sites {
                 println!(
-                    "  {:<5} {:<11} {:<5} {:>6} {:>6}  {:<6} {:<52} {}",
+                    "  {:<5} {:<18} {:<5} {:>6} {:>6}  {:<6} {:<52} {}",
                     layer.index,
-                    schema_name(&site.kind),
+                    site_kind(site),
                     site.attention.as_ref().map_or("-".into(), schema_name),
                     site.in_features,
                     site.out_features,
@@ -109,4 +111,14 @@ fn schema_name<T: serde::Serialize>(value: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// A site's kind, with the widths of a fused output's parts (`qkv 32+16+16`).
+fn site_kind(site: &graft::analysis::sites::Site) -> String {
+    let kind = schema_name(&site.kind);
+    if site.split.is_empty() {
+        return kind;
+    }
+    let widths: Vec<String> = site.split.iter().map(|p| p.width.to_string()).collect();
+    format!("{kind} {}", widths.join("+"))
 }
