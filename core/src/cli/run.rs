@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use graft::onnx_adapter::{is_onnx_adapter, OnnxAdapter};
 use graft::runtime::{
-    read_npz, write_npz, Device, HostTensor, OrtAdapter, OrtSession, SessionOptions, TractSession,
+    read_npz, write_npz, Device, HostTensor, OrtAdapter, OrtSession, Precision, SessionOptions,
+    TractSession,
 };
 
 /// Run a model on named inputs and print or save its outputs.
@@ -42,6 +43,10 @@ pub struct Args {
     /// Execution provider.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// Compute precision: f32, or bf16 on --device openvino (bfloat16 products where the CPU
+    /// has AVX-512 BF16 or AMX; float32 master weights and optimizer state stay on the host).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Intra-op threads of ONNX Runtime (0: its choice).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -112,6 +117,7 @@ impl Session {
             device: args.device,
             threads: args.threads,
             exact: false,
+            precision: args.precision,
         };
         Ok(match adapter {
             None => Session::Ort(OrtSession::from_file(&args.model, options)?, None),

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use graft::runtime::{Device, SessionOptions};
+use graft::runtime::{Device, Precision, SessionOptions};
 use graft::train::data::DataFormat;
 use graft::train::optimizer::{OptimizerKind, Schedule};
 use graft::train::{train, EvalMetrics, StepMetrics, Task, TrainEvent, TrainOptions, TrainSummary};
@@ -159,6 +159,10 @@ pub struct Args {
     /// Execution provider.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// Compute precision: f32, or bf16 on --device openvino (bfloat16 products where the CPU
+    /// has AVX-512 BF16 or AMX; float32 master weights and optimizer state stay on the host).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Intra-op threads (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -234,6 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             device: args.device,
             threads: args.threads,
             exact: false,
+            precision: args.precision,
         },
         train_methods: args.train_methods.clone(),
     };
@@ -251,6 +256,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         graft::plugins::PluginRegistry::default()
     };
     let hooks = graft::plugins::RegistryStepHooks(&registry);
+    if args.device != Device::Cpu || args.precision != Precision::F32 {
+        println!("device {:?}, precision {:?}", args.device, args.precision);
+        if args.precision == Precision::Bf16 && Precision::cpu_has_bf16() == Some(false) {
+            eprintln!(
+                "warning: this CPU has neither avx512_bf16 nor amx_bf16; OpenVINO computes in \
+                 float32 instead of bfloat16"
+            );
+        }
+    }
     let mut progress = Progress::new(std::io::stderr().is_terminal(), args.log_every);
     let result = train(&model, &options, &hooks, |event| progress.show(event));
     progress.finish();

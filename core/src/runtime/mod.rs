@@ -8,6 +8,8 @@ mod session;
 mod tract;
 
 pub use host_tensor::{read_npz, write_npz, HostTensor};
-pub use provision::{cache_dir, library_path, ORT_VERSION};
-pub use session::{environment, Device, OrtAdapter, OrtSession, SessionOptions};
+pub use provision::{
+    cache_dir, library_path, openvino_plugin_path, OPENVINO_EP_VERSION, ORT_VERSION,
+};
+pub use session::{environment, Device, OrtAdapter, OrtSession, Precision, SessionOptions};
 pub use tract::TractSession;

@@ -86,6 +86,108 @@ fn fetch_from_wheel(dir: &Path, library: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The OpenVINO execution-provider plugin graft uses (`onnxruntime-ep-openvino` on the Python
+/// package index; it bundles OpenVINO and works with ONNX Runtime 1.23 and later).
+pub const OPENVINO_EP_VERSION: &str = "1.8.1";
+
+/// The plugin's library file name inside the wheel.
+const OPENVINO_PLUGIN_FILE: &str = "libonnxruntime_providers_openvino_plugin.so";
+
+/// The OpenVINO execution-provider plugin library: `$GRAFT_OPENVINO_EP_PATH` if set, else the
+/// cached copy, else one fetched now from the `onnxruntime-ep-openvino` wheel and cached with the
+/// OpenVINO libraries it loads beside it (the GPU and NPU device plugins are left out).
+pub fn openvino_plugin_path() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("GRAFT_OPENVINO_EP_PATH") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            return Err(Error::Runtime(format!(
+                "GRAFT_OPENVINO_EP_PATH={} is not a file",
+                path.display()
+            )));
+        }
+        return Ok(path);
+    }
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return Err(Error::Runtime(format!(
+            "the OpenVINO execution provider is published for Linux x86-64 only \
+             (onnxruntime-ep-openvino {OPENVINO_EP_VERSION}); set GRAFT_OPENVINO_EP_PATH to a \
+             build of the plugin, or use --device cpu"
+        )));
+    }
+    let dir = cache_dir().join(format!("openvino-ep-{OPENVINO_EP_VERSION}"));
+    let library = dir.join(OPENVINO_PLUGIN_FILE);
+    if library.is_file() {
+        return Ok(library);
+    }
+    let root = cache_dir();
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    eprintln!(
+        "graft: fetching the OpenVINO execution provider {OPENVINO_EP_VERSION} from the Python \
+         package index into {}",
+        dir.display()
+    );
+    let download = root.join(format!("download-openvino-{}", std::process::id()));
+    let fail = |reason: String| {
+        Error::Runtime(format!(
+            "{reason}; set GRAFT_OPENVINO_EP_PATH to the plugin library instead, or use --device cpu"
+        ))
+    };
+    let fetched = download_wheel(
+        &format!("onnxruntime-ep-openvino=={OPENVINO_EP_VERSION}"),
+        &download,
+    )
+    .map_err(fail)
+    .and_then(|wheel| extract_openvino(&wheel, &root).map_err(|e| fail(e.to_string())));
+    let _ = std::fs::remove_dir_all(&download);
+    let partial = fetched?;
+    if std::fs::rename(&partial, &dir).is_err() && !library.is_file() {
+        return Err(Error::Runtime(format!(
+            "cannot put the OpenVINO plugin in place at {}",
+            dir.display()
+        )));
+    }
+    let _ = std::fs::remove_dir_all(&partial);
+    Ok(library)
+}
+
+/// The shared libraries of the OpenVINO wheel, extracted side by side into a new folder under
+/// `root` (returned): the plugin once (the wheel has copies under versioned names), OpenVINO,
+/// its CPU plugin and frontends, TBB and hwloc.
+fn extract_openvino(wheel: &Path, root: &Path) -> Result<PathBuf> {
+    let file = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
+    let partial = root.join(format!("partial-openvino-{}", std::process::id()));
+    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    for index in 0..archive.len() {
+        let mut entry = archive
+            .by_index(index)
+            .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
+        let Some(name) = entry.name().strip_prefix("onnxruntime_ep_openvino/") else {
+            continue;
+        };
+        let wanted = name.contains(".so")
+            && !name.contains('/')
+            && !name.contains("intel_gpu")
+            && !name.contains("intel_npu")
+            && !(name.starts_with("libonnxruntime_providers_openvino")
+                && name != OPENVINO_PLUGIN_FILE);
+        if !wanted {
+            continue;
+        }
+        let target = partial.join(name);
+        let mut out = std::fs::File::create(&target).map_err(|e| Error::io(&target, e))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&target, e))?;
+    }
+    if !partial.join(OPENVINO_PLUGIN_FILE).is_file() {
+        return Err(Error::Runtime(format!(
+            "{}: no onnxruntime_ep_openvino/{OPENVINO_PLUGIN_FILE}",
+            wheel.display()
+        )));
+    }
+    Ok(partial)
+}
+
 /// Downloads the wheel of `requirement` (`name==version`) with `python3 -m pip download` (no
 /// dependencies, no install; `$PYTHON` names another interpreter) into `download_dir`, which it
 /// creates, and returns the wheel's path. The error says what failed, for the caller to word.

@@ -18,6 +18,33 @@ pub enum Device {
     Cpu,
     /// ONNX Runtime's CUDA execution provider; fails clearly where it cannot be used.
     Cuda,
+    /// The OpenVINO execution provider (a plugin graft fetches from the Python package index),
+    /// on the CPU; with `--precision bf16` it computes in bfloat16 (AMX / AVX-512 BF16).
+    Openvino,
+}
+
+/// The precision an execution provider computes in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 throughout: the reference arithmetic.
+    #[default]
+    F32,
+    /// bfloat16 matrix products with float32 accumulation (OpenVINO only); the host keeps
+    /// float32 master weights and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU multiplies bfloat16 natively (`avx512_bf16` or `amx_bf16` in
+    /// /proc/cpuinfo); `None` where that cannot be read.
+    pub fn cpu_has_bf16() -> Option<bool> {
+        let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        Some(info.lines().filter(|l| l.starts_with("flags")).any(|l| {
+            l.split_whitespace()
+                .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
+        }))
+    }
 }
 
 /// Options for a session.
@@ -30,6 +57,8 @@ pub struct SessionOptions {
     /// Run the graph exactly as written, without ONNX Runtime's graph rewrites (fusions change
     /// float rounding, so bit-for-bit comparisons between two graphs need this).
     pub exact: bool,
+    /// The compute precision (bf16 only on [`Device::Openvino`]).
+    pub precision: Precision,
 }
 
 impl SessionOptions {
@@ -37,6 +66,13 @@ impl SessionOptions {
     /// intra-op threads only contend for them, and ONNX Runtime crashes when it cannot create
     /// the threads it was asked for.
     pub fn check(&self) -> Result<()> {
+        if self.precision == Precision::Bf16 && self.device != Device::Openvino {
+            return Err(Error::Config(
+                "--precision bf16 needs --device openvino (ONNX Runtime's CPU and CUDA providers \
+                 run graft's graphs in float32)"
+                    .into(),
+            ));
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         if self.threads > cpus {
             return Err(Error::Config(format!(
@@ -65,6 +101,67 @@ pub fn environment() -> Result<&'static Environment> {
         })
         .as_ref()
         .map_err(|e| Error::Runtime(e.clone()))
+}
+
+static OPENVINO: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// The OpenVINO execution provider's name among the environment's devices.
+const OPENVINO_EP: &str = "OpenVINOExecutionProvider";
+
+/// `builder` placing the graph on the OpenVINO execution provider's CPU device, with the
+/// precision and thread count in its `load_config` (the only way its options reach it; without
+/// a precision hint it picks bfloat16 on its own where the CPU has it).
+fn with_openvino(
+    builder: ort::session::builder::SessionBuilder,
+    environment: &'static Environment,
+    options: &SessionOptions,
+) -> Result<ort::session::builder::SessionBuilder> {
+    OPENVINO
+        .get_or_init(|| {
+            let path = super::provision::openvino_plugin_path().map_err(|e| e.to_string())?;
+            environment
+                .register_ep_library("OpenVINO", &path)
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))
+        })
+        .clone()
+        .map_err(Error::Runtime)?;
+    let devices: Vec<_> = environment
+        .devices()
+        .filter(|d| d.ep().is_ok_and(|ep| ep == OPENVINO_EP))
+        .filter(|d| d.hardware_device().ty() == ort::memory::DeviceType::CPU)
+        .collect();
+    if devices.is_empty() {
+        let offered: Vec<String> = environment
+            .devices()
+            .map(|d| {
+                let hardware = d.hardware_device();
+                let vendor = hardware.vendor().unwrap_or("?");
+                format!(
+                    "{} ({:?} by {vendor})",
+                    d.ep().unwrap_or("?"),
+                    hardware.ty()
+                )
+            })
+            .collect();
+        return Err(Error::Runtime(format!(
+            "the OpenVINO execution provider loaded but offers no CPU device here (ONNX Runtime \
+             lists: {}; OpenVINO's plugin offers Intel devices only); use --device cpu",
+            offered.join(", ")
+        )));
+    }
+    let precision = match options.precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    };
+    let mut cpu = serde_json::json!({ "INFERENCE_PRECISION_HINT": precision });
+    if options.threads > 0 {
+        cpu["INFERENCE_NUM_THREADS"] = options.threads.to_string().into();
+    }
+    let config = serde_json::json!({ "CPU": cpu }).to_string();
+    let ep_options = vec![(format!("{OPENVINO_EP}.load_config"), config)];
+    builder
+        .with_devices(devices, Some(&ep_options))
+        .map_err(|e| Error::Runtime(format!("the OpenVINO execution provider: {e}")))
 }
 
 fn runtime_error(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
@@ -143,6 +240,9 @@ impl OrtSession {
                      cuDNN libraries, and a GPU. Use --device cpu to run on the CPU."
                 ))
             })?;
+        }
+        if options.device == Device::Openvino {
+            builder = with_openvino(builder, environment, &options)?;
         }
         let session = commit(&mut builder).map_err(runtime_error("cannot load the model"))?;
         let input_names = session
