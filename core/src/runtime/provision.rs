@@ -166,12 +166,13 @@ fn extract_openvino(wheel: &Path, root: &Path) -> Result<PathBuf> {
         let Some(name) = entry.name().strip_prefix("onnxruntime_ep_openvino/") else {
             continue;
         };
-        let wanted = name.contains(".so")
-            && !name.contains('/')
-            && !name.contains("intel_gpu")
-            && !name.contains("intel_npu")
-            && !(name.starts_with("libonnxruntime_providers_openvino")
-                && name != OPENVINO_PLUGIN_FILE);
+        // The plugin once (the wheel also has it under versioned names), no device plugins
+        // but the CPU's.
+        let versioned_plugin =
+            name.starts_with("libonnxruntime_providers_openvino") && name != OPENVINO_PLUGIN_FILE;
+        let other_device = name.contains("intel_gpu") || name.contains("intel_npu");
+        let wanted =
+            name.contains(".so") && !name.contains('/') && !versioned_plugin && !other_device;
         if !wanted {
             continue;
         }
