@@ -29,8 +29,51 @@ fn losses(out: &std::path::Path, device: &str, precision: &str) -> Result<Vec<f6
         .collect())
 }
 
+/// The fixture's outputs on `--device openvino` equal PyTorch's where the plugin runs; where
+/// it cannot (no wheel for the platform, no device its factory offers — it offers Intel CPUs
+/// only), the command fails with status 2 and says why.
 #[test]
-fn openvino_training_tracks_the_cpu_provider_or_says_why_it_cannot_run() {
+fn openvino_runs_the_fixture_or_says_why_it_cannot() {
+    let fixture = "bert-legacy";
+    let model = fixture_model(fixture);
+    let inputs = fixture_dir(fixture).join("inputs.npz");
+    let expected = fixture_dir(fixture).join("outputs.npz");
+    let (code, stdout, stderr) = run_graft(&[
+        "run",
+        model.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--device",
+        "openvino",
+        "--compare",
+        expected.to_str().unwrap(),
+        "--tolerance",
+        "1e-4",
+    ]);
+    if code == 0 {
+        eprintln!("OpenVINO ran the fixture: {stdout}");
+        return;
+    }
+    assert_eq!(code, 2, "{stderr}");
+    let reasons = [
+        "offers no CPU device",
+        "Linux x86-64 only",
+        "pip download",
+        "GRAFT_OPENVINO_EP_PATH",
+    ];
+    assert!(
+        stderr.contains("OpenVINO") && reasons.iter().any(|r| stderr.contains(r)),
+        "the failure names no reason: {stderr}"
+    );
+    eprintln!("OpenVINO cannot run on this machine, as graft says: {stderr}");
+}
+
+/// Training on OpenVINO: f32 tracks the CPU provider, bf16 stays within bf16's rounding. Run it
+/// where the plugin offers a device (an Intel CPU):
+/// `cargo test -p graft --test openvino -- --ignored`.
+#[test]
+#[ignore = "needs a CPU the OpenVINO plugin offers (Intel); run with --ignored there"]
+fn openvino_training_tracks_the_cpu_provider() {
     let out = tempfile::tempdir().unwrap();
     let reference = losses(out.path(), "cpu", "f32").expect("CPU training");
     match losses(out.path(), "openvino", "f32") {
@@ -50,20 +93,7 @@ fn openvino_training_tracks_the_cpu_provider_or_says_why_it_cannot_run() {
             }
             eprintln!("CPU {reference:?}\nOpenVINO f32 {f32_losses:?}\nOpenVINO bf16 {bf16:?}");
         }
-        Err((code, stderr)) => {
-            assert_eq!(code, 2, "{stderr}");
-            let reasons = [
-                "offers no CPU device",
-                "Linux x86-64 only",
-                "pip download",
-                "GRAFT_OPENVINO_EP_PATH",
-            ];
-            assert!(
-                stderr.contains("OpenVINO") && reasons.iter().any(|r| stderr.contains(r)),
-                "the failure names no reason: {stderr}"
-            );
-            eprintln!("OpenVINO cannot run on this machine, as graft says: {stderr}");
-        }
+        Err((code, stderr)) => panic!("OpenVINO training failed ({code}): {stderr}"),
     }
 }
 
