@@ -205,8 +205,12 @@ impl<'a> Builder<'a> {
                  start a new head"
             )));
         };
-        fresh.draws += 1;
-        let seed = fresh.seed.wrapping_add(fresh.draws);
+        // Each module's draws depend on the seed and the module's name only.
+        let seed = module
+            .bytes()
+            .fold(fresh.seed ^ 0xcbf2_9ce4_8422_2325, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
         let values: Vec<f32> = crate::patch::normal_values(seed, 0.0, fresh.std, out * input)
             .map(|v| v as f32)
             .collect();
@@ -453,7 +457,6 @@ pub struct FreshHeads {
     pub std: f64,
     /// The seed of the draws.
     pub seed: u64,
-    draws: u64,
     started: Vec<String>,
 }
 
@@ -463,7 +466,6 @@ impl FreshHeads {
         FreshHeads {
             std,
             seed,
-            draws: 0,
             started: Vec::new(),
         }
     }
