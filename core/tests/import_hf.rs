@@ -33,6 +33,18 @@ fn checkpoint(name: &str) -> std::path::PathBuf {
     reference(&format!("hf-{name}"))
 }
 
+/// `graft import-hf DIR -o OUT EXTRA…`: (exit status, stdout, stderr).
+fn import_hf_cli(dir: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "import-hf",
+        dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_graft(&args)
+}
+
 fn imported(dir: &Path, options: &ImportOptions) -> graft::ir::Model {
     import(dir, options)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -130,12 +142,7 @@ fn peft_adapters_apply_to_imported_models() {
     ] {
         let model_path = out.path().join(format!("{name}.onnx"));
         let dir = checkpoint(name);
-        let (code, _, stderr) = run_graft(&[
-            "import-hf",
-            dir.to_str().unwrap(),
-            "-o",
-            model_path.to_str().unwrap(),
-        ]);
+        let (code, _, stderr) = import_hf_cli(&dir, &model_path, &[]);
         assert_eq!(code, 0, "{stderr}");
         let patched = out.path().join(format!("{name}-peft.onnx"));
         let adapter_dir = reference(adapter);
@@ -166,12 +173,7 @@ fn float32_weights_are_referenced_in_place_beside_the_checkpoint() {
         std::fs::copy(source.join(file), folder.path().join(file)).unwrap();
     }
     let beside = folder.path().join("model.onnx");
-    let (code, stdout, stderr) = run_graft(&[
-        "import-hf",
-        folder.path().to_str().unwrap(),
-        "-o",
-        beside.to_str().unwrap(),
-    ]);
+    let (code, stdout, stderr) = import_hf_cli(folder.path(), &beside, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("detected: stack decoder with 2 layers"),
@@ -203,12 +205,7 @@ fn float32_weights_are_referenced_in_place_beside_the_checkpoint() {
     assert!(diff <= TOLERANCE, "{diff:e}");
 
     let elsewhere = tempfile::tempdir().unwrap().keep().join("model.onnx");
-    let (code, _, stderr) = run_graft(&[
-        "import-hf",
-        folder.path().to_str().unwrap(),
-        "-o",
-        elsewhere.to_str().unwrap(),
-    ]);
+    let (code, _, stderr) = import_hf_cli(folder.path(), &elsewhere, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(std::fs::metadata(&elsewhere).unwrap().len() > weights);
 }
@@ -218,15 +215,7 @@ fn the_head_can_be_chosen_and_the_summary_read_as_json() {
     let out = tempfile::tempdir().unwrap();
     let path = out.path().join("encoder.onnx");
     let dir = checkpoint("bert-seq-cls");
-    let (code, stdout, stderr) = run_graft(&[
-        "import-hf",
-        dir.to_str().unwrap(),
-        "-o",
-        path.to_str().unwrap(),
-        "--head",
-        "base",
-        "--json",
-    ]);
+    let (code, stdout, stderr) = import_hf_cli(&dir, &path, &["--head", "base", "--json"]);
     assert_eq!(code, 0, "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["head"], "base");
@@ -325,12 +314,7 @@ fn bad_checkpoints_are_refused_by_name() {
         std::fs::write(folder.path().join("config.json"), config).unwrap();
         std::fs::write(folder.path().join("model.safetensors"), weights).unwrap();
         let out = folder.path().join("out.onnx");
-        let (code, _, stderr) = run_graft(&[
-            "import-hf",
-            folder.path().to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let (code, _, stderr) = import_hf_cli(folder.path(), &out, &[]);
         assert_eq!(code, 2, "{what}: {stderr}");
         assert!(stderr.contains(message), "{what}: {stderr}");
         assert!(!out.exists(), "{what}: an output was written");
@@ -353,18 +337,11 @@ fn a_new_head_on_a_bare_encoder_is_seeded_and_trains() {
     let dir = checkpoint("minilm-base");
     let build = |name: &str, seed: &str| {
         let path = out.path().join(name);
-        let (code, stdout, stderr) = run_graft(&[
-            "import-hf",
-            dir.to_str().unwrap(),
-            "-o",
-            path.to_str().unwrap(),
-            "--head",
-            "seq-cls",
-            "--num-labels",
-            "3",
-            "--seed",
-            seed,
-        ]);
+        let (code, stdout, stderr) = import_hf_cli(
+            &dir,
+            &path,
+            &["--head", "seq-cls", "--num-labels", "3", "--seed", seed],
+        );
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains("new head: classifier"), "{stdout}");
         path
@@ -386,14 +363,7 @@ fn a_new_head_on_a_bare_encoder_is_seeded_and_trains() {
         .initializer("bert.encoder.layer.0.attention.self.query.weight")
         .is_some());
 
-    let (code, _, stderr) = run_graft(&[
-        "import-hf",
-        dir.to_str().unwrap(),
-        "-o",
-        out.path().join("d.onnx").to_str().unwrap(),
-        "--head",
-        "seq-cls",
-    ]);
+    let (code, _, stderr) = import_hf_cli(&dir, &out.path().join("d.onnx"), &["--head", "seq-cls"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("pass --num-labels N"), "{stderr}");
 

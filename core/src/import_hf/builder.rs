@@ -67,24 +67,13 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Appends an `op` node reading `inputs` with `attributes`; returns its first output.
+    /// Appends an `op` node reading `inputs` with `attributes`; returns its output.
     pub fn op(
         &mut self,
         op: &str,
         inputs: &[&str],
         attributes: Vec<onnx_protobuf::AttributeProto>,
     ) -> String {
-        self.op_n(op, inputs, attributes, 1).remove(0)
-    }
-
-    /// Like [`Builder::op`] with `outputs` outputs.
-    pub fn op_n(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attributes: Vec<onnx_protobuf::AttributeProto>,
-        outputs: usize,
-    ) -> Vec<String> {
         let count = self
             .counters
             .entry((self.scope.clone(), op.to_owned()))
@@ -94,23 +83,17 @@ impl<'a> Builder<'a> {
             n => format!("_{n}"),
         };
         *count += 1;
-        let prefix: String = self
-            .scope
-            .split('.')
-            .filter(|s| !s.is_empty())
-            .map(|s| format!("/{s}"))
-            .collect();
-        let name = format!("{}/{op}{suffix}", module_scope(&prefix));
-        let outputs: Vec<String> = (0..outputs).map(|i| format!("{name}_output_{i}")).collect();
+        let name = format!("{}/{op}{suffix}", module_scope(&self.scope));
+        let output = format!("{name}_output_0");
         let mut node = Node::new(
             name,
             op,
             inputs.iter().map(|s| (*s).to_owned()).collect(),
-            outputs.clone(),
+            vec![output.clone()],
         );
         node.attributes = attributes;
         self.graph.nodes.push(node);
-        outputs
+        output
     }
 
     fn constant(&mut self, tensor: impl FnOnce(String) -> Tensor) -> String {
@@ -471,11 +454,12 @@ impl FreshHeads {
     }
 }
 
-/// The scope prefix as the legacy exporter writes it (`/bert/encoder/layer.0/attention`): the
-/// components of a module path, where a numeric component joins the one before it.
-fn module_scope(prefix: &str) -> String {
+/// The scope prefix as the legacy exporter writes it for a module path:
+/// `bert.encoder.layer.0.attention` gives `/bert/encoder/layer.0/attention` (a numeric
+/// component joins the one before it).
+fn module_scope(path: &str) -> String {
     let mut out: Vec<String> = Vec::new();
-    for component in prefix.split('/').filter(|s| !s.is_empty()) {
+    for component in path.split('.').filter(|s| !s.is_empty()) {
         match out.last_mut() {
             Some(last) if component.chars().all(|c| c.is_ascii_digit()) => {
                 last.push('.');
@@ -524,7 +508,7 @@ mod tests {
     #[test]
     fn scopes_join_layer_numbers_as_the_legacy_exporter_does() {
         assert_eq!(
-            module_scope("/bert/encoder/layer/0/attention"),
+            module_scope("bert.encoder.layer.0.attention"),
             "/bert/encoder/layer.0/attention"
         );
         assert_eq!(module_scope(""), "");

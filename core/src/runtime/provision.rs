@@ -119,74 +119,107 @@ pub fn openvino_plugin_path() -> Result<PathBuf> {
     if library.is_file() {
         return Ok(library);
     }
-    let root = cache_dir();
-    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     eprintln!(
         "graft: fetching the OpenVINO execution provider {OPENVINO_EP_VERSION} from the Python \
          package index into {}",
         dir.display()
     );
-    let download = root.join(format!("download-openvino-{}", std::process::id()));
-    let fail = |reason: String| {
+    let requirement = format!("onnxruntime-ep-openvino=={OPENVINO_EP_VERSION}");
+    fetch_wheel_folder(&requirement, &dir, openvino_members).map_err(|reason| {
         Error::Runtime(format!(
             "{reason}; set GRAFT_OPENVINO_EP_PATH to the plugin library instead, or use --device cpu"
         ))
-    };
-    let fetched = download_wheel(
-        &format!("onnxruntime-ep-openvino=={OPENVINO_EP_VERSION}"),
-        &download,
-    )
-    .map_err(fail)
-    .and_then(|wheel| extract_openvino(&wheel, &root).map_err(|e| fail(e.to_string())));
-    let _ = std::fs::remove_dir_all(&download);
-    let partial = fetched?;
-    if std::fs::rename(&partial, &dir).is_err() && !library.is_file() {
-        return Err(Error::Runtime(format!(
-            "cannot put the OpenVINO plugin in place at {}",
-            dir.display()
-        )));
-    }
-    let _ = std::fs::remove_dir_all(&partial);
+    })?;
     Ok(library)
 }
 
-/// The shared libraries of the OpenVINO wheel, extracted side by side into a new folder under
-/// `root` (returned): the plugin once (the wheel has copies under versioned names), OpenVINO,
-/// its CPU plugin and frontends, TBB and hwloc.
-fn extract_openvino(wheel: &Path, root: &Path) -> Result<PathBuf> {
-    let file = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
-    let partial = root.join(format!("partial-openvino-{}", std::process::id()));
-    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    for index in 0..archive.len() {
-        let mut entry = archive
-            .by_index(index)
-            .map_err(|e| Error::Runtime(format!("{}: {e}", wheel.display())))?;
-        let Some(name) = entry.name().strip_prefix("onnxruntime_ep_openvino/") else {
-            continue;
-        };
-        // The plugin once (the wheel also has it under versioned names), no device plugins
-        // but the CPU's.
-        let versioned_plugin =
-            name.starts_with("libonnxruntime_providers_openvino") && name != OPENVINO_PLUGIN_FILE;
-        let other_device = name.contains("intel_gpu") || name.contains("intel_npu");
-        let wanted =
-            name.contains(".so") && !name.contains('/') && !versioned_plugin && !other_device;
-        if !wanted {
-            continue;
+/// The shared libraries of the OpenVINO wheel, side by side: the plugin once (the wheel has
+/// copies under versioned names), OpenVINO, its CPU plugin and frontends, TBB and hwloc (no
+/// device plugins but the CPU's).
+fn openvino_members(names: &[String]) -> std::result::Result<Vec<(String, String)>, String> {
+    let members: Vec<(String, String)> = (names.iter())
+        .filter_map(|member| {
+            let name = member.strip_prefix("onnxruntime_ep_openvino/")?;
+            let versioned_plugin = name.starts_with("libonnxruntime_providers_openvino")
+                && name != OPENVINO_PLUGIN_FILE;
+            let other_device = name.contains("intel_gpu") || name.contains("intel_npu");
+            let wanted =
+                name.contains(".so") && !name.contains('/') && !versioned_plugin && !other_device;
+            wanted.then(|| (member.clone(), name.to_owned()))
+        })
+        .collect();
+    if !members.iter().any(|(_, name)| name == OPENVINO_PLUGIN_FILE) {
+        return Err(format!(
+            "the wheel has no onnxruntime_ep_openvino/{OPENVINO_PLUGIN_FILE}"
+        ));
+    }
+    Ok(members)
+}
+
+/// The wheel of `requirement` fetched ([`download_wheel`]) and the members `pick` chooses
+/// extracted into the folder `dir`, which appears whole or not at all (extracted beside it,
+/// then renamed; when another process put `dir` in place first, theirs is kept). `pick` sees
+/// every member name and returns (member, path relative to `dir`) pairs. The error says what
+/// failed, for the caller to word.
+pub(crate) fn fetch_wheel_folder(
+    requirement: &str,
+    dir: &Path,
+    pick: impl FnOnce(&[String]) -> std::result::Result<Vec<(String, String)>, String>,
+) -> std::result::Result<(), String> {
+    let root = crate::atomic_file::parent_dir(dir);
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        dir.file_name().map_or("".into(), |n| n.to_string_lossy())
+    );
+    let download = root.join(format!("download-{tag}"));
+    let partial = root.join(format!("partial-{tag}"));
+    let extracted = download_wheel(requirement, &download)
+        .and_then(|wheel| extract_wheel(&wheel, &partial, pick));
+    let _ = std::fs::remove_dir_all(&download);
+    extracted?;
+    if let Err(e) = std::fs::rename(&partial, dir) {
+        let _ = std::fs::remove_dir_all(&partial);
+        if !dir.is_dir() {
+            return Err(format!("cannot put {} in place: {e}", dir.display()));
         }
-        let target = partial.join(name);
-        let mut out = std::fs::File::create(&target).map_err(|e| Error::io(&target, e))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&target, e))?;
     }
-    if !partial.join(OPENVINO_PLUGIN_FILE).is_file() {
-        return Err(Error::Runtime(format!(
-            "{}: no onnxruntime_ep_openvino/{OPENVINO_PLUGIN_FILE}",
-            wheel.display()
-        )));
+    Ok(())
+}
+
+/// Extracts the members of `wheel` that `pick` chooses (see [`fetch_wheel_folder`]) into the
+/// new folder `into`; a relative path that would leave it is refused, not followed.
+pub(crate) fn extract_wheel(
+    wheel: &Path,
+    into: &Path,
+    pick: impl FnOnce(&[String]) -> std::result::Result<Vec<(String, String)>, String>,
+) -> std::result::Result<(), String> {
+    let fail = |reason: String| format!("{}: {reason}", wheel.display());
+    let file = std::fs::File::open(wheel).map_err(|e| fail(e.to_string()))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| fail(format!("not a wheel: {e}")))?;
+    let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
+    let members = pick(&names).map_err(fail)?;
+    let _ = std::fs::remove_dir_all(into);
+    for (member, relative) in members {
+        let safe = Path::new(&relative)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !safe {
+            return Err(fail(format!("member {member:?} leaves its folder")));
+        }
+        let mut entry = archive
+            .by_name(&member)
+            .map_err(|e| fail(format!("{member}: {e}")))?;
+        let target = into.join(&relative);
+        let write = |entry: &mut zip::read::ZipFile<'_, std::fs::File>| -> std::io::Result<()> {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::io::copy(entry, &mut std::fs::File::create(&target)?).map(drop)
+        };
+        write(&mut entry).map_err(|e| format!("{}: {e}", target.display()))?;
     }
-    Ok(partial)
+    Ok(())
 }
 
 /// Downloads the wheel of `requirement` (`name==version`) with `python3 -m pip download` (no

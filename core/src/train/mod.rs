@@ -724,12 +724,10 @@ pub fn train(
         skipped_lines: dataset.skipped,
         eval_examples: eval_set.as_ref().map(|set| set.examples.len()),
     });
-    if let Some(evaluator) = evaluator.as_mut().filter(|_| options.eval_at_start) {
-        if first_step == 0 {
-            let host_feeds = participation.feeds(false, 0, total_steps, 0)?;
-            for (setting, feeds) in sweep_feeds(options.eval_sweep.as_ref(), &host_feeds)? {
-                let mut evaluation = evaluator.evaluate(0, &store, &feeds)?;
-                evaluation.inputs.extend(setting);
+    if let Some(evaluator) = evaluator.as_mut() {
+        if options.eval_at_start && first_step == 0 {
+            let sweep = options.eval_sweep.as_ref();
+            for evaluation in evaluator.sweep(0, total_steps, &store, &participation, sweep)? {
                 write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
                 history.evaluations.push(evaluation.clone());
                 on_event(TrainEvent::Evaluated(&evaluation));
@@ -858,10 +856,10 @@ pub fn train(
                     .eval_every
                     .is_some_and(|k| k > 0 && step_number % k == 0)
             {
-                let host_feeds = participation.feeds(false, step_number, total_steps, 0)?;
-                for (setting, feeds) in sweep_feeds(options.eval_sweep.as_ref(), &host_feeds)? {
-                    let mut evaluation = evaluator.evaluate(step_number, &store, &feeds)?;
-                    evaluation.inputs.extend(setting);
+                let sweep = options.eval_sweep.as_ref();
+                let evaluations =
+                    evaluator.sweep(step_number, total_steps, &store, &participation, sweep)?;
+                for evaluation in evaluations {
                     write_line(serde_json::to_string(&evaluation).unwrap_or_default())?;
                     history.evaluations.push(evaluation.clone());
                     on_event(TrainEvent::Evaluated(&evaluation));
@@ -1014,6 +1012,26 @@ impl<'a> Evaluator<'a> {
             batches,
             caches,
         })
+    }
+
+    /// The evaluations after `step`: [`Evaluator::evaluate`] with the methods' inputs in
+    /// evaluation mode, once, or once per value of `sweep`'s input (recorded in `inputs`).
+    fn sweep(
+        &mut self,
+        step: u64,
+        total_steps: u64,
+        store: &ParameterStore,
+        participation: &Participation,
+        sweep: Option<&EvalSweep>,
+    ) -> Result<Vec<EvalMetrics>> {
+        let host_feeds = participation.feeds(false, step, total_steps, 0)?;
+        let mut evaluations = Vec::new();
+        for (setting, feeds) in sweep_feeds(sweep, &host_feeds)? {
+            let mut evaluation = self.evaluate(step, store, &feeds)?;
+            evaluation.inputs.extend(setting);
+            evaluations.push(evaluation);
+        }
+        Ok(evaluations)
     }
 
     /// The loss over every scored label of the evaluation set (each batch's mean loss weighted
